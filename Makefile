@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (set up, run the main job) and `make test` (set up, run
+# the suite). Both start with the idempotent set-up, so a fresh machine needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench plot clean
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(VENV)/bin/cpkv demo
+
+test: setup
+	@$(PY) -m pytest -q
+
+lint: setup
+	@$(VENV)/bin/ruff check cpkv tests benchmarks plots
+
+bench: setup
+	@$(VENV)/bin/cpkv bench kernels
+
+plot: setup
+	@$(VENV)/bin/cpkv plot
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

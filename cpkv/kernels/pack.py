@@ -1,0 +1,244 @@
+"""Pack a request's pages into a contiguous slot, and unpack a slot into a pool: one Triton launch.
+
+One kernel serves both directions. Its grid is (token blocks, blocks of the packed format); every
+program copies a [BLOCK_T tokens, BLOCK_R words] tile between the pool and the slot. A per-block
+descriptor table (built once per cache, layer range, head slice and word width, then cached)
+holds each layer tensor's base address and strides, so all layers and components go in a single
+launch whatever their number. Bytes move as same-width integer words (8, 4, 2 or 1 bytes: the
+widest that divides every address, stride and row), never as floats.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_buffer, check_num_tokens, check_page_ids
+from ..layout import PackedFormat, PagedKVCache, as_range
+from .reference import pack_pages_torch, unpack_pages_torch
+
+__all__ = ["pack_pages", "unpack_pages"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# Descriptor fields, one int64 row per packed block (layer-major, then component).
+_F_BASE, _F_PAGE, _F_SLOT, _F_HEAD, _F_HEAD_WORDS, _F_ROW_WORDS, _F_PRE_WORDS = range(7)
+_N_FIELDS = 7
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _paged_copy_kernel(
+    slot,  # *word: the packed slot
+    desc,  # *int64 [n_blocks, N_FIELDS]
+    page_ids,  # *int32 | *int64 [n_pages of the request]
+    num_tokens,
+    page_size,
+    N_FIELDS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IS_UNPACK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    p_desc = desc + i_b * N_FIELDS
+    p_pool = tl.load(p_desc + 0).to(tl.pointer_type(slot.dtype.element_ty))
+    stride_page = tl.load(p_desc + 1)
+    stride_slot = tl.load(p_desc + 2)
+    stride_head = tl.load(p_desc + 3)
+    head_words = tl.load(p_desc + 4)
+    row_words = tl.load(p_desc + 5)
+    # Blocks are back to back: this one starts after num_tokens rows of every earlier block.
+    slot_base = num_tokens * tl.load(p_desc + 6)
+
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    m_t = o_t < num_tokens
+    b_page = tl.load(page_ids + o_t // page_size, mask=m_t, other=0).to(tl.int64)
+    o_tok_pool = b_page * stride_page + (o_t % page_size) * stride_slot
+    o_tok_slot = slot_base + o_t * row_words
+    for r0 in range(0, row_words, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = m_t[:, None] & (o_r < row_words)[None, :]
+        o_pool = o_tok_pool[:, None] + ((o_r // head_words) * stride_head + o_r % head_words)[None, :]
+        o_slot = o_tok_slot[:, None] + o_r[None, :]
+        if IS_UNPACK:
+            tl.store(p_pool + o_pool, tl.load(slot + o_slot, mask=m), mask=m)
+        else:
+            tl.store(slot + o_slot, tl.load(p_pool + o_pool, mask=m), mask=m)
+
+
+def _word_bytes(cache: PagedKVCache, layers: range, heads: range, slot: torch.Tensor) -> int:
+    """Widest word (8/4/2/1 bytes) dividing every row, stride and base address involved."""
+    quantities = [slot.data_ptr()]
+    for spec in cache.components:
+        quantities.append(spec.head_nbytes)
+        for layer in layers:
+            t = cache.nhd_view(spec.name, layer)
+            quantities.append(t.data_ptr() + heads.start * t.stride(2) * spec.itemsize)
+            quantities.extend(s * spec.itemsize for s in t.stride()[:3])
+    for w in (8, 4, 2):
+        if all(q % w == 0 for q in quantities):
+            return w
+    return 1
+
+
+def _descriptors(cache: PagedKVCache, layers: range, heads: range, word: int) -> torch.Tensor:
+    """The kernel's per-block table, cached on the pool (its tensors never move)."""
+    key = (layers.start, layers.stop, heads.start, heads.stop, word)
+    table = cache._kernel_tables.get(key)
+    if table is None:
+        rows, pre_words = [], 0
+        for layer in layers:
+            for spec in cache.components:
+                t = cache.nhd_view(spec.name, layer)
+                scale = spec.itemsize  # element strides -> byte strides -> words
+                head_words = spec.head_nbytes // word
+                row_words = len(heads) * head_words
+                rows.append([
+                    t.data_ptr() + heads.start * t.stride(2) * scale,
+                    t.stride(0) * scale // word,
+                    t.stride(1) * scale // word,
+                    t.stride(2) * scale // word,
+                    head_words,
+                    row_words,
+                    pre_words,
+                ])
+                pre_words += row_words
+        table = torch.tensor(rows, dtype=torch.int64).to(cache.device)
+        cache._kernel_tables[key] = table
+    return table
+
+
+def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers: range,
+            heads: range, slot: torch.Tensor, *, unpack: bool) -> None:
+    """Launch the copy kernel once for every layer and component. Inputs are trusted."""
+    word = _word_bytes(cache, layers, heads, slot)
+    table = _descriptors(cache, layers, heads, word)
+    max_row = max(len(heads) * s.head_nbytes // word for s in cache.components)
+    block_r = min(triton.next_power_of_2(max_row), 1024 if _INTERPRET else 256)
+    # Enough tokens per program to move ~16 KiB (GPU) / ~64K words (interpreter: programs are slow).
+    budget = (1 << 16) if _INTERPRET else (16384 // word)
+    block_t = max(1, min(budget // block_r, triton.next_power_of_2(num_tokens), 1024))
+    grid = (triton.cdiv(num_tokens, block_t), table.shape[0])
+    _paged_copy_kernel[grid](
+        slot.view(_WORD_DTYPES[word]), table, page_ids, num_tokens, cache.page_size,
+        N_FIELDS=_N_FIELDS, BLOCK_T=block_t, BLOCK_R=block_r, IS_UNPACK=unpack,
+    )
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "auto":
+        return device.type == "cuda"
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if device.type != "cuda" and not _INTERPRET:
+            raise ValueError(f"backend='triton' on device {device} needs TRITON_INTERPRET=1 set "
+                             f"before cpkv.kernels is imported (or CUDA tensors)")
+        return True
+    raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique):
+    """Resolve and (when validate) check the arguments common to pack and unpack."""
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
+    layer_range = as_range(layers, cache.num_layers, "layers")
+    head_range = as_range(heads, cache.num_heads, "heads")
+    if validate:
+        check_page_ids(page_ids, cache.num_pages, cache.device, unique=unique)
+    num_tokens = check_num_tokens(num_tokens, page_ids.shape[0], cache.page_size)
+    return num_tokens, layer_range, head_range
+
+
+def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int | None = None,
+               layers=None, heads=None, out: torch.Tensor | None = None, backend: str = "auto",
+               validate: bool = True) -> torch.Tensor:
+    """Gather a request's tokens from a paged pool into one contiguous packed slot.
+
+    Args:
+        cache: the source pool.
+        page_ids: [n_pages] int32/int64 pool page ids of the request, in request order.
+        num_tokens: tokens [0, num_tokens) are packed; default every slot of the listed pages.
+        layers: layer range to pack (a pipeline stage): None, (start, stop), range or slice.
+        heads: head range to pack (a tensor-parallel slice), same forms; default all heads.
+        out: optional contiguous uint8 buffer (e.g. a staging slot) of at least the packed size.
+        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        validate: check every argument (reads ids back from the device); False skips the checks
+            and makes no host synchronisation: out-of-range ids then corrupt memory.
+
+    Returns:
+        [packed_nbytes] uint8, the packed slot (a view of ``out`` when given); its layout is
+        ``cache.packed_format(num_tokens, layers=layers, heads=heads)``.
+
+    Example::
+
+        cache = PagedKVCache.empty_mha(num_layers=2, num_pages=8, page_size=16, num_heads=4,
+                                       head_dim=128, dtype=torch.bfloat16)
+        slot = pack_pages(cache, torch.tensor([5, 2]), num_tokens=20)  # [20*2*2*4*256] uint8
+    """
+    num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers, heads,
+                                                   validate, unique=False)
+    nbytes = cache.packed_nbytes(num_tokens, layers=layer_range, heads=head_range)
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
+    elif validate:
+        check_buffer(out, what="out", device=cache.device, min_nbytes=nbytes, dtype=torch.uint8)
+    out = out[:nbytes]
+    use_triton = _use_triton(backend, cache.device)
+    if nbytes:
+        if use_triton:
+            _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False)
+        else:
+            pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out)
+    return out
+
+
+def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor, *,
+                 num_tokens: int | None = None, layers=None, heads=None,
+                 format: PackedFormat | None = None, backend: str = "auto",
+                 validate: bool = True) -> None:
+    """Scatter a packed slot into a paged pool: the inverse of `pack_pages`.
+
+    Token t lands in page ``page_ids[t // cache.page_size]``, slot ``t % cache.page_size``; the
+    destination page size need not be the sender's. ``heads`` places the packed head slice at
+    any head offset of the destination. Pages not listed, and slots past ``num_tokens`` in the
+    last page, are never written.
+
+    Args:
+        packed: contiguous buffer of exactly the packed size; uint8, or the pool's dtype.
+        cache: the destination pool.
+        page_ids: [n_pages] int32/int64 distinct destination page ids, in request order.
+        num_tokens, layers, heads, backend, validate: as in `pack_pages`, for the destination.
+        format: the sender's `PackedFormat`; when given it must equal the destination's, which
+            catches a head_dim, dtype, head-count or token-count mismatch by name.
+
+    Example::
+
+        unpack_pages(slot, decode_cache, torch.tensor([0, 1, 2]), num_tokens=20)  # page_size 8
+    """
+    num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers, heads,
+                                                   validate, unique=True)
+    expected = cache.packed_format(num_tokens, layers=layer_range, heads=head_range)
+    if validate:
+        if format is not None:
+            if not isinstance(format, PackedFormat):
+                raise TypeError(f"format: expected PackedFormat, got {type(format).__name__}")
+            format.check_matches(expected)
+        check_buffer(packed, what="packed", device=cache.device, nbytes=expected.nbytes)
+        if packed.dtype != torch.uint8:
+            for spec in cache.components:
+                if spec.dtype != packed.dtype:
+                    raise TypeError(f"packed: dtype {packed.dtype} differs from the destination "
+                                    f"component {spec.name!r} dtype {spec.dtype}")
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    packed = packed.reshape(-1)
+    use_triton = _use_triton(backend, cache.device)
+    if expected.nbytes:
+        if use_triton:
+            _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True)
+        else:
+            unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range)
