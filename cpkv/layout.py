@@ -100,7 +100,7 @@ class PackedFormat:
                 f"packed format: components expected {[c.name for c in expected.components]}, "
                 f"got {names}"
             )
-        for got, want in zip(self.components, expected.components):
+        for got, want in zip(self.components, expected.components, strict=True):
             for field in ("num_heads", "head_dim", "dtype"):
                 if getattr(got, field) != getattr(want, field):
                     raise ValueError(

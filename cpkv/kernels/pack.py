@@ -61,7 +61,8 @@ def _paged_copy_kernel(
     for r0 in range(0, row_words, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         m = m_t[:, None] & (o_r < row_words)[None, :]
-        o_pool = o_tok_pool[:, None] + ((o_r // head_words) * stride_head + o_r % head_words)[None, :]
+        o_row = (o_r // head_words) * stride_head + o_r % head_words  # heads may be strided
+        o_pool = o_tok_pool[:, None] + o_row[None, :]
         o_slot = o_tok_slot[:, None] + o_r[None, :]
         if IS_UNPACK:
             tl.store(p_pool + o_pool, tl.load(slot + o_slot, mask=m), mask=m)

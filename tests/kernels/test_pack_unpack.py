@@ -1,0 +1,204 @@
+"""pack_pages / unpack_pages, Triton (interpreter on CPU) and torch, vs an index-walk oracle."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kvtest import (
+    SENTINEL,
+    as_bytes,
+    assert_bytes_equal,
+    assert_cache_equals,
+    fill_sentinel,
+    make_cache,
+    mha,
+    mla,
+    oracle_pack,
+    oracle_unpack,
+    three,
+)
+
+from cpkv import ComponentSpec
+from cpkv.kernels import pack_pages, unpack_pages
+
+BACKENDS = ["torch", "triton"]
+KINDS = {"mha": mha, "mla": mla, "three": three}
+GUARD = 64  # poisoned bytes past the packed size that must stay poisoned
+
+
+def request_ids(pattern, n_pages, num_pages, dtype, seed=0):
+    """Fragmented: random distinct ids from the whole pool; contiguous: a fresh run."""
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "frag":
+        ids = torch.randperm(num_pages, generator=g)[:n_pages]
+    else:
+        ids = torch.arange(n_pages) + (num_pages - n_pages) // 2
+    return ids.to(dtype)
+
+
+def check_pack(cache, ids, num_tokens, backend, layers=None, heads=None):
+    """Pack into a poisoned buffer; the packed bytes equal the oracle and the guard is intact."""
+    lr = range(cache.num_layers) if layers is None else range(*layers)
+    hr = range(cache.num_heads) if heads is None else range(*heads)
+    nbytes = cache.packed_nbytes(num_tokens, layers=lr, heads=hr)
+    out = torch.full((nbytes + GUARD,), SENTINEL, dtype=torch.uint8)
+    got = pack_pages(cache, ids, num_tokens=num_tokens, layers=layers, heads=heads, out=out,
+                     backend=backend)
+    assert got.numel() == nbytes and (nbytes == 0 or got.data_ptr() == out.data_ptr())
+    assert_bytes_equal(got, oracle_pack(cache, ids, num_tokens, lr, hr), "packed")
+    assert bool((out[nbytes:] == SENTINEL).all()), "pack wrote past the packed size"
+    return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern,id_dtype", [("frag", torch.int32), ("contig", torch.int64)],
+                         ids=["frag-int32", "contig-int64"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_pack_partial_last_page(layout, kind, page_size, pattern, id_dtype, backend):
+    cache = make_cache(KINDS[kind](), num_layers=2, num_pages=7, page_size=page_size,
+                       layout=layout)
+    ids = request_ids(pattern, 3, 7, id_dtype)
+    check_pack(cache, ids, num_tokens=2 * page_size + 1, backend=backend)  # last page: 1 token
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32,
+                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_pack_dtypes(dtype, backend):
+    cache = make_cache(mha(num_heads=3, head_dim=96, dtype=dtype), num_layers=2, num_pages=9,
+                       page_size=16)
+    check_pack(cache, request_ids("frag", 4, 9, torch.int64), num_tokens=50, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["zero-pages", "zero-tokens", "one-token", "one-layer",
+                                  "layer-range", "head-slice", "odd-row-bytes",
+                                  "strided-heads", "strided-pages", "strided-heads-hnd"])
+def test_pack_awkward(case, backend):
+    specs, layers, heads, layout, strided = mha(num_heads=4), None, None, "NHD", None
+    num_layers, ids, num_tokens = 3, request_ids("frag", 3, 8, torch.int64), 40
+    if case == "zero-pages":
+        ids, num_tokens = ids[:0], None
+    elif case == "zero-tokens":
+        num_tokens = 0
+    elif case == "one-token":
+        num_tokens = 1
+    elif case == "one-layer":
+        num_layers = 1
+    elif case == "layer-range":
+        layers = (1, 3)
+    elif case == "head-slice":
+        heads = (1, 3)
+    elif case == "odd-row-bytes":  # 7-byte rows force 1-byte words
+        specs = [ComponentSpec("k", 3, 7, torch.uint8), ComponentSpec("v", 3, 96, torch.bfloat16)]
+    elif case.startswith("strided"):
+        strided = case.split("-")[1]
+        layout = "HND" if case.endswith("hnd") else "NHD"
+        heads = (1, 3)
+    cache = make_cache(specs, num_layers=num_layers, num_pages=8, page_size=16, layout=layout,
+                       strided=strided)
+    n = len(ids) * 16 if num_tokens is None else num_tokens
+    got = check_pack(cache, ids, n, backend, layers=layers, heads=heads)
+    if case.startswith("zero"):
+        assert got.numel() == 0
+
+
+def round_trip(src, dst, src_ids, dst_ids, num_tokens, backend, *, layers=None, heads=None,
+               dst_layers=None, dst_heads=None):
+    """Pack from src, unpack into a sentinel-filled dst; compare dst with the oracle, all bytes."""
+    fill_sentinel(dst)
+    lr = range(src.num_layers) if layers is None else range(*layers)
+    hr = range(src.num_heads) if heads is None else range(*heads)
+    dlr = range(dst.num_layers) if dst_layers is None else range(*dst_layers)
+    dhr = range(dst.num_heads) if dst_heads is None else range(*dst_heads)
+    want = oracle_unpack(src, src_ids, dst, dst_ids, num_tokens, lr, hr, dlr, dhr)
+    packed = pack_pages(src, src_ids, num_tokens=num_tokens, layers=layers, heads=heads,
+                        backend=backend)
+    fmt = src.packed_format(num_tokens, layers=layers, heads=heads)
+    unpack_pages(packed, dst, dst_ids, num_tokens=num_tokens, layers=dst_layers, heads=dst_heads,
+                 format=fmt, backend=backend)
+    assert_cache_equals(dst, want, "destination")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dst_layout", ["NHD", "HND"])
+@pytest.mark.parametrize("src_ps,dst_ps", [(16, 1), (1, 16), (16, 64), (64, 16), (16, 16)])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_unpack_other_page_size(kind, src_ps, dst_ps, dst_layout, backend):
+    num_tokens = 2 * max(src_ps, dst_ps) + 3  # partial last page on both sides
+    src = make_cache(KINDS[kind](), num_layers=2, num_pages=num_tokens // src_ps + 2,
+                     page_size=src_ps, seed=1)
+    dst = make_cache(KINDS[kind](), num_layers=2, num_pages=num_tokens // dst_ps + 3,
+                     page_size=dst_ps, layout=dst_layout, seed=2)
+    src_ids = request_ids("frag", -(-num_tokens // src_ps), src.num_pages, torch.int32)
+    dst_ids = request_ids("frag", -(-num_tokens // dst_ps), dst.num_pages, torch.int64, seed=3)
+    round_trip(src, dst, src_ids, dst_ids, num_tokens, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpack_head_slice_at_other_offset(backend):
+    """Heads [2, 4) of an 8-head prefill pool land at heads [0, 2) and [1, 3) of decode pools."""
+    src = make_cache(mha(num_heads=8), num_layers=3, num_pages=6, page_size=16)
+    ids = request_ids("frag", 4, 6, torch.int64)
+    for dst_heads, dst_h in [((0, 2), 2), ((1, 3), 4)]:
+        dst = make_cache(mha(num_heads=dst_h), num_layers=3, num_pages=5, page_size=16,
+                         layout="HND")
+        round_trip(src, dst, ids, request_ids("frag", 4, 5, torch.int32), 55, backend,
+                   heads=(2, 4), dst_heads=dst_heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpack_layer_range_into_stage_offset(backend):
+    """A pipeline stage's layers [0, 2) land at layers [2, 4) of a full-depth decode pool."""
+    src = make_cache(mla(), num_layers=2, num_pages=4, page_size=16)
+    dst = make_cache(mla(), num_layers=4, num_pages=30, page_size=1)
+    ids = request_ids("frag", 2, 4, torch.int64)
+    round_trip(src, dst, ids, torch.arange(20) + 7, 20, backend, dst_layers=(2, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strided", ["heads", "pages"])
+def test_unpack_strided_destination(strided, backend):
+    src = make_cache(three(num_heads=2), num_layers=2, num_pages=5, page_size=16)
+    dst = make_cache(three(num_heads=2), num_layers=2, num_pages=9, page_size=8, strided=strided)
+    ids = request_ids("frag", 3, 5, torch.int64)
+    round_trip(src, dst, ids, request_ids("frag", 5, 9, torch.int32), 37, backend)
+
+
+def test_unpack_accepts_typed_packed_buffer():
+    src = make_cache(mha(dtype=torch.float16), num_layers=2, num_pages=4, page_size=16)
+    dst = make_cache(mha(dtype=torch.float16), num_layers=2, num_pages=4, page_size=16, seed=9)
+    ids = torch.tensor([3, 0])
+    packed = pack_pages(src, ids).view(torch.float16)
+    unpack_pages(packed, dst, ids)
+    assert_bytes_equal(pack_pages(dst, ids), as_bytes(packed), "round trip")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_round_trip_property(data):
+    """pack -> unpack -> pack returns the same bytes, and no unlisted byte changes."""
+    kind = data.draw(st.sampled_from(list(KINDS)))
+    heads = data.draw(st.integers(1, 3)) if kind != "mla" else 1
+    head_dim = data.draw(st.sampled_from([8, 96, 576])) if kind == "mha" else 576
+    specs = mha(heads, head_dim) if kind == "mha" else mla() if kind == "mla" else three(heads)
+    src_ps = data.draw(st.sampled_from([1, 2, 5, 16]))
+    dst_ps = data.draw(st.sampled_from([1, 3, 16, 64]))
+    num_layers = data.draw(st.integers(1, 3))
+    num_tokens = data.draw(st.integers(0, 70))
+    src_pages = -(-num_tokens // src_ps)
+    dst_pages = -(-num_tokens // dst_ps)
+    src = make_cache(specs, num_layers=num_layers, num_pages=src_pages + 2, page_size=src_ps,
+                     layout=data.draw(st.sampled_from(["NHD", "HND"])), seed=4)
+    dst = make_cache(specs, num_layers=num_layers, num_pages=dst_pages + 2, page_size=dst_ps,
+                     layout=data.draw(st.sampled_from(["NHD", "HND"])), seed=5)
+    src_ids = torch.randperm(src.num_pages)[:src_pages]
+    dst_ids = torch.randperm(dst.num_pages)[:dst_pages].to(torch.int32)
+    backend = data.draw(st.sampled_from(BACKENDS))
+    round_trip(src, dst, src_ids, dst_ids, num_tokens, backend)
+    assert_bytes_equal(pack_pages(dst, dst_ids, num_tokens=num_tokens, backend=backend),
+                       pack_pages(src, src_ids, num_tokens=num_tokens, backend="torch"),
+                       "repacked")

@@ -1,0 +1,130 @@
+"""Test helpers: pools filled with random bytes, an index-walk oracle, byte-exact asserts."""
+
+from __future__ import annotations
+
+import torch
+
+from cpkv import ComponentSpec, PagedKVCache
+
+SENTINEL = 0xA5  # poison byte for outputs and guarded destinations
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 view of t's bytes (last dim scaled by itemsize)."""
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
+def fill_random(cache: PagedKVCache, seed: int = 0) -> PagedKVCache:
+    g = torch.Generator().manual_seed(seed)
+    for layers in cache.buffers.values():
+        for t in layers:
+            b = as_bytes(t)
+            b.copy_(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
+    return cache
+
+
+def fill_sentinel(cache: PagedKVCache) -> PagedKVCache:
+    for layers in cache.buffers.values():
+        for t in layers:
+            as_bytes(t).fill_(SENTINEL)
+    return cache
+
+
+def snapshot(cache: PagedKVCache) -> dict:
+    return {n: [as_bytes(t).clone() for t in ls] for n, ls in cache.buffers.items()}
+
+
+def make_cache(specs, *, num_layers, num_pages, page_size, layout="NHD", seed=0,
+               strided=None) -> PagedKVCache:
+    """A pool of random bytes. strided="heads" views heads [1, 1+H) of a buffer with H+2 heads;
+    strided="pages" views every other page of a buffer twice as long."""
+    if strided is None:
+        cache = PagedKVCache.empty(specs, num_layers=num_layers, num_pages=num_pages,
+                                   page_size=page_size, layout=layout)
+        return fill_random(cache, seed)
+    comps = {}
+    for s in specs:
+        pages = num_pages * (2 if strided == "pages" else 1)
+        heads = s.num_heads + (2 if strided == "heads" else 0)
+        shape = (num_layers, pages, page_size, heads, s.head_dim) if layout == "NHD" else \
+            (num_layers, pages, heads, page_size, s.head_dim)
+        big = torch.empty(shape, dtype=s.dtype)
+        hdim = 3 if layout == "NHD" else 2
+        view = big[:, ::2] if strided == "pages" else big.narrow(hdim, 1, s.num_heads)
+        comps[s.name] = view
+    cache = PagedKVCache(comps, layout=layout)
+    assert not cache.layer(specs[0].name, 0).is_contiguous()
+    return fill_random(cache, seed)
+
+
+def mha(num_heads=2, head_dim=96, dtype=torch.bfloat16):
+    return [ComponentSpec("k", num_heads, head_dim, dtype), ComponentSpec("v", num_heads, head_dim,
+                                                                          dtype)]
+
+
+def mla(dim=576, dtype=torch.bfloat16):
+    return [ComponentSpec("latent", 1, dim, dtype)]
+
+
+def three(num_heads=2):
+    """K and V in fp8, plus per-head fp32 scales: three components, two dtypes."""
+    return [ComponentSpec("k", num_heads, 64, torch.float8_e4m3fn),
+            ComponentSpec("v", num_heads, 64, torch.float8_e4m3fn),
+            ComponentSpec("scale", num_heads, 1, torch.float32)]
+
+
+def oracle_pack(cache: PagedKVCache, page_ids, num_tokens, layers: range, heads: range):
+    """Expected packed bytes by walking tokens one by one (independent of cpkv.kernels)."""
+    ps = cache.page_size
+    ids = [int(i) for i in page_ids]
+    parts = []
+    for layer in layers:
+        for spec in cache.components:
+            pool = as_bytes(cache.nhd_view(spec.name, layer))
+            for t in range(num_tokens):
+                parts.append(pool[ids[t // ps], t % ps, heads.start:heads.stop].reshape(-1))
+    if not parts:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat(parts)
+
+
+def oracle_unpack(src: PagedKVCache, src_ids, dst: PagedKVCache, dst_ids, num_tokens,
+                  layers: range, src_heads: range, dst_layers: range, dst_heads: range) -> dict:
+    """Expected destination bytes after moving tokens src -> dst one by one."""
+    want = snapshot(dst)
+    s_ids, d_ids = [int(i) for i in src_ids], [int(i) for i in dst_ids]
+    for sl, dl in zip(layers, dst_layers, strict=True):
+        for spec in src.components:
+            s_pool = as_bytes(src.nhd_view(spec.name, sl))
+            d_pool = want[spec.name][dl]
+            if dst.layout == "HND":
+                d_pool = d_pool.transpose(1, 2)
+            for t in range(num_tokens):
+                row = s_pool[s_ids[t // src.page_size], t % src.page_size,
+                             src_heads.start:src_heads.stop]
+                d_pool[d_ids[t // dst.page_size], t % dst.page_size,
+                       dst_heads.start:dst_heads.stop] = row
+    return want
+
+
+def assert_bytes_equal(got: torch.Tensor, want: torch.Tensor, what: str, names=None):
+    """torch.equal on bytes; on mismatch name the first few differing indices and values."""
+    got, want = as_bytes(got), as_bytes(want)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if torch.equal(got, want):
+        return
+    diff = (got != want).nonzero()
+    names = names or [f"d{i}" for i in range(got.dim())]
+    lines = []
+    for idx in diff[:5].tolist():
+        where = ", ".join(f"{n}={i}" for n, i in zip(names, idx, strict=True))
+        lines.append(f"  ({where}): got {int(got[tuple(idx)])}, want {int(want[tuple(idx)])}")
+    raise AssertionError(f"{what}: {len(diff)} bytes differ, first:\n" + "\n".join(lines))
+
+
+def assert_cache_equals(cache: PagedKVCache, want: dict, what: str = "pool"):
+    names = ["page", "slot", "head", "byte"] if cache.layout == "NHD" else \
+        ["page", "head", "slot", "byte"]
+    for n, layers in cache.buffers.items():
+        for i, t in enumerate(layers):
+            assert_bytes_equal(t, want[n][i], f"{what} {n!r} layer {i}", names)
