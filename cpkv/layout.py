@@ -159,7 +159,7 @@ class PagedKVCache:
                 raise TypeError(f"component names: expected str, got {type(name).__name__}")
             self.buffers[name] = _layer_list(name, layers, layout)
         self._validate()
-        self._kernel_tables: dict = {}  # kernel descriptor tables, see cpkv.kernels.pack
+        self._kernel_tables: dict = {}  # per-pool launch data cached by cpkv.kernels
 
     # -- constructors ----------------------------------------------------------------------
 

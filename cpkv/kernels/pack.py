@@ -19,11 +19,11 @@ import triton.language as tl
 from .._checks import check_buffer, check_num_tokens, check_page_ids
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .reference import pack_pages_torch, unpack_pages_torch
+from .words import WORD_DTYPES, word_bytes
 
 __all__ = ["pack_pages", "unpack_pages"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # Descriptor fields, one int64 row per packed block (layer-major, then component).
 _F_BASE, _F_PAGE, _F_SLOT, _F_HEAD, _F_HEAD_WORDS, _F_ROW_WORDS, _F_PRE_WORDS = range(7)
 _N_FIELDS = 7
@@ -70,21 +70,6 @@ def _paged_copy_kernel(
             tl.store(slot + o_slot, tl.load(p_pool + o_pool, mask=m), mask=m)
 
 
-def _word_bytes(cache: PagedKVCache, layers: range, heads: range, slot: torch.Tensor) -> int:
-    """Widest word (8/4/2/1 bytes) dividing every row, stride and base address involved."""
-    quantities = [slot.data_ptr()]
-    for spec in cache.components:
-        quantities.append(spec.head_nbytes)
-        for layer in layers:
-            t = cache.nhd_view(spec.name, layer)
-            quantities.append(t.data_ptr() + heads.start * t.stride(2) * spec.itemsize)
-            quantities.extend(s * spec.itemsize for s in t.stride()[:3])
-    for w in (8, 4, 2):
-        if all(q % w == 0 for q in quantities):
-            return w
-    return 1
-
-
 def _descriptors(cache: PagedKVCache, layers: range, heads: range, word: int) -> torch.Tensor:
     """The kernel's per-block table, cached on the pool (its tensors never move)."""
     key = (layers.start, layers.stop, heads.start, heads.stop, word)
@@ -115,7 +100,7 @@ def _descriptors(cache: PagedKVCache, layers: range, heads: range, word: int) ->
 def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers: range,
             heads: range, slot: torch.Tensor, *, unpack: bool) -> None:
     """Launch the copy kernel once for every layer and component. Inputs are trusted."""
-    word = _word_bytes(cache, layers, heads, slot)
+    word = word_bytes(cache, layers, heads, slot)
     table = _descriptors(cache, layers, heads, word)
     max_row = max(len(heads) * s.head_nbytes // word for s in cache.components)
     block_r = min(triton.next_power_of_2(max_row), 1024 if _INTERPRET else 256)
@@ -124,7 +109,7 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers
     block_t = max(1, min(budget // block_r, triton.next_power_of_2(num_tokens), 1024))
     grid = (triton.cdiv(num_tokens, block_t), table.shape[0])
     _paged_copy_kernel[grid](
-        slot.view(_WORD_DTYPES[word]), table, page_ids, num_tokens, cache.page_size,
+        slot.view(WORD_DTYPES[word]), table, page_ids, num_tokens, cache.page_size,
         N_FIELDS=_N_FIELDS, BLOCK_T=block_t, BLOCK_R=block_r, IS_UNPACK=unpack,
     )
 

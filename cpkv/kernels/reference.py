@@ -1,19 +1,23 @@
 """Pure-torch pack/unpack with the same semantics as the Triton kernels.
 
-The oracle in tests, and the production path for CPU tensors. Bytes are moved through uint8
-views of the pool, so every dtype (fp8 included) round-trips bit for bit.
+The oracle beside the kernels, and the production path for CPU tensors. Bytes move through
+integer views of the pool (the widest word that divides every row and stride, see `words`), so
+every dtype round-trips bit for bit and element-wise copies move 8 bytes at a time.
 
-Per (layer, component) it is one ``index_select`` straight into the packed block, or one
-``index_copy_`` out of it, over the pool viewed as ``[num_pages * page_size, heads, row_bytes]``;
-pools whose page and slot axes cannot be flattened into one (HND, odd strides) use advanced
-indexing instead.
+Per (layer, component) block, the cheapest form that the pool's strides allow:
+  * pages: each page is one contiguous run (no head slice, NHD), so whole pages move as 2-D rows
+    with one ``index_select`` / ``index_copy_`` and the partial last page with one slice copy
+    (2-D rows gather ~1.35x faster than [tokens, heads, row] on the CPU);
+  * tokens: page and slot axes merge, so tokens move as rows of ``[num_pages * page_size]``;
+  * otherwise advanced indexing over (page, slot).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layout import PackedFormat, PagedKVCache
+from ..layout import PagedKVCache
+from .words import WORD_DTYPES, word_bytes
 
 __all__ = ["pack_pages_torch", "unpack_pages_torch", "token_slots"]
 
@@ -25,50 +29,80 @@ def token_slots(page_ids: torch.Tensor, num_tokens: int, page_size: int):
     return pages, t % page_size
 
 
-def _blocks(cache: PagedKVCache, fmt: PackedFormat, packed: torch.Tensor, layers: range,
-            heads: range):
-    """Yield (pool view [P, ps, nh, row_bytes] uint8, packed block [T, nh, row_bytes] uint8)."""
-    offsets = iter(fmt.block_offsets())
-    for layer in layers:
-        for spec in cache.components:
-            pool = cache.nhd_view(spec.name, layer)[:, :, heads.start:heads.stop].view(torch.uint8)
-            off = next(offsets)
-            nbytes = fmt.num_tokens * len(heads) * spec.head_nbytes
-            block = packed[off:off + nbytes].view(fmt.num_tokens, len(heads), spec.head_nbytes)
-            yield pool, block
+def _page_rows(pool: torch.Tensor) -> torch.Tensor | None:
+    """[P, ps, nh, row] -> [P, ps * nh * row] when every page is one contiguous run."""
+    p, ps, nh, row = pool.shape
+    if (nh > 1 and pool.stride(2) != row) or (ps > 1 and pool.stride(1) != nh * row):
+        return None
+    return pool.as_strided((p, ps * nh * row), (pool.stride(0), 1))
 
 
-def _flat_tokens(pool: torch.Tensor) -> torch.Tensor | None:
-    """The pool as a [P * ps, nh, row] view when page and slot axes merge, else None."""
+def _token_rows(pool: torch.Tensor) -> torch.Tensor | None:
+    """[P, ps, nh, row] -> [P * ps, nh, row] when page and slot axes merge."""
     if pool.stride(0) != pool.shape[1] * pool.stride(1):
         return None
     return pool.as_strided((pool.shape[0] * pool.shape[1], *pool.shape[2:]),
                            (pool.stride(1), *pool.stride()[2:]))
 
 
+def _blocks(cache: PagedKVCache, packed: torch.Tensor, num_tokens: int, layers: range,
+            heads: range):
+    """Yield (pool [P, ps, nh, row_words], packed block [T, nh, row_words]) in format order."""
+    word = word_bytes(cache, layers, heads, packed)
+    words = packed.view(WORD_DTYPES[word])
+    pos = 0
+    for layer in layers:
+        for spec in cache.components:
+            pool = cache.nhd_view(spec.name, layer)[:, :, heads.start:heads.stop]
+            pool = pool.view(torch.uint8).view(WORD_DTYPES[word])
+            row = spec.head_nbytes // word
+            n = num_tokens * len(heads) * row
+            yield pool, words[pos:pos + n].view(num_tokens, len(heads), row)
+            pos += n
+
+
+def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num_tokens: int,
+          layers: range, heads: range, *, unpack: bool) -> None:
+    ps = cache.page_size
+    ids = page_ids.to(torch.int64)
+    full, tail = divmod(num_tokens, ps)
+    flat_idx = None
+    for pool, block in _blocks(cache, packed, num_tokens, layers, heads):
+        pages = _page_rows(pool)
+        if pages is not None:
+            whole = block[:full * ps].reshape(full, pages.shape[1])
+            last = (pool[ids[full:full + 1], :tail], block[full * ps:].unsqueeze(0))
+            if unpack:
+                pages.index_copy_(0, ids[:full], whole)
+                if tail:
+                    pool[ids[full:full + 1], :tail] = last[1]
+            else:
+                torch.index_select(pages, 0, ids[:full], out=whole)
+                if tail:
+                    last[1].copy_(last[0])
+            continue
+        if flat_idx is None:
+            p, s = token_slots(page_ids, num_tokens, ps)
+            flat_idx = p * ps + s
+        tokens = _token_rows(pool)
+        if tokens is not None:
+            if unpack:
+                tokens.index_copy_(0, flat_idx, block)
+            else:
+                torch.index_select(tokens, 0, flat_idx, out=block)
+        elif unpack:
+            pool[flat_idx // ps, flat_idx % ps] = block
+        else:
+            block.copy_(pool[flat_idx // ps, flat_idx % ps])
+
+
 def pack_pages_torch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int,
                      layers: range, heads: range, out: torch.Tensor) -> None:
     """Gather into ``out`` (uint8, exactly the packed size). Inputs are trusted."""
-    fmt = cache.packed_format(num_tokens, layers=layers, heads=heads)
-    pages, slots = token_slots(page_ids, num_tokens, cache.page_size)
-    flat_idx = pages * cache.page_size + slots
-    for pool, block in _blocks(cache, fmt, out, layers, heads):
-        flat = _flat_tokens(pool)
-        if flat is not None:
-            torch.index_select(flat, 0, flat_idx, out=block)
-        else:
-            block.copy_(pool[pages, slots])
+    _copy(cache, out, page_ids, num_tokens, layers, heads, unpack=False)
 
 
 def unpack_pages_torch(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
                        num_tokens: int, layers: range, heads: range) -> None:
     """Scatter ``packed`` (uint8, exactly the packed size) into ``cache``. Inputs are trusted."""
-    fmt = cache.packed_format(num_tokens, layers=layers, heads=heads)
-    pages, slots = token_slots(page_ids, num_tokens, cache.page_size)
-    flat_idx = pages * cache.page_size + slots
-    for pool, block in _blocks(cache, fmt, packed, layers, heads):
-        flat = _flat_tokens(pool)
-        if flat is not None:
-            flat.index_copy_(0, flat_idx, block)
-        else:
-            pool[pages, slots] = block
+    _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True)

@@ -1,0 +1,1 @@
+"""Benchmark sweeps; each writes long-format CSV rows under benchmarks/results/."""
