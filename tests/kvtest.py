@@ -128,3 +128,64 @@ def assert_cache_equals(cache: PagedKVCache, want: dict, what: str = "pool"):
     for n, layers in cache.buffers.items():
         for i, t in enumerate(layers):
             assert_bytes_equal(t, want[n][i], f"{what} {n!r} layer {i}", names)
+
+
+def full_kv(specs, num_layers, total_len, seed=0) -> dict:
+    """Random KV for every token of a batch: name -> [layers, total_len, heads, head_dim]."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for s in specs:
+        t = torch.empty(num_layers, total_len, s.num_heads, s.head_dim, dtype=s.dtype)
+        b = as_bytes(t)
+        b.copy_(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
+        out[s.name] = t
+    return out
+
+
+def oracle_sequence_pool(cache: PagedKVCache, full: dict, seq_lens, page_lists,
+                         layers: range) -> dict:
+    """Expected pool after the full batch KV is written in sequence order, token by token."""
+    want = snapshot(cache)
+    ps, p = cache.page_size, 0
+    for n, ids in zip(seq_lens, page_lists, strict=True):
+        ids = [int(i) for i in ids]
+        for t in range(n):
+            for i, layer in enumerate(layers):
+                for spec in cache.components:
+                    pool = want[spec.name][layer]
+                    if cache.layout == "HND":
+                        pool = pool.transpose(1, 2)
+                    pool[ids[t // ps], t % ps] = as_bytes(full[spec.name][i, p])
+            p += 1
+    return want
+
+
+def gathered_oracle(cache: PagedKVCache, full: dict, plan, layers: range, seed=7):
+    """The all-gather result, built row by row: rank regions of padded_len tokens, junk padding."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for pos in plan.positions:
+        for i in range(len(layers)):
+            for spec in cache.components:
+                rows = [as_bytes(full[spec.name][i, int(p)]).reshape(-1) for p in pos]
+                pad = (plan.padded_len - len(pos)) * spec.num_heads * spec.head_nbytes
+                rows.append(torch.randint(0, 256, (pad,), generator=g, dtype=torch.uint8))
+                parts.append(torch.cat(rows))
+    return torch.cat(parts)
+
+
+def local_shard(full: dict, plan, rank: int) -> dict:
+    """Rank's K/V rows, in its local order: name -> [layers, n_local, heads, head_dim]."""
+    return {n: t[:, plan.positions[rank]] for n, t in full.items()}
+
+
+def disjoint_page_lists(num_pages: int, seq_lens, page_size: int, seed=0):
+    """Random distinct pages per sequence, int32/int64 alternating."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_pages, generator=g)
+    out, pos = [], 0
+    for s, n in enumerate(seq_lens):
+        k = -(-n // page_size)
+        out.append(perm[pos:pos + k].to(torch.int32 if s % 2 else torch.int64))
+        pos += k
+    return out

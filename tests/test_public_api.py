@@ -1,7 +1,9 @@
 """`__all__` is the contract: this pins it."""
 
 import cpkv
+import cpkv.cp
 import cpkv.kernels
+import cpkv.staging
 
 
 def test_top_level_api():
@@ -10,6 +12,22 @@ def test_top_level_api():
 
 
 def test_kernels_api():
-    assert sorted(cpkv.kernels.__all__) == ["pack_pages", "unpack_pages"]
-    for name in cpkv.kernels.__all__:
-        assert callable(getattr(cpkv.kernels, name))
+    assert sorted(cpkv.kernels.__all__) == ["pack_pages", "reorganize_pages", "unpack_pages"]
+
+
+def test_cp_api():
+    assert sorted(cpkv.cp.__all__) == ["GatherTimeoutError", "SenderPolicy", "SplitPlan",
+                                       "all_gather_kv", "chunk_share", "gather_nbytes",
+                                       "interleave_split", "page_share", "senders_for",
+                                       "zigzag_split"]
+
+
+def test_staging_api():
+    assert sorted(cpkv.staging.__all__) == ["ALIGN", "ArenaError", "ArenaFullError", "Slot",
+                                            "StagingArena"]
+
+
+def test_every_exported_name_exists():
+    for mod in (cpkv, cpkv.cp, cpkv.kernels, cpkv.staging):
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__}.{name}"

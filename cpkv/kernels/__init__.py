@@ -3,6 +3,6 @@
 Set ``TRITON_INTERPRET=1`` before importing this package to run the Triton path on CPU tensors.
 """
 
-from .pack import pack_pages, unpack_pages
+from .paged_copy import pack_pages, reorganize_pages, unpack_pages
 
-__all__ = ["pack_pages", "unpack_pages"]
+__all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]

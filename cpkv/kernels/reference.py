@@ -19,7 +19,7 @@ import torch
 from ..layout import PagedKVCache
 from .words import WORD_DTYPES, word_bytes
 
-__all__ = ["pack_pages_torch", "unpack_pages_torch", "token_slots"]
+__all__ = ["pack_pages_torch", "reorganize_torch", "token_slots", "unpack_pages_torch"]
 
 
 def token_slots(page_ids: torch.Tensor, num_tokens: int, page_size: int):
@@ -84,16 +84,24 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
         if flat_idx is None:
             p, s = token_slots(page_ids, num_tokens, ps)
             flat_idx = p * ps + s
-        tokens = _token_rows(pool)
-        if tokens is not None:
-            if unpack:
-                tokens.index_copy_(0, flat_idx, block)
-            else:
-                torch.index_select(tokens, 0, flat_idx, out=block)
-        elif unpack:
-            pool[flat_idx // ps, flat_idx % ps] = block
+        if unpack:
+            _scatter_tokens(pool, flat_idx, block)
         else:
-            block.copy_(pool[flat_idx // ps, flat_idx % ps])
+            tokens = _token_rows(pool)
+            if tokens is not None:
+                torch.index_select(tokens, 0, flat_idx, out=block)
+            else:
+                block.copy_(pool[flat_idx // pool.shape[1], flat_idx % pool.shape[1]])
+
+
+def _scatter_tokens(pool: torch.Tensor, flat_idx: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool token (page * ps + slot) flat_idx[i] <- rows[i]."""
+    tokens = _token_rows(pool)
+    if tokens is not None:
+        tokens.index_copy_(0, flat_idx, rows)
+    else:
+        ps = pool.shape[1]
+        pool[flat_idx // ps, flat_idx % ps] = rows
 
 
 def pack_pages_torch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int,
@@ -106,3 +114,23 @@ def unpack_pages_torch(packed: torch.Tensor, cache: PagedKVCache, page_ids: torc
                        num_tokens: int, layers: range, heads: range) -> None:
     """Scatter ``packed`` (uint8, exactly the packed size) into ``cache``. Inputs are trusted."""
     _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True)
+
+
+def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
+                     num_tokens: int, layers: range, positions, targets: torch.Tensor,
+                     rows_per_rank: int) -> None:
+    """Scatter every rank's region of an all-gather into the pool. Inputs are trusted.
+
+    Rank r's region (``gathered`` split in len(positions) equal parts) is a packed slot of
+    ``rows_per_rank`` tokens; its first ``len(positions[r])`` rows land at pool tokens
+    ``targets[positions[r]]`` (request-local token indices over ``page_ids``).
+    """
+    ps = cache.page_size
+    pages, slots = token_slots(page_ids, num_tokens, ps)
+    flat_idx = pages * ps + slots
+    regions = gathered.view(len(positions), -1)
+    heads = range(cache.num_heads)
+    for region, pos in zip(regions, positions, strict=True):
+        dst = flat_idx[targets[pos]]
+        for pool, block in _blocks(cache, region, rows_per_rank, layers, heads):
+            _scatter_tokens(pool, dst, block[:len(pos)])

@@ -127,7 +127,7 @@ def test_unpack_rejects_other_format(field, other, message, dst):
 
 
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch, src):
-    import cpkv.kernels.pack as pack_mod
+    import cpkv.kernels.paged_copy as pack_mod
     monkeypatch.setattr(pack_mod, "_INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         pack_pages(src, IDS, backend="triton")

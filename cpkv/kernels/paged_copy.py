@@ -1,16 +1,24 @@
-"""Pack a request's pages into a contiguous slot, and unpack a slot into a pool: one Triton launch.
+"""Pack a request's pages into a contiguous slot, unpack a slot into a pool, and reorganize a CP
+all-gather into a pool: one Triton launch each.
 
-One kernel serves both directions. Its grid is (token blocks, blocks of the packed format); every
+One kernel serves all three. Its grid is (token blocks, blocks of the packed format); every
 program copies a [BLOCK_T tokens, BLOCK_R words] tile between the pool and the slot. A per-block
 descriptor table (built once per cache, layer range, head slice and word width, then cached)
 holds each layer tensor's base address and strides, so all layers and components go in a single
 launch whatever their number. Bytes move as same-width integer words (8, 4, 2 or 1 bytes: the
 widest that divides every address, stride and row), never as floats.
+
+Slot side: token t's row of block b sits at ``rows_per_rank * pre_words[b] + t * row_words[b]``
+(the packed format). With a token map (reorganize), token t instead reads gathered row
+``g = map[t]`` of rank region ``g // rows_per_rank`` (regions ``rank_words`` apart, each a packed
+slot of ``rows_per_rank`` tokens), and is skipped where ``g < 0``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -18,10 +26,13 @@ import triton.language as tl
 
 from .._checks import check_buffer, check_num_tokens, check_page_ids
 from ..layout import PackedFormat, PagedKVCache, as_range
-from .reference import pack_pages_torch, unpack_pages_torch
+from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
 from .words import WORD_DTYPES, word_bytes
 
-__all__ = ["pack_pages", "unpack_pages"]
+__all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]
+
+if TYPE_CHECKING:
+    from ..cp.partition import SplitPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Descriptor fields, one int64 row per packed block (layer-major, then component).
@@ -29,17 +40,21 @@ _F_BASE, _F_PAGE, _F_SLOT, _F_HEAD, _F_HEAD_WORDS, _F_ROW_WORDS, _F_PRE_WORDS = 
 _N_FIELDS = 7
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit(do_not_specialize=["num_tokens", "rows_per_rank", "rank_words"])
 def _paged_copy_kernel(
-    slot,  # *word: the packed slot
+    slot,  # *word: the packed slot (or the gathered regions)
     desc,  # *int64 [n_blocks, N_FIELDS]
     page_ids,  # *int32 | *int64 [n_pages of the request]
+    token_map,  # *int64 [num_tokens] gathered row per token, -1 to skip (HAS_TOKEN_MAP)
     num_tokens,
     page_size,
+    rows_per_rank,
+    rank_words,
     N_FIELDS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     IS_UNPACK: tl.constexpr,
+    HAS_TOKEN_MAP: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
@@ -50,14 +65,20 @@ def _paged_copy_kernel(
     stride_head = tl.load(p_desc + 3)
     head_words = tl.load(p_desc + 4)
     row_words = tl.load(p_desc + 5)
-    # Blocks are back to back: this one starts after num_tokens rows of every earlier block.
-    slot_base = num_tokens * tl.load(p_desc + 6)
+    # Blocks are back to back: this one starts after the rows of every earlier block.
+    o_block = rows_per_rank * tl.load(p_desc + 6)
 
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     m_t = o_t < num_tokens
+    if HAS_TOKEN_MAP:
+        b_row = tl.load(token_map + o_t, mask=m_t, other=-1)
+        m_t = m_t & (b_row >= 0)
+        o_tok_slot = (b_row // rows_per_rank) * rank_words + o_block \
+            + (b_row % rows_per_rank) * row_words
+    else:
+        o_tok_slot = o_block + o_t * row_words
     b_page = tl.load(page_ids + o_t // page_size, mask=m_t, other=0).to(tl.int64)
     o_tok_pool = b_page * stride_page + (o_t % page_size) * stride_slot
-    o_tok_slot = slot_base + o_t * row_words
     for r0 in range(0, row_words, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         m = m_t[:, None] & (o_r < row_words)[None, :]
@@ -98,7 +119,8 @@ def _descriptors(cache: PagedKVCache, layers: range, heads: range, word: int) ->
 
 
 def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers: range,
-            heads: range, slot: torch.Tensor, *, unpack: bool) -> None:
+            heads: range, slot: torch.Tensor, *, unpack: bool, token_map=None,
+            rows_per_rank: int | None = None, rank_nbytes: int = 0) -> None:
     """Launch the copy kernel once for every layer and component. Inputs are trusted."""
     word = word_bytes(cache, layers, heads, slot)
     table = _descriptors(cache, layers, heads, word)
@@ -109,8 +131,11 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers
     block_t = max(1, min(budget // block_r, triton.next_power_of_2(num_tokens), 1024))
     grid = (triton.cdiv(num_tokens, block_t), table.shape[0])
     _paged_copy_kernel[grid](
-        slot.view(WORD_DTYPES[word]), table, page_ids, num_tokens, cache.page_size,
+        slot.view(WORD_DTYPES[word]), table, page_ids,
+        page_ids if token_map is None else token_map, num_tokens, cache.page_size,
+        num_tokens if rows_per_rank is None else rows_per_rank, rank_nbytes // word,
         N_FIELDS=_N_FIELDS, BLOCK_T=block_t, BLOCK_R=block_r, IS_UNPACK=unpack,
+        HAS_TOKEN_MAP=token_map is not None,
     )
 
 
@@ -228,3 +253,69 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
             _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True)
         else:
             unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range)
+
+
+def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache,
+                     page_ids: torch.Tensor | Sequence[torch.Tensor], plan: SplitPlan, *,
+                     layers=None, backend: str = "auto", validate: bool = True) -> None:
+    """Write a CP all-gather into the pool in sequence order, undoing the split, in one launch.
+
+    ``gathered`` holds ``plan.cp_size`` equal regions, rank r's first: each a packed slot (see
+    `pack_pages`) of ``plan.padded_len`` tokens over ``layers`` and all heads, whose first
+    ``len(plan.positions[r])`` rows are rank r's tokens in local order (the rest is padding and
+    is never read). Token p of sequence s lands in ``page_ids[s][p // page_size]``, slot
+    ``p % page_size``; nothing else in the pool is written.
+
+    Args:
+        gathered: contiguous uint8 [cp_size * cache.packed_nbytes(plan.padded_len, layers=)].
+        cache: the destination pool.
+        page_ids: per sequence of the plan, its distinct page ids (one tensor for one sequence).
+        plan: the `cpkv.cp.SplitPlan` the shards were split with.
+        layers, backend, validate: as in `pack_pages`.
+    """
+    if validate:
+        check_reorganize(gathered, cache, page_ids, plan, layers=layers)
+    lists = [page_ids] if isinstance(page_ids, torch.Tensor) else list(page_ids)
+    layer_range = as_range(layers, cache.num_layers, "layers")
+    ps = cache.page_size
+    region = cache.packed_nbytes(plan.padded_len, layers=layer_range)
+    if not region:
+        return
+    # Sequence s's tokens start at virtual token ps * (pages of earlier sequences).
+    starts, virt = [], 0
+    for ids, n in zip(lists, plan.seq_lens, strict=True):
+        starts.append(torch.arange(n) + virt)
+        virt += ids.numel() * ps
+    targets = torch.cat(starts)  # global position -> virtual token
+    num_tokens = int(targets[-1]) + 1
+    all_ids = torch.cat(lists)
+    if _use_triton(backend, cache.device):
+        token_map = torch.full((num_tokens,), -1, dtype=torch.int64)
+        token_map[targets] = plan.gather_index
+        _launch(cache, all_ids, num_tokens, layer_range, range(cache.num_heads), gathered,
+                unpack=True, token_map=token_map.to(cache.device),
+                rows_per_rank=plan.padded_len, rank_nbytes=region)
+    else:
+        reorganize_torch(gathered, cache, all_ids, num_tokens, layer_range, plan.positions,
+                         targets.to(cache.device), plan.padded_len)
+
+
+def check_reorganize(gathered, cache, page_ids, plan, *, layers=None) -> None:
+    """The checks of `reorganize_pages` alone (nothing moves): ValueError/TypeError if bad."""
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
+    lists = [page_ids] if isinstance(page_ids, torch.Tensor) else list(page_ids)
+    layer_range = as_range(layers, cache.num_layers, "layers")
+    ps = cache.page_size
+    if len(lists) != len(plan.seq_lens):
+        raise ValueError(f"page_ids: expected one id tensor per sequence "
+                         f"({len(plan.seq_lens)}), got {len(lists)}")
+    for s, (ids, n) in enumerate(zip(lists, plan.seq_lens, strict=True)):
+        check_page_ids(ids, cache.num_pages, cache.device, what=f"page_ids[{s}]")
+        if ids.numel() * ps < n:
+            raise ValueError(f"page_ids[{s}]: a sequence of {n} tokens needs "
+                             f"{-(-n // ps)} pages of {ps}, got {ids.numel()}")
+    check_page_ids(torch.cat(lists), cache.num_pages, cache.device, unique=True)
+    region = cache.packed_nbytes(plan.padded_len, layers=layer_range)
+    check_buffer(gathered, what="gathered", device=cache.device, nbytes=plan.cp_size * region,
+                 dtype=torch.uint8)

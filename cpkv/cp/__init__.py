@@ -1,0 +1,15 @@
+"""Context parallelism: page shares, token splits, and the KV all-gather into the paged pool."""
+
+from .gather import GatherTimeoutError, all_gather_kv, gather_nbytes
+from .partition import (
+    SenderPolicy,
+    SplitPlan,
+    chunk_share,
+    interleave_split,
+    page_share,
+    senders_for,
+    zigzag_split,
+)
+
+__all__ = ["GatherTimeoutError", "SenderPolicy", "SplitPlan", "all_gather_kv", "chunk_share",
+           "gather_nbytes", "interleave_split", "page_share", "senders_for", "zigzag_split"]

@@ -1,0 +1,151 @@
+"""What each spawned CP rank runs (see test_gather_mp.py)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from kvtest import (
+    assert_cache_equals,
+    disjoint_page_lists,
+    fill_sentinel,
+    full_kv,
+    local_shard,
+    make_cache,
+    mha,
+    mla,
+    oracle_sequence_pool,
+    snapshot,
+)
+from mp import Recorder
+
+from cpkv.cp import GatherTimeoutError, all_gather_kv, gather_nbytes, interleave_split, zigzag_split
+from cpkv.staging import ArenaError, StagingArena
+
+SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split}
+KINDS = {"mha": mha, "mla": mla}
+NUM_LAYERS = 3
+
+
+def scenarios(world):
+    out = []
+    for split in SPLITS:
+        for kind in KINDS:
+            for mode in ("layer", "all"):
+                out.append(dict(name=f"{split}-{kind}-{mode}", split=split, kind=kind,
+                                seq_lens=[29], page_size=4, mode=mode))
+    out.append(dict(name="zigzag-batch-uneven", split="zigzag", kind="mha",
+                    seq_lens=[17, 8 * world + 1, 40], page_size=16, mode="all"))
+    out.append(dict(name="interleave-batch-ps1-triton", split="interleave", kind="mha",
+                    seq_lens=[13, 7], page_size=1, mode="layer", backend="triton"))
+    out.append(dict(name="zigzag-mla-2d-shard-hnd", split="zigzag", kind="mla",
+                    seq_lens=[31], page_size=16, mode="layer", layout="HND", squeeze=True))
+    return out
+
+
+def gather_scenario(rank, world, arena, *, split, kind, seq_lens, page_size, mode,
+                    backend="auto", layout="NHD", squeeze=False):
+    plan = SPLITS[split](seq_lens, world)
+    specs = KINDS[kind]()
+    need = sum(-(-n // page_size) for n in plan.seq_lens)
+    cache = fill_sentinel(make_cache(specs, num_layers=NUM_LAYERS, num_pages=need + 2,
+                                     page_size=page_size, layout=layout))
+    pages = disjoint_page_lists(cache.num_pages, plan.seq_lens, page_size, seed=1)
+    full = full_kv(specs, NUM_LAYERS, plan.total_len, seed=3)  # the same on every rank
+    want = oracle_sequence_pool(cache, full, plan.seq_lens, pages, range(NUM_LAYERS))
+    local = local_shard(full, plan, rank)
+    ids = pages[0] if len(pages) == 1 else pages
+    if mode == "layer":  # as a model runner calls it, layer by layer, reusing one slot
+        slot = arena.alloc(gather_nbytes(cache, plan, layers=0))
+        for layer in range(NUM_LAYERS):
+            shard = {n: (t[layer].squeeze(1) if squeeze else t[layer]) for n, t in local.items()}
+            all_gather_kv(shard, plan, cache, ids, slot=slot, layers=layer, backend=backend)
+    else:
+        slot = arena.alloc(gather_nbytes(cache, plan))
+        all_gather_kv(local, plan, cache, ids, slot=slot, backend=backend)
+    arena.check_symmetric([slot])
+    slot.release()
+    assert_cache_equals(cache, want)
+
+
+def arena_offsets_and_peers(rank, world, arena):
+    """Same allocation sequence -> same offsets; a rank's writes are visible to its peers."""
+    slots = [arena.alloc(n) for n in (100, 5000, 1)]
+    arena.check_symmetric()
+    for s in slots:
+        s.tensor.fill_(rank + 1)
+    dist.barrier()
+    for s in slots:
+        for r in range(world):
+            got = s.peer(r)
+            assert bool((got == r + 1).all()), f"slot {s.offset}: rank {r}'s bytes not visible"
+    dist.barrier()
+    for s in slots:
+        s.release()
+
+
+def arena_asymmetry_detected(rank, world, arena):
+    slot = arena.alloc(4096 if rank == 0 else 8192)
+    slot2 = arena.alloc(10)  # lands at a different offset on rank > 0
+    try:
+        arena.check_symmetric()
+    except ArenaError as e:
+        assert "differs" in str(e), e
+    else:
+        raise AssertionError("check_symmetric accepted different slot sizes")
+    finally:
+        slot.release()
+        slot2.release()
+
+
+def failing_rank(rank, world, arena, timeout=3.0):
+    """Rank 1 passes a shard of the wrong length: it raises at once; the others time out."""
+    plan = zigzag_split(24, world)
+    cache = fill_sentinel(make_cache(mha(), num_layers=1, num_pages=8, page_size=4))
+    before = snapshot(cache)
+    full = full_kv(mha(), 1, 24)
+    local = {n: t[0] for n, t in local_shard(full, plan, rank).items()}
+    if rank == 1:
+        local = {n: t[:-1] for n, t in local.items()}
+    slot = arena.alloc(gather_nbytes(cache, plan, layers=0))
+    t0 = time.monotonic()
+    try:
+        all_gather_kv(local, plan, cache, torch.arange(6), slot=slot, layers=0, timeout=timeout)
+    except ValueError as e:
+        assert rank == 1 and "this rank owns" in str(e), e
+        time.sleep(timeout + 2)  # stay alive: the others must time out, not see a closed socket
+    except GatherTimeoutError as e:
+        assert rank != 1, e
+        elapsed = time.monotonic() - t0
+        assert timeout - 0.5 <= elapsed <= timeout + 10, f"timed out after {elapsed:.1f} s"
+        assert "did not complete the all-gather within 3.0 s" in str(e)
+    else:
+        raise AssertionError("all_gather_kv succeeded with a bad shard on rank 1")
+    finally:
+        slot.release()
+    assert_cache_equals(cache, before, "pool after a failed gather")
+
+
+def rank_main(rank, world, port, out_path):
+    rec = Recorder(out_path)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        arena = StagingArena(1 << 22, backend="host-shared")
+        rec.run("arena-offsets-and-peers", arena_offsets_and_peers, rank, world, arena)
+        rec.run("arena-asymmetry-detected", arena_asymmetry_detected, rank, world, arena)
+        for sc in scenarios(world):
+            sc = dict(sc)
+            rec.run(sc.pop("name"), gather_scenario, rank, world, arena, **sc)
+        rec.run("arena-empty-after-scenarios", lambda: None if not arena.live_slots else
+                (_ for _ in ()).throw(AssertionError(f"live slots {arena.live_slots}")))
+        rec.run("failing-rank-times-out", failing_rank, rank, world, arena)  # last: breaks gloo
+        arena.close()
+    except Exception as e:  # reported as its own entry; the parent's asserts name it
+        rec.results["rank-setup"] = f"{type(e).__name__}: {e}"
+    finally:
+        rec.save()
+        os._exit(0)  # the failure scenario leaves the gloo group unusable: do not tear it down

@@ -1,0 +1,71 @@
+"""Spawn a group of ranks once, let each run every scenario, collect per-scenario results."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_group(target, world: int, *args, timeout: float = 300.0) -> list[dict]:
+    """Run target(rank, world, port, out_path, *args) in `world` spawned processes.
+
+    Each rank writes a JSON dict {scenario: "ok" | error text} to out_path. Every process is
+    joined (or killed at the deadline); returns the ranks' dicts.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f"rank{r}.json" for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, port, str(paths[r]), *args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+        if stuck:
+            raise TimeoutError(f"ranks {stuck} did not finish within {timeout} s")
+        results = []
+        for r, path in enumerate(paths):
+            if not path.exists():
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} "
+                                   f"and wrote no results")
+            results.append(json.loads(path.read_text()))
+        return results
+
+
+class Recorder:
+    """Runs scenarios in a rank, recording "ok" or the error, and writes them out."""
+
+    def __init__(self, path: str):
+        self.path, self.results = path, {}
+
+    def run(self, name: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+            self.results[name] = "ok"
+        except Exception as e:  # recorded, asserted by the test in the parent
+            self.results[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+
+    def save(self) -> None:
+        Path(self.path).write_text(json.dumps(self.results))
+
+
+def assert_ok(results: list[dict], name: str) -> None:
+    for rank, res in enumerate(results):
+        assert name in res, f"rank {rank} did not run {name!r} ({res.get('rank-setup', '')})"
+        assert res[name] == "ok", f"rank {rank}, {name}: {res[name]}"
