@@ -89,9 +89,11 @@ def oracle_pack(cache: PagedKVCache, page_ids, num_tokens, layers: range, heads:
 
 
 def oracle_unpack(src: PagedKVCache, src_ids, dst: PagedKVCache, dst_ids, num_tokens,
-                  layers: range, src_heads: range, dst_layers: range, dst_heads: range) -> dict:
-    """Expected destination bytes after moving tokens src -> dst one by one."""
-    want = snapshot(dst)
+                  layers: range, src_heads: range, dst_layers: range, dst_heads: range,
+                  want: dict | None = None) -> dict:
+    """Expected destination bytes after moving tokens src -> dst one by one (on top of `want`,
+    a snapshot of dst by default)."""
+    want = snapshot(dst) if want is None else want
     s_ids, d_ids = [int(i) for i in src_ids], [int(i) for i in dst_ids]
     for sl, dl in zip(layers, dst_layers, strict=True):
         for spec in src.components:

@@ -1,0 +1,119 @@
+"""The control plane: registrations, request destinations and notifications over a TCPStore.
+
+Built on torch.distributed's ``TCPStore`` (a key-value server with blocking ``wait`` and
+non-blocking ``check``); values are JSON. Keys live under a namespace per decode receiver:
+
+    {ns}/recv                         receiver: engine session, arena address, geometry
+    {ns}/reg/dp{d}.cp{c}.tp{t}.pp{p}  each prefill sender, every parallel coordinate in the key
+    {ns}/req/{rid}/dest               receiver: where request rid's bytes go
+    {ns}/req/{rid}/note/{sender}/{k}  sender's k-th notification for rid (bytes landed, or none)
+    {ns}/req/{rid}/status             receiver's final status (so senders learn of failures)
+    {ns}/req/{rid}/fail/{sender}      a sender's failure reason
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import time
+
+import torch.distributed as dist
+
+__all__ = ["ControlPlane", "ControlTimeout"]
+
+
+class ControlTimeout(TimeoutError):
+    """A control-plane key did not appear in time (the peer is missing or dead)."""
+
+
+class ControlPlane:
+    """A client (or the server, with ``serve=True``) of the control-plane store.
+
+    Args:
+        host, port: the store's address (loopback in tests). ``port=0`` with ``serve=True``
+            picks a free port; read it back from ``.port``.
+        serve: host the store in this process.
+        namespace: key prefix, one per decode receiver.
+        timeout: seconds for connecting and for blocking reads.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, serve: bool = False,
+                 namespace: str = "cpkv", timeout: float = 30.0):
+        self.host, self.namespace, self.timeout = host, namespace, timeout
+        self.store = dist.TCPStore(host, port, is_master=serve, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=timeout),
+                                   use_libuv=True)
+        self.port = self.store.port
+
+    def scoped(self, namespace: str) -> ControlPlane:
+        """The same connection under another namespace (another receiver, another test).
+
+        Reuse connections: TCPStore clients serialise their operations, and opening one now
+        and then stalls ~5 s in its connect retry (seen with torch 2.13 on loopback)."""
+        view = copy.copy(self)
+        view.namespace = namespace
+        return view
+
+    def key(self, *parts) -> str:
+        return "/".join([self.namespace, *map(str, parts)])
+
+    def put(self, key: str, value) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def exists(self, key: str) -> bool:
+        """Non-blocking."""
+        return bool(self.store.check([key]))
+
+    def get(self, key: str):
+        """Non-blocking read of a key that exists."""
+        return json.loads(self.store.get(key))
+
+    def wait_get(self, key: str, timeout: float | None = None, *, cancelled=None):
+        """Block until ``key`` exists (polling, so ``cancelled()`` can stop it), then read it."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay = 0.0005
+        while not self.exists(key):
+            if cancelled is not None and cancelled():
+                raise ControlTimeout(f"gave up waiting for {key!r}")
+            if time.monotonic() >= deadline:
+                raise ControlTimeout(f"{key!r} did not appear within "
+                                     f"{self.timeout if timeout is None else timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return self.get(key)
+
+
+class ParallelRank:
+    """A prefill rank's coordinates; its registration key holds every one of them."""
+
+    __slots__ = ("dp", "cp", "tp", "pp")
+
+    def __init__(self, dp: int = 0, cp: int = 0, tp: int = 0, pp: int = 0):
+        for name, v in (("dp", dp), ("cp", cp), ("tp", tp), ("pp", pp)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+        self.dp, self.cp, self.tp, self.pp = dp, cp, tp, pp
+
+    @property
+    def key(self) -> str:
+        return f"dp{self.dp}.cp{self.cp}.tp{self.tp}.pp{self.pp}"
+
+    def __repr__(self) -> str:
+        return f"ParallelRank({self.key})"
+
+
+def geometry(cache) -> dict:
+    """What both sides must agree on before any byte moves (packed format version included)."""
+    fmt = cache.packed_format(1).to_dict()
+    return {"version": fmt["version"], "page_size": cache.page_size,
+            "num_layers": cache.num_layers, "num_heads": cache.num_heads,
+            "components": fmt["components"]}
+
+
+def check_geometry(mine: dict, theirs: dict, who: str) -> None:
+    """Raise ValueError naming the first field where ``theirs`` differs from ``mine``."""
+    for field in ("version", "page_size", "num_layers", "num_heads", "components"):
+        if mine.get(field) != theirs.get(field):
+            raise ValueError(f"geometry mismatch with {who}: {field} is {mine.get(field)} here, "
+                             f"{theirs.get(field)} there")

@@ -1,0 +1,208 @@
+"""KVSender: a prefill rank that packs its share of a request's pages and writes it once.
+
+Per send (one prefill chunk): wait for the receiver's destination, intersect the chunk with this
+rank's share under the sender policy, pack those pages into a local staging slot, write the slot
+with one Mooncake transfer to ``dest + token_start * bytes_per_token`` (the packed format is
+linear in tokens, so shares tile the receiver's slot), then notify. A rank whose share is empty
+still notifies (zero bytes), so the receiver can count every expected sender. Sends run on a
+background thread; ``poll`` never blocks.
+"""
+
+from __future__ import annotations
+
+import base64
+import queue
+import threading
+
+import torch
+
+from .._checks import check_num_tokens, check_page_ids
+from ..cp.partition import SenderPolicy, senders_for
+from ..kernels import pack_pages
+from ..staging import StagingArena
+from .control import ControlPlane, ParallelRank, check_geometry, geometry
+from .engine import TransferEngine
+from .status import KVStatus, StatusCell
+
+__all__ = ["KVSender"]
+
+
+class KVSender:
+    """Sends this prefill rank's pages of each request to one decode receiver.
+
+    Args:
+        cache: this rank's pool (after the CP all-gather it holds the whole sequence).
+        control: the receiver's control plane.
+        rank: this rank's (dp, cp, tp, pp); its cp is the sender id.
+        cp_size: senders in the CP group (all of them notify).
+        policy: "all" (disjoint page shares), "rank0", or "rotate" (one rank per request).
+        engine, arena: shared ones, or None to create (and own) them.
+        timeout: seconds to wait for the receiver and for staging space.
+    """
+
+    def __init__(self, cache, control: ControlPlane, *, rank: ParallelRank | None = None,
+                 cp_size: int = 1, policy: SenderPolicy | str = "all",
+                 engine: TransferEngine | None = None, arena: StagingArena | None = None,
+                 arena_bytes: int = 64 << 20, timeout: float = 30.0):
+        self.cache, self.control = cache, control
+        self.rank = rank or ParallelRank()
+        if not 0 <= self.rank.cp < cp_size:
+            raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
+        self.cp_size, self.policy, self.timeout = cp_size, SenderPolicy(policy), timeout
+        self.geometry = geometry(cache)
+        self.bytes_per_token = cache.packed_nbytes(1)
+        self._owns = (engine is None, arena is None)
+        self.engine = engine or TransferEngine()
+        self.arena = arena or StagingArena(arena_bytes, device=cache.device)
+        self.engine.register_arena(self.arena)
+        reg = control.key("reg", self.rank.key)
+        if control.store.add(reg + "/claims", 1) != 1:
+            raise ValueError(f"duplicate sender id: {self.rank} is already registered")
+        control.put(reg, {"session": self.engine.session_id, "sender": self.rank.cp,
+                          "geometry": self.geometry})
+        self._receiver = None
+        self._cells: dict[int, StatusCell] = {}
+        self._notes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        self._worker = threading.Thread(target=self._run, name=f"cpkv-sender-{self.rank.key}",
+                                        daemon=True)
+        self._worker.start()
+
+    # -- public ----------------------------------------------------------------------------
+
+    def send(self, request_id: int, page_ids: torch.Tensor, *, num_tokens: int | None = None,
+             chunk: tuple[int, int] | None = None, last: bool = True,
+             metadata: bytes | None = None) -> None:
+        """Queue one chunk of a request (non-blocking). Poll its status with `poll`.
+
+        Args:
+            request_id: the request (non-negative int, shared with the receiver).
+            page_ids: [n_pages] this pool's page ids of the whole request, in request order.
+            num_tokens: tokens of the whole request (default: every slot of its pages).
+            chunk: request-local pages [start, stop) of this prefill chunk (default: all).
+            last: whether this is the request's last chunk; decide it before filtering by
+                share, so every rank agrees (a rank with an empty share still sends it).
+            metadata: a small blob (e.g. the first output token) carried with the last chunk.
+        """
+        if not isinstance(request_id, int) or request_id < 0:
+            raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
+        check_page_ids(page_ids, self.cache.num_pages, self.cache.device)
+        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        n_pages = page_ids.numel()
+        start, stop = chunk if chunk is not None else (0, n_pages)
+        if not 0 <= start <= stop <= n_pages:
+            raise ValueError(f"chunk: expected 0 <= start <= stop <= {n_pages}, "
+                             f"got [{start}, {stop})")
+        if metadata is not None and not isinstance(metadata, bytes):
+            raise TypeError(f"metadata: expected bytes, got {type(metadata).__name__}")
+        with self._lock:
+            cell = self._cells.setdefault(request_id, StatusCell())
+        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), last, metadata, cell))
+
+    def poll(self, request_id: int) -> KVStatus:
+        """This rank's status for the request (non-blocking); learns of receiver failures."""
+        cell = self._cells.get(request_id)
+        if cell is None:
+            return KVStatus.Bootstrapping
+        if not cell.done:
+            key = self.control.key("req", request_id, "status")
+            if self.control.exists(key):
+                st = self.control.get(key)
+                if st["status"] == KVStatus.Failed:
+                    cell.fail(f"receiver failed the request: {st['reason']}")
+        return cell.status
+
+    def reason(self, request_id: int) -> str | None:
+        cell = self._cells.get(request_id)
+        return cell.reason if cell else None
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's state."""
+        with self._lock:
+            self._cells.pop(request_id, None)
+            self._notes.pop(request_id, None)
+
+    def close(self) -> None:
+        """Stop the worker (pending sends fail), release owned engine and arena. Idempotent."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._jobs.put(None)
+        self._worker.join(timeout=self.timeout + 5)
+        if self._owns[1]:
+            self.arena.close()
+        if self._owns[0]:
+            self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            cell = job[-1]
+            if self._closing.is_set():
+                cell.fail("the sender was closed")
+                continue
+            if cell.done:
+                continue
+            try:
+                self._send_chunk(*job[:-1], cell)
+            except Exception as e:  # any failure fails this request, never the sender
+                cell.fail(f"{type(e).__name__}: {e}")
+                try:
+                    self.control.put(self.control.key("req", job[0], "fail", self.rank.cp),
+                                     cell.reason)
+                except Exception:
+                    pass  # the control plane itself may be gone
+        while not self._jobs.empty():  # closing: fail what is still queued
+            job = self._jobs.get_nowait()
+            if job is not None:
+                job[-1].fail("the sender was closed")
+
+    def _receiver_info(self) -> dict:
+        if self._receiver is None:
+            info = self.control.wait_get(self.control.key("recv"), self.timeout,
+                                         cancelled=self._closing.is_set)
+            check_geometry(self.geometry, info["geometry"], "the receiver")
+            self._receiver = info
+        return self._receiver
+
+    def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, cell) -> None:
+        recv = self._receiver_info()
+        dest = self.control.wait_get(self.control.key("req", rid, "dest"), self.timeout,
+                                     cancelled=self._closing.is_set)
+        if dest["num_tokens"] != num_tokens or dest["num_pages"] != page_ids.numel():
+            raise ValueError(f"request {rid}: the receiver expects {dest['num_tokens']} tokens in "
+                             f"{dest['num_pages']} pages, this sender has {num_tokens} in "
+                             f"{page_ids.numel()}")
+        cell.update(KVStatus.Transferring)
+        share = senders_for(self.policy, page_ids.numel(), self.cp_size, self.rank.cp, rid)
+        p0 = max(share.start, chunk[0])
+        p1 = max(p0, min(share.stop, chunk[1]))
+        ps = self.cache.page_size
+        t0, t1 = min(p0 * ps, num_tokens), min(p1 * ps, num_tokens)
+        nbytes = (t1 - t0) * self.bytes_per_token
+        if nbytes:
+            with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
+                pack_pages(self.cache, page_ids[p0:p1], num_tokens=t1 - t0, out=slot.tensor)
+                self.engine.write(recv["session"], [(slot.tensor.data_ptr(),
+                                                     dest["addr"] + t0 * self.bytes_per_token,
+                                                     nbytes)])
+        with self._lock:
+            k = self._notes.get(rid, 0)
+            self._notes[rid] = k + 1
+        note = {"pages": [p0, p1], "tokens": [t0, t1], "nbytes": nbytes, "last": bool(last),
+                "metadata": base64.b64encode(metadata).decode() if metadata else None}
+        self.control.put(self.control.key("req", rid, "note", self.rank.cp, k), note)
+        if last:
+            cell.update(KVStatus.Success)

@@ -1,0 +1,44 @@
+"""Helpers for transfer tests: a prefill group and a decode receiver on one control plane."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
+
+DONE = (KVStatus.Success, KVStatus.Failed)
+
+
+def wait_all(objs_and_ids, timeout=30.0):
+    """Poll (obj, request_id) pairs until each is Success or Failed; return their statuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = [obj.poll(rid) for obj, rid in objs_and_ids]
+        if all(s in DONE for s in statuses):
+            return statuses
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"statuses still {statuses} after {timeout} s")
+        time.sleep(0.002)
+
+
+def group(src, dst, rig, *, cp=2, policy="all", timeout=10.0):
+    """cp senders over `src` and a receiver into `dst` (one process), on the rig's engine,
+    arenas and control-plane server, in a fresh namespace. Returns (namespace, senders, recv)."""
+    engine, send_arena, recv_arena, control = rig
+    namespace = uuid.uuid4().hex
+
+    def client():
+        return control.scoped(namespace)
+
+    senders = [KVSender(src, client(), rank=ParallelRank(cp=r), cp_size=cp, policy=policy,
+                        timeout=timeout, engine=engine, arena=send_arena) for r in range(cp)]
+    recv = KVReceiver(dst, client(), senders=[ParallelRank(cp=r) for r in range(cp)],
+                      timeout=timeout, engine=engine, arena=recv_arena)
+    return namespace, senders, recv
+
+
+def close_all(senders, recv):
+    for s in senders:
+        s.close()
+    recv.close()
