@@ -19,7 +19,8 @@ import torch
 from .._checks import check_num_tokens, check_page_ids
 from ..kernels import unpack_pages
 from ..staging import ArenaFullError, Slot, StagingArena
-from .control import ControlPlane, ControlTimeout, ParallelRank, check_geometry, geometry
+from .control import ControlPlane, ControlTimeout, ParallelRank, check_geometry
+from .endpoint import Endpoint
 from .engine import TransferEngine
 from .status import KVStatus, StatusCell
 
@@ -39,7 +40,7 @@ class _Request:
     metadata: dict = field(default_factory=dict)  # sender -> bytes
 
 
-class KVReceiver:
+class KVReceiver(Endpoint):
     """Receives requests from the prefill senders registered under ``senders``.
 
     Args:
@@ -58,14 +59,8 @@ class KVReceiver:
         ids = [s.cp for s in senders]
         if len(set(ids)) != len(ids):
             raise ValueError(f"senders: expected distinct sender (cp) ids, got {ids}")
-        self.cache, self.control, self.timeout = cache, control, timeout
         self.senders = {s.cp: s for s in senders}
-        self.geometry = geometry(cache)
-        self.bytes_per_token = cache.packed_nbytes(1)
-        self._owns = (engine is None, arena is None)
-        self.engine = engine or TransferEngine()
-        self.arena = arena or StagingArena(arena_bytes, device=cache.device)
-        self.arena_addr = self.engine.register_arena(self.arena)
+        super().__init__(cache, control, engine, arena, arena_bytes, timeout)
         control.put(control.key("recv"), {"session": self.engine.session_id,
                                           "geometry": self.geometry})
         self._requests: dict[int, _Request] = {}
@@ -158,16 +153,7 @@ class KVReceiver:
             if not req.cell.done:
                 self._fail(rid, req, "the receiver was closed")
         self._requests.clear()
-        if self._owns[1]:
-            self.arena.close()
-        if self._owns[0]:
-            self.engine.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._release_owned()
 
     # -- internals -------------------------------------------------------------------------
 

@@ -20,14 +20,15 @@ from .._checks import check_num_tokens, check_page_ids
 from ..cp.partition import SenderPolicy, senders_for
 from ..kernels import pack_pages
 from ..staging import StagingArena
-from .control import ControlPlane, ParallelRank, check_geometry, geometry
+from .control import ControlPlane, ParallelRank, check_geometry
+from .endpoint import Endpoint
 from .engine import TransferEngine
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender"]
 
 
-class KVSender:
+class KVSender(Endpoint):
     """Sends this prefill rank's pages of each request to one decode receiver.
 
     Args:
@@ -44,17 +45,11 @@ class KVSender:
                  cp_size: int = 1, policy: SenderPolicy | str = "all",
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
                  arena_bytes: int = 64 << 20, timeout: float = 30.0):
-        self.cache, self.control = cache, control
         self.rank = rank or ParallelRank()
         if not 0 <= self.rank.cp < cp_size:
             raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
-        self.cp_size, self.policy, self.timeout = cp_size, SenderPolicy(policy), timeout
-        self.geometry = geometry(cache)
-        self.bytes_per_token = cache.packed_nbytes(1)
-        self._owns = (engine is None, arena is None)
-        self.engine = engine or TransferEngine()
-        self.arena = arena or StagingArena(arena_bytes, device=cache.device)
-        self.engine.register_arena(self.arena)
+        self.cp_size, self.policy = cp_size, SenderPolicy(policy)
+        super().__init__(cache, control, engine, arena, arena_bytes, timeout)
         reg = control.key("reg", self.rank.key)
         if control.store.add(reg + "/claims", 1) != 1:
             raise ValueError(f"duplicate sender id: {self.rank} is already registered")
@@ -131,16 +126,7 @@ class KVSender:
         self._closing.set()
         self._jobs.put(None)
         self._worker.join(timeout=self.timeout + 5)
-        if self._owns[1]:
-            self.arena.close()
-        if self._owns[0]:
-            self.engine.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._release_owned()
 
     # -- worker ----------------------------------------------------------------------------
 
