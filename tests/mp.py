@@ -16,14 +16,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_group(target, world: int, *args, timeout: float = 300.0) -> list[dict]:
+def spawn_group(target, world: int, *args, timeout: float = 300.0,
+                port: int | None = None) -> list[dict]:
     """Run target(rank, world, port, out_path, *args) in `world` spawned processes.
 
     Each rank writes a JSON dict {scenario: "ok" | error text} to out_path. Every process is
-    joined (or killed at the deadline); returns the ranks' dicts.
+    joined (or killed at the deadline); returns the ranks' dicts. ``port`` defaults to a free
+    one (for the ranks' own rendezvous).
     """
     ctx = multiprocessing.get_context("spawn")
-    port = free_port()
+    port = free_port() if port is None else port
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"rank{r}.json" for r in range(world)]
         procs = [ctx.Process(target=target, args=(r, world, port, str(paths[r]), *args))

@@ -4,6 +4,7 @@ import cpkv
 import cpkv.cp
 import cpkv.kernels
 import cpkv.staging
+import cpkv.transfer
 
 
 def test_top_level_api():
@@ -27,7 +28,14 @@ def test_staging_api():
                                             "StagingArena"]
 
 
+def test_transfer_api():
+    assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "KVReceiver",
+                                             "KVSender", "KVStatus", "ParallelRank",
+                                             "StatusCell", "TransferEngine", "TransferError",
+                                             "agree"]
+
+
 def test_every_exported_name_exists():
-    for mod in (cpkv, cpkv.cp, cpkv.kernels, cpkv.staging):
+    for mod in (cpkv, cpkv.cp, cpkv.kernels, cpkv.staging, cpkv.transfer):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"

@@ -1,0 +1,43 @@
+"""Real processes: 2 CP prefill ranks -> 1 decode rank, Mooncake over TCP loopback, a TCPStore
+control plane served by this (test) process. Ranks are spawned once per group."""
+
+import pytest
+from mp import spawn_group
+from tx_worker import CP, fault_rank, main_rank, scenarios
+
+from cpkv.transfer import ControlPlane
+
+
+@pytest.fixture(scope="module")
+def server():
+    return ControlPlane(serve=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def main_results(server):
+    return spawn_group(main_rank, CP + 1, timeout=240, port=server.port)
+
+
+@pytest.fixture(scope="module")
+def fault_results(server):
+    return spawn_group(fault_rank, CP + 1, timeout=120, port=server.port)
+
+
+def check(results, name, ranks):
+    for r in ranks:
+        res = results[r]
+        assert name in res, f"rank {r} did not run {name!r} ({res.get('rank-setup', '')})"
+        assert res[name] == "ok", f"rank {r}, {name}: {res[name]}"
+
+
+@pytest.mark.parametrize("name", [s["name"] for s in scenarios()])
+def test_prefill_group_to_decode_bit_exact(main_results, name):
+    check(main_results, name, range(CP + 1))
+
+
+def test_sender_killed_receiver_fails_within_timeout(fault_results):
+    check(fault_results, "sender-dies", [0, 2])
+
+
+def test_receiver_killed_sender_fails_within_timeout(fault_results):
+    check(fault_results, "receiver-dies", [0])
