@@ -24,6 +24,7 @@ from mp import Recorder
 
 from cpkv.cp import GatherTimeoutError, all_gather_kv, gather_nbytes, interleave_split, zigzag_split
 from cpkv.staging import ArenaError, StagingArena
+from cpkv.transfer.status import KVStatus, agree
 
 SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split}
 KINDS = {"mha": mha, "mla": mla}
@@ -129,12 +130,34 @@ def failing_rank(rank, world, arena, timeout=3.0):
     assert_cache_equals(cache, before, "pool after a failed gather")
 
 
+def status_agreement(rank, world):
+    """MIN over the CP group then the TP group; a Failed anywhere is Failed everywhere.
+
+    2 ranks: CP = {0, 1}, each rank its own TP group. 3 ranks: CP = {0, 1}, TP = {1, 2}, so
+    rank 2's view reaches rank 0 only through rank 1 (CP first, then TP)."""
+    cp_groups = [dist.new_group([0, 1])] + ([dist.new_group([2])] if world == 3 else [])
+    tp_groups = [dist.new_group([r]) for r in range(world)] if world == 2 else \
+        [dist.new_group([0]), dist.new_group([1, 2])]
+    cp_group = cp_groups[0] if rank < 2 else cp_groups[1]
+    tp_group = tp_groups[rank] if world == 2 else (tp_groups[0] if rank == 0 else tp_groups[1])
+    S, T, W, F = (KVStatus.Success, KVStatus.Transferring, KVStatus.WaitingForInput,
+                  KVStatus.Failed)
+    mine = {0: [S, S, T, S], 1: [S, W, S, S], 2: [S, S, S, F]}[rank]
+    got = agree(mine, [cp_group, tp_group])
+    if world == 2:
+        assert got == [S, W, T, S], got
+    else:  # rank 0 never meets rank 2 directly, so its Failed reaches rank 0 only next round
+        want = {0: [S, W, T, S], 1: [S, W, T, F], 2: [S, W, T, F]}[rank]
+        assert got == want, (rank, got, want)
+
+
 def rank_main(rank, world, port, out_path):
     rec = Recorder(out_path)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         arena = StagingArena(1 << 22, backend="host-shared")
+        rec.run("status-agreement", status_agreement, rank, world)
         rec.run("arena-offsets-and-peers", arena_offsets_and_peers, rank, world, arena)
         rec.run("arena-asymmetry-detected", arena_asymmetry_detected, rank, world, arena)
         for sc in scenarios(world):

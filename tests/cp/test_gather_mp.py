@@ -9,7 +9,7 @@ from cp_worker import rank_main, scenarios
 from mp import assert_ok, spawn_group
 
 WORLDS = [2, 3]
-NAMES = (["arena-offsets-and-peers", "arena-asymmetry-detected"]
+NAMES = (["status-agreement", "arena-offsets-and-peers", "arena-asymmetry-detected"]
          + [s["name"] for s in scenarios(2)]
          + ["arena-empty-after-scenarios", "failing-rank-times-out"])
 
