@@ -7,9 +7,11 @@ batches above ~1,000 descriptors with -1, measured on this project's machines).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["MAX_BATCH", "TransferEngine", "TransferError"]
+__all__ = ["MAX_BATCH", "PendingWrite", "TransferEngine", "TransferError"]
 
 MAX_BATCH = 1024  # descriptors per batch call (4,096 returned -1 on TCP; 1,024 worked)
 
@@ -21,6 +23,19 @@ class TransferError(RuntimeError):
         self.op, self.code, self.peer = op, code, peer
         where = f" (peer {peer})" if peer else ""
         super().__init__(f"{op} failed with code {code}{where}{': ' + detail if detail else ''}")
+
+
+@dataclass
+class PendingWrite:
+    """Writes submitted to one peer and not yet waited for."""
+
+    peer: str
+    segments: list
+    batch_ids: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s[2] for s in self.segments)
 
 
 class TransferEngine:
@@ -90,19 +105,45 @@ class TransferEngine:
 
         Split into batches of at most MAX_BATCH descriptors; a failed batch raises TransferError.
         """
+        pending = self.submit(peer, segments)
+        self.wait(pending)
+        return len(pending.segments)
+
+    def submit(self, peer: str, segments: list[tuple[int, int, int]]) -> PendingWrite:
+        """Start writing segments to ``peer`` without waiting (overlap packing the next chunk
+        with this one on the wire); `wait` for the returned handle before reusing the source."""
         self._check_open()
         segments = [s for s in segments if s[2] > 0]
+        pending = PendingWrite(peer, segments, [])
         for i in range(0, len(segments), MAX_BATCH):
             batch = segments[i:i + MAX_BATCH]
-            if len(batch) == 1:
-                rc = self._engine.transfer_sync_write(peer, *batch[0])
-            else:
-                src, dst, n = (list(x) for x in zip(*batch, strict=True))
-                rc = self._engine.batch_transfer_sync_write(peer, src, dst, n)
-            if rc != 0:
-                raise TransferError("write", rc, peer, f"batch of {len(batch)} descriptors, "
-                                    f"{sum(s[2] for s in batch)} bytes")
-        return len(segments)
+            src, dst, n = (list(x) for x in zip(*batch, strict=True))
+            batch_id = self._engine.batch_transfer_async_write(peer, src, dst, n)
+            if batch_id < 0:  # not submitted: nothing of this batch is on the wire
+                self._drain(pending)
+                raise TransferError("write", batch_id, peer, f"submitting {len(batch)} "
+                                    f"descriptors, {sum(n)} bytes")
+            pending.batch_ids.append(batch_id)
+        return pending
+
+    def wait(self, *pendings: PendingWrite) -> None:
+        """Block until the writes landed; raise TransferError if any failed."""
+        errors = []
+        for p in pendings:
+            if p.batch_ids:
+                rc = self._engine.get_batch_transfer_status(p.batch_ids)
+                p.batch_ids = []
+                if rc != 0:
+                    errors.append(TransferError("write", rc, p.peer, f"{len(p.segments)} "
+                                                f"descriptors, {p.nbytes} bytes"))
+        if errors:
+            raise errors[0]
+
+    def _drain(self, pending: PendingWrite) -> None:
+        try:
+            self.wait(pending)
+        except TransferError:
+            pass  # the submission error is the one to report
 
     def _check_open(self) -> None:
         if self.closed:

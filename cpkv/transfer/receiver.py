@@ -124,6 +124,8 @@ class KVReceiver(Endpoint):
                 bpt = self.bytes_per_token
                 unpack_pages(req.slot.tensor[t0 * bpt:t1 * bpt], self.cache,
                              req.page_ids[p0:p1], num_tokens=t1 - t0)
+            if req.slot.tensor.is_cuda:  # Success means the pool holds the bytes
+                torch.cuda.current_stream(req.slot.tensor.device).synchronize()
             req.slot.release()
             req.cell.update(KVStatus.Success)
             self._publish(request_id, req)

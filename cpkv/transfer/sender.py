@@ -27,6 +27,8 @@ from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender"]
 
+PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
+
 
 class KVSender(Endpoint):
     """Sends this prefill rank's pages of each request to one decode receiver.
@@ -163,6 +165,26 @@ class KVSender(Endpoint):
             self._receiver = info
         return self._receiver
 
+    def _pack_and_write(self, ids, n, staging, peer, dest_addr) -> None:
+        """Pack and write a segment of n tokens layer group by layer group, packing group g+1
+        while group g is on the wire (the segment is layer-major: group [l0, l1) is bytes
+        [l0, l1) x n x row_bytes of it, on both sides)."""
+        per_layer = n * self.bytes_per_token // self.cache.num_layers
+        step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
+        pending = []
+        try:
+            for l0 in range(0, self.cache.num_layers, step):
+                l1 = min(l0 + step, self.cache.num_layers)
+                part = staging[l0 * per_layer:l1 * per_layer]
+                pack_pages(self.cache, ids, num_tokens=n, layers=(l0, l1), out=part)
+                if part.is_cuda:  # the engine reads the bytes: the pack must have finished
+                    torch.cuda.current_stream(part.device).synchronize()
+                pending.append(self.engine.submit(peer, [(part.data_ptr(),
+                                                          dest_addr + l0 * per_layer,
+                                                          part.numel())]))
+        finally:
+            self.engine.wait(*pending)  # never release a slot the engine still reads
+
     def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, cell) -> None:
         recv = self._receiver_info()
         dest = self.control.wait_get(self.control.key("req", rid, "dest"), self.timeout,
@@ -180,10 +202,8 @@ class KVSender(Endpoint):
         nbytes = (t1 - t0) * self.bytes_per_token
         if nbytes:
             with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
-                pack_pages(self.cache, page_ids[p0:p1], num_tokens=t1 - t0, out=slot.tensor)
-                self.engine.write(recv["session"], [(slot.tensor.data_ptr(),
-                                                     dest["addr"] + t0 * self.bytes_per_token,
-                                                     nbytes)])
+                self._pack_and_write(page_ids[p0:p1], t1 - t0, slot.tensor, recv["session"],
+                                     dest["addr"] + t0 * self.bytes_per_token)
         with self._lock:
             k = self._notes.get(rid, 0)
             self._notes[rid] = k + 1

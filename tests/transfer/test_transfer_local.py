@@ -56,6 +56,23 @@ def test_policies_bit_exact_with_several_requests_in_flight(kind, policy, rig):
     close_all(senders, recv)
 
 
+def test_pipelined_layer_groups_bit_exact(rig, monkeypatch):
+    """Force one-layer groups: pack group g+1 while group g is on the wire."""
+    import cpkv.transfer.sender as sender_mod
+    monkeypatch.setattr(sender_mod, "PIPELINE_CHUNK_BYTES", 1)
+    src = make_cache(mha(), num_layers=5, num_pages=12, page_size=4, seed=1)
+    dst = fill_sentinel(make_cache(mha(), num_layers=5, num_pages=12, page_size=4, seed=2))
+    ns, senders, recv = group(src, dst, rig)
+    s_ids, d_ids = torch.randperm(12)[:9], torch.randperm(12)[:9]
+    want = oracle_unpack(src, s_ids, dst, d_ids, 34, range(5), range(2), range(5), range(2))
+    recv.expect(2, d_ids, num_tokens=34)
+    for s in senders:
+        s.send(2, s_ids, num_tokens=34)
+    assert wait_all([(recv, 2)] + [(s, 2) for s in senders]) == [KVStatus.Success] * 3
+    assert_cache_equals(dst, want)
+    close_all(senders, recv)
+
+
 @pytest.mark.parametrize("ps", [1, 16])
 def test_chunked_prefill_with_an_empty_last_share(ps, rig):
     """10 pages, 2 ranks (shares [0,5) and [5,10)); last chunk [3,5) is empty for rank 1."""
