@@ -16,8 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import RESULTS, CsvWriter, page_ids, provenance, random_fill
+from benchmarks.common import RESULTS, page_ids, random_fill
 from cpkv.cp import all_gather_kv, gather_nbytes, zigzag_split
+from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 
 FULL_TOKENS = [1024, 4096]

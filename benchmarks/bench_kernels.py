@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from benchmarks.common import RESULTS, CsvWriter, measure, page_ids, provenance, random_fill
+from benchmarks.common import RESULTS, measure, page_ids, random_fill
 from cpkv.kernels import pack_pages, unpack_pages
+from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 
 FULL_TOKENS = {"cpu": [256, 1024, 4096], "cuda": [256, 1024, 4096, 16384, 32768]}

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, CsvWriter, measure, page_ids, provenance, random_fill
+from benchmarks.common import RESULTS, measure, page_ids, random_fill
+from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import (

@@ -1,4 +1,4 @@
-"""The `cpkv` command: `cpkv demo`, `cpkv bench <sweep>`.
+"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,7 +16,8 @@ import torch
 from .shapes import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = ("kernels",)
+SWEEPS = ("kernels", "cp", "transfer")
+MAX_CP = 8
 
 
 class CliError(Exception):
@@ -34,44 +35,49 @@ def _positive(text: str) -> int:
 
 
 def demo(args) -> int:
-    """Kernel round trip on a model-shaped pool (the Mooncake transfer joins in a later step)."""
-    from .kernels import pack_pages, unpack_pages
+    """Check the arguments against this machine, then run the end-to-end demo."""
+    from . import demo as demo_mod
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device on this machine")
-    shape = SHAPES[args.shape]
     if args.tokens < args.page_size:
         raise CliError(f"--tokens: expected at least one page ({args.page_size}), "
                        f"got {args.tokens}")
-    n_pages = -(-args.tokens // args.page_size)
-    print(f"cpkv demo: kernel round trip (pack -> unpack into another page size); "
-          f"shape {shape.name} ({shape.model}), {args.tokens} tokens, "
-          f"page_size {args.page_size} -> 1, {device}")
-    src = shape.cache(num_pages=2 * n_pages, page_size=args.page_size, device=device)
-    dst = shape.cache(num_pages=2 * args.tokens, page_size=1, device=device)
-    for layers in src.buffers.values():
-        for t in layers:
-            t.view(torch.uint8).random_(0, 256)
-    g = torch.Generator().manual_seed(0)
-    src_ids = torch.randperm(src.num_pages, generator=g)[:n_pages].to(device)
-    dst_ids = torch.randperm(dst.num_pages, generator=g)[:args.tokens].to(device)
+    if args.tokens < 2 * args.cp:
+        raise CliError(f"--tokens: a zigzag split over {args.cp} ranks needs at least "
+                       f"{2 * args.cp} tokens, got {args.tokens}")
+    if args.cp > MAX_CP:
+        raise CliError(f"--cp: this demo runs at most {MAX_CP} prefill processes, got {args.cp}")
+    if args.layers is not None and args.layers > SHAPES[args.shape].num_layers:
+        raise CliError(f"--layers: shape {args.shape} has {SHAPES[args.shape].num_layers} "
+                       f"layers, got {args.layers}")
+    cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
+                              requests=args.requests, cp=args.cp, layers=args.layers,
+                              protocol=args.protocol, device=args.device, out=args.out,
+                              corrupt_byte=args.corrupt_byte)
+    need, have = demo_mod.estimated_bytes(cfg), _physical_memory()
+    if have and need > 0.8 * have:
+        raise CliError(f"this run needs about {need / 2**30:.1f} GiB of memory, the machine "
+                       f"has {have / 2**30:.1f} GiB: use fewer --tokens, --requests or --cp")
+    _check_writable(Path(args.out))
+    return demo_mod.run(cfg)
 
-    t0 = time.perf_counter()
-    packed = pack_pages(src, src_ids, num_tokens=args.tokens)
-    t1 = time.perf_counter()
-    unpack_pages(packed, dst, dst_ids, num_tokens=args.tokens)
-    t2 = time.perf_counter()
-    same = torch.equal(pack_pages(dst, dst_ids, num_tokens=args.tokens), packed)
-    mib = packed.numel() / 2**20
-    print(f"  {'step':<8}{'MiB':>10}{'ms':>10}{'GB/s (r+w)':>12}")
-    for step, dt in (("pack", t1 - t0), ("unpack", t2 - t1)):
-        print(f"  {step:<8}{mib:>10.1f}{dt * 1e3:>10.1f}{2 * packed.numel() / dt / 1e9:>12.2f}")
-    if not same:
-        print("FAILED: the decode pool does not hold the packed bytes", file=sys.stderr)
-        return 1
-    print("OK: every byte verified")
-    return 0
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".cpkv-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CliError(f"--out: cannot write to {path}: {e.strerror or e}") from None
 
 
 def bench(args) -> int:
@@ -83,17 +89,34 @@ def bench(args) -> int:
     return module.main(args.rest)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cpkv", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="end-to-end run on an embedded default")
-    d.add_argument("--shape", choices=sorted(SHAPES), default="A")
+    p = _Parser(prog="cpkv", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser("demo", help="end-to-end: CP prefill group -> decode rank, verified")
+    d.add_argument("--shape", choices=sorted(SHAPES), default="A",
+                   help="model shape (A: Llama-3.1-8B, B: Llama-3-70B TP8, C: DeepSeek-V3 MLA)")
     d.add_argument("--page-size", type=_positive, default=16)
-    d.add_argument("--tokens", type=_positive, default=2048)
+    d.add_argument("--tokens", type=_positive, default=1024, help="tokens per request")
+    d.add_argument("--requests", type=_positive, default=4)
+    d.add_argument("--cp", type=_positive, default=2, help="prefill CP ranks (processes)")
+    d.add_argument("--layers", type=_positive, default=None,
+                   help="fewer layers than the shape has (faster)")
+    d.add_argument("--mode", choices=("packed",), default="packed",
+                   help="transfer mode (the per-page direct baseline is not built yet)")
+    d.add_argument("--protocol", choices=("tcp", "rdma"), default="tcp")
     d.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--out", default="out", help="folder for demo.csv and demo.png")
+    d.add_argument("--corrupt-byte", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=demo)
-    b = sub.add_parser("bench", help="run a benchmark sweep (options after the sweep name)")
+    b = sub.add_parser("bench", help="run a benchmark sweep (its options after its name)")
     b.add_argument("sweep", choices=SWEEPS)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=bench)

@@ -8,6 +8,7 @@ import torch
 # Must precede any import of cpkv.kernels: @triton.jit reads it when the kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # Mooncake logs every transfer at INFO
 
 
 def pytest_collection_modifyitems(config, items):
