@@ -1,4 +1,4 @@
-"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`.
+"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 """
@@ -96,6 +96,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+PLOTS = ("kernels", "transfer", "cp")
+
+
+def plot(args) -> int:
+    """Turn benchmarks/results/*.csv into PNGs (needs a source checkout and matplotlib)."""
+    if not (REPO / "plots").is_dir():
+        raise CliError(f"cpkv plot needs a source checkout (no plots/ beside {REPO})")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("cpkv plot needs matplotlib: pip install 'cpkv[plot]'") from None
+    unknown = [f for f in args.figures if f not in PLOTS]
+    if unknown:
+        raise CliError(f"unknown figure {unknown[0]!r}: expected some of {', '.join(PLOTS)}")
+    _check_writable(Path(args.out))
+    sys.path.insert(0, str(REPO))
+    results = Path(args.results)
+    for name in args.figures or PLOTS:
+        module = importlib.import_module(f"plots.plot_{name}")
+        try:
+            for path in module.plot(results, Path(args.out)):
+                print(f"wrote {path}")
+        except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
+            raise CliError(f"plot {name}: {e}") from None
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cpkv", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -120,6 +147,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("sweep", choices=SWEEPS)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=bench)
+    pl = sub.add_parser("plot", help="PNGs from benchmarks/results/*.csv")
+    pl.add_argument("figures", nargs="*", help=f"which ({', '.join(PLOTS)}); default all")
+    pl.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    pl.add_argument("--out", default=str(REPO / "plots"))
+    pl.set_defaults(func=plot)
     return p
 
 

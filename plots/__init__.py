@@ -1,0 +1,1 @@
+"""matplotlib figures made from benchmarks/results/*.csv alone."""
