@@ -1,0 +1,43 @@
+"""Markdown tables of the headline ratios, from the CSVs alone (pasted into the README).
+
+    python -m plots.headlines
+"""
+
+from __future__ import annotations
+
+from plots.common import RESULTS, load, pick
+
+
+def _grid(rows, metric, provider, op=None, tokens=None) -> list[str]:
+    rows = pick(rows, metric=metric, provider=provider, **({"op": op} if op else {}))
+    tokens = tokens or max(r["tokens"] for r in rows)
+    rows = [r for r in rows if r["tokens"] == tokens and r["pattern"] == "fragmented"]
+    shapes = sorted({r["shape"] for r in rows})
+    sizes = sorted({r["page_size"] for r in rows})
+    out = ["| shape | " + " | ".join(f"page_size {p}" for p in sizes) + " |",
+           "| --- |" + " --- |" * len(sizes)]
+    for s in shapes:
+        cells = [f"{pick(rows, shape=s, page_size=p)[0]['p50']:.2f}" for p in sizes]
+        out.append(f"| {s} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main() -> None:
+    k = load(RESULTS / "kernels.csv")
+    for op in ("pack", "unpack"):
+        print(f"Kernels, {op} (torch path), fragmented, "
+              f"{max(r['tokens'] for r in k)} tokens: bandwidth / same-run copy\n")
+        print("\n".join(_grid(k, "ratio_to_copy", "cpkv-torch", op)) + "\n")
+    t = load(RESULTS / "transfer.csv")
+    print(f"Transfer, packed end to end / raw one-descriptor write (throughput), "
+          f"{max(r['tokens'] for r in t)} tokens\n")
+    print("\n".join(_grid(t, "throughput_vs_raw", "cpkv-packed")) + "\n")
+    c = pick(load(RESULTS / "cp.csv"), metric="time_vs_allgather")
+    print("CP gather + reorganize / bare all-gather (2 ranks, gloo)\n")
+    print("| shape | tokens | ratio |\n| --- | --- | --- |")
+    for r in sorted(c, key=lambda r: (r["shape"], r["tokens"])):
+        print(f"| {r['shape']} | {r['tokens']} | {r['p50']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
