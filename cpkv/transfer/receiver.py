@@ -64,6 +64,7 @@ class KVReceiver(Endpoint):
         control.put(control.key("recv"), {"session": self.engine.session_id,
                                           "geometry": self.geometry})
         self._requests: dict[int, _Request] = {}
+        self._busy = torch.zeros(cache.num_pages, dtype=torch.bool, device=cache.device)
         self.setup_error = self._check_senders()
 
     def _check_senders(self) -> str | None:
@@ -90,8 +91,14 @@ class KVReceiver(Endpoint):
             raise ValueError(f"request {request_id} is already expected")
         check_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
         num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        if page_ids.numel() and bool(self._busy[page_ids.long()].any()):
+            others = [r for r, q in self._requests.items() if not q.cell.done and bool(
+                torch.isin(q.page_ids, page_ids).any())]
+            raise ValueError(f"page_ids: some pages are still receiving request(s) {others}; "
+                             f"two requests in flight must not share decode pages")
         req = _Request(page_ids, num_tokens, time.monotonic() + self.timeout)
         self._requests[request_id] = req
+        self._busy[page_ids.long()] = True
         if self.setup_error:
             return self._fail(request_id, req, self.setup_error)
         try:
@@ -127,6 +134,7 @@ class KVReceiver(Endpoint):
             if req.slot.tensor.is_cuda:  # Success means the pool holds the bytes
                 torch.cuda.current_stream(req.slot.tensor.device).synchronize()
             req.slot.release()
+            self._busy[req.page_ids.long()] = False
             req.cell.update(KVStatus.Success)
             self._publish(request_id, req)
         elif time.monotonic() > req.deadline:
@@ -161,6 +169,7 @@ class KVReceiver(Endpoint):
 
     def _fail(self, request_id: int, req: _Request, reason: str) -> KVStatus:
         req.cell.fail(reason)
+        self._busy[req.page_ids.long()] = False
         if req.slot is not None:
             req.slot.release()
         try:

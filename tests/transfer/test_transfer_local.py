@@ -223,3 +223,17 @@ def test_send_rejects_bad_arguments(rig):
         KVSender(src, rogue(rig), rank=ParallelRank(cp=2), cp_size=2, engine=rig[0],
                  arena=rig[1])
     s.close()
+
+
+def test_requests_in_flight_may_not_share_decode_pages(rig):
+    src, dst = caches()
+    ns, senders, recv = group(src, dst, rig)
+    recv.expect(1, torch.tensor([3, 4, 5]), num_tokens=12)
+    with pytest.raises(ValueError, match=r"still receiving request\(s\) \[1\]"):
+        recv.expect(2, torch.tensor([7, 5]), num_tokens=8)
+    recv.expect(3, torch.tensor([7, 8]), num_tokens=8)  # disjoint: fine
+    for s in senders:
+        s.send(1, torch.tensor([0, 1, 2]), num_tokens=12)
+    assert wait_all([(recv, 1)]) == [KVStatus.Success]
+    recv.expect(2, torch.tensor([5, 6]), num_tokens=8)  # request 1 finished: its pages are free
+    close_all(senders, recv)

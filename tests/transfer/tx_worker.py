@@ -31,13 +31,18 @@ def scenarios():
 
 
 def requests(ps):
-    """request id -> (prefill ids, decode ids, tokens): partial last pages, fragmented ids."""
+    """request id -> (prefill ids, decode ids, tokens): partial last pages, fragmented ids.
+
+    Requests in flight together own disjoint decode pages (the receiver refuses overlaps);
+    prefill pages may be shared (they are only read)."""
     g = torch.Generator().manual_seed(ps)
-    out = {}
+    decode_perm = torch.randperm(20, generator=g)
+    out, used = {}, 0
     for rid, n_pages in ((11, 8), (12, 3), (13, 5)):
         n = n_pages * ps - (ps // 3)
         out[rid] = (torch.randperm(20, generator=g)[:n_pages],
-                    torch.randperm(20, generator=g)[:n_pages], n)
+                    decode_perm[used:used + n_pages], n)
+        used += n_pages
     return out
 
 
