@@ -26,7 +26,6 @@ from cpkv.transfer import (
     KVReceiver,
     KVSender,
     KVStatus,
-    ParallelRank,
     TransferEngine,
 )
 
@@ -48,7 +47,7 @@ class Pair:
     def endpoints(self, src, dst, name):
         ns = self.server.scoped(name)
         sender = KVSender(src, ns, engine=self.engines[0], arena=self.arenas[0], timeout=60)
-        recv = KVReceiver(dst, ns, senders=[ParallelRank()], engine=self.engines[1],
+        recv = KVReceiver(dst, ns, engine=self.engines[1],
                           arena=self.arenas[1], timeout=60)
         return sender, recv
 

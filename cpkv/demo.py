@@ -150,14 +150,14 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
 def _decode(cfg: DemoConfig, store_port: int, q) -> None:
     from .kernels import pack_pages
     from .staging import StagingArena
-    from .transfer import ControlPlane, KVReceiver, KVStatus, ParallelRank, TransferEngine
+    from .transfer import ControlPlane, KVReceiver, KVStatus, TransferEngine
 
     control = ControlPlane(port=store_port, namespace="demo", timeout=120)
     cache = _pool(cfg)
     bpt = cache.packed_nbytes(1)
     engine = TransferEngine("127.0.0.1", cfg.protocol)
     arena = StagingArena(2 * cfg.tokens * bpt + (1 << 20), device=cfg.device)
-    recv = KVReceiver(cache, control, senders=[ParallelRank(cp=r) for r in range(cfg.cp)],
+    recv = KVReceiver(cache, control, cp_size=cfg.cp,
                       engine=engine, arena=arena, timeout=120)
     if recv.setup_error:
         raise RuntimeError(recv.setup_error)

@@ -104,16 +104,20 @@ class ParallelRank:
 
 
 def geometry(cache) -> dict:
-    """What both sides must agree on before any byte moves (packed format version included)."""
+    """A pool's geometry as exchanged: what must match on both sides (format version, page
+    size, per-component head_dim and dtype) and the local head and layer counts, which the
+    routes must fit."""
     fmt = cache.packed_format(1).to_dict()
     return {"version": fmt["version"], "page_size": cache.page_size,
-            "num_layers": cache.num_layers, "num_heads": cache.num_heads,
-            "components": fmt["components"]}
+            "components": [[name, head_dim, dtype] for name, _, head_dim, dtype
+                           in fmt["components"]],
+            "num_heads": cache.num_heads, "num_layers": cache.num_layers,
+            "layout": cache.layout}
 
 
 def check_geometry(mine: dict, theirs: dict, who: str) -> None:
-    """Raise ValueError naming the first field where ``theirs`` differs from ``mine``."""
-    for field in ("version", "page_size", "num_layers", "num_heads", "components"):
+    """Raise ValueError naming the first shared field where ``theirs`` differs from ``mine``."""
+    for field in ("version", "page_size", "components"):
         if mine.get(field) != theirs.get(field):
             raise ValueError(f"geometry mismatch with {who}: {field} is {mine.get(field)} here, "
                              f"{theirs.get(field)} there")

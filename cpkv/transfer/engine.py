@@ -69,24 +69,37 @@ class TransferEngine:
             raise TransferError("initialize", rc, hostname)
         self.hostname, self.protocol = hostname, protocol
         self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
-        self._registered: dict[int, int] = {}  # address -> length
+        self._registered: dict[int, list[int]] = {}  # address -> [length, references]
         self.closed = False
 
     def register(self, buffer: torch.Tensor) -> int:
         """Register a contiguous buffer for remote access; returns its address."""
-        self._check_open()
         if not buffer.is_contiguous():
             raise ValueError("buffer: expected a contiguous tensor")
-        addr, length = buffer.data_ptr(), buffer.numel() * buffer.element_size()
-        location = "cpu" if buffer.device.type == "cpu" else f"cuda:{buffer.device.index or 0}"
+        return self.register_range(buffer.data_ptr(), buffer.numel() * buffer.element_size(),
+                                   buffer.device)
+
+    def register_range(self, addr: int, length: int, device: torch.device) -> int:
+        """Register ``length`` bytes at ``addr`` (e.g. a tensor's whole storage). Registering
+        again counts a reference; each `unregister` drops one, the last one unregisters."""
+        self._check_open()
+        if addr in self._registered:
+            self._registered[addr][1] += 1
+            return addr
+        location = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
         rc = self._engine.register_memory(addr, length, location)
         if rc != 0:
             raise TransferError("register_memory", rc, detail=f"{length} bytes at {addr:#x}")
-        self._registered[addr] = length
+        self._registered[addr] = [length, 1]
         return addr
 
     def unregister(self, addr: int) -> None:
-        if self._registered.pop(addr, None) is not None:
+        entry = self._registered.get(addr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._registered[addr]
             rc = self._engine.unregister_memory(addr)
             if rc != 0:
                 raise TransferError("unregister_memory", rc, detail=f"address {addr:#x}")
@@ -155,6 +168,7 @@ class TransferEngine:
             return
         errors = []
         for addr in list(self._registered):
+            self._registered[addr][1] = 1  # closing: whatever holds a reference is done
             try:
                 self.unregister(addr)
             except TransferError as e:

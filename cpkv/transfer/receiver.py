@@ -1,11 +1,14 @@
 """KVReceiver: a decode rank that receives a request's pages from every expected prefill sender.
 
-Per request: allocate a staging slot, publish where senders may write (only the staging arena is
-registered for remote writes, never the KV pool), then poll notifications without blocking.
-Each notification is checked — expected sender, in order, a token range inside the request that
-no earlier notification covered, and exactly the bytes that range packs to — and any violation
-fails the request. Only when every expected sender has sent its last chunk are the segments
-unpacked into the pool; a failure or timeout releases the slot and leaves the pool untouched.
+Per request: allocate a staging slot (one region per route), publish where senders may write,
+then poll notifications without blocking. In packed mode only the staging arena is registered
+for remote writes, never the KV pool; direct mode (the baseline, opt-in with ``direct=True``)
+registers the pool too. Each notification is checked — an expected sender, in order, a token
+range inside the request that no earlier notification of its route covered, and exactly the
+bytes that range moves — and any violation fails the request. Only when every expected sender
+has sent its last chunk, and every route's tokens all arrived, are the packed segments unpacked
+into the pool; a failure or timeout releases the slot and leaves the pool untouched (direct
+writes excepted: they land in the request's pages as they come).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 from .._checks import check_num_tokens, check_page_ids
 from ..kernels import unpack_pages
 from ..staging import ArenaFullError, Slot, StagingArena
-from .control import ControlPlane, ControlTimeout, ParallelRank, check_geometry
+from .control import ControlPlane, ControlTimeout, check_geometry
+from .direct import direct_nbytes, pool_layout, whole_pages
 from .endpoint import Endpoint
 from .engine import TransferEngine
+from .mapping import Route
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVReceiver"]
@@ -32,37 +37,62 @@ class _Request:
     page_ids: torch.Tensor
     num_tokens: int
     deadline: float
+    regions: dict  # route key -> byte offset in the slot
     cell: StatusCell = field(default_factory=StatusCell)
     slot: Slot | None = None
-    next_note: dict = field(default_factory=dict)  # sender -> next notification index
+    next_note: dict = field(default_factory=dict)  # sender key -> next notification index
     finished: set = field(default_factory=set)  # senders whose last chunk arrived
-    segments: list = field(default_factory=list)  # (t0, t1, p0, p1)
-    metadata: dict = field(default_factory=dict)  # sender -> bytes
+    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, p0, p1, mode)]
+    metadata: dict = field(default_factory=dict)  # sender key -> bytes
 
 
 class KVReceiver(Endpoint):
-    """Receives requests from the prefill senders registered under ``senders``.
+    """Receives requests from the prefill senders of its routes.
 
     Args:
         cache: this decode rank's pool.
         control: the control plane (its namespace names this receiver).
-        senders: the prefill ranks that must register and report for every request.
+        cp_size: prefill CP ranks per route; every one of them reports for every request.
+        routes: what each prefill (tp, pp) source sends (`map_ranks(...)[(tp, pp)]` for this
+            rank); default one route carrying every head and layer from prefill (tp 0, pp 0).
+        dp: the prefill DP rank whose senders this receiver expects.
+        direct: also accept direct writes into the pool (registers the pool for remote
+            access; the baseline, off by default).
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds to wait for registrations, and per request for every sender.
     """
 
-    def __init__(self, cache, control: ControlPlane, *, senders: list[ParallelRank],
+    def __init__(self, cache, control: ControlPlane, *, cp_size: int = 1,
+                 routes: list[Route] | None = None, dp: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
                  arena_bytes: int = 64 << 20, timeout: float = 30.0):
-        if not senders:
-            raise ValueError("senders: expected at least one prefill rank, got none")
-        ids = [s.cp for s in senders]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"senders: expected distinct sender (cp) ids, got {ids}")
-        self.senders = {s.cp: s for s in senders}
+        heads, layers = range(cache.num_heads), range(cache.num_layers)
+        routes = routes if routes is not None else [Route(0, 0, heads, heads, layers, layers)]
+        if not routes:
+            raise ValueError("routes: expected at least one route, got none")
+        if len({r.key for r in routes}) != len(routes):
+            raise ValueError(f"routes: expected one route per prefill (tp, pp), got "
+                             f"{[r.key for r in routes]}")
+        for r in routes:
+            if r.dst_heads.stop > cache.num_heads or r.dst_layers.stop > cache.num_layers or \
+                    len(r.src_heads) != len(r.dst_heads) or \
+                    len(r.src_layers) != len(r.dst_layers):
+                raise ValueError(f"route {r.key}: heads {r.src_heads}->{r.dst_heads}, layers "
+                                 f"{r.src_layers}->{r.dst_layers} do not fit this pool "
+                                 f"({cache.num_heads} heads, {cache.num_layers} layers)")
+        if not isinstance(cp_size, int) or cp_size < 1:
+            raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
         super().__init__(cache, control, engine, arena, arena_bytes, timeout)
-        control.put(control.key("recv"), {"session": self.engine.session_id,
-                                          "geometry": self.geometry})
+        self.routes = {r.key: r for r in routes}
+        self.senders = {s.key: r.key for r in routes for s in r.senders(cp_size, dp)}
+        self.route_bpt = {r.key: self.route_bytes_per_token(r) for r in routes}
+        self._sender_heads: dict[str, int] = {}
+        info = {"session": self.engine.session_id, "geometry": self.geometry, "pool": None}
+        if direct:
+            self.register_pool()
+            info["pool"] = pool_layout(cache)
+        control.put(control.key("recv"), info)
+        self.direct = direct
         self._requests: dict[int, _Request] = {}
         self._busy = torch.zeros(cache.num_pages, dtype=torch.bool, device=cache.device)
         self.setup_error = self._check_senders()
@@ -70,12 +100,20 @@ class KVReceiver(Endpoint):
     def _check_senders(self) -> str | None:
         """Wait for every expected registration; a mismatch fails every request up front."""
         try:
-            for s in self.senders.values():
-                reg = self.control.wait_get(self.control.key("reg", s.key), self.timeout)
-                check_geometry(self.geometry, reg["geometry"], f"sender {s}")
-                claims = int(self.control.store.add(self.control.key("reg", s.key, "claims"), 0))
+            for key, route_key in self.senders.items():
+                reg = self.control.wait_get(self.control.key("reg", key), self.timeout)
+                g = reg["geometry"]
+                check_geometry(self.geometry, g, f"sender {key}")
+                route = self.routes[route_key]
+                if route.src_heads.stop > g["num_heads"] or \
+                        route.src_layers.stop > g["num_layers"]:
+                    raise ValueError(f"sender {key} holds {g['num_heads']} heads and "
+                                     f"{g['num_layers']} layers; route {route_key} needs heads "
+                                     f"{route.src_heads} and layers {route.src_layers}")
+                self._sender_heads[key] = g["num_heads"]
+                claims = int(self.control.store.add(self.control.key("reg", key, "claims"), 0))
                 if claims != 1:
-                    raise ValueError(f"duplicate sender id: {claims} senders claim {s}")
+                    raise ValueError(f"duplicate sender id: {claims} senders claim {key}")
         except (ValueError, ControlTimeout) as e:
             return str(e)
         return None
@@ -96,19 +134,24 @@ class KVReceiver(Endpoint):
                 torch.isin(q.page_ids, page_ids).any())]
             raise ValueError(f"page_ids: some pages are still receiving request(s) {others}; "
                              f"two requests in flight must not share decode pages")
-        req = _Request(page_ids, num_tokens, time.monotonic() + self.timeout)
+        regions, pos = {}, 0
+        for key, bpt in self.route_bpt.items():
+            regions[key] = pos
+            pos += num_tokens * bpt
+        req = _Request(page_ids, num_tokens, time.monotonic() + self.timeout, regions)
         self._requests[request_id] = req
         self._busy[page_ids.long()] = True
         if self.setup_error:
             return self._fail(request_id, req, self.setup_error)
         try:
-            req.slot = self.arena.alloc(num_tokens * self.bytes_per_token)
+            req.slot = self.arena.alloc(pos)
         except ArenaFullError as e:
             return self._fail(request_id, req, str(e))
-        self.control.put(self.control.key("req", request_id, "dest"), {
-            "addr": self.arena_addr + req.slot.offset, "nbytes": req.slot.nbytes,
-            "num_tokens": num_tokens, "num_pages": page_ids.numel(),
-            "senders": sorted(self.senders)})
+        dest = {"addr": self.arena_addr + req.slot.offset, "nbytes": req.slot.nbytes,
+                "regions": regions, "num_tokens": num_tokens, "num_pages": page_ids.numel()}
+        if self.direct:
+            dest["page_ids"] = page_ids.tolist()
+        self.control.put(self.control.key("req", request_id, "dest"), dest)
         req.cell.update(KVStatus.WaitingForInput)
 
     def poll(self, request_id: int) -> KVStatus:
@@ -123,16 +166,12 @@ class KVReceiver(Endpoint):
         except (ValueError, TypeError, KeyError) as e:
             return self._fail(request_id, req, f"refused notification: {e}")
         if len(req.finished) == len(self.senders):
-            received = sum(t1 - t0 for t0, t1, _, _ in req.segments)
-            if received != req.num_tokens:
-                return self._fail(request_id, req, f"every sender finished but only {received} "
-                                  f"of {req.num_tokens} tokens arrived")
-            for t0, t1, p0, p1 in req.segments:
-                bpt = self.bytes_per_token
-                unpack_pages(req.slot.tensor[t0 * bpt:t1 * bpt], self.cache,
-                             req.page_ids[p0:p1], num_tokens=t1 - t0)
-            if req.slot.tensor.is_cuda:  # Success means the pool holds the bytes
-                torch.cuda.current_stream(req.slot.tensor.device).synchronize()
+            for key in self.routes:
+                got = sum(s[1] - s[0] for s in req.segments.get(key, []))
+                if got != req.num_tokens:
+                    return self._fail(request_id, req, f"every sender finished but only {got} "
+                                      f"of {req.num_tokens} tokens of route {key} arrived")
+            self._unpack(req)
             req.slot.release()
             self._busy[req.page_ids.long()] = False
             req.cell.update(KVStatus.Success)
@@ -147,7 +186,7 @@ class KVReceiver(Endpoint):
         return self._requests[request_id].cell.reason
 
     def metadata(self, request_id: int) -> bytes | None:
-        """The blob a sender attached to its last chunk (lowest sender id wins)."""
+        """The blob a sender attached to its last chunk (lowest sender key wins)."""
         meta = self._requests[request_id].metadata
         return meta[min(meta)] if meta else None
 
@@ -158,7 +197,8 @@ class KVReceiver(Endpoint):
             req.slot.release()
 
     def close(self) -> None:
-        """Fail open requests, release their slots and owned engine/arena. Idempotent."""
+        """Fail open requests, release their slots, the pool registration and owned engine and
+        arena. Idempotent."""
         for rid, req in list(self._requests.items()):
             if not req.cell.done:
                 self._fail(rid, req, "the receiver was closed")
@@ -166,6 +206,18 @@ class KVReceiver(Endpoint):
         self._release_owned()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _unpack(self, req: _Request) -> None:
+        base = req.slot.tensor
+        for key, segments in req.segments.items():
+            route, bpt, off = self.routes[key], self.route_bpt[key], req.regions[key]
+            for t0, t1, p0, p1, mode in segments:
+                if mode == "packed":
+                    unpack_pages(base[off + t0 * bpt:off + t1 * bpt], self.cache,
+                                 req.page_ids[p0:p1], num_tokens=t1 - t0,
+                                 heads=route.dst_heads, layers=route.dst_layers)
+        if base.is_cuda:  # Success means the pool holds the bytes
+            torch.cuda.current_stream(base.device).synchronize()
 
     def _fail(self, request_id: int, req: _Request, reason: str) -> KVStatus:
         req.cell.fail(reason)
@@ -196,10 +248,11 @@ class KVReceiver(Endpoint):
                 req.next_note[sender] = k + 1
                 req.cell.update(KVStatus.Transferring)
 
-    def _accept(self, rid: int, req: _Request, sender: int, note: dict) -> None:
+    def _accept(self, rid: int, req: _Request, sender: str, note: dict) -> None:
         """Check one notification against the request; record its segment."""
         ps, n = self.cache.page_size, req.num_tokens
         (p0, p1), (t0, t1), nbytes = note["pages"], note["tokens"], note["nbytes"]
+        mode = note.get("mode", "packed")
         for v in (p0, p1, t0, t1, nbytes):
             if not isinstance(v, int):
                 raise TypeError(f"sender {sender}: non-integer field {v!r}")
@@ -207,16 +260,25 @@ class KVReceiver(Endpoint):
                 and t1 == min(p1 * ps, n)):
             raise ValueError(f"sender {sender}: pages [{p0}, {p1}) / tokens [{t0}, {t1}) lie "
                              f"outside request {rid} ({req.page_ids.numel()} pages, {n} tokens)")
-        want = (t1 - t0) * self.bytes_per_token
+        key = self.senders[sender]
+        route, bpt = self.routes[key], self.route_bpt[key]
+        if mode == "packed":
+            want = (t1 - t0) * bpt
+        elif mode == "direct" and self.direct:
+            full = whole_pages(self._sender_heads[sender], self.cache.num_heads, route)
+            want = direct_nbytes(bpt, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
+        else:
+            raise ValueError(f"sender {sender}: mode {mode!r} is not accepted here")
         if nbytes != want:
-            raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) pack to {want} bytes, the "
-                             f"notification says {nbytes}")
-        for a, b, _, _ in req.segments:
+            raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) {mode} move {want} bytes, "
+                             f"the notification says {nbytes}")
+        segments = req.segments.setdefault(key, [])
+        for a, b, *_ in segments:
             if t0 < b and a < t1:
                 raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) were already received "
                                  f"([{a}, {b}))")
         if t1 > t0:
-            req.segments.append((t0, t1, p0, p1))
+            segments.append((t0, t1, p0, p1, mode))
         if note.get("metadata"):
             req.metadata[sender] = base64.b64decode(note["metadata"])
         if note["last"]:

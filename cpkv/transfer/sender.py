@@ -1,11 +1,17 @@
-"""KVSender: a prefill rank that packs its share of a request's pages and writes it once.
+"""KVSender: a prefill rank that ships its share of a request's pages to one decode rank.
 
 Per send (one prefill chunk): wait for the receiver's destination, intersect the chunk with this
-rank's share under the sender policy, pack those pages into a local staging slot, write the slot
-with one Mooncake transfer to ``dest + token_start * bytes_per_token`` (the packed format is
-linear in tokens, so shares tile the receiver's slot), then notify. A rank whose share is empty
-still notifies (zero bytes), so the receiver can count every expected sender. Sends run on a
-background thread; ``poll`` never blocks.
+rank's page share under the sender policy, then either
+
+* packed: pack the share (the route's heads and layers) into a local staging slot, layer group
+  by layer group, writing each group while packing the next, to
+  ``dest + region(route) + token_start * bytes_per_token`` (the packed format is linear in
+  tokens, so CP shares tile the route's region without coordination); or
+* direct: one descriptor per contiguous page run (or per token, for a head slice) straight
+  into the receiver's pool, where the receiver allows it;
+
+then notify. A rank whose share is empty still notifies (zero bytes), so the receiver can count
+every expected sender. Sends run on a background thread; ``poll`` never blocks.
 """
 
 from __future__ import annotations
@@ -21,13 +27,17 @@ from ..cp.partition import SenderPolicy, senders_for
 from ..kernels import pack_pages
 from ..staging import StagingArena
 from .control import ControlPlane, ParallelRank, check_geometry
+from .direct import contiguous_runs, direct_segments, whole_pages
 from .endpoint import Endpoint
 from .engine import TransferEngine
+from .mapping import Route
+from .policy import CostModel
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender"]
 
 PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
+MODES = ("packed", "direct", "auto")
 
 
 class KVSender(Endpoint):
@@ -36,27 +46,47 @@ class KVSender(Endpoint):
     Args:
         cache: this rank's pool (after the CP all-gather it holds the whole sequence).
         control: the receiver's control plane.
-        rank: this rank's (dp, cp, tp, pp); its cp is the sender id.
-        cp_size: senders in the CP group (all of them notify).
+        rank: this rank's (dp, cp, tp, pp); its key is its sender id.
+        cp_size: CP ranks sending the same route (all of them notify).
         policy: "all" (disjoint page shares), "rank0", or "rotate" (one rank per request).
+        route: the heads and layers this rank sends to this receiver (`map_ranks`); default
+            every head and layer.
+        mode: "packed", "direct" (needs a receiver that allows it) or "auto" (the cost model
+            picks per request; packed where direct is not allowed).
+        cost: the cost model for "auto" (default: `CostModel.load()`).
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds to wait for the receiver and for staging space.
     """
 
     def __init__(self, cache, control: ControlPlane, *, rank: ParallelRank | None = None,
                  cp_size: int = 1, policy: SenderPolicy | str = "all",
-                 engine: TransferEngine | None = None, arena: StagingArena | None = None,
-                 arena_bytes: int = 64 << 20, timeout: float = 30.0):
+                 route: Route | None = None, mode: str = "packed",
+                 cost: CostModel | None = None, engine: TransferEngine | None = None,
+                 arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
+                 timeout: float = 30.0):
         self.rank = rank or ParallelRank()
         if not 0 <= self.rank.cp < cp_size:
             raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
-        self.cp_size, self.policy = cp_size, SenderPolicy(policy)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.route = route or Route(self.rank.tp, self.rank.pp, range(cache.num_heads),
+                                    range(cache.num_heads), range(cache.num_layers),
+                                    range(cache.num_layers))
+        if (self.route.src_heads.stop > cache.num_heads
+                or self.route.src_layers.stop > cache.num_layers):
+            raise ValueError(f"route: heads {self.route.src_heads} / layers "
+                             f"{self.route.src_layers} exceed this pool's {cache.num_heads} "
+                             f"heads / {cache.num_layers} layers")
+        self.cp_size, self.policy, self.mode = cp_size, SenderPolicy(policy), mode
+        self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
         super().__init__(cache, control, engine, arena, arena_bytes, timeout)
+        self.bytes_per_token = self.route_bytes_per_token(self.route)
+        if mode != "packed":
+            self.register_pool()
         reg = control.key("reg", self.rank.key)
         if control.store.add(reg + "/claims", 1) != 1:
             raise ValueError(f"duplicate sender id: {self.rank} is already registered")
-        control.put(reg, {"session": self.engine.session_id, "sender": self.rank.cp,
-                          "geometry": self.geometry})
+        control.put(reg, {"session": self.engine.session_id, "geometry": self.geometry})
         self._receiver = None
         self._cells: dict[int, StatusCell] = {}
         self._notes: dict[int, int] = {}
@@ -148,7 +178,7 @@ class KVSender(Endpoint):
             except Exception as e:  # any failure fails this request, never the sender
                 cell.fail(f"{type(e).__name__}: {e}")
                 try:
-                    self.control.put(self.control.key("req", job[0], "fail", self.rank.cp),
+                    self.control.put(self.control.key("req", job[0], "fail", self.rank.key),
                                      cell.reason)
                 except Exception:
                     pass  # the control plane itself may be gone
@@ -165,26 +195,6 @@ class KVSender(Endpoint):
             self._receiver = info
         return self._receiver
 
-    def _pack_and_write(self, ids, n, staging, peer, dest_addr) -> None:
-        """Pack and write a segment of n tokens layer group by layer group, packing group g+1
-        while group g is on the wire (the segment is layer-major: group [l0, l1) is bytes
-        [l0, l1) x n x row_bytes of it, on both sides)."""
-        per_layer = n * self.bytes_per_token // self.cache.num_layers
-        step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
-        pending = []
-        try:
-            for l0 in range(0, self.cache.num_layers, step):
-                l1 = min(l0 + step, self.cache.num_layers)
-                part = staging[l0 * per_layer:l1 * per_layer]
-                pack_pages(self.cache, ids, num_tokens=n, layers=(l0, l1), out=part)
-                if part.is_cuda:  # the engine reads the bytes: the pack must have finished
-                    torch.cuda.current_stream(part.device).synchronize()
-                pending.append(self.engine.submit(peer, [(part.data_ptr(),
-                                                          dest_addr + l0 * per_layer,
-                                                          part.numel())]))
-        finally:
-            self.engine.wait(*pending)  # never release a slot the engine still reads
-
     def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, cell) -> None:
         recv = self._receiver_info()
         dest = self.control.wait_get(self.control.key("req", rid, "dest"), self.timeout,
@@ -193,22 +203,77 @@ class KVSender(Endpoint):
             raise ValueError(f"request {rid}: the receiver expects {dest['num_tokens']} tokens in "
                              f"{dest['num_pages']} pages, this sender has {num_tokens} in "
                              f"{page_ids.numel()}")
+        if self.route.key not in dest["regions"]:
+            raise ValueError(f"request {rid}: the receiver expects no route {self.route.key}")
         cell.update(KVStatus.Transferring)
         share = senders_for(self.policy, page_ids.numel(), self.cp_size, self.rank.cp, rid)
         p0 = max(share.start, chunk[0])
         p1 = max(p0, min(share.stop, chunk[1]))
         ps = self.cache.page_size
-        t0, t1 = min(p0 * ps, num_tokens), min(p1 * ps, num_tokens)
-        nbytes = (t1 - t0) * self.bytes_per_token
-        if nbytes:
-            with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
-                self._pack_and_write(page_ids[p0:p1], t1 - t0, slot.tensor, recv["session"],
-                                     dest["addr"] + t0 * self.bytes_per_token)
+        pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
+        mode = self._choose_mode(recv, dest, page_ids, pages, tokens)
+        if mode == "direct" and len(tokens):
+            segments = direct_segments(self.cache, page_ids, recv["pool"],
+                                       recv["geometry"]["num_heads"], dest["page_ids"], pages,
+                                       tokens, self.route)
+            self.engine.write(recv["session"], segments)
+            nbytes = sum(s[2] for s in segments)
+        else:
+            nbytes = len(tokens) * self.bytes_per_token
+            if nbytes:
+                with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
+                    self._pack_and_write(page_ids[p0:p1], len(tokens), slot.tensor,
+                                         recv["session"], dest["addr"]
+                                         + dest["regions"][self.route.key]
+                                         + tokens.start * self.bytes_per_token)
         with self._lock:
             k = self._notes.get(rid, 0)
             self._notes[rid] = k + 1
-        note = {"pages": [p0, p1], "tokens": [t0, t1], "nbytes": nbytes, "last": bool(last),
+        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop], "nbytes": nbytes,
+                "mode": mode, "last": bool(last),
                 "metadata": base64.b64encode(metadata).decode() if metadata else None}
-        self.control.put(self.control.key("req", rid, "note", self.rank.cp, k), note)
+        self.control.put(self.control.key("req", rid, "note", self.rank.key, k), note)
         if last:
             cell.update(KVStatus.Success)
+
+    def _choose_mode(self, recv, dest, page_ids, pages, tokens) -> str:
+        if self.mode == "packed":
+            return "packed"
+        allowed = recv.get("pool") is not None and recv["geometry"]["layout"] == self.cache.layout
+        if self.mode == "direct":
+            if not allowed:
+                raise ValueError("direct mode: the receiver does not accept direct writes "
+                                 "(start it with direct=True, same layout and page size)")
+            return "direct"
+        if not allowed or not len(tokens):
+            return "packed"
+        n_blocks = len(self.route.src_layers) * len(self.cache.components)
+        if whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route):
+            runs = contiguous_runs(page_ids[pages.start:pages.stop],
+                                   dest["page_ids"][pages.start:pages.stop])
+            descriptors = len(runs) * n_blocks
+        else:
+            descriptors = len(tokens) * n_blocks
+        return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
+
+    def _pack_and_write(self, ids, n, staging, peer, dest_addr) -> None:
+        """Pack and write a segment of n tokens layer group by layer group, packing group g+1
+        while group g is on the wire (the segment is layer-major: group [l0, l1) of the route is
+        bytes [l0, l1) x n x row_bytes of it, on both sides)."""
+        layers, heads = self.route.src_layers, self.route.src_heads
+        per_layer = n * self.bytes_per_token // len(layers)
+        step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
+        pending = []
+        try:
+            for l0 in range(0, len(layers), step):
+                l1 = min(l0 + step, len(layers))
+                part = staging[l0 * per_layer:l1 * per_layer]
+                pack_pages(self.cache, ids, num_tokens=n, heads=heads,
+                           layers=(layers.start + l0, layers.start + l1), out=part)
+                if part.is_cuda:  # the engine reads the bytes: the pack must have finished
+                    torch.cuda.current_stream(part.device).synchronize()
+                pending.append(self.engine.submit(peer, [(part.data_ptr(),
+                                                          dest_addr + l0 * per_layer,
+                                                          part.numel())]))
+        finally:
+            self.engine.wait(*pending)  # never release a slot the engine still reads

@@ -136,20 +136,20 @@ def rogue(rig):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("oversize", "pack to 12288 bytes, the notification says 1000000"),
+    ("oversize", "packed move 12288 bytes, the notification says 1000000"),
     ("duplicate", "tokens [0, 4) were already received"),
     ("outside", "lie outside request 3"),
-    ("short", "every sender finished but only 4 of 8 tokens arrived"),
+    ("short", "every sender finished but only 4 of 8 tokens of route tp0.pp0 arrived"),
 ])
 def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig):
     """A sender that lies: the receiver refuses, fails the request, releases the slot."""
     _, dst = caches()
     client = rogue(rig)
-    client.put(client.key("reg", ParallelRank(cp=0).key), {"session": "x", "sender": 0,
+    client.put(client.key("reg", ParallelRank(cp=0).key), {"session": "x",
                                                            "geometry": geometry(dst)})
     client.store.add(client.key("reg", ParallelRank(cp=0).key, "claims"), 1)
     recv = KVReceiver(dst, client,
-                      senders=[ParallelRank(cp=0)], timeout=5,
+                      cp_size=1, timeout=5,
                       engine=rig[0], arena=rig[2])
     before = snapshot(dst)
     recv.expect(3, torch.tensor([4, 5]), num_tokens=8)
@@ -162,7 +162,8 @@ def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig
         "short": [dict(pages=[0, 1], tokens=[0, 4], nbytes=4 * bpt, last=True)],
     }[case]
     for k, note in enumerate(notes):
-        client.put(client.key("req", 3, "note", 0, k), {**note, "metadata": None})
+        client.put(client.key("req", 3, "note", ParallelRank().key, k),
+                   {**note, "metadata": None})
     assert wait_all([(recv, 3)]) == [KVStatus.Failed]
     assert message in recv.reason(3), recv.reason(3)
     assert recv.arena.live_slots == []
@@ -189,7 +190,7 @@ def test_receiver_times_out_when_a_sender_never_reports(rig):
     recv.expect(4, torch.tensor([1, 2]), num_tokens=8)
     senders[0].send(4, torch.tensor([5, 6]), num_tokens=8)  # rank 1 stays silent
     assert wait_all([(recv, 4)]) == [KVStatus.Failed]
-    assert "timed out after 1.5 s waiting for senders [1]" in recv.reason(4)
+    assert "timed out after 1.5 s waiting for senders ['dp0.cp1.tp0.pp0']" in recv.reason(4)
     assert recv.arena.live_slots == []
     assert_cache_equals(dst, before)
     wait_all([(senders[0], 4)])

@@ -87,7 +87,7 @@ def decode(control, engine, arena, sc, timeout=20.0):
     heads = range(dst.num_heads)
     for s_ids, d_ids, n in reqs.values():
         want = oracle_unpack(src, s_ids, dst, d_ids, n, range(3), heads, range(3), heads, want)
-    with KVReceiver(dst, control, senders=[ParallelRank(cp=r) for r in range(CP)],
+    with KVReceiver(dst, control, cp_size=CP,
                     engine=engine, arena=arena, timeout=timeout) as recv:
         assert recv.setup_error is None, recv.setup_error
         for rid, (_, d_ids, n) in reqs.items():
@@ -144,14 +144,14 @@ def sender_dies(rank, control, engine, arena, dst, timeout):
             wait(sender, [11])
         return None
     before = snapshot(dst)
-    with KVReceiver(dst, control, senders=[ParallelRank(cp=r) for r in range(CP)],
+    with KVReceiver(dst, control, cp_size=CP,
                     engine=engine, arena=arena, timeout=timeout) as recv:
         assert recv.setup_error is None, recv.setup_error
         t0 = time.monotonic()
         recv.expect(11, d_ids, num_tokens=n)
         st = wait(recv, [11], timeout=timeout + 10)[11]
         elapsed = time.monotonic() - t0
-        assert st is KVStatus.Failed and "waiting for senders [1]" in recv.reason(11), (
+        assert st is KVStatus.Failed and "waiting for senders ['dp0.cp1" in recv.reason(11), (
             st, recv.reason(11))
         assert elapsed < timeout + 2, f"failed only after {elapsed:.1f} s"
         assert arena.live_slots == []
@@ -165,7 +165,7 @@ def receiver_dies(rank, control, engine, arena, timeout):
     src, dst = pools("mla", 16)
     s_ids, d_ids, n = requests(16)[12]
     if rank == CP:
-        recv = KVReceiver(dst, control, senders=[ParallelRank(cp=0)], engine=engine,
+        recv = KVReceiver(dst, control, cp_size=1, engine=engine,
                           arena=arena, timeout=timeout)
         recv.expect(12, d_ids, num_tokens=n)
         return "die"

@@ -33,7 +33,7 @@ def group(src, dst, rig, *, cp=2, policy="all", timeout=10.0):
 
     senders = [KVSender(src, client(), rank=ParallelRank(cp=r), cp_size=cp, policy=policy,
                         timeout=timeout, engine=engine, arena=send_arena) for r in range(cp)]
-    recv = KVReceiver(dst, client(), senders=[ParallelRank(cp=r) for r in range(cp)],
+    recv = KVReceiver(dst, client(), cp_size=cp,
                       timeout=timeout, engine=engine, arena=recv_arena)
     return namespace, senders, recv
 

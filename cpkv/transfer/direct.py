@@ -1,0 +1,105 @@
+"""The per-page "direct" baseline: no staging, one descriptor per contiguous run, written
+straight into the receiver's registered pool (SGLang semantics).
+
+Runs break wherever either side's page ids stop advancing by one. Whole pages move when a route
+carries every head on both sides (the last page whole too, as the baseline does); a head slice
+can only move token by token, which is exactly why it is slow. Direct mode needs the same
+page size and layout on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..layout import PagedKVCache
+from .mapping import Route
+
+__all__ = ["contiguous_runs", "direct_nbytes", "direct_segments", "pool_layout"]
+
+
+def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
+                    dst_ids: Sequence[int] | torch.Tensor) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) runs in which both id lists advance by one.
+
+    >>> contiguous_runs([4, 5, 6, 9, 10], [0, 1, 7, 8, 9])
+    [(4, 0, 2), (6, 7, 1), (9, 8, 2)]
+    """
+    src = src_ids.tolist() if isinstance(src_ids, torch.Tensor) else list(src_ids)
+    dst = dst_ids.tolist() if isinstance(dst_ids, torch.Tensor) else list(dst_ids)
+    if len(src) != len(dst):
+        raise ValueError(f"contiguous_runs: expected equally many ids, got {len(src)} and "
+                         f"{len(dst)}")
+    runs = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def pool_layout(cache: PagedKVCache) -> list[dict]:
+    """What a sender needs to address a receiver's pool: per (layer, component), the base
+    address and the (page, slot, head) byte strides of the NHD view, layer-major."""
+    out = []
+    for layer in range(cache.num_layers):
+        for spec in cache.components:
+            t = cache.nhd_view(spec.name, layer)
+            out.append({"addr": t.data_ptr(),
+                        "strides": [s * spec.itemsize for s in t.stride()[:3]]})
+    return out
+
+
+def whole_pages(cache_heads: int, remote_heads: int, route: Route) -> bool:
+    """Full heads on both sides: whole pages move (else token by token)."""
+    return len(route.src_heads) == cache_heads == len(route.dst_heads) == remote_heads
+
+
+def direct_nbytes(bytes_per_token: int, page_size: int, pages: range, tokens: range,
+                  full_pages: bool) -> int:
+    """Bytes a direct send of this share writes (what the receiver expects to hear)."""
+    return (len(pages) * page_size if full_pages else len(tokens)) * bytes_per_token
+
+
+def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dict],
+                    remote_heads: int, dst_ids: Sequence[int], pages: range, tokens: range,
+                    route: Route) -> list[tuple[int, int, int]]:
+    """(src_addr, dst_addr, nbytes) descriptors for one share of a request."""
+    ps, n_comp = cache.page_size, len(cache.components)
+    src_list = src_ids.tolist()
+    full = whole_pages(cache.num_heads, remote_heads, route)
+    segments = []
+    for sl, dl in zip(route.src_layers, route.dst_layers, strict=True):
+        for c, spec in enumerate(cache.components):
+            t = cache.nhd_view(spec.name, sl)
+            sp, ss, sh = (s * spec.itemsize for s in t.stride()[:3])
+            dst = remote[dl * n_comp + c]
+            dp, ds, dh = dst["strides"]
+            base_s, base_d = t.data_ptr(), dst["addr"]
+            head_bytes = spec.head_nbytes
+            if full:
+                page_bytes = ps * cache.num_heads * head_bytes
+                dense = sp == dp == page_bytes and ss == ds == cache.num_heads * head_bytes \
+                    and sh == dh == head_bytes
+                if dense:  # a run of pages is one contiguous block on both sides
+                    for s0, d0, n in contiguous_runs(src_list[pages.start:pages.stop],
+                                                     dst_ids[pages.start:pages.stop]):
+                        segments.append((base_s + s0 * sp, base_d + d0 * dp, n * page_bytes))
+                    continue
+                token_iter = range(pages.start * ps, pages.stop * ps)
+            else:
+                token_iter = tokens
+            n_heads = len(route.src_heads)
+            heads_dense = sh == head_bytes and dh == head_bytes
+            for tok in token_iter:
+                sp_id, dp_id, slot = src_list[tok // ps], dst_ids[tok // ps], tok % ps
+                s_addr = base_s + sp_id * sp + slot * ss + route.src_heads.start * sh
+                d_addr = base_d + dp_id * dp + slot * ds + route.dst_heads.start * dh
+                if heads_dense:
+                    segments.append((s_addr, d_addr, n_heads * head_bytes))
+                else:
+                    segments.extend((s_addr + h * sh, d_addr + h * dh, head_bytes)
+                                    for h in range(n_heads))
+    return segments
