@@ -3,7 +3,7 @@ control plane served by this (test) process. Ranks are spawned once per group.""
 
 import pytest
 from mp import spawn_group
-from tx_worker import CP, fault_rank, main_rank, scenarios
+from tx_worker import CP, fault_rank, hetero_rank, main_rank, scenarios
 
 from cpkv.transfer import ControlPlane
 
@@ -41,3 +41,13 @@ def test_sender_killed_receiver_fails_within_timeout(fault_results):
 
 def test_receiver_killed_sender_fails_within_timeout(fault_results):
     check(fault_results, "receiver-dies", [0])
+
+
+@pytest.fixture(scope="module")
+def hetero_results(server):
+    return spawn_group(hetero_rank, 5, timeout=240, port=server.port)
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+def test_tp2_cp2_prefill_to_tp1_decode_real_processes(hetero_results, mode):
+    check(hetero_results, f"hetero-{mode}", range(5))

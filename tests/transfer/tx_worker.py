@@ -207,3 +207,63 @@ def fault_rank(rank, world, port, out_path, timeout=3.0):
     finally:
         rec.save()
         os._exit(0)
+
+
+def hetero_rank(rank, world, port, out_path):
+    """Ranks 0-3: prefill tp = rank // 2, cp = rank % 2 (8 KV heads, 4 per rank); rank 4:
+    a tp 1 decode rank receiving both head halves, packed then direct."""
+    from cpkv.transfer.mapping import Layout, heads_of, map_ranks
+
+    rec = Recorder(out_path)
+    try:
+        control, engine, arena = _setup(port)
+        heads_total, ps = 8, 16
+        routes = map_ranks(Layout(tp=2, cp=2), Layout(tp=1), num_kv_heads=heads_total,
+                           num_layers=3)[(0, 0)]
+        src_full = make_cache(mha(num_heads=heads_total), num_layers=3, num_pages=20,
+                              page_size=ps, seed=9)
+        reqs = requests(ps)
+        for mode in ("packed", "direct"):
+            ns = control.scoped(f"hetero-{mode}")
+            if rank < 4:
+                tp, cp = divmod(rank, 2)
+                h = heads_of(tp, 2, heads_total)
+                local = make_cache(mha(num_heads=4), num_layers=3, num_pages=20, page_size=ps)
+                for name, layers in local.buffers.items():
+                    for i, t in enumerate(layers):
+                        t.copy_(src_full.layer(name, i)[:, :, h.start:h.stop])
+                route = next(r for r in routes if r.tp == tp)
+
+                def send(local=local, route=route, tp=tp, cp=cp, ns=ns, mode=mode):
+                    with KVSender(local, ns, rank=ParallelRank(cp=cp, tp=tp), cp_size=2,
+                                  route=route, mode=mode, engine=engine, arena=arena) as s:
+                        for rid, (s_ids, _, n) in reqs.items():
+                            s.send(rid, s_ids, num_tokens=n)
+                        st = wait(s, list(reqs))
+                        assert all(v is KVStatus.Success for v in st.values()), (
+                            st, [s.reason(r) for r in reqs])
+                rec.run(f"hetero-{mode}", send)
+            else:
+                def receive(ns=ns, mode=mode):
+                    dst = fill_sentinel(make_cache(mha(num_heads=heads_total), num_layers=3,
+                                                   num_pages=20, page_size=ps))
+                    want = snapshot(dst)
+                    hr = range(heads_total)
+                    for s_ids, d_ids, n in reqs.values():
+                        want = oracle_unpack(src_full, s_ids, dst, d_ids, n, range(3), hr,
+                                             range(3), hr, want)
+                    with KVReceiver(dst, ns, cp_size=2, routes=routes, direct=mode == "direct",
+                                    engine=engine, arena=arena) as recv:
+                        assert recv.setup_error is None, recv.setup_error
+                        for rid, (_, d_ids, n) in reqs.items():
+                            recv.expect(rid, d_ids, num_tokens=n)
+                        st = wait(recv, list(reqs))
+                        assert all(v is KVStatus.Success for v in st.values()), (
+                            st, [recv.reason(r) for r in reqs])
+                    assert_cache_equals(dst, want)
+                rec.run(f"hetero-{mode}", receive)
+    except Exception as e:
+        rec.results["rank-setup"] = f"{type(e).__name__}: {e}"
+    finally:
+        rec.save()
+        os._exit(0)

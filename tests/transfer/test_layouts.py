@@ -1,0 +1,191 @@
+"""Transfers across parallel layouts (heterogeneous TP, PP stages, MLA), packed and direct, with
+CP 2 on the prefill side: every decode pool equals a cell-by-cell expectation."""
+
+import itertools
+import uuid
+
+import pytest
+import torch
+from kvtest import as_bytes, assert_cache_equals, fill_sentinel, snapshot
+from txtest import wait_all
+
+from cpkv import ComponentSpec, PagedKVCache
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
+from cpkv.transfer.direct import contiguous_runs
+from cpkv.transfer.mapping import Layout, heads_of, layers_of, map_ranks
+from cpkv.transfer.policy import CostModel
+
+PS, TOKENS, LAYERS, HEAD_DIM, CP = 4, 22, 3, 16, 2
+
+
+def global_kv(kind, num_heads, seed=0):
+    """[layers, tokens, heads, dim] per component: the whole model's KV for one request."""
+    g = torch.Generator().manual_seed(seed)
+    names = ["latent"] if kind == "mla" else ["k", "v"]
+    out = {}
+    for n in names:
+        t = torch.empty(LAYERS, TOKENS, num_heads, HEAD_DIM, dtype=torch.bfloat16)
+        as_bytes(t).copy_(torch.randint(0, 256, as_bytes(t).shape, generator=g,
+                                        dtype=torch.uint8))
+        out[n] = t
+    return out
+
+
+def pool(kind, heads, layers, num_pages, layout="NHD"):
+    names = ["latent"] if kind == "mla" else ["k", "v"]
+    specs = [ComponentSpec(n, heads, HEAD_DIM, torch.bfloat16) for n in names]
+    return fill_sentinel(PagedKVCache.empty(specs, num_layers=layers, num_pages=num_pages,
+                                            page_size=PS, layout=layout))
+
+
+def write_tokens(cache, full, ids, heads: range, layers: range, want=None):
+    """Cell by cell: pool[ids[t // PS], t % PS, :, :] = full[layer, t, heads] for each layer."""
+    want = snapshot(cache) if want is None else want
+    for name in full:
+        for i, layer in enumerate(layers):
+            view = want[name][i]
+            if cache.layout == "HND":
+                view = view.transpose(1, 2)
+            for t in range(TOKENS):
+                view[int(ids[t // PS]), t % PS] = as_bytes(full[name][layer, t, heads.start:
+                                                                     heads.stop])
+    return want
+
+
+def run_layout(kind, num_heads, p: Layout, d: Layout, mode, rig, layout="NHD"):
+    engine, send_arena, recv_arena, control = rig
+    full = global_kv(kind, num_heads)
+    n_pages = -(-TOKENS // PS)
+    mapping = map_ranks(p, d, num_kv_heads=num_heads, num_layers=LAYERS, kind=kind)
+    src_ids = torch.randperm(2 * n_pages)[:n_pages]
+    # prefill pools: rank (tp, pp) holds its heads and layers, the same on each of its CP ranks
+    prefill = {}
+    for t, s in itertools.product(range(p.tp), range(p.pp)):
+        heads = range(num_heads) if kind == "mla" else heads_of(t, p.tp, num_heads)
+        layers = layers_of(s, p.pp, LAYERS)
+        cache = pool(kind, len(heads), len(layers), 2 * n_pages, layout)
+        want = write_tokens(cache, full, src_ids, heads, layers)
+        for name, ls in cache.buffers.items():
+            for i, buf in enumerate(ls):
+                as_bytes(buf).copy_(want[name][i])
+        prefill[(t, s)] = cache
+    senders, receivers, expected = [], [], []
+    for (dt, dq), routes in mapping.items():
+        heads = range(num_heads) if kind == "mla" else heads_of(dt, d.tp, num_heads)
+        layers = layers_of(dq, d.pp, LAYERS)
+        dst = pool(kind, len(heads), len(layers), 3 * n_pages, layout)
+        dst_ids = torch.randperm(3 * n_pages)[:n_pages]
+        expected.append((dst, write_tokens(dst, full, dst_ids, heads, layers)))
+        ns = control.scoped(uuid.uuid4().hex)
+        for r in routes:
+            for c in range(CP):
+                senders.append((KVSender(prefill[(r.tp, r.pp)], ns, rank=ParallelRank(
+                    cp=c, tp=r.tp, pp=r.pp), cp_size=CP, route=r, mode=mode, engine=engine,
+                    arena=send_arena, timeout=10), src_ids))
+        recv = KVReceiver(dst, ns, cp_size=CP, routes=routes, direct=mode != "packed",
+                          engine=engine, arena=recv_arena, timeout=10)
+        assert recv.setup_error is None, recv.setup_error
+        recv.expect(1, dst_ids, num_tokens=TOKENS)
+        receivers.append(recv)
+    for s, ids in senders:
+        s.send(1, ids, num_tokens=TOKENS)
+    statuses = wait_all([(r, 1) for r in receivers] + [(s, 1) for s, _ in senders])
+    reasons = [r.reason(1) for r in receivers] + [s.reason(1) for s, _ in senders]
+    assert statuses == [KVStatus.Success] * len(statuses), reasons
+    for dst, want in expected:
+        assert_cache_equals(dst, want)
+    for s, _ in senders:
+        s.close()
+    for r in receivers:
+        r.close()
+    assert recv_arena.live_slots == [] and send_arena.live_slots == []
+    return len(senders)
+
+
+LAYOUTS = {
+    "tp2-to-tp1": ("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1)),
+    "tp1-to-tp2": ("mha", 4, Layout(tp=1, cp=CP), Layout(tp=2)),
+    "tp4-2heads-to-tp1": ("mha", 2, Layout(tp=4, cp=CP), Layout(tp=1)),
+    "tp1-2heads-to-tp4": ("mha", 2, Layout(tp=1, cp=CP), Layout(tp=4)),
+    "mla-tp2-to-tp1": ("mla", 1, Layout(tp=2, cp=CP), Layout(tp=1)),
+    "pp2-to-pp1": ("mha", 4, Layout(pp=2, cp=CP), Layout(pp=1)),
+}
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_bit_exact(name, mode, rig):
+    kind, heads, p, d = LAYOUTS[name]
+    run_layout(kind, heads, p, d, mode, rig)
+
+
+def test_tp4_with_2_heads_sends_each_replicated_head_once(rig):
+    # 2 routes (prefill tp 0 and 2) x 2 CP ranks: tp 1 and 3 hold replicas and send nothing
+    assert run_layout("mha", 2, Layout(tp=4, cp=CP), Layout(tp=1), "packed", rig) == 4
+
+
+def test_direct_and_packed_fill_identical_pools_hnd(rig):
+    run_layout("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1), "direct", rig, layout="HND")
+    run_layout("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1), "packed", rig, layout="HND")
+
+
+def test_contiguous_runs_worked_examples():
+    assert contiguous_runs([4, 5, 6, 9, 10], [0, 1, 7, 8, 9]) == [(4, 0, 2), (6, 7, 1),
+                                                                   (9, 8, 2)]
+    assert contiguous_runs([], []) == []
+    assert contiguous_runs([3], [8]) == [(3, 8, 1)]
+    assert contiguous_runs([0, 1, 2, 3], [5, 6, 7, 8]) == [(0, 5, 4)]
+    assert contiguous_runs(torch.tensor([2, 1, 0]), torch.tensor([0, 1, 2])) == [
+        (2, 0, 1), (1, 1, 1), (0, 2, 1)]
+    with pytest.raises(ValueError, match="expected equally many ids, got 2 and 1"):
+        contiguous_runs([1, 2], [3])
+
+
+def test_direct_batch_larger_than_the_transport_limit(rig):
+    """1,200 fragmented one-token pages: 1,200 runs per layer and component, split into
+    batches the transport accepts; the request still succeeds."""
+    engine, send_arena, recv_arena, control = rig
+    specs = [ComponentSpec("latent", 1, 64, torch.bfloat16)]
+    src = PagedKVCache.empty(specs, num_layers=1, num_pages=1300, page_size=1)
+    as_bytes(src.layer("latent", 0)).copy_(torch.randint(0, 256, (1300, 1, 1, 128),
+                                                         dtype=torch.uint8))
+    dst = fill_sentinel(PagedKVCache.empty(specs, num_layers=1, num_pages=1300, page_size=1))
+    s_ids, d_ids = torch.randperm(1300)[:1200], torch.randperm(1300)[:1200]
+    assert len(contiguous_runs(s_ids, d_ids)) > 1024
+    want = snapshot(dst)
+    want["latent"][0][d_ids] = as_bytes(src.layer("latent", 0))[s_ids]
+    ns = control.scoped(uuid.uuid4().hex)
+    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena)
+    recv = KVReceiver(dst, ns, direct=True, engine=engine, arena=recv_arena)
+    recv.expect(1, d_ids)
+    sender.send(1, s_ids)
+    assert wait_all([(recv, 1), (sender, 1)]) == [KVStatus.Success] * 2, sender.reason(1)
+    assert_cache_equals(dst, want)
+    sender.close()
+    recv.close()
+
+
+def test_forced_direct_needs_a_receiver_that_allows_it(rig):
+    engine, send_arena, recv_arena, control = rig
+    src, dst = pool("mha", 2, 1, 8), pool("mha", 2, 1, 8)
+    ns = control.scoped(uuid.uuid4().hex)
+    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena)
+    recv = KVReceiver(dst, ns, engine=engine, arena=recv_arena)
+    recv.expect(1, torch.tensor([0, 1]))
+    sender.send(1, torch.tensor([2, 3]))
+    assert wait_all([(sender, 1)]) == [KVStatus.Failed]
+    assert "does not accept direct writes" in sender.reason(1)
+    sender.close()
+    recv.close()
+
+
+def test_cost_model_choice_and_file(tmp_path):
+    m = CostModel()
+    # fragmented page_size 1: 65,536 descriptors of 2 KiB -> packed; 4 runs of 16 MiB -> direct
+    assert m.choose(65536, 128 << 20) == "packed"
+    assert m.choose(4, 64 << 20) == "direct"
+    path = m.__class__(per_descriptor_s=1e-3).save(tmp_path / "cost.json", device="test")
+    assert CostModel.load(path).per_descriptor_s == 1e-3
+    (tmp_path / "bad.json").write_text('{"warp_speed": 9}')
+    with pytest.raises(ValueError, match="unknown cost constants"):
+        CostModel.load(tmp_path / "bad.json")
