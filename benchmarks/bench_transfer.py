@@ -1,11 +1,16 @@
-"""Transfer sweep: packed end to end (pack, one write, notify, unpack) vs a raw one-descriptor
-write of the same bytes through the same Mooncake engines (the wire ceiling), TCP loopback.
+"""Transfer sweep through one pair of Mooncake engines (TCP loopback here), fragmented ids:
 
-One prefill sender and one decode receiver, each with its own engine, fragmented page ids.
-Time runs from "sender has the page ids" to "receiver pool holds the bytes". The per-page
-"direct" baseline joins as another provider (issue: transfer across parallel layouts).
+* raw-write:    one descriptor of the request's bytes (the wire ceiling)
+* cpkv-packed:  pack, write in layer groups, notify, unpack
+* direct:       one descriptor per (layer x component x contiguous page run), or per token for
+                a head slice, straight into the receiver's pool (the SGLang-style baseline)
+* cpkv-auto:    the cost-model policy choosing per request
 
-    python -m benchmarks.bench_transfer [--quick] [--out PATH]
+Time runs from "sender has the page ids" to "receiver pool holds the bytes". Descriptors per
+request are reported for every mode. ``--calibrate`` measures the cost model's constants on
+this machine and writes them where `CostModel.load` finds them.
+
+    python -m benchmarks.bench_transfer [--quick] [--calibrate] [--out PATH]
 """
 
 from __future__ import annotations
@@ -18,24 +23,25 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
+from cpkv.kernels import pack_pages, unpack_pages
 from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
-from cpkv.transfer import (
-    ControlPlane,
-    KVReceiver,
-    KVSender,
-    KVStatus,
-    TransferEngine,
-)
+from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
+from cpkv.transfer.direct import contiguous_runs
+from cpkv.transfer.mapping import Route
+from cpkv.transfer.policy import CostModel
+from cpkv.transfer.sender import PIPELINE_CHUNK_BYTES
 
 FULL_TOKENS = [1024, 4096]
+DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed
 QUICK_TOKENS = [64]
+MODES = ("packed", "direct", "auto")
 _rid = itertools.count()
 
 
 class Pair:
-    """A sender and a receiver process-alike: their own engines, arenas, one control plane."""
+    """A sender side and a receiver side: their own engines and arenas, one control plane."""
 
     def __init__(self, arena_bytes: int):
         self.server = ControlPlane(serve=True, timeout=60)
@@ -44,11 +50,12 @@ class Pair:
         for e, a in zip(self.engines, self.arenas, strict=True):
             e.register_arena(a)
 
-    def endpoints(self, src, dst, name):
-        ns = self.server.scoped(name)
-        sender = KVSender(src, ns, engine=self.engines[0], arena=self.arenas[0], timeout=60)
-        recv = KVReceiver(dst, ns, engine=self.engines[1],
-                          arena=self.arenas[1], timeout=60)
+    def endpoints(self, src, dst, name, mode, route=None, routes=None):
+        ns = self.server.scoped(f"{name}-{mode}")
+        sender = KVSender(src, ns, route=route, mode=mode, engine=self.engines[0],
+                          arena=self.arenas[0], timeout=120)
+        recv = KVReceiver(dst, ns, routes=routes, direct=mode != "packed",
+                          engine=self.engines[1], arena=self.arenas[1], timeout=120)
         return sender, recv
 
     def close(self):
@@ -58,58 +65,136 @@ class Pair:
             e.close()
 
 
-def packed_once(sender, recv, src_ids, dst_ids, tokens):
+def transfer_once(sender, recv, src_ids, dst_ids, tokens, modes=None):
+    """One request end to end; appends the mode the sender used to ``modes``."""
     rid = next(_rid)
     recv.expect(rid, dst_ids, num_tokens=tokens)
     sender.send(rid, src_ids, num_tokens=tokens)
     while (st := recv.poll(rid)) not in (KVStatus.Success, KVStatus.Failed):
         time.sleep(0.0005)  # a decode scheduler polls once per step, not in a hot loop
     if st is not KVStatus.Success:
-        raise RuntimeError(f"packed transfer failed: {recv.reason(rid)}")
+        raise RuntimeError(f"transfer failed: {recv.reason(rid)}")
+    if modes is not None:
+        modes.append(sender.mode_of(rid))
     recv.forget(rid)
     sender.forget(rid)
 
 
-def bench_config(pair, writer, name, ps, tokens, *, layers, repeats) -> str:
+def descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes) -> int:
+    blocks = len(route.src_layers) * len(src.components)
+    if mode == "direct":
+        if len(route.src_heads) != src.num_heads:
+            return tokens * blocks
+        return len(contiguous_runs(src_ids, dst_ids)) * blocks
+    per_layer = nbytes // len(route.src_layers)
+    return -(-len(route.src_layers) // max(1, -(-PIPELINE_CHUNK_BYTES // per_layer)))
+
+
+def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=False) -> str:
     shape = SHAPES[name]
     n_pages = -(-tokens // ps)
+    heads = shape.components[0].num_heads
     src = shape.cache(num_pages=2 * n_pages, page_size=ps, num_layers=layers)
     dst = shape.cache(num_pages=2 * n_pages, page_size=ps, num_layers=layers)
     random_fill(src)
     src_ids = page_ids("fragmented", n_pages, 2 * n_pages, "cpu")
     dst_ids = page_ids("fragmented", n_pages, 2 * n_pages, "cpu", seed=1)
-    nbytes = src.packed_nbytes(tokens)
-    sender, recv = pair.endpoints(src, dst, f"{name}-{ps}-{tokens}")
-    raw_src, raw_dst = pair.arenas[0].alloc(nbytes), pair.arenas[1].alloc(nbytes)
-    raw_dst_addr = recv.arena_addr + raw_dst.offset
-    peer = pair.engines[1].session_id
-
-    def raw():
-        pair.engines[0].write(peer, [(raw_src.tensor.data_ptr(), raw_dst_addr, nbytes)])
-
+    all_layers = range(src.num_layers)
+    # tp 2 -> tp 1: this prefill rank sends its half of the heads into the full decode pool
+    half = range(heads // 2) if head_slice else range(heads)
+    route = Route(0, 0, half, half, all_layers, all_layers)
+    nbytes = src.packed_nbytes(tokens, heads=half)
+    label = f"{name}-tp2to1" if head_slice else name
     cpu = torch.device("cpu")
-    t_raw = measure(raw, cpu, repeats=repeats)
+    raw_src, raw_dst = pair.arenas[0].alloc(nbytes), pair.arenas[1].alloc(nbytes)
+    peer = pair.engines[1].session_id
+    dst_addr = pair.arenas[1].buffer.data_ptr() + raw_dst.offset
+    results = {"raw-write": (measure(lambda: pair.engines[0].write(
+        peer, [(raw_src.tensor.data_ptr(), dst_addr, nbytes)]), cpu, repeats=repeats), 1)}
     raw_src.release()
     raw_dst.release()
-    t_packed = measure(lambda: packed_once(sender, recv, src_ids, dst_ids, tokens), cpu,
-                       repeats=repeats)
-    sender.close()
-    recv.close()
-    base = dict(op="transfer", shape=name, page_size=ps, tokens=tokens, pattern="fragmented")
-    for provider, t, descriptors in (("raw-write", t_raw, 1), ("cpkv-packed", t_packed, 1)):
+    for mode in MODES:
+        n_desc = descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes)
+        if mode == "direct" and n_desc > DIRECT_MAX_DESCRIPTORS:
+            continue
+        sender, recv = pair.endpoints(src, dst, f"{label}-{ps}-{tokens}", mode, route=route,
+                                      routes=[route])
+        reps = repeats if mode != "direct" else max(1, min(repeats, 3))
+        used = []
+        t = measure(lambda s=sender, r=recv, u=used: transfer_once(s, r, src_ids, dst_ids,
+                                                                   tokens, u),
+                    cpu, repeats=reps)
+        if mode == "auto":
+            n_desc = descriptors(used[-1], src, src_ids, dst_ids, route, tokens, nbytes)
+        sender.close()
+        recv.close()
+        results[f"cpkv-{mode}" if mode != "direct" else "direct"] = (t, n_desc)
+    base = dict(op="transfer", shape=label, page_size=ps, tokens=tokens, pattern="fragmented")
+    for provider, (t, n_desc) in results.items():
         writer.timing(metric_base=dict(provider=provider, **base), seconds=t, moved_bytes=nbytes)
-        writer.write(provider=provider, metric="descriptors", unit="count", p50=descriptors,
-                     p20=descriptors, p80=descriptors, **base)
+        writer.write(provider=provider, metric="descriptors", unit="count", p50=n_desc,
+                     p20=n_desc, p80=n_desc, **base)
+    t_raw, t_packed = results["raw-write"][0], results["cpkv-packed"][0]
     writer.write(provider="cpkv-packed", metric="throughput_vs_raw", unit="x",
                  p50=t_raw[0] / t_packed[0], p20=t_raw[0] / t_packed[2],
                  p80=t_raw[0] / t_packed[1], **base)
-    return (f"{nbytes / 2**20:.1f} MiB: raw {t_raw[0] * 1e3:.1f} ms, packed "
-            f"{t_packed[0] * 1e3:.1f} ms ({t_raw[0] / t_packed[0]:.2f} of raw throughput)")
+    line = (f"{nbytes / 2**20:.1f} MiB: raw {t_raw[0] * 1e3:.1f} ms, packed "
+            f"{t_packed[0] * 1e3:.1f} ms ({t_raw[0] / t_packed[0]:.2f} of raw)")
+    if "direct" in results:
+        t_direct = results["direct"][0]
+        speedup = t_direct[0] / t_packed[0]
+        writer.write(provider="cpkv-packed", metric="speedup_vs_direct", unit="x", p50=speedup,
+                     p20=t_direct[1] / t_packed[2], p80=t_direct[2] / t_packed[1], **base)
+        line += (f", direct {t_direct[0] * 1e3:.1f} ms ({results['direct'][1]} descriptors, "
+                 f"packed {speedup:.1f}x faster)")
+    best = min(results["cpkv-packed"][0][0], results.get("direct", ((float("inf"),),))[0][0])
+    writer.write(provider="cpkv-auto", metric="time_vs_best_mode", unit="x",
+                 p50=results["cpkv-auto"][0][0] / best, p20="", p80="", **base)
+    return line + f", auto {results['cpkv-auto'][0][0] / best:.2f}x the better mode"
+
+
+def calibrate(pair) -> CostModel:
+    """Measure the cost model's constants through the same engines and kernels."""
+    cpu = torch.device("cpu")
+    peer, n = pair.engines[1].session_id, 4096
+    src, dst = pair.arenas[0].alloc(n * 256), pair.arenas[1].alloc(n * 256)
+    dst_base = pair.arenas[1].buffer.data_ptr() + dst.offset
+    segs = [(src.tensor.data_ptr() + i * 256, dst_base + i * 256, 256) for i in range(n)]
+    per_desc = measure(lambda: pair.engines[0].write(peer, segs), cpu, repeats=3)[0] / n
+    src.release()
+    dst.release()
+    big = 256 << 20
+    src, dst = pair.arenas[0].alloc(big), pair.arenas[1].alloc(big)
+    dst_addr = pair.arenas[1].buffer.data_ptr() + dst.offset
+    wire = big / measure(lambda: pair.engines[0].write(
+        peer, [(src.tensor.data_ptr(), dst_addr, big)]), cpu, repeats=3)[0]
+    src.release()
+    dst.release()
+    shape = SHAPES["A"]
+    cache = shape.cache(num_pages=256, page_size=16)
+    random_fill(cache)
+    ids = page_ids("fragmented", 128, 256, "cpu")
+    out = torch.empty(cache.packed_nbytes(2048), dtype=torch.uint8)
+    pack = out.numel() / measure(lambda: pack_pages(cache, ids, out=out, validate=False), cpu,
+                                 repeats=3)[0]
+    unpack = out.numel() / measure(lambda: unpack_pages(out, cache, ids, validate=False), cpu,
+                                   repeats=3)[0]
+    tiny_src = shape.cache(num_pages=4, page_size=16, num_layers=1)
+    tiny_dst = shape.cache(num_pages=4, page_size=16, num_layers=1)
+    sender, recv = pair.endpoints(tiny_src, tiny_dst, "calibrate", "packed")
+    ids4 = torch.arange(1)
+    fixed = measure(lambda: transfer_once(sender, recv, ids4, ids4, 16), cpu, repeats=5)[0]
+    sender.close()
+    recv.close()
+    return CostModel(per_descriptor_s=per_desc, wire_Bps=wire, pack_Bps=pack,
+                     unpack_Bps=unpack, packed_fixed_s=fixed)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 layers")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the cost model and write it (CPKV_COST_FILE), then stop")
     p.add_argument("--shapes", default="A,B,C")
     p.add_argument("--page-sizes", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 16, 64])
@@ -119,20 +204,27 @@ def main(argv=None) -> int:
     tokens_list = QUICK_TOKENS if args.quick else FULL_TOKENS
     layers = 2 if args.quick else None
     biggest = max(SHAPES[s].bytes_per_token() for s in args.shapes.split(","))
-    if args.quick:
-        biggest = biggest * 2 // max(SHAPES[s].num_layers for s in args.shapes.split(","))
-    pair = Pair(max(tokens_list) * biggest + (1 << 20))
-    writer = CsvWriter(args.out, provenance(torch.device("cpu")))
-    configs = [(s, ps, n) for s in args.shapes.split(",") for ps in args.page_sizes
-               for n in tokens_list]
+    pair = Pair(max(max(tokens_list) * biggest, 256 << 20) + (1 << 20))
     try:
-        for i, (name, ps, tokens) in enumerate(configs, 1):
+        if args.calibrate:
+            model = calibrate(pair)
+            path = model.save(device=provenance(torch.device("cpu"))["device"],
+                              measured=time.strftime("%Y-%m-%d"))
+            print(f"wrote {path}: {model}")
+            return 0
+        writer = CsvWriter(args.out, provenance(torch.device("cpu")))
+        configs = [(s, ps, n, False) for s in args.shapes.split(",") for ps in args.page_sizes
+                   for n in tokens_list]
+        if "A" in args.shapes.split(","):
+            configs += [("A", ps, min(tokens_list), True) for ps in args.page_sizes]
+        for i, (name, ps, tokens, sliced) in enumerate(configs, 1):
             line = bench_config(pair, writer, name, ps, tokens, layers=layers,
-                                repeats=args.repeats)
-            print(f"[{i}/{len(configs)}] {name} ps={ps} tokens={tokens}: {line}", flush=True)
+                                repeats=args.repeats, head_slice=sliced)
+            what = f"{name}{' tp2->1' if sliced else ''}"
+            print(f"[{i}/{len(configs)}] {what} ps={ps} tokens={tokens}: {line}", flush=True)
+        print(f"wrote {writer.rows} rows to {args.out}")
     finally:
         pair.close()
-    print(f"wrote {writer.rows} rows to {args.out}")
     return 0
 
 

@@ -129,6 +129,8 @@ class TransferEngine:
         segments = [s for s in segments if s[2] > 0]
         pending = PendingWrite(peer, segments, [])
         for i in range(0, len(segments), MAX_BATCH):
+            if pending.batch_ids:  # more than MAX_BATCH descriptors in flight overruns the
+                self.wait(pending)  # transport's queues (seen at 4,096 on TCP): one at a time
             batch = segments[i:i + MAX_BATCH]
             src, dst, n = (list(x) for x in zip(*batch, strict=True))
             batch_id = self._engine.batch_transfer_async_write(peer, src, dst, n)

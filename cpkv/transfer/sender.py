@@ -90,6 +90,7 @@ class KVSender(Endpoint):
         self._receiver = None
         self._cells: dict[int, StatusCell] = {}
         self._notes: dict[int, int] = {}
+        self._modes: dict[int, str] = {}
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._closing = threading.Event()
@@ -145,11 +146,16 @@ class KVSender(Endpoint):
         cell = self._cells.get(request_id)
         return cell.reason if cell else None
 
+    def mode_of(self, request_id: int) -> str | None:
+        """The mode ("packed" or "direct") this rank's last send of the request used."""
+        return self._modes.get(request_id)
+
     def forget(self, request_id: int) -> None:
         """Drop a finished request's state."""
         with self._lock:
             self._cells.pop(request_id, None)
             self._notes.pop(request_id, None)
+            self._modes.pop(request_id, None)
 
     def close(self) -> None:
         """Stop the worker (pending sends fail), release owned engine and arena. Idempotent."""
@@ -212,6 +218,7 @@ class KVSender(Endpoint):
         ps = self.cache.page_size
         pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
         mode = self._choose_mode(recv, dest, page_ids, pages, tokens)
+        self._modes[rid] = mode
         if mode == "direct" and len(tokens):
             segments = direct_segments(self.cache, page_ids, recv["pool"],
                                        recv["geometry"]["num_heads"], dest["page_ids"], pages,

@@ -142,16 +142,16 @@ def test_contiguous_runs_worked_examples():
 
 
 def test_direct_batch_larger_than_the_transport_limit(rig):
-    """1,200 fragmented one-token pages: 1,200 runs per layer and component, split into
-    batches the transport accepts; the request still succeeds."""
+    """3,000 fragmented one-token pages: 3,000 runs, split into batches the transport accepts
+    and never more than one batch in flight (4,096 in flight failed on TCP); it succeeds."""
     engine, send_arena, recv_arena, control = rig
     specs = [ComponentSpec("latent", 1, 64, torch.bfloat16)]
-    src = PagedKVCache.empty(specs, num_layers=1, num_pages=1300, page_size=1)
-    as_bytes(src.layer("latent", 0)).copy_(torch.randint(0, 256, (1300, 1, 1, 128),
+    src = PagedKVCache.empty(specs, num_layers=1, num_pages=3200, page_size=1)
+    as_bytes(src.layer("latent", 0)).copy_(torch.randint(0, 256, (3200, 1, 1, 128),
                                                          dtype=torch.uint8))
-    dst = fill_sentinel(PagedKVCache.empty(specs, num_layers=1, num_pages=1300, page_size=1))
-    s_ids, d_ids = torch.randperm(1300)[:1200], torch.randperm(1300)[:1200]
-    assert len(contiguous_runs(s_ids, d_ids)) > 1024
+    dst = fill_sentinel(PagedKVCache.empty(specs, num_layers=1, num_pages=3200, page_size=1))
+    s_ids, d_ids = torch.randperm(3200)[:3000], torch.randperm(3200)[:3000]
+    assert len(contiguous_runs(s_ids, d_ids)) > 2048
     want = snapshot(dst)
     want["latent"][0][d_ids] = as_bytes(src.layer("latent", 0))[s_ids]
     ns = control.scoped(uuid.uuid4().hex)
