@@ -53,8 +53,8 @@ def demo(args) -> int:
                        f"layers, got {args.layers}")
     cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
                               requests=args.requests, cp=args.cp, layers=args.layers,
-                              protocol=args.protocol, device=args.device, out=args.out,
-                              corrupt_byte=args.corrupt_byte)
+                              mode=args.mode, protocol=args.protocol, device=args.device,
+                              out=args.out, corrupt_byte=args.corrupt_byte)
     need, have = demo_mod.estimated_bytes(cfg), _physical_memory()
     if have and need > 0.8 * have:
         raise CliError(f"this run needs about {need / 2**30:.1f} GiB of memory, the machine "
@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--cp", type=_positive, default=2, help="prefill CP ranks (processes)")
     d.add_argument("--layers", type=_positive, default=None,
                    help="fewer layers than the shape has (faster)")
-    d.add_argument("--mode", choices=("packed",), default="packed",
-                   help="transfer mode (the per-page direct baseline is not built yet)")
+    d.add_argument("--mode", choices=("compare", "packed", "direct", "auto"), default="compare",
+                   help="compare: packed then direct; or one of packed (cpkv), direct (the "
+                        "per-page baseline), auto (the cost model picks)")
     d.add_argument("--protocol", choices=("tcp", "rdma"), default="tcp")
     d.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")

@@ -36,6 +36,7 @@ class DemoConfig:
     requests: int = 4
     cp: int = 2
     layers: int | None = None  # None: the shape's own
+    mode: str = "compare"  # packed then direct; or "packed", "direct", "auto" (cost model)
     protocol: str = "tcp"
     device: str = "cpu"
     out: str = "out"
@@ -44,6 +45,10 @@ class DemoConfig:
     @property
     def num_layers(self) -> int:
         return self.layers or SHAPES[self.shape].num_layers
+
+    @property
+    def modes(self) -> list[str]:
+        return ["packed", "direct"] if self.mode == "compare" else [self.mode]
 
 
 def reference_kv(cfg: DemoConfig, request_id: int) -> dict[str, torch.Tensor]:
@@ -93,6 +98,7 @@ def _quiet_native_logs() -> None:
 
 def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> None:
     import datetime
+    import json
 
     import torch.distributed as dist
 
@@ -110,8 +116,9 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
     arena = StagingArena(gather_nbytes(cache, plan) + cfg.tokens * bpt + (1 << 20),
                          device=cfg.device)
     engine.register_arena(arena)
-    sender = KVSender(cache, control, rank=ParallelRank(cp=rank), cp_size=cfg.cp,
-                      engine=engine, arena=arena, timeout=120)
+    senders = {m: KVSender(cache, control.scoped(f"demo-{m}"), rank=ParallelRank(cp=rank),
+                           cp_size=cfg.cp, mode=m, engine=engine, arena=arena, timeout=120)
+               for m in cfg.modes}
     ids = page_ids(cfg, "prefill")
     gather_s = 0.0
     for rid in range(cfg.requests):
@@ -122,33 +129,78 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
             t0 = time.perf_counter()
             all_gather_kv(local, plan, cache, ids[rid].to(cfg.device), slot=slot)
             gather_s += time.perf_counter() - t0
-        dist.barrier()  # every pool holds the request: "the sender has the page ids"
-        sender.send(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens,
-                    metadata=repr(time.time()).encode() if rank == 0 else None)
-        while sender.poll(rid) not in (KVStatus.Success, KVStatus.Failed):
-            time.sleep(0.0005)
-        if sender.poll(rid) is KVStatus.Failed:
-            raise RuntimeError(f"request {rid}: {sender.reason(rid)}")
-        q.put(("progress", f"prefill rank {rank}: request {rid} sent"))
+        for mode, sender in senders.items():
+            dist.barrier()  # every pool holds the request: "the sender has the page ids"
+            sender.send(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens,
+                        metadata=json.dumps({"t": time.time()}).encode() if rank == 0 else None)
+            while sender.poll(rid) not in (KVStatus.Success, KVStatus.Failed):
+                time.sleep(0.0005)
+            if sender.poll(rid) is KVStatus.Failed:
+                raise RuntimeError(f"request {rid} ({mode}): {sender.reason(rid)}")
+            control.put(control.key("mode", mode, rid, rank), sender.mode_of(rid))
+            q.put(("progress", f"prefill rank {rank}: request {rid} sent {mode}"))
     raw_s = None
     if rank == 0:  # the wire ceiling: the same bytes as one descriptor
         dest = control.wait_get(control.key("raw", "dest"), 120)
+        peer = control.wait_get(control.key("raw", "session"), 120)
         with arena.alloc(cfg.tokens * bpt) as slot:
-            peer = sender._receiver_info()["session"]
             engine.write(peer, [(slot.tensor.data_ptr(), dest["addr"], slot.nbytes)])  # warm
             t0 = time.perf_counter()
             engine.write(peer, [(slot.tensor.data_ptr(), dest["addr"], slot.nbytes)])
             raw_s = time.perf_counter() - t0
         control.put(control.key("raw", "done"), True)
     q.put(("result", rank, {"gather_s": gather_s / cfg.requests, "raw_s": raw_s}))
-    sender.close()
+    for sender in senders.values():
+        sender.close()
     arena.close()
     engine.close()
     dist.destroy_process_group()
 
 
-def _decode(cfg: DemoConfig, store_port: int, q) -> None:
+def _verify(cfg: DemoConfig, cache, ids, rid: int) -> str | None:
+    """None if the pool holds request rid's reference K/V bit for bit, else where it differs."""
     from .kernels import pack_pages
+
+    got = pack_pages(cache, ids, num_tokens=cfg.tokens).cpu()
+    ref = reference_kv(cfg, rid)  # the packed format is layer-major, then component
+    want = torch.cat([t[layer].reshape(-1).view(torch.uint8)
+                      for layer in range(cfg.num_layers) for t in ref.values()])
+    if torch.equal(got, want):
+        return None
+    first = int((got != want).nonzero()[0])
+    return _locate(cfg, rid, first, int(got[first]), int(want[first]))
+
+
+def descriptors(cfg: DemoConfig, mode: str, rid: int) -> int:
+    """Descriptors all CP senders use for one request in ``mode``."""
+    from .cp import page_share
+    from .transfer import contiguous_runs
+    from .transfer.sender import PIPELINE_CHUNK_BYTES
+
+    src, dst = page_ids(cfg, "prefill")[rid], page_ids(cfg, "decode")[rid]
+    blocks = cfg.num_layers * len(SHAPES[cfg.shape].components)
+    total = 0
+    for r in range(cfg.cp):
+        share = page_share(len(src), cfg.cp, r)
+        if mode == "direct":
+            total += len(contiguous_runs(src[share.start:share.stop],
+                                         dst[share.start:share.stop])) * blocks
+        else:
+            tokens = min(share.stop * cfg.page_size, cfg.tokens) - share.start * cfg.page_size
+            per_layer = max(1, tokens * _bytes_per_token(cfg) // cfg.num_layers)
+            step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
+            total += -(-cfg.num_layers // step) if tokens > 0 else 0
+    return total
+
+
+def _bytes_per_token(cfg: DemoConfig) -> int:
+    shape = SHAPES[cfg.shape]
+    return shape.bytes_per_token() * cfg.num_layers // shape.num_layers
+
+
+def _decode(cfg: DemoConfig, store_port: int, q) -> None:
+    import json
+
     from .staging import StagingArena
     from .transfer import ControlPlane, KVReceiver, KVStatus, TransferEngine
 
@@ -157,55 +209,52 @@ def _decode(cfg: DemoConfig, store_port: int, q) -> None:
     bpt = cache.packed_nbytes(1)
     engine = TransferEngine("127.0.0.1", cfg.protocol)
     arena = StagingArena(2 * cfg.tokens * bpt + (1 << 20), device=cfg.device)
-    recv = KVReceiver(cache, control, cp_size=cfg.cp,
-                      engine=engine, arena=arena, timeout=120)
-    if recv.setup_error:
-        raise RuntimeError(recv.setup_error)
+    receivers = {m: KVReceiver(cache, control.scoped(f"demo-{m}"), cp_size=cfg.cp,
+                               direct=m != "packed", engine=engine, arena=arena, timeout=120)
+                 for m in cfg.modes}
+    for recv in receivers.values():
+        if recv.setup_error:
+            raise RuntimeError(recv.setup_error)
     ids = page_ids(cfg, "decode")
-    latencies = []
-    for rid in range(cfg.requests):
-        recv.expect(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens)
-        while recv.poll(rid) not in (KVStatus.Success, KVStatus.Failed):
-            time.sleep(0.0005)
-        if recv.poll(rid) is KVStatus.Failed:
-            raise RuntimeError(f"request {rid}: {recv.reason(rid)}")
-        latencies.append(time.time() - float(recv.metadata(rid).decode()))
-        q.put(("progress", f"decode: request {rid} received and unpacked"))
-    if cfg.corrupt_byte:  # test hook: one flipped bit must be caught and named
-        name = cache.component_names[-1]
-        row = cache.nhd_view(name, cfg.num_layers - 1)[int(ids[0][0]), 0].view(torch.uint8)
-        row[0, 5] ^= 1
-    q.put(("progress", "decode: checking every byte against the reference"))
+    latencies = {m: [] for m in cfg.modes}
+    used = {m: [] for m in cfg.modes}
     mismatch = None
-    for rid in range(cfg.requests):  # every byte, against the reference K/V
-        got = pack_pages(cache, ids[rid].to(cfg.device), num_tokens=cfg.tokens).cpu()
-        ref = reference_kv(cfg, rid)  # the packed format is layer-major, then component
-        want = torch.cat([t[layer].reshape(-1).view(torch.uint8)
-                          for layer in range(cfg.num_layers) for t in ref.values()])
-        if not torch.equal(got, want):
-            first = int((got != want).nonzero()[0])
-            mismatch = _locate(cfg, rid, first, int(got[first]), int(want[first]))
-            break
-    q.put(("progress", "decode: verified; measuring a raw one-descriptor write"))
+    for rid in range(cfg.requests):
+        for mode, recv in receivers.items():
+            _clear_pages(cache, ids[rid])  # every mode must fill the pages itself
+            recv.expect(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens)
+            while recv.poll(rid) not in (KVStatus.Success, KVStatus.Failed):
+                time.sleep(0.0005)
+            if recv.poll(rid) is KVStatus.Failed:
+                raise RuntimeError(f"request {rid} ({mode}): {recv.reason(rid)}")
+            latencies[mode].append(time.time() - json.loads(recv.metadata(rid))["t"])
+            used[mode].append(control.wait_get(control.key("mode", mode, rid, 0), 120))
+            if cfg.corrupt_byte and rid == 0:  # test hook: a flipped bit must be named
+                name = cache.component_names[-1]
+                row = cache.nhd_view(name, cfg.num_layers - 1)[int(ids[0][0]), 0]
+                row.view(torch.uint8)[0, 5] ^= 1
+            mismatch = mismatch or _verify(cfg, cache, ids[rid].to(cfg.device), rid)
+            q.put(("progress", f"decode: request {rid} received {mode}, every byte checked"))
     slot = arena.alloc(cfg.tokens * bpt)
-    control.put(control.key("raw", "dest"), {"addr": recv.arena_addr + slot.offset})
+    control.put(control.key("raw", "session"), engine.session_id)
+    control.put(control.key("raw", "dest"), {"addr": arena.buffer.data_ptr() + slot.offset})
     control.wait_get(control.key("raw", "done"), 120)
     slot.release()
-    q.put(("result", cfg.cp, {"latency_s": sorted(latencies)[len(latencies) // 2],
-                              "mismatch": mismatch, "bytes": cfg.tokens * bpt,
-                              "descriptors": cfg.cp * max(1, _pipeline_chunks(cfg, bpt))}))
-    recv.close()
+    per_mode = {m: {"latency_s": sorted(v)[len(v) // 2],
+                    "descriptors": descriptors(cfg, used[m][0], 0), "used": used[m][0]}
+                for m, v in latencies.items()}
+    q.put(("result", cfg.cp, {"modes": per_mode, "mismatch": mismatch,
+                              "bytes": cfg.tokens * bpt}))
+    for recv in receivers.values():
+        recv.close()
     arena.close()
     engine.close()
 
 
-def _pipeline_chunks(cfg: DemoConfig, bpt: int) -> int:
-    """Writes one sender makes for its share (layer groups of >= 16 MiB, see KVSender)."""
-    from .transfer.sender import PIPELINE_CHUNK_BYTES
-
-    per_layer = (cfg.tokens // cfg.cp) * bpt // cfg.num_layers
-    step = max(1, -(-PIPELINE_CHUNK_BYTES // max(per_layer, 1)))
-    return -(-cfg.num_layers // step)
+def _clear_pages(cache, ids) -> None:
+    for layers in cache.buffers.values():
+        for t in layers:
+            t[ids.long().to(t.device)] = 0
 
 
 def _locate(cfg: DemoConfig, rid: int, offset: int, got: int, want: int) -> str:
@@ -255,7 +304,8 @@ def run(cfg: DemoConfig) -> int:
     out = Path(cfg.out)
     shape = SHAPES[cfg.shape]
     mib = cfg.tokens * shape.bytes_per_token() * cfg.num_layers // shape.num_layers / 2**20
-    print(f"cpkv demo: {cfg.cp} CP prefill ranks -> 1 decode rank, shape {shape.name} "
+    print(f"cpkv demo: {cfg.cp} CP prefill ranks -> 1 decode rank ({' and '.join(cfg.modes)}), "
+          f"shape {shape.name} "
           f"({shape.model}, {cfg.num_layers} layers), {cfg.requests} requests x {cfg.tokens} "
           f"tokens ({mib:.1f} MiB each), page_size {cfg.page_size}, Mooncake {cfg.protocol} "
           f"on loopback, {cfg.device}", flush=True)
@@ -304,27 +354,33 @@ def run(cfg: DemoConfig) -> int:
     dec = results[cfg.cp]
     raw = results[0]["raw_s"]
     gather = sum(results[r]["gather_s"] for r in range(cfg.cp)) / cfg.cp
-    rows = [
-        ("bytes per request", f"{dec['bytes'] / 2**20:.1f} MiB"),
-        ("CP all-gather + reorganize", f"{gather * 1e3:.1f} ms"),
-        ("packed: descriptors per request", f"{dec['descriptors']}"),
-        ("packed: send -> pool holds bytes", f"{dec['latency_s'] * 1e3:.1f} ms"),
-        ("raw one-descriptor write (ceiling)", f"{raw * 1e3:.1f} ms"),
-        ("packed throughput / ceiling", f"{raw / dec['latency_s']:.2f}"),
-    ]
+    modes = dec["modes"]
+    rows = [("bytes per request", f"{dec['bytes'] / 2**20:.1f} MiB"),
+            ("CP all-gather + reorganize", f"{gather * 1e3:.1f} ms"),
+            ("raw one-descriptor write (ceiling)", f"{raw * 1e3:.1f} ms")]
+    for mode, m in modes.items():
+        label = mode if m["used"] == mode else f"{mode} (chose {m['used']})"
+        rows += [(f"{label}: descriptors per request", f"{m['descriptors']}"),
+                 (f"{label}: send -> pool holds bytes", f"{m['latency_s'] * 1e3:.1f} ms"),
+                 (f"{label}: throughput / ceiling", f"{raw / m['latency_s']:.2f}")]
+    if "packed" in modes and "direct" in modes:
+        speedup = modes["direct"]["latency_s"] / modes["packed"]["latency_s"]
+        rows.append(("packed speedup over direct", f"{speedup:.1f}x"))
     print()
     for k, v in rows:
-        print(f"  {k:<36}{v:>14}")
+        print(f"  {k:<40}{v:>12}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         writer = CsvWriter(out / "demo.csv", provenance(torch.device(cfg.device)))
         base = dict(op="demo", shape=cfg.shape, page_size=cfg.page_size, tokens=cfg.tokens,
                     pattern="fragmented", unit="ms")
-        for provider, seconds in (("cp-gather+reorganize", gather),
-                                  ("cpkv-packed", dec["latency_s"]), ("raw-write", raw)):
+        times = {"cp-gather+reorganize": gather, "raw-write": raw}
+        times.update({("cpkv-" + m if m != "direct" else m): v["latency_s"]
+                      for m, v in modes.items()})
+        for provider, seconds in times.items():
             writer.write(provider=provider, metric="time", p50=seconds * 1e3, p20="", p80="",
                          **base)
-        png = _plot(out / "demo.png", cfg, gather, dec["latency_s"], raw)
+        png = _plot(out / "demo.png", cfg, times)
         print(f"\n  wrote {out / 'demo.csv'}" + (f" and {png}" if png else ""))
     except OSError as e:
         print(f"cpkv demo: cannot write results to {out}: {e}", file=sys.stderr)
@@ -337,7 +393,7 @@ def run(cfg: DemoConfig) -> int:
     return 0
 
 
-def _plot(path: Path, cfg: DemoConfig, gather: float, packed: float, raw: float):
+def _plot(path: Path, cfg: DemoConfig, times: dict):
     try:
         import matplotlib
 
@@ -345,13 +401,14 @@ def _plot(path: Path, cfg: DemoConfig, gather: float, packed: float, raw: float)
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 2.6))
-    labels = ["CP gather+reorganize", "raw write (ceiling)", "cpkv packed transfer"]
-    values = [gather * 1e3, raw * 1e3, packed * 1e3]
-    ax.barh(labels, values, color=["#9aa5b1", "#9aa5b1", "#d1495b"])
-    ax.set_xlabel("ms per request")
+    labels = list(times)
+    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(labels) + 1.2))
+    colors = ["#d1495b" if k.startswith("cpkv") else "#9aa5b1" for k in labels]
+    ax.barh(labels, [times[k] * 1e3 for k in labels], color=colors)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per request (log)")
     ax.set_title(f"cpkv demo: shape {cfg.shape}, {cfg.tokens} tokens, page_size "
-                 f"{cfg.page_size}, {cfg.device}", fontsize=9)
+                 f"{cfg.page_size}, {cfg.cp} CP ranks, {cfg.device}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,10 +29,11 @@ def test_staging_api():
 
 
 def test_transfer_api():
-    assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "KVReceiver",
-                                             "KVSender", "KVStatus", "ParallelRank",
-                                             "StatusCell", "TransferEngine", "TransferError",
-                                             "agree"]
+    assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "CostModel",
+                                             "KVReceiver", "KVSender", "KVStatus", "Layout",
+                                             "ParallelRank", "Route", "StatusCell",
+                                             "TransferEngine", "TransferError", "agree",
+                                             "contiguous_runs", "map_ranks"]
 
 
 def test_every_exported_name_exists():

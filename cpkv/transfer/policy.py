@@ -25,11 +25,12 @@ def cost_file() -> Path:
 
 @dataclass(frozen=True)
 class CostModel:
-    per_descriptor_s: float = 37e-6  # 1,024 x 1 KiB descriptors took 38 ms (TCP loopback)
-    wire_Bps: float = 2.1e9  # one 512 MiB descriptor: ~240 ms
-    pack_Bps: float = 10e9  # torch path, pages of 16, read + write counted once
-    unpack_Bps: float = 10e9
-    packed_fixed_s: float = 1e-3  # control-plane round trips of a packed send
+    # `cpkv bench transfer --calibrate` on this project's CPU machines, Mooncake TCP loopback
+    per_descriptor_s: float = 28.7e-6  # 4,096 descriptors of 256 B
+    wire_Bps: float = 2.10e9  # one 256 MiB descriptor
+    pack_Bps: float = 13.4e9  # torch path, shape A, pages of 16, payload bytes per second
+    unpack_Bps: float = 13.2e9
+    packed_fixed_s: float = 1.08e-3  # one tiny packed request: the control-plane round trips
 
     def direct_s(self, descriptors: int, nbytes: int) -> float:
         return descriptors * self.per_descriptor_s + nbytes / self.wire_Bps
