@@ -32,6 +32,21 @@ def main() -> None:
     print(f"Transfer, packed end to end / raw one-descriptor write (throughput), "
           f"{max(r['tokens'] for r in t)} tokens\n")
     print("\n".join(_grid(t, "throughput_vs_raw", "cpkv-packed")) + "\n")
+    for metric, what in (("speedup_vs_direct", "packed speedup over direct"),
+                         ("time_vs_best_mode", "auto policy time / the better mode")):
+        rows = pick(t, metric=metric)
+        if rows:
+            for tokens in sorted({r["tokens"] for r in rows}):
+                print(f"Transfer, {what}, {tokens} tokens (blank: direct not timed)\n")
+                shapes = sorted({r["shape"] for r in rows})
+                sizes = sorted({r["page_size"] for r in t})
+                print("| shape | " + " | ".join(f"page_size {p}" for p in sizes) + " |")
+                print("| --- |" + " --- |" * len(sizes))
+                for s in shapes:
+                    cells = [pick(rows, shape=s, page_size=p, tokens=tokens) for p in sizes]
+                    print(f"| {s} | " + " | ".join(f"{c[0]['p50']:.2f}" if c else ""
+                                                   for c in cells) + " |")
+                print()
     c = pick(load(RESULTS / "cp.csv"), metric="time_vs_allgather")
     print("CP gather + reorganize / bare all-gather (2 ranks, gloo)\n")
     print("| shape | tokens | ratio |\n| --- | --- | --- |")

@@ -61,3 +61,41 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cpkv.cli", *TINY, "--requests", "50",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until the ranks are working
+            if "sent" in line or "received" in line:
+                break
+        children = _children(proc.pid)
+        assert children, "the demo started no processes"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert "interrupted" in proc.stderr.read()
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{c}").exists() for c in children):
+            assert time.monotonic() < deadline, "processes left behind after Ctrl-C"
+            time.sleep(0.2)
+        assert not list(Path("/dev/shm").glob("cpkv-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
