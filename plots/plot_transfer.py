@@ -17,12 +17,21 @@ def _tokens_with_direct(rows, shape) -> int:
     return max(with_direct or {r["tokens"] for r in pick(rows, shape=shape)})
 
 
-def plot_times(rows, out: Path) -> Path:
-    times = pick(rows, metric="time")
-    shapes = sorted({r["shape"] for r in times})
+def _panels(rows):
+    """One log-log panel per shape, sharing the y axis."""
+    shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(3.1 * len(shapes), 3.5), sharey=True,
                              squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    return fig, list(zip(axes[0], shapes, strict=True))
+
+
+def plot_times(rows, out: Path) -> Path:
+    times = pick(rows, metric="time")
+    fig, panels = _panels(times)
+    for ax, shape in panels:
         tokens = _tokens_with_direct(times, shape)
         for provider, (color, style) in STYLE.items():
             pts = sorted((r["page_size"], r["p50"], r["p20"], r["p80"])
@@ -36,23 +45,19 @@ def plot_times(rows, out: Path) -> Path:
                         fmt=style, marker="o", color=color, linewidth=2.2 if ours else 1.2,
                         label=provider, capsize=2, zorder=3 if ours else 2)
         sizes = sorted({r["page_size"] for r in times})
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_xlabel("page size (tokens)")
         ax.set_title(f"shape {shape}, {tokens} tokens", fontsize=9)
-    axes[0][0].set_ylabel("ms per request (p50, p20-p80)")
-    axes[0][-1].legend(fontsize=7)
+    panels[0][0].set_ylabel("ms per request (p50, p20-p80)")
+    panels[-1][0].legend(fontsize=7)
     title(fig, "Transfer per request (pack + write + unpack), fragmented ids, Mooncake TCP", rows)
     return save(fig, out / "transfer.png")
 
 
 def plot_speedup(rows, out: Path) -> Path:
     sp = pick(rows, metric="speedup_vs_direct")
-    shapes = sorted({r["shape"] for r in sp})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(3.1 * len(shapes), 3.3), sharey=True,
-                             squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
+    fig, panels = _panels(sp)
+    for ax, shape in panels:
         for i, ps in enumerate(sorted({r["page_size"] for r in sp})):
             pts = sorted((r["tokens"], r["p50"]) for r in pick(sp, shape=shape, page_size=ps))
             if pts:
@@ -60,12 +65,10 @@ def plot_speedup(rows, out: Path) -> Path:
                 ax.plot(xs, ys, marker="o", color=OURS, alpha=0.45 + 0.25 * i,
                         linewidth=2, label=f"page_size {ps}")
         ax.axhline(1.0, color=GREYS[2], linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xlabel("tokens per request")
         ax.set_title(f"shape {shape}", fontsize=9)
-    axes[0][0].set_ylabel("packed speedup over direct (x)")
-    axes[0][-1].legend(fontsize=7)
+    panels[0][0].set_ylabel("packed speedup over direct (x)")
+    panels[-1][0].legend(fontsize=7)
     title(fig, "cpkv packed vs the per-page direct baseline, fragmented ids", rows)
     return save(fig, out / "speedup.png")
 
