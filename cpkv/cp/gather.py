@@ -27,7 +27,9 @@ from ..layout import PagedKVCache, as_range
 from ..staging import Slot
 from .partition import SplitPlan
 
-__all__ = ["GatherTimeoutError", "all_gather_kv", "gather_nbytes"]
+__all__ = ["GatherTimeoutError", "all_gather_kv", "gather_chunks", "gather_nbytes"]
+
+GATHER_CHUNK_BYTES = 16 << 20  # layer chunks gathered and reorganized in turn
 
 
 class GatherTimeoutError(TimeoutError):
@@ -37,6 +39,25 @@ class GatherTimeoutError(TimeoutError):
 def gather_nbytes(cache: PagedKVCache, plan: SplitPlan, *, layers=None) -> int:
     """Bytes of the staging slot ``all_gather_kv`` needs: cp_size regions of padded_len tokens."""
     return plan.cp_size * cache.packed_nbytes(plan.padded_len, layers=_layer_range(cache, layers))
+
+
+def gather_chunks(cache: PagedKVCache, plan: SplitPlan, *,
+                  layers=None) -> list[tuple[range, slice]]:
+    """How `all_gather_kv` splits its slot: (layer range, byte slice of the slot) per chunk.
+
+    Each chunk is >= GATHER_CHUNK_BYTES gathered (or one layer) and holds its own cp_size rank
+    regions, so chunk k can be reorganized while chunk k+1 is still being gathered."""
+    layer_range = _layer_range(cache, layers)
+    per_layer = plan.cp_size * cache.packed_nbytes(plan.padded_len,
+                                                   layers=(layer_range.start,
+                                                           layer_range.start + 1))
+    step = max(1, -(-GATHER_CHUNK_BYTES // max(per_layer, 1)))
+    out = []
+    for l0 in range(0, len(layer_range), step):
+        n = min(step, len(layer_range) - l0)
+        out.append((range(layer_range.start + l0, layer_range.start + l0 + n),
+                    slice(l0 * per_layer, (l0 + n) * per_layer)))
+    return out
 
 
 def _layer_range(cache: PagedKVCache, layers) -> range:
@@ -135,19 +156,28 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     if validate:  # check the ids before any byte moves, so a bad rank fails before the gather
         check_reorganize(buf, cache, page_ids, plan, layers=layer_range)
 
-    mine = buf[rank * region:(rank + 1) * region]
-    fmt = cache.packed_format(plan.padded_len, layers=layer_range)
-    for off, rows, block in zip(fmt.block_offsets(), fmt.row_nbytes * len(layer_range), blocks,
-                                strict=True):
-        mine[off:off + plan.padded_len * rows].view(plan.padded_len, *block.shape[1:])[
-            :n_local].copy_(block)
-
-    work = dist.all_gather_single(buf, mine, group=group, async_op=True)
-    try:
-        work.wait(timeout=datetime.timedelta(seconds=timeout))
-    except RuntimeError as e:
-        raise GatherTimeoutError(f"all_gather_kv: the CP group ({world} ranks) did not complete "
-                                 f"the all-gather within {timeout} s; a rank failed or is "
-                                 f"missing ({e})") from e
-    reorganize_pages(buf, cache, page_ids, plan, layers=layer_range, backend=backend,
-                     validate=False)
+    # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its
+    # own rank regions: every chunk's gather is issued at once (the group runs them in order)
+    # and chunk k is reorganized while chunk k+1 is still on the wire.
+    n_comp = len(cache.components)
+    pending = []
+    for chunk, where in gather_chunks(cache, plan, layers=layer_range):
+        l0 = chunk.start - layer_range.start
+        part = buf[where]
+        mine = part.view(world, -1)[rank]
+        fmt = cache.packed_format(plan.padded_len, layers=chunk)
+        for off, rows, block in zip(fmt.block_offsets(), fmt.row_nbytes * len(chunk),
+                                    blocks[l0 * n_comp:(l0 + len(chunk)) * n_comp], strict=True):
+            mine[off:off + plan.padded_len * rows].view(plan.padded_len, *block.shape[1:])[
+                :n_local].copy_(block)
+        pending.append((chunk, part, dist.all_gather_single(part, mine, group=group,
+                                                             async_op=True)))
+    for chunk, part, work in pending:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise GatherTimeoutError(f"all_gather_kv: the CP group ({world} ranks) did not "
+                                     f"complete the all-gather within {timeout} s; a rank "
+                                     f"failed or is missing ({e})") from e
+        reorganize_pages(part, cache, page_ids, plan, layers=chunk, backend=backend,
+                         validate=False)

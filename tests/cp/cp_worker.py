@@ -44,11 +44,23 @@ def scenarios(world):
                     seq_lens=[13, 7], page_size=1, mode="layer", backend="triton"))
     out.append(dict(name="zigzag-mla-2d-shard-hnd", split="zigzag", kind="mla",
                     seq_lens=[31], page_size=16, mode="layer", layout="HND", squeeze=True))
+    out.append(dict(name="zigzag-mha-layer-chunks", split="zigzag", kind="mha",
+                    seq_lens=[23, 9], page_size=4, mode="all", chunk_bytes=1))
     return out
 
 
 def gather_scenario(rank, world, arena, *, split, kind, seq_lens, page_size, mode,
-                    backend="auto", layout="NHD", squeeze=False):
+                    backend="auto", layout="NHD", squeeze=False, chunk_bytes=None):
+    import cpkv.cp.gather as gather_mod
+
+    if chunk_bytes is not None:  # one layer per chunk: gathers overlap reorganizes
+        gather_mod.GATHER_CHUNK_BYTES, saved = chunk_bytes, gather_mod.GATHER_CHUNK_BYTES
+        try:
+            return gather_scenario(rank, world, arena, split=split, kind=kind,
+                                   seq_lens=seq_lens, page_size=page_size, mode=mode,
+                                   backend=backend, layout=layout, squeeze=squeeze)
+        finally:
+            gather_mod.GATHER_CHUNK_BYTES = saved
     plan = SPLITS[split](seq_lens, world)
     specs = KINDS[kind]()
     need = sum(-(-n // page_size) for n in plan.seq_lens)
