@@ -26,6 +26,7 @@ import torch
 from .shapes import SHAPES
 
 RESULT_TIMEOUT = 600.0
+DEAD_GRACE_S = 5.0  # a finished child's queued messages may still be in flight
 
 
 @dataclass
@@ -285,6 +286,8 @@ def _child(role, cfg_dict, store_port, gloo_port, q) -> None:
     except BaseException as e:  # reported to the parent, which prints one line and exits 1
         q.put(("error", role, f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
+        q.close()
+        q.join_thread()  # os._exit would kill the queue's feeder thread before it flushes
         sys.stdout.flush()
         os._exit(0)
 
@@ -318,6 +321,7 @@ def run(cfg: DemoConfig) -> int:
                          daemon=True) for role in roles]
     results, errors = {}, []
     t_start = time.perf_counter()
+    dead_since = {}
     try:
         for p in procs:
             p.start()
@@ -326,12 +330,15 @@ def run(cfg: DemoConfig) -> int:
             try:
                 msg = q.get(timeout=1.0)
             except queue.Empty:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     errors.append(("demo", f"no result within {RESULT_TIMEOUT} s", ""))
-                dead = [r for r, p in zip(roles, procs, strict=True)
-                        if not p.is_alive() and r not in results]
-                if dead and q.empty():
-                    errors.append(("demo", f"process {dead[0]} exited without a result", ""))
+                for r, p in zip(roles, procs, strict=True):
+                    if not p.is_alive() and r not in results:
+                        dead_since.setdefault(r, now)
+                        if now - dead_since[r] > DEAD_GRACE_S:  # its last words had time
+                            errors.append(("demo", f"process {r} exited without a result", ""))
+                            break
                 continue
             if msg[0] == "progress":
                 print(f"  [{time.perf_counter() - t_start:6.1f} s] {msg[1]}", flush=True)

@@ -59,7 +59,8 @@ class KVReceiver(Endpoint):
         direct: also accept direct writes into the pool (registers the pool for remote
             access; the baseline, off by default).
         engine, arena: shared ones, or None to create (and own) them.
-        timeout: seconds to wait for registrations, and per request for every sender.
+        timeout: seconds a request may wait for every sender (registrations wait for the
+            control plane's own timeout).
     """
 
     def __init__(self, cache, control: ControlPlane, *, cp_size: int = 1,
@@ -98,10 +99,11 @@ class KVReceiver(Endpoint):
         self.setup_error = self._check_senders()
 
     def _check_senders(self) -> str | None:
-        """Wait for every expected registration; a mismatch fails every request up front."""
+        """Wait (the control plane's timeout) for every expected registration; a mismatch fails
+        every request up front."""
         try:
             for key, route_key in self.senders.items():
-                reg = self.control.wait_get(self.control.key("reg", key), self.timeout)
+                reg = self.control.wait_get(self.control.key("reg", key))
                 g = reg["geometry"]
                 check_geometry(self.geometry, g, f"sender {key}")
                 route = self.routes[route_key]

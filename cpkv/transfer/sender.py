@@ -55,7 +55,8 @@ class KVSender(Endpoint):
             picks per request; packed where direct is not allowed).
         cost: the cost model for "auto" (default: `CostModel.load()`).
         engine, arena: shared ones, or None to create (and own) them.
-        timeout: seconds to wait for the receiver and for staging space.
+        timeout: seconds to wait for a request's destination and for staging space (the
+            receiver's registration waits for the control plane's own timeout).
     """
 
     def __init__(self, cache, control: ControlPlane, *, rank: ParallelRank | None = None,
@@ -195,7 +196,7 @@ class KVSender(Endpoint):
 
     def _receiver_info(self) -> dict:
         if self._receiver is None:
-            info = self.control.wait_get(self.control.key("recv"), self.timeout,
+            info = self.control.wait_get(self.control.key("recv"),
                                          cancelled=self._closing.is_set)
             check_geometry(self.geometry, info["geometry"], "the receiver")
             self._receiver = info
