@@ -28,10 +28,10 @@ from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
-from cpkv.transfer.direct import contiguous_runs
+from cpkv.transfer.direct import direct_descriptors
 from cpkv.transfer.mapping import Route
 from cpkv.transfer.policy import CostModel
-from cpkv.transfer.sender import PIPELINE_CHUNK_BYTES
+from cpkv.transfer.sender import layer_groups
 
 FULL_TOKENS = [1024, 4096]
 DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed
@@ -81,13 +81,11 @@ def transfer_once(sender, recv, src_ids, dst_ids, tokens, modes=None):
 
 
 def descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes) -> int:
-    blocks = len(route.src_layers) * len(src.components)
     if mode == "direct":
-        if len(route.src_heads) != src.num_heads:
-            return tokens * blocks
-        return len(contiguous_runs(src_ids, dst_ids)) * blocks
-    per_layer = nbytes // len(route.src_layers)
-    return -(-len(route.src_layers) // max(1, -(-PIPELINE_CHUNK_BYTES // per_layer)))
+        return direct_descriptors(src_ids, dst_ids, tokens,
+                                  len(route.src_layers) * len(src.components),
+                                  full_pages=len(route.src_heads) == src.num_heads)
+    return len(layer_groups(len(route.src_layers), nbytes))
 
 
 def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=False) -> str:

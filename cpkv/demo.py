@@ -175,22 +175,22 @@ def _verify(cfg: DemoConfig, cache, ids, rid: int) -> str | None:
 def descriptors(cfg: DemoConfig, mode: str, rid: int) -> int:
     """Descriptors all CP senders use for one request in ``mode``."""
     from .cp import page_share
-    from .transfer import contiguous_runs
-    from .transfer.sender import PIPELINE_CHUNK_BYTES
+    from .transfer.direct import direct_descriptors
+    from .transfer.sender import layer_groups
 
     src, dst = page_ids(cfg, "prefill")[rid], page_ids(cfg, "decode")[rid]
     blocks = cfg.num_layers * len(SHAPES[cfg.shape].components)
     total = 0
     for r in range(cfg.cp):
         share = page_share(len(src), cfg.cp, r)
+        tokens = min(share.stop * cfg.page_size, cfg.tokens) - share.start * cfg.page_size
+        if tokens <= 0:
+            continue
         if mode == "direct":
-            total += len(contiguous_runs(src[share.start:share.stop],
-                                         dst[share.start:share.stop])) * blocks
+            total += direct_descriptors(src[share.start:share.stop], dst[share.start:share.stop],
+                                        tokens, blocks, full_pages=True)
         else:
-            tokens = min(share.stop * cfg.page_size, cfg.tokens) - share.start * cfg.page_size
-            per_layer = max(1, tokens * _bytes_per_token(cfg) // cfg.num_layers)
-            step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
-            total += -(-cfg.num_layers // step) if tokens > 0 else 0
+            total += len(layer_groups(cfg.num_layers, tokens * _bytes_per_token(cfg)))
     return total
 
 

@@ -16,7 +16,8 @@ import torch
 from ..layout import PagedKVCache
 from .mapping import Route
 
-__all__ = ["contiguous_runs", "direct_nbytes", "direct_segments", "pool_layout"]
+__all__ = ["contiguous_runs", "direct_descriptors", "direct_nbytes", "direct_segments",
+           "pool_layout"]
 
 
 def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
@@ -55,6 +56,15 @@ def pool_layout(cache: PagedKVCache) -> list[dict]:
 def whole_pages(cache_heads: int, remote_heads: int, route: Route) -> bool:
     """Full heads on both sides: whole pages move (else token by token)."""
     return len(route.src_heads) == cache_heads == len(route.dst_heads) == remote_heads
+
+
+def direct_descriptors(src_ids, dst_ids, num_tokens: int, num_blocks: int,
+                       full_pages: bool) -> int:
+    """Descriptors a direct send of one share uses: a contiguous page run per (layer,
+    component) block with whole pages, else one per token per block."""
+    if not full_pages:
+        return num_tokens * num_blocks
+    return len(contiguous_runs(src_ids, dst_ids)) * num_blocks
 
 
 def direct_nbytes(bytes_per_token: int, page_size: int, pages: range, tokens: range,

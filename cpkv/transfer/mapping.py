@@ -53,6 +53,12 @@ class Route:
     src_layers: range
     dst_layers: range
 
+    @classmethod
+    def whole(cls, num_heads: int, num_layers: int, tp: int = 0, pp: int = 0) -> Route:
+        """Every head and layer, unchanged: the route when both sides have the same layout."""
+        heads, layers = range(num_heads), range(num_layers)
+        return cls(tp, pp, heads, heads, layers, layers)
+
     @property
     def key(self) -> str:
         return f"tp{self.tp}.pp{self.pp}"

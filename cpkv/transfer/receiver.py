@@ -67,8 +67,8 @@ class KVReceiver(Endpoint):
                  routes: list[Route] | None = None, dp: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
                  arena_bytes: int = 64 << 20, timeout: float = 30.0):
-        heads, layers = range(cache.num_heads), range(cache.num_layers)
-        routes = routes if routes is not None else [Route(0, 0, heads, heads, layers, layers)]
+        routes = routes if routes is not None else [Route.whole(cache.num_heads,
+                                                                cache.num_layers)]
         if not routes:
             raise ValueError("routes: expected at least one route, got none")
         if len({r.key for r in routes}) != len(routes):

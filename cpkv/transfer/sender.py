@@ -27,7 +27,7 @@ from ..cp.partition import SenderPolicy, senders_for
 from ..kernels import pack_pages
 from ..staging import StagingArena
 from .control import ControlPlane, ParallelRank, check_geometry
-from .direct import contiguous_runs, direct_segments, whole_pages
+from .direct import direct_descriptors, direct_segments, whole_pages
 from .endpoint import Endpoint
 from .engine import TransferEngine
 from .mapping import Route
@@ -38,6 +38,14 @@ __all__ = ["KVSender"]
 
 PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
 MODES = ("packed", "direct", "auto")
+
+
+def layer_groups(num_layers: int, segment_nbytes: int) -> list[range]:
+    """How a packed segment is cut for pipelining: consecutive layer ranges of at least
+    PIPELINE_CHUNK_BYTES (or one layer). Their count is the descriptors a packed send uses."""
+    per_layer = max(1, segment_nbytes // num_layers)
+    step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
+    return [range(l0, min(l0 + step, num_layers)) for l0 in range(0, num_layers, step)]
 
 
 class KVSender(Endpoint):
@@ -70,9 +78,8 @@ class KVSender(Endpoint):
             raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        self.route = route or Route(self.rank.tp, self.rank.pp, range(cache.num_heads),
-                                    range(cache.num_heads), range(cache.num_layers),
-                                    range(cache.num_layers))
+        self.route = route or Route.whole(cache.num_heads, cache.num_layers, self.rank.tp,
+                                          self.rank.pp)
         if (self.route.src_heads.stop > cache.num_heads
                 or self.route.src_layers.stop > cache.num_layers):
             raise ValueError(f"route: heads {self.route.src_heads} / layers "
@@ -255,13 +262,10 @@ class KVSender(Endpoint):
             return "direct"
         if not allowed or not len(tokens):
             return "packed"
-        n_blocks = len(self.route.src_layers) * len(self.cache.components)
-        if whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route):
-            runs = contiguous_runs(page_ids[pages.start:pages.stop],
-                                   dest["page_ids"][pages.start:pages.stop])
-            descriptors = len(runs) * n_blocks
-        else:
-            descriptors = len(tokens) * n_blocks
+        descriptors = direct_descriptors(
+            page_ids[pages.start:pages.stop], dest["page_ids"][pages.start:pages.stop],
+            len(tokens), len(self.route.src_layers) * len(self.cache.components),
+            whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route))
         return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
 
     def _pack_and_write(self, ids, n, staging, peer, dest_addr) -> None:
@@ -270,11 +274,10 @@ class KVSender(Endpoint):
         bytes [l0, l1) x n x row_bytes of it, on both sides)."""
         layers, heads = self.route.src_layers, self.route.src_heads
         per_layer = n * self.bytes_per_token // len(layers)
-        step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
         pending = []
         try:
-            for l0 in range(0, len(layers), step):
-                l1 = min(l0 + step, len(layers))
+            for group in layer_groups(len(layers), n * self.bytes_per_token):
+                l0, l1 = group.start, group.stop
                 part = staging[l0 * per_layer:l1 * per_layer]
                 pack_pages(self.cache, ids, num_tokens=n, heads=heads,
                            layers=(layers.start + l0, layers.start + l1), out=part)
