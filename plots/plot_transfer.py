@@ -28,6 +28,13 @@ def _panels(rows):
     return fig, list(zip(axes[0], shapes, strict=True))
 
 
+def _finish(fig, panels, ylabel: str, what: str, rows, path: Path) -> Path:
+    panels[0][0].set_ylabel(ylabel)
+    panels[-1][0].legend(fontsize=7)
+    title(fig, what, rows)
+    return save(fig, path)
+
+
 def plot_times(rows, out: Path) -> Path:
     times = pick(rows, metric="time")
     fig, panels = _panels(times)
@@ -48,10 +55,9 @@ def plot_times(rows, out: Path) -> Path:
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_xlabel("page size (tokens)")
         ax.set_title(f"shape {shape}, {tokens} tokens", fontsize=9)
-    panels[0][0].set_ylabel("ms per request (p50, p20-p80)")
-    panels[-1][0].legend(fontsize=7)
-    title(fig, "Transfer per request (pack + write + unpack), fragmented ids, Mooncake TCP", rows)
-    return save(fig, out / "transfer.png")
+    return _finish(fig, panels, "ms per request (p50, p20-p80)",
+                   "Transfer per request (pack + write + unpack), fragmented ids, Mooncake TCP",
+                   rows, out / "transfer.png")
 
 
 def plot_speedup(rows, out: Path) -> Path:
@@ -67,10 +73,9 @@ def plot_speedup(rows, out: Path) -> Path:
         ax.axhline(1.0, color=GREYS[2], linewidth=1)
         ax.set_xlabel("tokens per request")
         ax.set_title(f"shape {shape}", fontsize=9)
-    panels[0][0].set_ylabel("packed speedup over direct (x)")
-    panels[-1][0].legend(fontsize=7)
-    title(fig, "cpkv packed vs the per-page direct baseline, fragmented ids", rows)
-    return save(fig, out / "speedup.png")
+    return _finish(fig, panels, "packed speedup over direct (x)",
+                   "cpkv packed vs the per-page direct baseline, fragmented ids", rows,
+                   out / "speedup.png")
 
 
 def plot(results: Path = RESULTS, out: Path = Path("plots")) -> list[Path]:

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from ..cp.partition import SplitPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Descriptor fields, one int64 row per packed block (layer-major, then component).
-_F_BASE, _F_PAGE, _F_SLOT, _F_HEAD, _F_HEAD_WORDS, _F_ROW_WORDS, _F_PRE_WORDS = range(7)
+# Descriptor row per packed block (layer-major, then component), int64 fields in this order:
+# base address, page / slot / head strides (words), words per head, words per row, words of
+# every earlier block's row.
 _N_FIELDS = 7
 
 

@@ -71,15 +71,15 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
         pages = _page_rows(pool)
         if pages is not None:
             whole = block[:full * ps].reshape(full, pages.shape[1])
-            last = (pool[ids[full:full + 1], :tail], block[full * ps:].unsqueeze(0))
+            tail_ids, tail_rows = ids[full:full + 1], block[full * ps:].unsqueeze(0)
             if unpack:
                 pages.index_copy_(0, ids[:full], whole)
                 if tail:
-                    pool[ids[full:full + 1], :tail] = last[1]
+                    pool[tail_ids, :tail] = tail_rows
             else:
                 torch.index_select(pages, 0, ids[:full], out=whole)
                 if tail:
-                    last[1].copy_(last[0])
+                    tail_rows.copy_(pool[tail_ids, :tail])
             continue
         if flat_idx is None:
             p, s = token_slots(page_ids, num_tokens, ps)
