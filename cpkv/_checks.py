@@ -6,30 +6,52 @@ values (min/max/uniqueness) synchronise with the device; callers skip them when 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def check_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "page_ids",
-                   unique: bool = False) -> None:
-    """1-D int32/int64 ids on ``device`` with every value in [0, num_pages)."""
+def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "page_ids",
+                unique: bool = False, check_values: bool = True) -> torch.Tensor:
+    """The ids as a contiguous 1-D int32/int64 tensor on ``device``, checked.
+
+    A numpy array or a list/tuple of ints is converted once (int64 unless numpy int32); a
+    strided tensor is made contiguous, so a kernel never reads memory the view does not show.
+    ``check_values`` reads the values back (min/max, and uniqueness with ``unique``): a device
+    synchronisation, skipped under ``validate=False``; the type, shape and device checks are
+    free and always run.
+    """
     if not isinstance(page_ids, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(page_ids).__name__}")
+        if isinstance(page_ids, np.ndarray):
+            if page_ids.dtype not in (np.int32, np.int64):
+                raise TypeError(f"{what}: expected an int32 or int64 array, "
+                                f"got dtype {page_ids.dtype}")
+            page_ids = torch.from_numpy(np.ascontiguousarray(page_ids)).to(device)
+        elif isinstance(page_ids, (list, tuple)):
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                       for v in page_ids):
+                raise TypeError(f"{what}: expected a list of ints")
+            page_ids = torch.tensor(page_ids, dtype=torch.int64, device=device)
+        else:
+            raise TypeError(f"{what}: expected a torch.Tensor, numpy array or list of ints, "
+                            f"got {type(page_ids).__name__}")
     if page_ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{what}: expected dtype int32 or int64, got {page_ids.dtype}")
     if page_ids.dim() != 1:
         raise ValueError(f"{what}: expected a 1-D tensor, got shape {tuple(page_ids.shape)}")
     if page_ids.device != device:
         raise ValueError(f"{what}: expected device {device}, got {page_ids.device}")
-    if page_ids.numel() == 0:
-        return
+    page_ids = page_ids.contiguous()
+    if not check_values or page_ids.numel() == 0:
+        return page_ids
     lo, hi = int(page_ids.min()), int(page_ids.max())
     if lo < 0 or hi >= num_pages:
         raise ValueError(f"{what}: expected values in [0, {num_pages}), got min {lo}, max {hi}")
     if unique and torch.unique(page_ids).numel() != page_ids.numel():
         raise ValueError(f"{what}: expected distinct page ids (a page written twice is a race), "
                          f"got duplicates")
+    return page_ids
 
 
 def check_num_tokens(num_tokens, n_pages: int, page_size: int) -> int:

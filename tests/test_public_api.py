@@ -20,7 +20,7 @@ def test_cp_api():
     assert sorted(cpkv.cp.__all__) == ["GatherTimeoutError", "SenderPolicy", "SplitPlan",
                                        "all_gather_kv", "chunk_share", "gather_nbytes",
                                        "interleave_split", "page_share", "senders_for",
-                                       "zigzag_split"]
+                                       "split_token_map", "zigzag_split"]
 
 
 def test_staging_api():

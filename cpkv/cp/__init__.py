@@ -1,6 +1,6 @@
 """Context parallelism: page shares, token splits, and the KV all-gather into the paged pool."""
 
-from .gather import GatherTimeoutError, all_gather_kv, gather_nbytes
+from .gather import GatherTimeoutError, all_gather_kv, gather_nbytes, split_token_map
 from .partition import (
     SenderPolicy,
     SplitPlan,
@@ -12,4 +12,5 @@ from .partition import (
 )
 
 __all__ = ["GatherTimeoutError", "SenderPolicy", "SplitPlan", "all_gather_kv", "chunk_share",
-           "gather_nbytes", "interleave_split", "page_share", "senders_for", "zigzag_split"]
+           "gather_nbytes", "interleave_split", "page_share", "senders_for", "split_token_map",
+           "zigzag_split"]

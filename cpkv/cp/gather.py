@@ -21,13 +21,15 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from .._checks import as_page_ids
 from ..kernels import reorganize_pages
 from ..kernels.paged_copy import check_reorganize
 from ..layout import PagedKVCache, as_range
 from ..staging import Slot
 from .partition import SplitPlan
 
-__all__ = ["GatherTimeoutError", "all_gather_kv", "gather_chunks", "gather_nbytes"]
+__all__ = ["GatherTimeoutError", "all_gather_kv", "gather_chunks", "gather_nbytes",
+           "split_token_map"]
 
 GATHER_CHUNK_BYTES = 16 << 20  # layer chunks gathered and reorganized in turn
 
@@ -58,6 +60,38 @@ def gather_chunks(cache: PagedKVCache, plan: SplitPlan, *,
         out.append((range(layer_range.start + l0, layer_range.start + l0 + n),
                     slice(l0 * per_layer, (l0 + n) * per_layer)))
     return out
+
+
+def split_token_map(plan: SplitPlan, cache: PagedKVCache,
+                    page_ids: torch.Tensor | Sequence[torch.Tensor], *,
+                    validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (page ids, token map) that make `cpkv.kernels.reorganize_pages` undo ``plan``.
+
+    The sequences' page lists are concatenated; sequence s's tokens start at request-local
+    token ``page_size x (pages of earlier sequences)``, and token p of it reads gathered row
+    ``plan.gather_index[p]`` (the rest of each sequence's last page maps to -1: untouched).
+    """
+    lists = [page_ids] if not isinstance(page_ids, (list, tuple)) else list(page_ids)
+    if len(lists) != len(plan.seq_lens):
+        raise ValueError(f"page_ids: expected one id tensor per sequence "
+                         f"({len(plan.seq_lens)}), got {len(lists)}")
+    ps = cache.page_size
+    lists = [as_page_ids(ids, cache.num_pages, cache.device, what=f"page_ids[{s}]",
+                         check_values=validate) for s, ids in enumerate(lists)]
+    starts, virt = [], 0
+    for s, (ids, n) in enumerate(zip(lists, plan.seq_lens, strict=True)):
+        if ids.numel() * ps < n:
+            raise ValueError(f"page_ids[{s}]: a sequence of {n} tokens needs "
+                             f"{-(-n // ps)} pages of {ps}, got {ids.numel()}")
+        starts.append(torch.arange(n) + virt)
+        virt += ids.numel() * ps
+    targets = torch.cat(starts)  # global position -> request-local token
+    token_map = torch.full((int(targets[-1]) + 1 if targets.numel() else 0,), -1,
+                           dtype=torch.int64)
+    token_map[targets] = plan.gather_index
+    all_ids = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64,
+                                                          device=cache.device)
+    return all_ids, token_map.to(cache.device)
 
 
 def _layer_range(cache: PagedKVCache, layers) -> range:
@@ -153,8 +187,10 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
         raise ValueError(f"slot: expected at least {world * region} bytes ({world} ranks x "
                          f"{region}), got {buf.numel()}")
     buf = buf[:world * region]
+    all_ids, token_map = split_token_map(plan, cache, page_ids, validate=validate)
     if validate:  # check the ids before any byte moves, so a bad rank fails before the gather
-        check_reorganize(buf, cache, page_ids, plan, layers=layer_range)
+        check_reorganize(buf, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
+                         layers=layer_range)
 
     # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its
     # own rank regions: every chunk's gather is issued at once (the group runs them in order)
@@ -179,5 +215,5 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
             raise GatherTimeoutError(f"all_gather_kv: the CP group ({world} ranks) did not "
                                      f"complete the all-gather within {timeout} s; a rank "
                                      f"failed or is missing ({e})") from e
-        reorganize_pages(part, cache, page_ids, plan, layers=chunk, backend=backend,
-                         validate=False)
+        reorganize_pages(part, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
+                         layers=chunk, backend=backend, validate=False)

@@ -17,22 +17,17 @@ slot of ``rows_per_rank`` tokens), and is skipped where ``g < 0``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_buffer, check_num_tokens, check_page_ids
+from .._checks import as_page_ids, check_buffer, check_num_tokens
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
 from .words import WORD_DTYPES, word_bytes
 
 __all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]
-
-if TYPE_CHECKING:
-    from ..cp.partition import SplitPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Descriptor row per packed block (layer-major, then component), int64 fields in this order:
@@ -154,15 +149,17 @@ def _use_triton(backend: str, device: torch.device) -> bool:
 
 
 def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique):
-    """Resolve and (when validate) check the arguments common to pack and unpack."""
+    """Resolve and check the arguments common to pack and unpack. The ids are always made a
+    contiguous tensor (no kernel reads a strided view); their values are read back only when
+    ``validate``."""
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
     layer_range = as_range(layers, cache.num_layers, "layers")
     head_range = as_range(heads, cache.num_heads, "heads")
-    if validate:
-        check_page_ids(page_ids, cache.num_pages, cache.device, unique=unique)
+    page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=unique,
+                           check_values=validate)
     num_tokens = check_num_tokens(num_tokens, page_ids.shape[0], cache.page_size)
-    return num_tokens, layer_range, head_range
+    return page_ids, num_tokens, layer_range, head_range
 
 
 def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int | None = None,
@@ -172,7 +169,8 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
 
     Args:
         cache: the source pool.
-        page_ids: [n_pages] int32/int64 pool page ids of the request, in request order.
+        page_ids: [n_pages] int32/int64 pool page ids of the request, in request order (a
+            numpy array or list is converted; a strided tensor is made contiguous).
         num_tokens: tokens [0, num_tokens) are packed; default every slot of the listed pages.
         layers: layer range to pack (a pipeline stage): None, (start, stop), range or slice.
         heads: head range to pack (a tensor-parallel slice), same forms; default all heads.
@@ -191,8 +189,8 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
                                        head_dim=128, dtype=torch.bfloat16)
         slot = pack_pages(cache, torch.tensor([5, 2]), num_tokens=20)  # [20*2*2*4*256] uint8
     """
-    num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers, heads,
-                                                   validate, unique=False)
+    page_ids, num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers,
+                                                             heads, validate, unique=False)
     nbytes = cache.packed_nbytes(num_tokens, layers=layer_range, heads=head_range)
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
@@ -231,8 +229,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
 
         unpack_pages(slot, decode_cache, torch.tensor([0, 1, 2]), num_tokens=20)  # page_size 8
     """
-    num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers, heads,
-                                                   validate, unique=True)
+    page_ids, num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers,
+                                                             heads, validate, unique=True)
     expected = cache.packed_format(num_tokens, layers=layer_range, heads=head_range)
     if validate:
         if format is not None:
@@ -256,67 +254,75 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
             unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range)
 
 
-def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache,
-                     page_ids: torch.Tensor | Sequence[torch.Tensor], plan: SplitPlan, *,
-                     layers=None, backend: str = "auto", validate: bool = True) -> None:
-    """Write a CP all-gather into the pool in sequence order, undoing the split, in one launch.
+def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
+                     token_map: torch.Tensor, *, rows_per_rank: int, layers=None,
+                     backend: str = "auto", validate: bool = True) -> None:
+    """Write gathered packed regions into the pool through a token map, in one launch.
 
-    ``gathered`` holds ``plan.cp_size`` equal regions, rank r's first: each a packed slot (see
-    `pack_pages`) of ``plan.padded_len`` tokens over ``layers`` and all heads, whose first
-    ``len(plan.positions[r])`` rows are rank r's tokens in local order (the rest is padding and
-    is never read). Token p of sequence s lands in ``page_ids[s][p // page_size]``, slot
-    ``p % page_size``; nothing else in the pool is written.
+    ``gathered`` holds equal regions, each a packed slot (see `pack_pages`) of ``rows_per_rank``
+    tokens over ``layers`` and all heads. Request-local token t (page ``page_ids[t // ps]``, slot
+    ``t % ps``) receives gathered row ``g = token_map[t]`` (row ``g % rows_per_rank`` of region
+    ``g // rows_per_rank``), and is left untouched where ``g < 0``. Nothing else in the pool is
+    written. `cpkv.cp` builds the map from a split plan (undoing zigzag/interleave, skipping
+    padding and tokens already in the pages); the kernels know nothing of splits.
 
     Args:
-        gathered: contiguous uint8 [cp_size * cache.packed_nbytes(plan.padded_len, layers=)].
+        gathered: contiguous uint8 [n_regions * cache.packed_nbytes(rows_per_rank, layers=)].
         cache: the destination pool.
-        page_ids: per sequence of the plan, its distinct page ids (one tensor for one sequence).
-        plan: the `cpkv.cp.SplitPlan` the shards were split with.
+        page_ids: [n_pages] distinct page ids the map's tokens address.
+        token_map: [num_tokens] int64 on the pool's device, num_tokens <= n_pages * page_size;
+            each value -1 or a row in [0, n_regions * rows_per_rank).
+        rows_per_rank: tokens per region.
         layers, backend, validate: as in `pack_pages`.
     """
     if validate:
-        check_reorganize(gathered, cache, page_ids, plan, layers=layers)
-    lists = [page_ids] if isinstance(page_ids, torch.Tensor) else list(page_ids)
-    layer_range = as_range(layers, cache.num_layers, "layers")
-    ps = cache.page_size
-    region = cache.packed_nbytes(plan.padded_len, layers=layer_range)
-    if not region:
-        return
-    # Sequence s's tokens start at virtual token ps * (pages of earlier sequences).
-    starts, virt = [], 0
-    for ids, n in zip(lists, plan.seq_lens, strict=True):
-        starts.append(torch.arange(n) + virt)
-        virt += ids.numel() * ps
-    targets = torch.cat(starts)  # global position -> virtual token
-    num_tokens = int(targets[-1]) + 1
-    all_ids = torch.cat(lists)
-    if _use_triton(backend, cache.device):
-        token_map = torch.full((num_tokens,), -1, dtype=torch.int64)
-        token_map[targets] = plan.gather_index
-        _launch(cache, all_ids, num_tokens, layer_range, range(cache.num_heads), gathered,
-                unpack=True, token_map=token_map.to(cache.device),
-                rows_per_rank=plan.padded_len, rank_nbytes=region)
+        page_ids = check_reorganize(gathered, cache, page_ids, token_map,
+                                    rows_per_rank=rows_per_rank, layers=layers)
     else:
-        reorganize_torch(gathered, cache, all_ids, num_tokens, layer_range, plan.positions,
-                         targets.to(cache.device), plan.padded_len)
+        page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, check_values=False)
+    layer_range = as_range(layers, cache.num_layers, "layers")
+    region = cache.packed_nbytes(rows_per_rank, layers=layer_range)
+    num_tokens = token_map.numel()
+    if not region or not num_tokens:
+        return
+    if _use_triton(backend, cache.device):
+        _launch(cache, page_ids, num_tokens, layer_range, range(cache.num_heads), gathered,
+                unpack=True, token_map=token_map, rows_per_rank=rows_per_rank,
+                rank_nbytes=region)
+    else:
+        reorganize_torch(gathered, cache, page_ids, token_map, layer_range, rows_per_rank)
 
 
-def check_reorganize(gathered, cache, page_ids, plan, *, layers=None) -> None:
-    """The checks of `reorganize_pages` alone (nothing moves): ValueError/TypeError if bad."""
+def check_reorganize(gathered, cache, page_ids, token_map, *, rows_per_rank: int,
+                     layers=None) -> torch.Tensor:
+    """The checks of `reorganize_pages` alone (nothing moves): ValueError/TypeError if bad.
+    Returns the page ids as `reorganize_pages` uses them."""
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
-    lists = [page_ids] if isinstance(page_ids, torch.Tensor) else list(page_ids)
     layer_range = as_range(layers, cache.num_layers, "layers")
-    ps = cache.page_size
-    if len(lists) != len(plan.seq_lens):
-        raise ValueError(f"page_ids: expected one id tensor per sequence "
-                         f"({len(plan.seq_lens)}), got {len(lists)}")
-    for s, (ids, n) in enumerate(zip(lists, plan.seq_lens, strict=True)):
-        check_page_ids(ids, cache.num_pages, cache.device, what=f"page_ids[{s}]")
-        if ids.numel() * ps < n:
-            raise ValueError(f"page_ids[{s}]: a sequence of {n} tokens needs "
-                             f"{-(-n // ps)} pages of {ps}, got {ids.numel()}")
-    check_page_ids(torch.cat(lists), cache.num_pages, cache.device, unique=True)
-    region = cache.packed_nbytes(plan.padded_len, layers=layer_range)
-    check_buffer(gathered, what="gathered", device=cache.device, nbytes=plan.cp_size * region,
-                 dtype=torch.uint8)
+    page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=True)
+    if not isinstance(rows_per_rank, int) or isinstance(rows_per_rank, bool) or rows_per_rank < 0:
+        raise ValueError(f"rows_per_rank: expected a non-negative int, got {rows_per_rank!r}")
+    if not isinstance(token_map, torch.Tensor) or token_map.dtype != torch.int64:
+        raise TypeError(f"token_map: expected an int64 tensor, got "
+                        f"{getattr(token_map, 'dtype', type(token_map).__name__)}")
+    if token_map.dim() != 1 or not token_map.is_contiguous() or token_map.device != cache.device:
+        raise ValueError(f"token_map: expected a contiguous 1-D tensor on {cache.device}, got "
+                         f"shape {tuple(token_map.shape)} on {token_map.device}")
+    capacity = page_ids.numel() * cache.page_size
+    if token_map.numel() > capacity:
+        raise ValueError(f"token_map: {token_map.numel()} tokens need "
+                         f"{-(-token_map.numel() // cache.page_size)} pages of "
+                         f"{cache.page_size}, got {page_ids.numel()}")
+    region = cache.packed_nbytes(rows_per_rank, layers=layer_range)
+    check_buffer(gathered, what="gathered", device=cache.device, dtype=torch.uint8)
+    if region and gathered.numel() % region:
+        raise ValueError(f"gathered: expected a whole number of regions of {region} bytes "
+                         f"({rows_per_rank} tokens), got {gathered.numel()} bytes")
+    rows = gathered.numel() // region * rows_per_rank if region else 0
+    if token_map.numel():
+        lo, hi = int(token_map.min()), int(token_map.max())
+        if lo < -1 or hi >= rows:
+            raise ValueError(f"token_map: expected values in [-1, {rows}), got min {lo}, "
+                             f"max {hi}")
+    return page_ids

@@ -117,20 +117,22 @@ def unpack_pages_torch(packed: torch.Tensor, cache: PagedKVCache, page_ids: torc
 
 
 def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
-                     num_tokens: int, layers: range, positions, targets: torch.Tensor,
-                     rows_per_rank: int) -> None:
-    """Scatter every rank's region of an all-gather into the pool. Inputs are trusted.
-
-    Rank r's region (``gathered`` split in len(positions) equal parts) is a packed slot of
-    ``rows_per_rank`` tokens; its first ``len(positions[r])`` rows land at pool tokens
-    ``targets[positions[r]]`` (request-local token indices over ``page_ids``).
-    """
+                     token_map: torch.Tensor, layers: range, rows_per_rank: int) -> None:
+    """Request-local token t <- gathered row token_map[t] (skipped where < 0). Inputs are
+    trusted; see `cpkv.kernels.reorganize_pages` for the layout of ``gathered``."""
     ps = cache.page_size
-    pages, slots = token_slots(page_ids, num_tokens, ps)
-    flat_idx = pages * ps + slots
-    regions = gathered.view(len(positions), -1)
+    tokens = torch.nonzero(token_map >= 0).flatten()
+    rows = token_map[tokens]
+    pages, slots = token_slots(page_ids, token_map.numel(), ps)
+    flat_idx = (pages * ps + slots)[tokens]
+    regions = gathered.view(-1, cache.packed_nbytes(rows_per_rank, layers=layers))
     heads = range(cache.num_heads)
-    for region, pos in zip(regions, positions, strict=True):
-        dst = flat_idx[targets[pos]]
+    for r, region in enumerate(regions):
+        mine = (rows >= r * rows_per_rank) & (rows < (r + 1) * rows_per_rank)
+        local, dst = rows[mine] - r * rows_per_rank, flat_idx[mine]
+        if not local.numel():
+            continue
+        # A region's rows usually land in order from row 0 (a split's local order): slice then.
+        prefix = bool(torch.equal(local, torch.arange(local.numel(), device=local.device)))
         for pool, block in _blocks(cache, region, rows_per_rank, layers, heads):
-            _scatter_tokens(pool, dst, block[:len(pos)])
+            _scatter_tokens(pool, dst, block[:local.numel()] if prefix else block[local])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_num_tokens, check_page_ids
+from .._checks import as_page_ids, check_num_tokens
 from ..kernels import unpack_pages
 from ..staging import ArenaFullError, Slot, StagingArena
 from .control import ControlPlane, ControlTimeout, check_geometry
@@ -129,7 +129,7 @@ class KVReceiver(Endpoint):
             raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request {request_id} is already expected")
-        check_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
+        page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
         num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         if page_ids.numel() and bool(self._busy[page_ids.long()].any()):
             others = [r for r, q in self._requests.items() if not q.cell.done and bool(

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from .._checks import check_num_tokens, check_page_ids
+from .._checks import as_page_ids, check_num_tokens
 from ..cp.partition import SenderPolicy, senders_for
 from ..kernels import pack_pages
 from ..staging import StagingArena
@@ -124,7 +124,7 @@ class KVSender(Endpoint):
         """
         if not isinstance(request_id, int) or request_id < 0:
             raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
-        check_page_ids(page_ids, self.cache.num_pages, self.cache.device)
+        page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
         num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
         start, stop = chunk if chunk is not None else (0, n_pages)

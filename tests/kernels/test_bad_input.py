@@ -1,5 +1,6 @@
 """Bad input raises ValueError/TypeError naming expected and received, and writes nothing."""
 
+import numpy as np
 import pytest
 import torch
 from kvtest import as_bytes, assert_cache_equals, make_cache, mha, snapshot
@@ -27,7 +28,10 @@ PACK_CASES = {
     "id-negative": (dict(page_ids=torch.tensor([-1, 2])), ValueError, "got min -1"),
     "ids-float": (dict(page_ids=torch.tensor([1.0, 2.0])), TypeError, "int32 or int64, got"),
     "ids-2d": (dict(page_ids=torch.tensor([[1, 2]])), ValueError, "1-D tensor, got shape (1, 2)"),
-    "ids-list": (dict(page_ids=[1, 2]), TypeError, "expected a torch.Tensor, got list"),
+    "ids-list-junk": (dict(page_ids=[1, "2"]), TypeError, "expected a list of ints"),
+    "ids-set": (dict(page_ids={1, 2}), TypeError, "numpy array or list of ints, got set"),
+    "ids-numpy-float": (dict(page_ids=np.array([1.0, 2.0])), TypeError,
+                        "expected an int32 or int64 array, got dtype float64"),
     "ids-other-device": (dict(page_ids=torch.tensor([1, 2], device=META)), ValueError,
                          "expected device cpu, got meta"),
     "too-many-tokens": (dict(num_tokens=33), ValueError, "num_tokens <= 32"),
@@ -139,3 +143,16 @@ def test_validate_false_still_works(src, dst):
     packed = pack_pages(src, IDS, validate=False)
     unpack_pages(packed, dst, ids, validate=False)
     assert torch.equal(as_bytes(pack_pages(dst, ids)), packed)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_page_ids_in_any_form_move_the_same_bytes(src, backend):
+    """numpy, list and strided ids are taken as the contiguous tensor they show: a strided
+    view must never let a kernel read the ids memory it hides (its odd elements here are out of
+    range, so reading them would fault or write elsewhere)."""
+    hidden = torch.tensor([4, 99, 1, -7, 5, 1 << 40])  # the view [::2] shows [4, 1, 5]
+    want = pack_pages(src, torch.tensor([4, 1, 5]), num_tokens=40, backend=backend)
+    for ids in (hidden[::2], np.array([4, 1, 5], dtype=np.int32), [4, 1, 5], (4, 1, 5)):
+        assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend), want)
+        assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend,
+                                      validate=False), want)

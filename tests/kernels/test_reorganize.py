@@ -16,7 +16,7 @@ from kvtest import (
     three,
 )
 
-from cpkv.cp import interleave_split, zigzag_split
+from cpkv.cp import interleave_split, split_token_map, zigzag_split
 from cpkv.kernels import reorganize_pages
 
 SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split}
@@ -36,7 +36,9 @@ def run(kind, split, seq_lens, cp, page_size, backend, *, layout="NHD", layers=N
     want = oracle_sequence_pool(cache, full, plan.seq_lens, pages, lr)
     gathered = gathered_oracle(cache, full, plan, lr)
     ids = pages[0] if len(pages) == 1 else pages
-    reorganize_pages(gathered, cache, ids, plan, layers=layers, backend=backend)
+    all_ids, token_map = split_token_map(plan, cache, ids)
+    reorganize_pages(gathered, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
+                     layers=layers, backend=backend)
     assert_cache_equals(cache, want)
 
 
@@ -64,22 +66,42 @@ def test_reorganize_awkward(case, backend):
         run("mha", "zigzag", [70, 5], 2, 64, backend)
 
 
+def test_split_token_map_rejects_bad_page_lists():
+    plan = zigzag_split([10, 6], 2)
+    cache = make_cache(mha(), num_layers=2, num_pages=6, page_size=4)
+    ok = disjoint_page_lists(6, plan.seq_lens, 4)
+    cases = [
+        (ok[:1], "expected one id tensor per sequence (2), got 1"),
+        ([ok[0], ok[1][:1]], "a sequence of 6 tokens needs 2 pages of 4"),
+        ([ok[0], torch.tensor([5, 6])], "page_ids[1]: expected values in [0, 6), got min 5"),
+    ]
+    for ids, message in cases:
+        with pytest.raises(ValueError) as info:
+            split_token_map(plan, cache, ids)
+        assert message in str(info.value)
+
+
 def test_reorganize_rejects_bad_input():
     plan = zigzag_split([10, 6], 2)
     cache = make_cache(mha(), num_layers=2, num_pages=6, page_size=4)
     ok = disjoint_page_lists(6, plan.seq_lens, 4)
-    gathered = torch.zeros(2 * cache.packed_nbytes(plan.padded_len), dtype=torch.uint8)
+    ids, tmap = split_token_map(plan, cache, ok)
+    rpr = plan.padded_len
+    gathered = torch.zeros(2 * cache.packed_nbytes(rpr), dtype=torch.uint8)
     before = snapshot(cache)
+    bad_map = tmap.clone()
+    bad_map[0] = 2 * rpr
     cases = [
-        (gathered, ok[:1], ValueError, "expected one id tensor per sequence (2), got 1"),
-        (gathered, [ok[0], ok[1][:1]], ValueError, "a sequence of 6 tokens needs 2 pages of 4"),
-        (gathered, [ok[0], ok[0][:2]], ValueError, "distinct page ids"),
-        (gathered, [ok[0], torch.tensor([5, 6])], ValueError, "[0, 6), got min 5, max 6"),
-        (gathered[:-8], ok, ValueError, f"expected {gathered.numel()} bytes"),
-        (gathered.view(torch.int16), ok, TypeError, "expected dtype torch.uint8"),
+        (gathered, torch.cat([ok[0], ok[0][:2]]), tmap, ValueError, "distinct page ids"),
+        (gathered, ids[:2], tmap, ValueError, f"{tmap.numel()} tokens need"),
+        (gathered, ids, bad_map, ValueError, f"expected values in [-1, {2 * rpr})"),
+        (gathered, ids, tmap.int(), TypeError, "token_map: expected an int64 tensor"),
+        (gathered, ids, tmap[::2], ValueError, "token_map: expected a contiguous 1-D"),
+        (gathered[:-8], ids, tmap, ValueError, "expected a whole number of regions"),
+        (gathered.view(torch.int16), ids, tmap, TypeError, "expected dtype torch.uint8"),
     ]
-    for buf, ids, exc, message in cases:
+    for buf, pids, m, exc, message in cases:
         with pytest.raises(exc) as info:
-            reorganize_pages(buf, cache, ids, plan)
+            reorganize_pages(buf, cache, pids, m, rows_per_rank=rpr)
         assert message in str(info.value)
     assert_cache_equals(cache, before)
