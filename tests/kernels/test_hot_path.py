@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvtest import SENTINEL, assert_cache_equals, make_cache, mha, snapshot
+from kvtest import (
+    SENTINEL,
+    assert_cache_equals,
+    make_cache,
+    mha,
+    pool_on,
+    snapshot,
+)
 
 import cpkv
 from cpkv import PagedKVCache
@@ -38,12 +45,15 @@ class SyncCounter:
         return counted
 
 
-def test_validate_false_makes_no_host_sync(monkeypatch):
-    src = make_cache(mha(num_heads=2), num_layers=2, num_pages=6, page_size=4, seed=1)
-    dst = make_cache(mha(num_heads=2), num_layers=2, num_pages=6, page_size=4, seed=2)
-    ids = torch.tensor([4, 1, 3], dtype=torch.int32)
-    out = torch.empty(src.packed_nbytes(10), dtype=torch.uint8)
-    token_map = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, -1, 7], dtype=torch.int64)
+def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
+    dev = kernel_device
+    src = pool_on(make_cache(mha(num_heads=2), num_layers=2, num_pages=6, page_size=4, seed=1),
+                  dev)
+    dst = pool_on(make_cache(mha(num_heads=2), num_layers=2, num_pages=6, page_size=4, seed=2),
+                  dev)
+    ids = torch.tensor([4, 1, 3], dtype=torch.int32, device=dev)
+    out = torch.empty(src.packed_nbytes(10), dtype=torch.uint8, device=dev)
+    token_map = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, -1, 7], dtype=torch.int64, device=dev)
     gathered = pack_pages(src, ids, num_tokens=8)
 
     def calls():
