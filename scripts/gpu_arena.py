@@ -4,7 +4,8 @@ For every backend the check tries (``cuda``; ``symmetric`` with a process group 
 warmed by a collective first; on a CPU machine ``host``), it allocates slots, packs a shape-B
 pool into a slot, unpacks the slot into a second pool and compares bytes, then gathers into a
 slot with the group where there is one. One CSV row per backend: ok / unavailable / failed and
-why, plus slot allocation and pack-into-slot times.
+why (``unavailable`` where the arena itself refuses the backend with ArenaError), plus slot
+allocation and pack-into-slot times.
 
     python scripts/gpu_arena.py --out DIR/arena.csv
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from cpkv.kernels import pack_pages, unpack_pages  # noqa: E402
 from cpkv.report import provenance  # noqa: E402
 from cpkv.shapes import SHAPES  # noqa: E402
-from cpkv.staging import StagingArena  # noqa: E402
+from cpkv.staging import ArenaError, StagingArena  # noqa: E402
 
 COLUMNS = ["backend", "status", "detail", "alloc_us", "pack_ms", "slot_nbytes", "device",
            "torch", "triton", "git_sha", "timestamp"]
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
             try:
                 group = _group_of_one(tmp) if backend == "symmetric" else None
                 rows.append(check(backend, device, group))
+            except ArenaError as e:  # the arena says this backend cannot run here, and why
+                rows.append(dict(backend=backend, status="unavailable", detail=str(e)[:300]))
             except Exception as e:  # the check reports every backend, whatever one does
                 traceback.print_exc()
                 rows.append(dict(backend=backend, status="failed",

@@ -8,7 +8,7 @@
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # --quick: tiny sweep, the GPU-marked tests only; what a CPU machine can run of the check.
-# OUTDIR gets: tests.log, codegen.csv, kernels.csv, arena.csv, kernels.png, gpu_e2e.png,
+# OUTDIR gets: gpu-tests.log, tests.log, codegen.csv, kernels.csv, arena.csv, kernels.png, gpu_e2e.png,
 # summary.txt (one line per step: ok / FAILED / skipped, with its time).
 # GPU_CHECK_SKIP=tests,codegen (comma-separated step names) skips steps; PYTHON picks the
 # interpreter (default python3).
@@ -76,23 +76,21 @@ if torch.cuda.is_available():
         print(f"cuda:{i} {p.name}, {p.total_memory >> 30} GiB, L2 {p.L2_cache_size >> 20} MiB")
 PYEOF
 
-# 2. Tests: the GPU-marked ones, and (full check) the kernel suite on CUDA tensors.
+# Order: what the GPU's answer depends on first (GPU-marked tests, then the sweep, arena and
+# plots), then the whole kernel suite on CUDA tensors and the codegen report; the budget trims
+# the last steps, never the sweep, if the machine is slow.
+XDIST=()  # spread the kernel suite's compiles over 8 workers where pytest-xdist is installed
+if "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
+
+# 2. The suite's GPU-marked tests.
 if [ $QUICK = 1 ]; then
-  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_staging.py
+  step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
+    tests/test_staging.py
 else
-  step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_staging.py \
-    tests/test_codegen.py
+  step gpu-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests
 fi
 
-# 3. Codegen report for this Triton (the committed one is from the CPU machines' Triton).
-if [ $QUICK = 1 ]; then
-  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --arch sm_90a \
-    --shapes B --page-sizes 16 --out "$OUT/codegen.csv"
-else
-  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
-fi
-
-# 4. Kernel sweep: device time (do_bench) 4K-32K tokens, end to end at 4K tokens.
+# 3. Kernel sweep: device time (do_bench) 4K-32K tokens, end to end at 4K tokens.
 rm -f "$OUT/kernels.csv"
 if [ $QUICK = 1 ]; then
   step sweep 240 "$PY" -m benchmarks.bench_kernels --quick --shapes B --page-sizes 16 \
@@ -104,12 +102,26 @@ else
   echo "sweep: skipped (no CUDA device; use --quick)" >> "$SUMMARY"
 fi
 
-# 5. Staging arena: cuda, and symmetric with a group of one.
+# 4. Staging arena: cuda, and symmetric with a group of one.
 step arena 45 "$PY" scripts/gpu_arena.py --out "$OUT/arena.csv"
 
-# 6. Plots from the CSVs.
+# 5. Plots from the CSVs.
 if [ -s "$OUT/kernels.csv" ]; then
   step plots 30 "$PY" scripts/gpu_plots.py --results "$OUT" --out "$OUT"
+fi
+
+# 6. The kernel suite on CUDA tensors (compiled Triton vs the CPU oracles).
+if [ $QUICK = 0 ]; then
+  step tests 180 "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/kernels \
+    tests/test_codegen.py
+fi
+
+# 7. Codegen report for this Triton (the committed one is from the CPU machines' Triton).
+if [ $QUICK = 1 ]; then
+  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --arch sm_90a \
+    --shapes B --page-sizes 16 --out "$OUT/codegen.csv"
+else
+  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
 fi
 
 cat "$SUMMARY"

@@ -27,10 +27,10 @@ def test_bad_arguments_print_usage(args):
 
 def test_quick_check_on_cpu_writes_csvs_plots_and_summary(tmp_path):
     out = tmp_path / "gpu check"  # a space in the path must not break anything
-    r = run(str(out), "--quick", env={"GPU_CHECK_SKIP": "tests,codegen"})
+    r = run(str(out), "--quick", env={"GPU_CHECK_SKIP": "gpu-tests,codegen"})
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text()
-    for step in ("sweep: ok", "arena: ok", "plots: ok", "tests: skipped", "codegen: skipped"):
+    for step in ("sweep: ok", "arena: ok", "plots: ok", "gpu-tests: skipped", "codegen: skipped"):
         assert step in summary, summary
     with (out / "kernels.csv").open() as f:
         rows = list(csv.DictReader(f))
