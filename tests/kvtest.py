@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cpkv import ComponentSpec, PagedKVCache
@@ -198,6 +200,9 @@ def disjoint_page_lists(num_pages: int, seq_lens, page_size: int, seed=0):
 # `kernel_device(backend)` through these helpers, comparing on the CPU.
 
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# KVTEST_FORCE_MOVE=1 makes `pool_on` copy even to the same device and mark the copy, so a CPU
+# run can check that every kernel call goes through the moving helpers (as on a CUDA host).
+FORCE_MOVE = os.environ.get("KVTEST_FORCE_MOVE") == "1"
 
 
 def kernel_device(backend: str) -> torch.device:
@@ -221,10 +226,13 @@ def same_layout(t: torch.Tensor, device, *, force: bool = False) -> torch.Tensor
 
 def pool_on(cache: PagedKVCache, device, *, force: bool = False) -> PagedKVCache:
     """A copy of ``cache`` on ``device`` with every layer tensor's layout kept (or ``cache``)."""
+    force = force or FORCE_MOVE
     if torch.device(device) == cache.device and not force:
         return cache
-    return PagedKVCache({n: [same_layout(t, device, force=force) for t in ts]
-                         for n, ts in cache.buffers.items()}, layout=cache.layout)
+    moved = PagedKVCache({n: [same_layout(t, device, force=force) for t in ts]
+                          for n, ts in cache.buffers.items()}, layout=cache.layout)
+    moved.on_kernel_device = True
+    return moved
 
 
 def copy_back(moved: PagedKVCache, cache: PagedKVCache) -> None:
