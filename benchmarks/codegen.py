@@ -106,14 +106,12 @@ def _widest(sass: str, op: str) -> int:
 def launch_specs(shape: str, page_size: int, op: str):
     """(spec, number of blocks) of every launch the launcher plans for one request of ``op``
     on a pool of ``shape`` (all layers, all heads; fragmented int32 ids, aligned buffers)."""
-    import torch
 
     from cpkv.kernels.paged_copy import plan_launch
     from cpkv.shapes import SHAPES
 
     cache = SHAPES[shape].cache(num_pages=2, page_size=page_size)  # only shapes/strides matter
-    slot = torch.empty(64, dtype=torch.uint8)  # the allocator's alignment, as a staging slot
-    plan = plan_launch(cache, range(cache.num_layers), range(cache.num_heads), slot.data_ptr(),
+    plan = plan_launch(cache, range(cache.num_layers), range(cache.num_heads), 16,
                        unpack=op != "pack", token_map=op == "reorganize", interpret=False)
     return [(g.spec, len(g.rows)) for g in plan]
 

@@ -62,10 +62,9 @@ def _pool(specs, page_size=16, num_layers=3):
 
 def test_one_launch_per_geometry_whatever_the_layers():
     bf16 = [ComponentSpec("k", 8, 128, torch.bfloat16), ComponentSpec("v", 8, 128, torch.bfloat16)]
-    slot = torch.empty(64, dtype=torch.uint8)
     for layers in (1, 3, 7):
         cache = _pool(bf16, num_layers=layers)
-        plan = plan_launch(cache, range(layers), range(8), slot.data_ptr(), unpack=False,
+        plan = plan_launch(cache, range(layers), range(8), 16, unpack=False,
                            interpret=False)
         assert len(plan) == 1 and len(plan[0].rows) == 2 * layers
         spec = plan[0].spec
@@ -77,8 +76,7 @@ def test_a_narrow_component_keeps_its_own_word():
     specs = [ComponentSpec("k", 2, 64, torch.bfloat16), ComponentSpec("scale", 2, 3, torch.float32),
              ComponentSpec("v", 2, 64, torch.bfloat16)]
     cache = _pool(specs)
-    slot = torch.empty(64, dtype=torch.uint8)
-    plan = plan_launch(cache, range(3), range(2), slot.data_ptr(), unpack=True, interpret=False)
+    plan = plan_launch(cache, range(3), range(2), 16, unpack=True, interpret=False)
     by_row = {g.spec.row_words * g.spec.word: g.spec for g in plan}
     # V follows K (256 B) and the scales (24 B): offset 280 B per token, 8-byte aligned only.
     assert by_row[24].word == 4 and by_row[256].word == 8
@@ -97,8 +95,7 @@ def test_strided_heads_and_long_rows_plan():
     """HND heads are strided; a 16 KiB row splits across programs in 2 KiB steps."""
     hnd = PagedKVCache.empty([ComponentSpec("k", 64, 128, torch.bfloat16)], num_layers=1,
                              num_pages=2, page_size=4, layout="HND")
-    slot = torch.empty(64, dtype=torch.uint8)
-    (g,) = plan_launch(hnd, range(1), range(64), slot.data_ptr(), unpack=False, interpret=False)
+    (g,) = plan_launch(hnd, range(1), range(64), 16, unpack=False, interpret=False)
     s = g.spec
     assert not s.contig_heads and s.row_words == 64 * 32
     assert s.block_r * s.word == 2048 and s.n_chunks == 2 and s.chunk_words % s.block_r == 0

@@ -160,6 +160,12 @@ def _align(quantities) -> int:
     return a
 
 
+def slot_alignment(slot: torch.Tensor) -> int:
+    """Bytes (<= 16) the slot's address is a multiple of; also its offset in its storage, so
+    the slot can be viewed as words of that width."""
+    return _align([slot.data_ptr(), slot.storage_offset() * slot.element_size()])
+
+
 def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_R, CHUNK_WORDS) for a row: fixed by the geometry, budgeted in bytes."""
     # The widest power-of-two step (<= 2 KiB) whose padding wastes at most 1/8 of the row.
@@ -172,15 +178,15 @@ def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, i
     return block_t, block_r, steps * block_r
 
 
-def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_ptr: int, *,
+def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: int = 16, *,
                 unpack: bool, token_map: bool = False, interpret: bool = _INTERPRET,
                 ) -> list[LaunchGroup]:
     """Group the packed format's blocks by geometry: one `LaunchGroup` per specialisation.
 
     Pure host work on the pool's shapes, strides and addresses (no device access); the same
-    code serves `_launch` and the codegen report (`benchmarks.codegen`). ``slot_ptr`` is the
-    slot's address (its alignment caps the word); ``token_map`` selects the reorganize kernel,
-    whose regions are ``rows_per_rank`` whole packed rows apart.
+    code serves `_launch` and the codegen report (`benchmarks.codegen`). ``slot_align`` is the
+    slot's alignment in bytes (`slot_alignment`; it caps the word); ``token_map`` selects the
+    reorganize kernel, whose regions are ``rows_per_rank`` whole packed rows apart.
     """
     blocks, pre = [], 0
     for layer in layers:
@@ -197,7 +203,7 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_ptr: int,
     total_row = pre  # bytes of one packed token: regions are rows_per_rank of them apart
     groups: dict[tuple, list] = {}
     for base, strides, head, row, contig, pre_b in blocks:
-        quantities = [base, *strides, head, row, pre_b, slot_ptr]
+        quantities = [base, *strides, head, row, pre_b, slot_align]
         if token_map:
             quantities.append(total_row)
         align = _align(quantities)
@@ -225,12 +231,11 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers
     """One launch per geometry group for every layer and component. Inputs are trusted; no host
     synchronisation (the descriptor tables are built and copied once per pool and geometry)."""
     has_map = token_map is not None
-    key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map,
-           _align([slot.data_ptr()]))
+    align = slot_alignment(slot)
+    key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, align)
     launches = cache._kernel_tables.get(key)
     if launches is None:
-        plan = plan_launch(cache, layers, heads, slot.data_ptr(), unpack=unpack,
-                           token_map=has_map)
+        plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map)
         launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
                     for g in plan]
         cache._kernel_tables[key] = launches

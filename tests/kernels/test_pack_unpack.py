@@ -250,3 +250,26 @@ def test_pool_on_keeps_the_layout():
             for t, m in zip(ts, moved.buffers[name], strict=True):
                 assert m.stride() == t.stride() and m.storage_offset() == t.storage_offset()
                 assert m.data_ptr() != t.data_ptr() and torch.equal(as_bytes(m), as_bytes(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1, 2, 4, 8, 16])
+def test_slots_at_any_alignment(offset, backend):
+    """A slot at any byte offset (a receiver's segment, a slice of a staging slot) narrows the
+    word to what its address allows; the bytes are the same."""
+    cache = make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6, page_size=4)
+    dst = make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6, page_size=4,
+                     seed=5)
+    dev = kernel_device(backend)
+    ids = request_ids("frag", 3, 6, torch.int32)
+    nbytes = cache.packed_nbytes(10)
+    buf = torch.full((nbytes + offset + GUARD,), SENTINEL, dtype=torch.uint8, device=dev)
+    out = buf[offset:offset + nbytes]
+    pack_pages(pool_on(cache, dev), on(ids, dev), num_tokens=10, out=out, backend=backend)
+    assert_bytes_equal(out.cpu(), oracle_pack(cache, ids, 10, range(2), range(2)), "packed")
+    assert bool((buf[:offset] == SENTINEL).all() and (buf[offset + nbytes:] == SENTINEL).all())
+    moved = pool_on(dst, dev)
+    unpack_pages(out, moved, on(ids, dev), num_tokens=10, backend=backend)
+    copy_back(moved, dst)
+    assert_bytes_equal(pack_pages(dst, ids, num_tokens=10, backend="torch"), out.cpu(),
+                       "round trip")
