@@ -273,3 +273,22 @@ def test_slots_at_any_alignment(offset, backend):
     copy_back(moved, dst)
     assert_bytes_equal(pack_pages(dst, ids, num_tokens=10, backend="torch"), out.cpu(),
                        "round trip")
+
+
+@pytest.mark.parametrize("case", ["mha", "mla", "three", "hnd-strided", "16KiB-rows"])
+def test_gpu_tile_sizes(case, monkeypatch):
+    """The GPU's tiles (8 KiB steps: a few tokens per program, many programs), also where the
+    interpreter stands in for the GPU: every tile edge lands where the oracle says."""
+    from cpkv.kernels import paged_copy
+
+    monkeypatch.setattr(paged_copy, "_TILE_BYTES_INTERPRET", paged_copy._TILE_BYTES)
+    specs, layout, strided = {
+        "mha": (mha(), "NHD", None), "mla": (mla(), "NHD", None), "three": (three(), "NHD", None),
+        "hnd-strided": (mha(num_heads=3), "HND", "heads"),
+        "16KiB-rows": (mha(num_heads=64, head_dim=128), "NHD", None)}[case]
+    src = make_cache(specs, num_layers=2, num_pages=7, page_size=16, layout=layout,
+                     strided=strided)
+    dst = make_cache(specs, num_layers=2, num_pages=9, page_size=8, seed=4)
+    ids = request_ids("frag", 5, 7, torch.int32)
+    check_pack(src, ids, num_tokens=70, backend="triton")
+    round_trip(src, dst, ids, request_ids("frag", 9, 9, torch.int64), 70, "triton")
