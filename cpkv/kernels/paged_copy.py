@@ -346,7 +346,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     last page, are never written.
 
     Args:
-        packed: contiguous buffer of exactly the packed size; uint8, or the pool's dtype.
+        packed: contiguous buffer of exactly the packed size; uint8, or the pool's dtype; apart
+            from the pool's memory (an overlapping one is refused).
         cache: the destination pool.
         page_ids: [n_pages] int32/int64 distinct destination page ids, in request order.
         num_tokens, layers, heads, backend, validate: as in `pack_pages`, for the destination.
@@ -396,7 +397,8 @@ def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     padding and tokens already in the pages); the kernels know nothing of splits.
 
     Args:
-        gathered: contiguous uint8 [n_regions * cache.packed_nbytes(rows_per_rank, layers=)].
+        gathered: contiguous 1-D uint8 [n_regions * cache.packed_nbytes(rows_per_rank,
+            layers=)], apart from the pool's memory.
         cache: the destination pool.
         page_ids: [n_pages] distinct page ids the map's tokens address.
         token_map: [num_tokens] int64 on the pool's device, num_tokens <= n_pages * page_size;
