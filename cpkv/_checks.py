@@ -68,10 +68,13 @@ def check_num_tokens(num_tokens, n_pages: int, page_size: int) -> int:
 
 
 def check_buffer(buf, *, what: str, device: torch.device, min_nbytes: int | None = None,
-                 nbytes: int | None = None, dtype: torch.dtype | None = None) -> None:
-    """A contiguous tensor on ``device`` of the given dtype and byte size."""
+                 nbytes: int | None = None, dtype: torch.dtype | None = None,
+                 ndim: int | None = None) -> None:
+    """A contiguous tensor on ``device`` of the given dtype, byte size and (if given) rank."""
     if not isinstance(buf, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(buf).__name__}")
+    if ndim is not None and buf.dim() != ndim:
+        raise ValueError(f"{what}: expected a {ndim}-D tensor, got shape {tuple(buf.shape)}")
     if dtype is not None and buf.dtype != dtype:
         raise TypeError(f"{what}: expected dtype {dtype}, got {buf.dtype}")
     if buf.device != device:
@@ -83,3 +86,23 @@ def check_buffer(buf, *, what: str, device: torch.device, min_nbytes: int | None
         raise ValueError(f"{what}: expected at least {min_nbytes} bytes, got {size}")
     if nbytes is not None and size != nbytes:
         raise ValueError(f"{what}: expected {nbytes} bytes for this geometry, got {size}")
+
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi) addresses a (possibly strided) tensor view's bytes lie in."""
+    lo = t.data_ptr()
+    if t.numel() == 0:
+        return lo, lo
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+    return lo, lo + extent * t.element_size()
+
+
+def check_no_alias(buf: torch.Tensor, spans, *, what: str) -> None:
+    """Refuse a buffer whose bytes overlap any of ``spans`` (`byte_span` of e.g. the pool's own
+    layers): a copy between overlapping memory would corrupt both. Host-only, no sync."""
+    lo, hi = byte_span(buf)
+    for s_lo, s_hi in spans:
+        if lo < s_hi and s_lo < hi:
+            raise ValueError(f"{what}: expected a buffer apart from the pool, got one overlapping "
+                             f"a pool tensor's memory ({hi - lo} bytes at {lo:#x})")

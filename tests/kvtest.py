@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cpkv import ComponentSpec, PagedKVCache
@@ -191,3 +193,57 @@ def disjoint_page_lists(num_pages: int, seq_lens, page_size: int, seed=0):
         out.append(perm[pos:pos + k].to(torch.int32 if s % 2 else torch.int64))
         pos += k
     return out
+
+
+# -- the kernel device: compiled Triton on CUDA tensors where CUDA exists, else the interpreter
+# on CPU tensors. Tests build pools and oracles on the CPU and run the kernel under test on
+# `kernel_device(backend)` through these helpers, comparing on the CPU.
+
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# KVTEST_FORCE_MOVE=1 makes `pool_on` copy even to the same device and mark the copy, so a CPU
+# run can check that every kernel call goes through the moving helpers (as on a CUDA host).
+FORCE_MOVE = os.environ.get("KVTEST_FORCE_MOVE") == "1"
+
+
+def kernel_device(backend: str) -> torch.device:
+    """Where a test runs ``backend``: Triton on the kernel device, torch on the CPU."""
+    return KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
+
+
+def same_layout(t: torch.Tensor, device, *, force: bool = False) -> torch.Tensor:
+    """``t`` on ``device`` with its storage copied whole: same storage offset and strides, so a
+    strided view (head slice, every other page) stays one. No copy when already there."""
+    device = torch.device(device)
+    if t.device == device and not force:
+        return t
+    storage = t.untyped_storage()
+    flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        storage, 0, (storage.nbytes(),), (1,))
+    moved = flat.to(device, copy=True).untyped_storage()
+    return torch.empty(0, dtype=t.dtype, device=device).set_(moved, t.storage_offset(),
+                                                             t.shape, t.stride())
+
+
+def pool_on(cache: PagedKVCache, device, *, force: bool = False) -> PagedKVCache:
+    """A copy of ``cache`` on ``device`` with every layer tensor's layout kept (or ``cache``)."""
+    force = force or FORCE_MOVE
+    if torch.device(device) == cache.device and not force:
+        return cache
+    moved = PagedKVCache({n: [same_layout(t, device, force=force) for t in ts]
+                          for n, ts in cache.buffers.items()}, layout=cache.layout)
+    moved.on_kernel_device = True
+    return moved
+
+
+def copy_back(moved: PagedKVCache, cache: PagedKVCache) -> None:
+    """Write a moved pool's bytes back into the CPU pool it came from (its visible elements)."""
+    if moved is cache:
+        return
+    for name, ts in cache.buffers.items():
+        for t, m in zip(ts, moved.buffers[name], strict=True):
+            as_bytes(t).copy_(as_bytes(m))
+
+
+def on(x, device):
+    """A tensor moved to ``device``; anything else (list, numpy ids) as is."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x

@@ -1,14 +1,22 @@
-"""Pack a request's pages into a contiguous slot, unpack a slot into a pool, and reorganize a CP
-all-gather into a pool: one Triton launch each.
+"""Pack a request's pages into a contiguous packed slot, unpack a slot into a pool, and reorganize
+a CP all-gather into a pool: one Triton kernel, O(1) launches per call.
 
-One kernel serves all three. Its grid is (token blocks, blocks of the packed format); every
-program copies a [BLOCK_T tokens, BLOCK_R words] tile between the pool and the slot. A per-block
-descriptor table (built once per cache, layer range, head slice and word width, then cached)
-holds each layer tensor's base address and strides, so all layers and components go in a single
-launch whatever their number. Bytes move as same-width integer words (8, 4, 2 or 1 bytes: the
-widest that divides every address, stride and row), never as floats.
+The launcher (`plan_launch`) sorts the packed format's blocks (one per layer and component) into
+groups of equal geometry: word width, alignment, heads contiguous or strided, head and row
+length. Each group is one launch of a kernel specialised to it, whatever the number of layers
+and pages: page size, head words and row words are compile-time constants (no division by a
+run-time value, no recompile per request size), and the alignment the host checked is asserted
+to the compiler, so a 16-byte aligned row moves in 128-bit accesses. A narrower component (fp32
+scales beside bf16 K/V, an odd head size) gets its own group and word, never dragging the others
+to its width. Bytes move as same-width integer words (8, 4, 2 or 1 bytes), never as floats.
 
-Slot side: token t's row of block b sits at ``rows_per_rank * pre_words[b] + t * row_words[b]``
+Each program copies a [BLOCK_T tokens, CHUNK_WORDS words] tile of one block in BLOCK_R-word
+steps; a row longer than CHUNK_WORDS is split across programs (grid axis 2), so a request of
+few tokens still fills the GPU. Tile sizes depend only on the geometry and are budgeted in bytes
+(see `_TILE_BYTES`). A per-group descriptor table (cached on the pool: its tensors never move)
+holds each block's pool base address, strides and packed offset.
+
+Slot side: token t's row of block b sits at ``rows_per_rank * pre_words[b] + t * ROW_WORDS``
 (the packed format). With a token map (reorganize), token t instead reads gathered row
 ``g = map[t]`` of rank region ``g // rows_per_rank`` (regions ``rank_words`` apart, each a packed
 slot of ``rows_per_rank`` tokens), and is skipped where ``g < 0``.
@@ -16,69 +24,89 @@ slot of ``rows_per_rank`` tokens), and is skipped where ``g < 0``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._checks import as_page_ids, check_buffer, check_num_tokens
+from .._checks import as_page_ids, byte_span, check_buffer, check_no_alias, check_num_tokens
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
-from .words import WORD_DTYPES, word_bytes
+from .words import WORD_DTYPES
 
 __all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Descriptor row per packed block (layer-major, then component), int64 fields in this order:
-# base address, page / slot / head strides (words), words per head, words per row, words of
-# every earlier block's row.
-_N_FIELDS = 7
+# Descriptor row per block of a group, int64 fields in this order: pool base address (bytes),
+# page / slot / head strides (words), words of every earlier block's row in the packed format.
+_N_FIELDS = 5
+# Bytes one tile step moves: 8 KiB over 4 warps is 64 B (four 128-bit accesses) per thread.
+# The interpreter runs programs one by one, so it gets far larger tiles.
+_TILE_BYTES = 8192
+_TILE_BYTES_INTERPRET = 1 << 19
+_STEP_MAX_BYTES = 2048  # widest row step; longer rows loop (or split across programs)
+_CHUNK_MAX_BYTES = 8192  # row bytes one program covers; longer rows split across programs
+_MAX_ALIGN = 16  # bytes of the widest access (128-bit)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rows_per_rank", "rank_words"])
 def _paged_copy_kernel(
     slot,  # *word: the packed slot (or the gathered regions)
-    desc,  # *int64 [n_blocks, N_FIELDS]
+    desc,  # *int64 [n_blocks, _N_FIELDS] of this group
     page_ids,  # *int32 | *int64 [n_pages of the request]
     token_map,  # *int64 [num_tokens] gathered row per token, -1 to skip (HAS_TOKEN_MAP)
     num_tokens,
-    page_size,
     rows_per_rank,
     rank_words,
-    N_FIELDS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_WORDS: tl.constexpr,
+    ROW_WORDS: tl.constexpr,
+    CONTIG_HEADS: tl.constexpr,  # a row's heads are back to back in the pool
+    VEC: tl.constexpr,  # words every address, stride and row is a multiple of
+    ALIGN_BYTES: tl.constexpr,  # VEC * word bytes
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    CHUNK_WORDS: tl.constexpr,  # a multiple of BLOCK_R
     IS_UNPACK: tl.constexpr,
     HAS_TOKEN_MAP: tl.constexpr,
 ):
-    i_t = tl.program_id(0).to(tl.int64)
+    i_t = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
-    p_desc = desc + i_b * N_FIELDS
-    p_pool = tl.load(p_desc + 0).to(tl.pointer_type(slot.dtype.element_ty))
-    stride_page = tl.load(p_desc + 1)
-    stride_slot = tl.load(p_desc + 2)
-    stride_head = tl.load(p_desc + 3)
-    head_words = tl.load(p_desc + 4)
-    row_words = tl.load(p_desc + 5)
-    # Blocks are back to back: this one starts after the rows of every earlier block.
-    o_block = rows_per_rank * tl.load(p_desc + 6)
+    i_c = tl.program_id(2)
+    p_desc = desc + i_b * 5
+    p_pool = tl.load(p_desc).to(tl.pointer_type(slot.dtype.element_ty))
+    p_pool = tl.multiple_of(p_pool, ALIGN_BYTES)
+    stride_page = tl.multiple_of(tl.load(p_desc + 1), VEC)
+    stride_slot = tl.multiple_of(tl.load(p_desc + 2), VEC)
+    stride_head = tl.multiple_of(tl.load(p_desc + 3), VEC)
+    o_block = tl.multiple_of(rows_per_rank.to(tl.int64) * tl.load(p_desc + 4), VEC)
 
-    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: token counts stay far below 2**31
     m_t = o_t < num_tokens
     if HAS_TOKEN_MAP:
-        b_row = tl.load(token_map + o_t, mask=m_t, other=-1)
-        m_t = m_t & (b_row >= 0)
-        o_tok_slot = (b_row // rows_per_rank) * rank_words + o_block \
-            + (b_row % rows_per_rank) * row_words
+        g = tl.load(token_map + o_t, mask=m_t, other=-1)
+        m_t = m_t & (g >= 0)
+        g32 = g.to(tl.int32)
+        region = g32 // rows_per_rank  # once per token, 32-bit; never in the copy loop
+        o_tok_slot = region.to(tl.int64) * rank_words + o_block \
+            + (g32 - region * rows_per_rank).to(tl.int64) * ROW_WORDS
     else:
-        o_tok_slot = o_block + o_t * row_words
-    b_page = tl.load(page_ids + o_t // page_size, mask=m_t, other=0).to(tl.int64)
-    o_tok_pool = b_page * stride_page + (o_t % page_size) * stride_slot
-    for r0 in range(0, row_words, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m = m_t[:, None] & (o_r < row_words)[None, :]
-        o_row = (o_r // head_words) * stride_head + o_r % head_words  # heads may be strided
+        o_tok_slot = o_block + o_t.to(tl.int64) * ROW_WORDS
+    page = tl.load(page_ids + o_t // PAGE_SIZE, mask=m_t, other=0).to(tl.int64)
+    o_tok_pool = tl.multiple_of(page * stride_page + (o_t % PAGE_SIZE).to(tl.int64) * stride_slot,
+                                VEC)
+    o_tok_slot = tl.multiple_of(o_tok_slot, VEC)
+    for r0 in tl.static_range(0, CHUNK_WORDS, BLOCK_R):
+        o_r = i_c * CHUNK_WORDS + r0 + tl.arange(0, BLOCK_R)
+        o_r = tl.max_contiguous(tl.multiple_of(o_r, BLOCK_R), BLOCK_R)
+        m = m_t[:, None] & (o_r < ROW_WORDS)[None, :]
+        if CONTIG_HEADS:
+            o_row = o_r.to(tl.int64)
+        else:  # HND or a head slice of a wider buffer: constant divisor, no division
+            o_row = (o_r // HEAD_WORDS).to(tl.int64) * stride_head + (o_r % HEAD_WORDS)
         o_pool = o_tok_pool[:, None] + o_row[None, :]
         o_slot = o_tok_slot[:, None] + o_r[None, :]
         if IS_UNPACK:
@@ -87,52 +115,138 @@ def _paged_copy_kernel(
             tl.store(slot + o_slot, tl.load(p_pool + o_pool, mask=m), mask=m)
 
 
-def _descriptors(cache: PagedKVCache, layers: range, heads: range, word: int) -> torch.Tensor:
-    """The kernel's per-block table, cached on the pool (its tensors never move)."""
-    key = (layers.start, layers.stop, heads.start, heads.stop, word)
-    table = cache._kernel_tables.get(key)
-    if table is None:
-        rows, pre_words = [], 0
-        for layer in layers:
-            for spec in cache.components:
-                t = cache.nhd_view(spec.name, layer)
-                scale = spec.itemsize  # element strides -> byte strides -> words
-                head_words = spec.head_nbytes // word
-                row_words = len(heads) * head_words
-                rows.append([
-                    t.data_ptr() + heads.start * t.stride(2) * scale,
-                    t.stride(0) * scale // word,
-                    t.stride(1) * scale // word,
-                    t.stride(2) * scale // word,
-                    head_words,
-                    row_words,
-                    pre_words,
-                ])
-                pre_words += row_words
-        table = torch.tensor(rows, dtype=torch.int64).to(cache.device)
-        cache._kernel_tables[key] = table
-    return table
+@dataclass(frozen=True)
+class KernelSpec:
+    """One specialisation of the copy kernel: its compile-time constants."""
+
+    word: int  # bytes per word
+    vec: int  # words per aligned run (16-byte alignment with 8-byte words: 2)
+    page_size: int
+    head_words: int
+    row_words: int
+    contig_heads: bool
+    block_t: int
+    block_r: int
+    chunk_words: int
+    is_unpack: bool
+    has_token_map: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.row_words // self.chunk_words)
+
+    def constexprs(self) -> dict:
+        return dict(PAGE_SIZE=self.page_size, HEAD_WORDS=self.head_words,
+                    ROW_WORDS=self.row_words, CONTIG_HEADS=self.contig_heads, VEC=self.vec,
+                    ALIGN_BYTES=self.vec * self.word, BLOCK_T=self.block_t,
+                    BLOCK_R=self.block_r, CHUNK_WORDS=self.chunk_words,
+                    IS_UNPACK=self.is_unpack, HAS_TOKEN_MAP=self.has_token_map)
+
+
+@dataclass(frozen=True)
+class LaunchGroup:
+    """One launch: a specialisation and the descriptor rows of its blocks."""
+
+    spec: KernelSpec
+    rows: tuple[tuple[int, ...], ...]
+
+
+def _align(quantities) -> int:
+    """Widest power of two, at most 16, dividing every quantity (bytes)."""
+    a = _MAX_ALIGN
+    for q in quantities:
+        while q % a:
+            a //= 2
+    return a
+
+
+def slot_alignment(slot: torch.Tensor) -> int:
+    """Bytes (<= 16) the slot's address is a multiple of; also its offset in its storage, so
+    the slot can be viewed as words of that width."""
+    return _align([slot.data_ptr(), slot.storage_offset() * slot.element_size()])
+
+
+def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_R, CHUNK_WORDS) for a row: fixed by the geometry, budgeted in bytes."""
+    # The widest power-of-two step (<= 2 KiB) whose padding wastes at most 1/8 of the row.
+    block_r, cap = vec, max(vec, min(triton.next_power_of_2(row_words), _STEP_MAX_BYTES // word))
+    while block_r * 2 <= cap and -(-row_words // (block_r * 2)) * block_r * 2 * 8 <= row_words * 9:
+        block_r *= 2
+    steps = min(-(-row_words // block_r), max(1, _CHUNK_MAX_BYTES // (block_r * word)))
+    tile = _TILE_BYTES_INTERPRET if interpret else _TILE_BYTES
+    block_t = max(1, min(tile // (block_r * word), 1024 if interpret else 256))  # powers of 2
+    return block_t, block_r, steps * block_r
+
+
+def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: int = 16, *,
+                unpack: bool, token_map: bool = False, interpret: bool = _INTERPRET,
+                ) -> list[LaunchGroup]:
+    """Group the packed format's blocks by geometry: one `LaunchGroup` per specialisation.
+
+    Pure host work on the pool's shapes, strides and addresses (no device access); the same
+    code serves `_launch` and the codegen report (`benchmarks.codegen`). ``slot_align`` is the
+    slot's alignment in bytes (`slot_alignment`; it caps the word); ``token_map`` selects the
+    reorganize kernel, whose regions are ``rows_per_rank`` whole packed rows apart.
+    """
+    blocks, pre = [], 0
+    for layer in layers:
+        for spec in cache.components:
+            t = cache.nhd_view(spec.name, layer)
+            isz = spec.itemsize
+            row = len(heads) * spec.head_nbytes
+            contig = len(heads) == 1 or t.stride(2) * isz == spec.head_nbytes
+            strides = (t.stride(0) * isz, t.stride(1) * isz,
+                       t.stride(2) * isz if len(heads) > 1 else spec.head_nbytes)
+            base = t.data_ptr() + heads.start * t.stride(2) * isz
+            blocks.append((base, strides, spec.head_nbytes, row, contig, pre))
+            pre += row
+    total_row = pre  # bytes of one packed token: regions are rows_per_rank of them apart
+    groups: dict[tuple, list] = {}
+    for base, strides, head, row, contig, pre_b in blocks:
+        quantities = [base, *strides, head, row, pre_b, slot_align]
+        if token_map:
+            quantities.append(total_row)
+        align = _align(quantities)
+        word = min(align, 8)
+        key = (word, align // word, head // word, row // word, contig)
+        groups.setdefault(key, []).append(
+            (base, *(s // word for s in strides), pre_b // word))
+    plan = []
+    for (word, vec, head_words, row_words, contig), rows in groups.items():
+        block_t, block_r, chunk = _tiles(row_words, vec, word, interpret)
+        spec = KernelSpec(word, vec, cache.page_size, head_words, row_words, contig, block_t,
+                          block_r, chunk, unpack, token_map)
+        plan.append(LaunchGroup(spec, tuple(rows)))
+    return plan
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, not the current one; nothing to do on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers: range,
             heads: range, slot: torch.Tensor, *, unpack: bool, token_map=None,
             rows_per_rank: int | None = None, rank_nbytes: int = 0) -> None:
-    """Launch the copy kernel once for every layer and component. Inputs are trusted."""
-    word = word_bytes(cache, layers, heads, slot)
-    table = _descriptors(cache, layers, heads, word)
-    max_row = max(len(heads) * s.head_nbytes // word for s in cache.components)
-    block_r = min(triton.next_power_of_2(max_row), 1024 if _INTERPRET else 256)
-    # Enough tokens per program to move ~16 KiB (GPU) / ~64K words (interpreter: programs are slow).
-    budget = (1 << 16) if _INTERPRET else (16384 // word)
-    block_t = max(1, min(budget // block_r, triton.next_power_of_2(num_tokens), 1024))
-    grid = (triton.cdiv(num_tokens, block_t), table.shape[0])
-    _paged_copy_kernel[grid](
-        slot.view(WORD_DTYPES[word]), table, page_ids,
-        page_ids if token_map is None else token_map, num_tokens, cache.page_size,
-        num_tokens if rows_per_rank is None else rows_per_rank, rank_nbytes // word,
-        N_FIELDS=_N_FIELDS, BLOCK_T=block_t, BLOCK_R=block_r, IS_UNPACK=unpack,
-        HAS_TOKEN_MAP=token_map is not None,
-    )
+    """One launch per geometry group for every layer and component. Inputs are trusted; no host
+    synchronisation (the descriptor tables are built and copied once per pool and geometry)."""
+    has_map = token_map is not None
+    align = slot_alignment(slot)
+    key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, align)
+    launches = cache._kernel_tables.get(key)
+    if launches is None:
+        plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map)
+        launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
+                    for g in plan]
+        cache._kernel_tables[key] = launches
+    rows = num_tokens if rows_per_rank is None else rows_per_rank
+    with _device_guard(cache.device):
+        for spec, table in launches:
+            words = slot[:slot.numel() // spec.word * spec.word].view(WORD_DTYPES[spec.word])
+            grid = (triton.cdiv(num_tokens, spec.block_t), table.shape[0], spec.n_chunks)
+            _paged_copy_kernel[grid](
+                words, table, page_ids, page_ids if token_map is None else token_map,
+                num_tokens, rows, rank_nbytes // spec.word, **spec.constexprs())
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
@@ -146,6 +260,16 @@ def _use_triton(backend: str, device: torch.device) -> bool:
                              f"before cpkv.kernels is imported (or CUDA tensors)")
         return True
     raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def _pool_spans(cache: PagedKVCache) -> list[tuple[int, int]]:
+    """The byte spans of the pool's layer tensors (cached: the pool never moves)."""
+    spans = cache._kernel_tables.get("spans")
+    if spans is None:
+        spans = [byte_span(t) for layers in cache.buffers.values() for t in layers
+                 if t.numel()]
+        cache._kernel_tables["spans"] = spans
+    return spans
 
 
 def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique):
@@ -174,10 +298,12 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
         num_tokens: tokens [0, num_tokens) are packed; default every slot of the listed pages.
         layers: layer range to pack (a pipeline stage): None, (start, stop), range or slice.
         heads: head range to pack (a tensor-parallel slice), same forms; default all heads.
-        out: optional contiguous uint8 buffer (e.g. a staging slot) of at least the packed size.
+        out: optional contiguous 1-D uint8 buffer (e.g. a staging slot) of at least the packed
+            size, apart from the pool's memory (an overlapping one is refused).
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
         validate: check every argument (reads ids back from the device); False skips the checks
-            and makes no host synchronisation: out-of-range ids then corrupt memory.
+            and makes no host synchronisation (nor any check): out-of-range ids, a 2-D or
+            overlapping ``out`` then corrupt memory.
 
     Returns:
         [packed_nbytes] uint8, the packed slot (a view of ``out`` when given); its layout is
@@ -195,7 +321,9 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
     elif validate:
-        check_buffer(out, what="out", device=cache.device, min_nbytes=nbytes, dtype=torch.uint8)
+        check_buffer(out, what="out", device=cache.device, min_nbytes=nbytes, dtype=torch.uint8,
+                     ndim=1)
+        check_no_alias(out[:nbytes], _pool_spans(cache), what="out")
     out = out[:nbytes]
     use_triton = _use_triton(backend, cache.device)
     if nbytes:
@@ -218,7 +346,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     last page, are never written.
 
     Args:
-        packed: contiguous buffer of exactly the packed size; uint8, or the pool's dtype.
+        packed: contiguous buffer of exactly the packed size; uint8, or the pool's dtype; apart
+            from the pool's memory (an overlapping one is refused).
         cache: the destination pool.
         page_ids: [n_pages] int32/int64 distinct destination page ids, in request order.
         num_tokens, layers, heads, backend, validate: as in `pack_pages`, for the destination.
@@ -238,6 +367,7 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
                 raise TypeError(f"format: expected PackedFormat, got {type(format).__name__}")
             format.check_matches(expected)
         check_buffer(packed, what="packed", device=cache.device, nbytes=expected.nbytes)
+        check_no_alias(packed, _pool_spans(cache), what="packed")
         if packed.dtype != torch.uint8:
             for spec in cache.components:
                 if spec.dtype != packed.dtype:
@@ -267,7 +397,8 @@ def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     padding and tokens already in the pages); the kernels know nothing of splits.
 
     Args:
-        gathered: contiguous uint8 [n_regions * cache.packed_nbytes(rows_per_rank, layers=)].
+        gathered: contiguous 1-D uint8 [n_regions * cache.packed_nbytes(rows_per_rank,
+            layers=)], apart from the pool's memory.
         cache: the destination pool.
         page_ids: [n_pages] distinct page ids the map's tokens address.
         token_map: [num_tokens] int64 on the pool's device, num_tokens <= n_pages * page_size;
@@ -286,7 +417,8 @@ def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     if not region or not num_tokens:
         return
     if _use_triton(backend, cache.device):
-        _launch(cache, page_ids, num_tokens, layer_range, range(cache.num_heads), gathered,
+        _launch(cache, page_ids, num_tokens, layer_range, range(cache.num_heads),
+                gathered.reshape(-1),
                 unpack=True, token_map=token_map, rows_per_rank=rows_per_rank,
                 rank_nbytes=region)
     else:
@@ -315,7 +447,8 @@ def check_reorganize(gathered, cache, page_ids, token_map, *, rows_per_rank: int
                          f"{-(-token_map.numel() // cache.page_size)} pages of "
                          f"{cache.page_size}, got {page_ids.numel()}")
     region = cache.packed_nbytes(rows_per_rank, layers=layer_range)
-    check_buffer(gathered, what="gathered", device=cache.device, dtype=torch.uint8)
+    check_buffer(gathered, what="gathered", device=cache.device, dtype=torch.uint8, ndim=1)
+    check_no_alias(gathered, _pool_spans(cache), what="gathered")
     if region and gathered.numel() % region:
         raise ValueError(f"gathered: expected a whole number of regions of {region} bytes "
                          f"({rows_per_rank} tokens), got {gathered.numel()} bytes")

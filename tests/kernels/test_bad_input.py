@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from kvtest import as_bytes, assert_cache_equals, make_cache, mha, snapshot
+from kvtest import (
+    as_bytes,
+    assert_cache_equals,
+    kernel_device,
+    make_cache,
+    mha,
+    pool_on,
+    snapshot,
+)
 
 from cpkv import ComponentSpec
 from cpkv.kernels import pack_pages, unpack_pages
@@ -150,8 +158,10 @@ def test_page_ids_in_any_form_move_the_same_bytes(src, backend):
     """numpy, list and strided ids are taken as the contiguous tensor they show: a strided
     view must never let a kernel read the ids memory it hides (its odd elements here are out of
     range, so reading them would fault or write elsewhere)."""
-    hidden = torch.tensor([4, 99, 1, -7, 5, 1 << 40])  # the view [::2] shows [4, 1, 5]
-    want = pack_pages(src, torch.tensor([4, 1, 5]), num_tokens=40, backend=backend)
+    dev = kernel_device(backend)
+    src = pool_on(src, dev)
+    hidden = torch.tensor([4, 99, 1, -7, 5, 1 << 40], device=dev)  # [::2] shows [4, 1, 5]
+    want = pack_pages(src, torch.tensor([4, 1, 5], device=dev), num_tokens=40, backend=backend)
     for ids in (hidden[::2], np.array([4, 1, 5], dtype=np.int32), [4, 1, 5], (4, 1, 5)):
         assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend), want)
         assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend,

@@ -9,12 +9,16 @@ from kvtest import (
     as_bytes,
     assert_bytes_equal,
     assert_cache_equals,
+    copy_back,
     fill_sentinel,
+    kernel_device,
     make_cache,
     mha,
     mla,
+    on,
     oracle_pack,
     oracle_unpack,
+    pool_on,
     three,
 )
 
@@ -41,13 +45,14 @@ def check_pack(cache, ids, num_tokens, backend, layers=None, heads=None):
     lr = range(cache.num_layers) if layers is None else range(*layers)
     hr = range(cache.num_heads) if heads is None else range(*heads)
     nbytes = cache.packed_nbytes(num_tokens, layers=lr, heads=hr)
-    out = torch.full((nbytes + GUARD,), SENTINEL, dtype=torch.uint8)
-    got = pack_pages(cache, ids, num_tokens=num_tokens, layers=layers, heads=heads, out=out,
-                     backend=backend)
+    dev = kernel_device(backend)
+    out = torch.full((nbytes + GUARD,), SENTINEL, dtype=torch.uint8, device=dev)
+    got = pack_pages(pool_on(cache, dev), on(ids, dev), num_tokens=num_tokens, layers=layers,
+                     heads=heads, out=out, backend=backend)
     assert got.numel() == nbytes and (nbytes == 0 or got.data_ptr() == out.data_ptr())
-    assert_bytes_equal(got, oracle_pack(cache, ids, num_tokens, lr, hr), "packed")
+    assert_bytes_equal(got.cpu(), oracle_pack(cache, ids, num_tokens, lr, hr), "packed")
     assert bool((out[nbytes:] == SENTINEL).all()), "pack wrote past the packed size"
-    return got
+    return got.cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,11 +120,14 @@ def round_trip(src, dst, src_ids, dst_ids, num_tokens, backend, *, layers=None, 
     dlr = range(dst.num_layers) if dst_layers is None else range(*dst_layers)
     dhr = range(dst.num_heads) if dst_heads is None else range(*dst_heads)
     want = oracle_unpack(src, src_ids, dst, dst_ids, num_tokens, lr, hr, dlr, dhr)
-    packed = pack_pages(src, src_ids, num_tokens=num_tokens, layers=layers, heads=heads,
-                        backend=backend)
+    dev = kernel_device(backend)
+    packed = pack_pages(pool_on(src, dev), on(src_ids, dev), num_tokens=num_tokens,
+                        layers=layers, heads=heads, backend=backend)
     fmt = src.packed_format(num_tokens, layers=layers, heads=heads)
-    unpack_pages(packed, dst, dst_ids, num_tokens=num_tokens, layers=dst_layers, heads=dst_heads,
-                 format=fmt, backend=backend)
+    moved = pool_on(dst, dev)
+    unpack_pages(packed, moved, on(dst_ids, dev), num_tokens=num_tokens, layers=dst_layers,
+                 heads=dst_heads, format=fmt, backend=backend)
+    copy_back(moved, dst)
     assert_cache_equals(dst, want, "destination")
 
 
@@ -199,6 +207,88 @@ def test_round_trip_property(data):
     dst_ids = torch.randperm(dst.num_pages)[:dst_pages].to(torch.int32)
     backend = data.draw(st.sampled_from(BACKENDS))
     round_trip(src, dst, src_ids, dst_ids, num_tokens, backend)
-    assert_bytes_equal(pack_pages(dst, dst_ids, num_tokens=num_tokens, backend=backend),
+    dev = kernel_device(backend)
+    assert_bytes_equal(pack_pages(pool_on(dst, dev), on(dst_ids, dev), num_tokens=num_tokens,
+                                  backend=backend).cpu(),
                        pack_pages(src, src_ids, num_tokens=num_tokens, backend="torch"),
                        "repacked")
+
+
+LONG_ROWS = {  # rows over 2 KiB loop in 2 KiB steps; over 8 KiB they split across programs
+    "4KiB-rows": (mha(num_heads=16, head_dim=128), "NHD", None),
+    "16KiB-rows": (mha(num_heads=64, head_dim=128), "NHD", None),
+    "6KiB-hnd-strided": (mha(num_heads=24, head_dim=128), "HND", None),
+    "head-slice-of-4KiB": (mha(num_heads=16, head_dim=128), "NHD", "heads"),
+    "mixed-widths": ([ComponentSpec("k", 4, 128, torch.bfloat16),
+                      ComponentSpec("scale", 4, 3, torch.float32),
+                      ComponentSpec("v", 4, 128, torch.bfloat16),
+                      ComponentSpec("odd", 4, 5, torch.uint8)], "NHD", None),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(LONG_ROWS))
+def test_long_rows_and_mixed_widths(case, backend):
+    """Multi-step and split rows, strided heads, and components of different word widths in
+    one pool: every byte still lands where the oracle says, in both directions."""
+    specs, layout, strided = LONG_ROWS[case]
+    src = make_cache(specs, num_layers=2, num_pages=5, page_size=4, layout=layout,
+                     strided=strided)
+    dst = make_cache(specs, num_layers=2, num_pages=6, page_size=2, layout=layout, seed=3)
+    ids = request_ids("frag", 3, 5, torch.int32)
+    check_pack(src, ids, num_tokens=11, backend=backend)
+    round_trip(src, dst, ids, request_ids("frag", 6, 6, torch.int64, seed=2), 11, backend)
+
+
+def test_pool_on_keeps_the_layout():
+    """The helper that puts pools on the kernel device keeps strided views strided."""
+    for strided, layout in (("heads", "NHD"), ("pages", "HND")):
+        cache = make_cache(mha(num_heads=3), num_layers=2, num_pages=4, page_size=4,
+                           layout=layout, strided=strided)
+        moved = pool_on(cache, "cpu", force=True)
+        for name, ts in cache.buffers.items():
+            for t, m in zip(ts, moved.buffers[name], strict=True):
+                assert m.stride() == t.stride() and m.storage_offset() == t.storage_offset()
+                assert m.data_ptr() != t.data_ptr() and torch.equal(as_bytes(m), as_bytes(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1, 2, 4, 8, 16])
+def test_slots_at_any_alignment(offset, backend):
+    """A slot at any byte offset (a receiver's segment, a slice of a staging slot) narrows the
+    word to what its address allows; the bytes are the same."""
+    cache = make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6, page_size=4)
+    dst = make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6, page_size=4,
+                     seed=5)
+    dev = kernel_device(backend)
+    ids = request_ids("frag", 3, 6, torch.int32)
+    nbytes = cache.packed_nbytes(10)
+    buf = torch.full((nbytes + offset + GUARD,), SENTINEL, dtype=torch.uint8, device=dev)
+    out = buf[offset:offset + nbytes]
+    pack_pages(pool_on(cache, dev), on(ids, dev), num_tokens=10, out=out, backend=backend)
+    assert_bytes_equal(out.cpu(), oracle_pack(cache, ids, 10, range(2), range(2)), "packed")
+    assert bool((buf[:offset] == SENTINEL).all() and (buf[offset + nbytes:] == SENTINEL).all())
+    moved = pool_on(dst, dev)
+    unpack_pages(out, moved, on(ids, dev), num_tokens=10, backend=backend)
+    copy_back(moved, dst)
+    assert_bytes_equal(pack_pages(dst, ids, num_tokens=10, backend="torch"), out.cpu(),
+                       "round trip")
+
+
+@pytest.mark.parametrize("case", ["mha", "mla", "three", "hnd-strided", "16KiB-rows"])
+def test_gpu_tile_sizes(case, monkeypatch):
+    """The GPU's tiles (8 KiB steps: a few tokens per program, many programs), also where the
+    interpreter stands in for the GPU: every tile edge lands where the oracle says."""
+    from cpkv.kernels import paged_copy
+
+    monkeypatch.setattr(paged_copy, "_TILE_BYTES_INTERPRET", paged_copy._TILE_BYTES)
+    specs, layout, strided = {
+        "mha": (mha(), "NHD", None), "mla": (mla(), "NHD", None), "three": (three(), "NHD", None),
+        "hnd-strided": (mha(num_heads=3), "HND", "heads"),
+        "16KiB-rows": (mha(num_heads=64, head_dim=128), "NHD", None)}[case]
+    src = make_cache(specs, num_layers=2, num_pages=7, page_size=16, layout=layout,
+                     strided=strided)
+    dst = make_cache(specs, num_layers=2, num_pages=9, page_size=8, seed=4)
+    ids = request_ids("frag", 5, 7, torch.int32)
+    check_pack(src, ids, num_tokens=70, backend="triton")
+    round_trip(src, dst, ids, request_ids("frag", 9, 9, torch.int64), 70, "triton")

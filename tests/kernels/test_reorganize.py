@@ -4,14 +4,17 @@ import pytest
 import torch
 from kvtest import (
     assert_cache_equals,
+    copy_back,
     disjoint_page_lists,
     fill_sentinel,
     full_kv,
     gathered_oracle,
+    kernel_device,
     make_cache,
     mha,
     mla,
     oracle_sequence_pool,
+    pool_on,
     snapshot,
     three,
 )
@@ -37,8 +40,11 @@ def run(kind, split, seq_lens, cp, page_size, backend, *, layout="NHD", layers=N
     gathered = gathered_oracle(cache, full, plan, lr)
     ids = pages[0] if len(pages) == 1 else pages
     all_ids, token_map = split_token_map(plan, cache, ids)
-    reorganize_pages(gathered, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
-                     layers=layers, backend=backend)
+    dev = kernel_device(backend)
+    moved = pool_on(cache, dev)
+    reorganize_pages(gathered.to(dev), moved, all_ids.to(dev), token_map.to(dev),
+                     rows_per_rank=plan.padded_len, layers=layers, backend=backend)
+    copy_back(moved, cache)
     assert_cache_equals(cache, want)
 
 
