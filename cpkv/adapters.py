@@ -68,39 +68,42 @@ def _check_layout(layout) -> None:
 
 
 def _token_major_pages(t: torch.Tensor, page_size: int, layout: str, what: str) -> torch.Tensor:
-    """SGLang's ``[size + page_size, heads, dim]`` buffer as pages (a view).
+    """One SGLang layer buffer as pages (a view).
 
-    NHD: ``[num_pages, page_size, heads, dim]``, token loc at page loc // ps, slot loc % ps.
-    HND: the same memory read page by page as ``[heads, page_size, dim]``."""
+    NHD: the token-major ``[size + page_size, heads, dim]`` buffer as
+    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, slot loc % ps).
+    HND (``use_hnd``): SGLang allocates ``[num_pages, heads, page_size, dim]`` itself."""
+    if layout == "HND":
+        _check_dims(t, 4, what, "[num_pages, head_num, page_size, head_dim] (SGLang use_hnd)")
+        if t.shape[2] != page_size:
+            raise ValueError(f"{what}: expected page_size {page_size} on axis 2 of "
+                             f"[num_pages, head_num, page_size, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+        return t
     _check_dims(t, 3, what, "[size + page_size, heads, head_dim] (token-major)")
     rows = t.shape[0]
     if rows % page_size:
         raise ValueError(f"{what}: expected a row count that is a multiple of page_size "
                          f"{page_size} (size + page_size), got {rows} rows")
-    n = rows // page_size
-    if layout == "NHD":
-        return t.unflatten(0, (n, page_size))
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: HND pages are read from contiguous page memory; got a "
-                         f"strided buffer (strides {t.stride()})")
-    return t.view(n, t.shape[1], page_size, t.shape[2])
+    return t.unflatten(0, (rows // page_size, page_size))
 
 
 def from_sglang_mha(k_buffer, v_buffer, *, page_size: int, layout: str = "NHD",
                     extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
                     scales_layout: str = "linear") -> PagedKVCache:
     """SGLang's MHA/GQA pool (``MHATokenToKVPool`` in
-    ``python/sglang/srt/mem_cache/memory_pool.py``).
+    ``python/sglang/srt/mem_cache/memory_pool.py``, shapes from its ``_kv_buffer_shapes``).
 
     Args:
-        k_buffer, v_buffer: the pool's per-layer lists, each
-            ``[size + page_size, head_num, head_dim]`` (token-major; slot 0's page is SGLang's
-            padding page). ``v_head_dim`` may differ from K's; K and V may be halves of one
-            fused buffer (views that share no bytes).
-        page_size: the pool's page size; token slot ``loc`` is page ``loc // page_size``.
-        layout: "NHD" (the default pool: page p is rows ``[p*ps, (p+1)*ps)``) or "HND" (each
-            page's memory holds ``[head_num, page_size, head_dim]``; needs contiguous buffers).
-        extras: more per-layer buffers addressed like K (token-major, same head count), e.g.
+        k_buffer, v_buffer: the pool's per-layer lists. NHD (default): each
+            ``[size + page_size, head_num, head_dim]``, token-major (slot 0's page is SGLang's
+            padding page); HND (``use_hnd``): each ``[num_pages, head_num, page_size,
+            head_dim]``. ``v_head_dim`` may differ from K's; K and V may be halves of one fused
+            buffer (views that share no bytes).
+        page_size: the pool's page size; token slot ``loc`` is page ``loc // page_size``, slot
+            ``loc % page_size``.
+        layout: "NHD" or "HND", as the pool was allocated.
+        extras: more per-layer buffers addressed like K (same layout and head count), e.g.
             per-head fp8 scales ``[size + page_size, head_num, 1]`` float32.
         scales_layout: "linear" (``extras`` rows are tokens) or "interleaved" (SGLang's MXFP8
             scales at page size 128), which no strided view expresses: ValueError.

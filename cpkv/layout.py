@@ -203,6 +203,7 @@ class PagedKVCache:
             self.buffers[name] = _layer_list(name, layers, layout, stacked, name in latent)
         self._validate()
         self._kernel_tables: dict = {}  # per-pool launch data cached by cpkv.kernels
+        self._token_maps: dict = {}  # split token maps cached by cpkv.cp (die with the pool)
 
     # -- constructors ----------------------------------------------------------------------
 

@@ -34,15 +34,18 @@ def _same_storage(cache, name, layer, runner_tensor):
     assert got.untyped_storage().data_ptr() == runner_tensor.untyped_storage().data_ptr()
 
 
-def _check(cache, rows, names, runner_tensors, backend="torch"):
-    """Reads (pack) and writes (through the view) land where the runner addresses them."""
+def _check(cache, rows, names, runner_tensors):
+    """Reads (pack, both backends) and writes (through the view) land where the runner
+    addresses them."""
     assert cache.component_names == names
     for layer in range(LAYERS):
         for name in names:
             _same_storage(cache, name, layer, runner_tensors(name, layer))
     ids = [3, 1, 4]
-    got = pack_pages(cache, torch.tensor(ids), num_tokens=2 * PS + 1, backend=backend)
-    assert torch.equal(got, _oracle_pack(rows, names, ids, 2 * PS + 1))
+    want = _oracle_pack(rows, names, ids, 2 * PS + 1)
+    for backend in ("torch", "triton"):
+        got = pack_pages(cache, torch.tensor(ids), num_tokens=2 * PS + 1, backend=backend)
+        assert torch.equal(got, want), backend
     for name in names:  # a write through cpkv's view is the runner's token
         view = cache.nhd_view(name, 1)
         as_bytes(view[2, 3]).fill_(0x5A)
@@ -51,24 +54,24 @@ def _check(cache, rows, names, runner_tensors, backend="torch"):
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_sglang_mha(layout):
-    rows_n = PAGES * PS  # size + page_size
-    k = [_rand(rows_n, 2, 8, seed=i) for i in range(LAYERS)]
-    v = [_rand(rows_n, 2, 16, seed=10 + i) for i in range(LAYERS)]  # v_head_dim differs
+    def buf(dim, seed):  # NHD: [size + page_size, H, D]; HND (use_hnd): [pages, H, ps, D]
+        shape = (PAGES * PS, 2, dim) if layout == "NHD" else (PAGES, 2, PS, dim)
+        return _rand(*shape, seed=seed)
+    k = [buf(8, i) for i in range(LAYERS)]
+    v = [buf(16, 10 + i) for i in range(LAYERS)]  # v_head_dim differs
     cache = from_sglang_mha(k, v, page_size=PS, layout=layout)
     assert (cache.num_pages, cache.page_size, cache.num_heads, cache.layout) == (PAGES, PS, 2,
                                                                                  layout)
     bufs = {"k": k, "v": v}
-    if layout == "NHD":  # SGLang: token loc = page * ps + slot, a [heads, dim] row
-        def rows(n, layer, p, s):
-            return bufs[n][layer][p * PS + s]
-    else:  # page memory holds [heads, page_size, dim]
-        def rows(n, layer, p, s):
-            t = bufs[n][layer]
-            return t.reshape(PAGES, t.shape[1], PS, t.shape[2])[p, :, s]
+
+    def rows(n, layer, p, s):  # SGLang: token loc = page * ps + slot
+        loc = p * PS + s
+        t = bufs[n][layer]
+        return t[loc] if layout == "NHD" else t[loc // PS, :, loc % PS]
     _check(cache, rows, ["k", "v"], lambda n, layer: bufs[n][layer])
 
 
-def test_sglang_mha_fused_halves_and_extras_triton():
+def test_sglang_mha_fused_halves_and_extras():
     fused = [_rand(PAGES * PS, 4, 8, seed=i) for i in range(LAYERS)]  # K | V on the heads axis
     scales = [_rand(PAGES * PS, 2, 1, dtype=torch.float32, seed=7 + i) for i in range(LAYERS)]
     cache = from_sglang_mha([f[:, :2] for f in fused], [f[:, 2:] for f in fused], page_size=PS,
@@ -77,7 +80,7 @@ def test_sglang_mha_fused_halves_and_extras_triton():
 
     def rows(n, layer, p, s):
         return bufs[n][layer][p * PS + s]
-    _check(cache, rows, ["k", "v", "k_scale"], lambda n, layer: bufs[n][layer], backend="triton")
+    _check(cache, rows, ["k", "v", "k_scale"], lambda n, layer: bufs[n][layer])
 
 
 def test_sglang_mla_with_nsa_indexer():
@@ -190,8 +193,13 @@ def _t(*shape, dtype=torch.bfloat16):
      "page_size: expected a positive int, got 0"),
     (lambda: from_sglang_mha([_t(2, 4, 2, 8)], [_t(2, 4, 2, 8)], page_size=4), ValueError,
      "expected [size + page_size, heads, head_dim] (token-major) (3 dims)"),
-    (lambda: from_sglang_mha([_t(8, 4, 8)[:, :2]], [_t(8, 4, 8)[:, 2:]], page_size=4,
-                             layout="HND"), ValueError, "HND pages are read from contiguous"),
+    (lambda: from_sglang_mha([_t(8, 4, 8)], [_t(8, 4, 8)], page_size=4, layout="HND"),
+     ValueError, "expected [num_pages, head_num, page_size, head_dim] (SGLang use_hnd) (4 dims)"),
+    (lambda: from_sglang_mha([_t(2, 4, 8, 8)], [_t(2, 4, 8, 8)], page_size=4, layout="HND"),
+     ValueError, "expected page_size 4 on axis 2"),
+    # a V stored head_dim-major ([pages, heads, v_head_dim, page_size]) has no contiguous rows
+    (lambda: from_sglang_mha([_t(2, 4, 4, 8)], [_t(2, 4, 8, 4).transpose(2, 3)], page_size=4,
+                             layout="HND"), ValueError, "head_dim axis must be contiguous"),
     (lambda: from_sglang_mla([_t(8, 2, 576)], page_size=4), ValueError,
      "expected one latent head"),
     (lambda: from_sglang_mla([_t(8, 1, 576)], page_size=4,

@@ -20,7 +20,7 @@ bounded by ``timeout``: if a rank fails before the collective, it raises, and th
 from __future__ import annotations
 
 import datetime
-from collections import OrderedDict
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -135,9 +135,6 @@ def _ids_key(ids):
     return ("list", tuple(int(v) for v in ids))
 
 
-_map_cache: OrderedDict = OrderedDict()
-
-
 def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_offset=0,
                     validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The (page ids, token map) that make `cpkv.kernels.reorganize_pages` undo ``plan``.
@@ -153,19 +150,22 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     token ``page_size x (pages of earlier sequences) + token_offset[s]``, and token p of it
     reads gathered row ``plan.gather_index[p]`` (every other token maps to -1: untouched).
 
-    The result is built once per (plan, cache, page ids, offset) and cached (tensor ids by
-    identity and version), so a layer-by-layer gather neither rebuilds it nor copies it from
-    the host again.
+    The result is built once per (plan, page ids, offset) and cached on the pool (tensor ids
+    by identity and version, weakly), so a layer-by-layer gather neither rebuilds it nor
+    copies it from the host again.
     """
     lists = _id_lists(plan, page_ids)
     offsets = _offsets(token_offset, len(lists))
-    key = (id(plan), id(cache), tuple(_ids_key(ids) for ids in lists), offsets)
-    hit = _map_cache.get(key)
-    if hit is not None and hit[0] is plan and hit[1] is cache and (hit[5] or not validate) and \
-            all(a is b for a, b in zip(hit[2], lists, strict=True)
-                if isinstance(a, torch.Tensor)):
-        _map_cache.move_to_end(key)
-        return hit[3], hit[4]
+    maps = cache._token_maps
+    key = (id(plan), tuple(_ids_key(ids) for ids in lists), offsets)
+    hit = maps.pop(key, None)
+    if hit is not None:
+        refs, all_ids, token_map, validated = hit
+        alive = refs[0]() is plan and all(r() is ids for r, ids in zip(refs[1:], [
+            ids for ids in lists if isinstance(ids, torch.Tensor)], strict=True))
+        if alive and (validated or not validate):
+            maps[key] = hit  # most recently used
+            return all_ids, token_map
     ps = cache.page_size
     tensors = [as_page_ids(ids, cache.num_pages, cache.device, what=f"page_ids[{s}]",
                            check_values=validate) for s, ids in enumerate(lists)]
@@ -185,10 +185,11 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     else:
         token_map = host_map.to(cache.device)
     all_ids = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-    _map_cache[key] = (plan, cache, [ids if isinstance(ids, torch.Tensor) else None
-                                     for ids in lists], all_ids, token_map, validate)
-    while len(_map_cache) > _MAP_CACHE_SIZE:
-        _map_cache.popitem(last=False)
+    refs = [weakref.ref(plan)] + [weakref.ref(ids) for ids in lists
+                                  if isinstance(ids, torch.Tensor)]
+    maps[key] = (refs, all_ids, token_map, validate)
+    while len(maps) > _MAP_CACHE_SIZE:
+        maps.pop(next(iter(maps)))
     return all_ids, token_map
 
 
@@ -336,7 +337,7 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     if validate:  # check the ids before any byte moves, so a bad rank fails before the gather
         check_reorganize(buf, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
                          layers=layer_range)
-    nccl = dist.get_backend(group) == "nccl"
+    host_wait = cache.device.type != "cuda"  # CUDA: NCCL's own timeout, never the host
 
     # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its
     # own rank regions: every chunk's gather is issued at once (the group runs them in order)
@@ -360,7 +361,7 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
             dst.copy_(src)
         pending.append((chunk, part, _all_gather(part, mine, group)))
     for chunk, part, work in pending:
-        if nccl:
+        if not host_wait:
             work.wait()  # orders the current stream after the collective; the host goes on
         else:
             try:
