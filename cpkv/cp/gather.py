@@ -154,6 +154,10 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     by identity and version, weakly), so a layer-by-layer gather neither rebuilds it nor
     copies it from the host again.
     """
+    if not isinstance(plan, SplitPlan):
+        raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache: expected a PagedKVCache, got {type(cache).__name__}")
     lists = _id_lists(plan, page_ids)
     offsets = _offsets(token_offset, len(lists))
     maps = cache._token_maps
