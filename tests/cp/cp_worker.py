@@ -26,6 +26,7 @@ from mp import Recorder
 from cpkv.cp import (
     GatherDone,
     GatherTimeoutError,
+    SplitPlan,
     all_gather_kv,
     gather_nbytes,
     interleave_split,
@@ -34,7 +35,14 @@ from cpkv.cp import (
 from cpkv.staging import ArenaError, StagingArena
 from cpkv.transfer.status import KVStatus, agree
 
-SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split}
+
+def _custom_split(seq_lens, world, order="custom"):
+    """Another runner's split: zigzag's tokens, each rank's rows in reverse order."""
+    zz = zigzag_split(seq_lens, world)
+    return SplitPlan.from_positions([p.flip(0).numpy() for p in zz.positions], seq_lens)
+
+
+SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split, "custom": _custom_split}
 KINDS = {"mha": mha, "mla": mla}
 NUM_LAYERS = 3
 
@@ -62,6 +70,8 @@ def scenarios(world):
                     ids_as="list"))
     out.append(dict(name="zigzag-sequence-order", split="zigzag", kind="mha",
                     seq_lens=[12, 17], page_size=4, mode="all", order="sequence"))
+    out.append(dict(name="custom-from-positions", split="custom", kind="mha",
+                    seq_lens=[10, 7 * world], page_size=4, mode="layer", order="custom"))
     return out
 
 
