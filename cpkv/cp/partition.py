@@ -218,6 +218,13 @@ def _by_rank(cp_size: int, rank: np.ndarray, *keys: np.ndarray) -> list[np.ndarr
     return np.split(idx.astype(np.int64), np.cumsum(counts)[:-1])
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` pieces, without a Python loop."""
+    total = int(lengths.sum())
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
 def _check_order(order) -> None:
     if order not in ("batch", "sequence"):
         raise ValueError(f"order: expected 'batch' (SGLang's) or 'sequence', got {order!r}")
@@ -252,15 +259,22 @@ def zigzag_split(seq_lens: int | Sequence[int], cp_size: int, *,
         if n < 2 * cp_size:
             raise ValueError(f"zigzag_split: a sequence of {n} tokens is too short for "
                              f"cp_size {cp_size} (needs >= {2 * cp_size}: one per block)")
-    seq, pos = _seq_index(lens)
-    n = np.asarray(lens)[seq]
-    base, rem = n // (2 * cp_size), n % (2 * cp_size)
-    edge = rem * (base + 1)  # the longer blocks end here
-    block = np.where(pos < edge, pos // (base + 1), rem + (pos - edge) // np.maximum(base, 1))
-    second = block >= cp_size
-    rank = np.where(second, 2 * cp_size - 1 - block, block)
-    keys = (pos, seq, second) if order == "batch" else (pos, second, seq)
-    return _build("zigzag", cp_size, lens, _by_rank(cp_size, rank, *keys), order)
+    cp2 = 2 * cp_size
+    n = np.asarray(lens, dtype=np.int64)
+    sizes = n[:, None] // cp2 + (np.arange(cp2)[None, :] < (n % cp2)[:, None])  # [seqs, 2cp]
+    seq_start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    starts = seq_start[:, None] + np.cumsum(sizes, axis=1) - sizes  # global block starts
+    ranks = np.arange(cp_size)[:, None, None]
+    seqs = np.arange(len(lens))[None, None, :]
+    blocks = np.concatenate([np.broadcast_to(ranks, (cp_size, 1, len(lens))),
+                             np.broadcast_to(cp2 - 1 - ranks, (cp_size, 1, len(lens)))], axis=1)
+    seqs = np.broadcast_to(seqs, blocks.shape)  # [rank, half, seq]
+    if order == "sequence":  # [rank, seq, half]
+        blocks, seqs = blocks.transpose(0, 2, 1), seqs.transpose(0, 2, 1)
+    piece_start = starts[seqs, blocks].reshape(cp_size, -1)
+    piece_len = sizes[seqs, blocks].reshape(cp_size, -1)
+    return _build("zigzag", cp_size, lens, [_ranges(a, b) for a, b in zip(
+        piece_start, piece_len, strict=True)], order)
 
 
 def interleave_split(seq_lens: int | Sequence[int], cp_size: int, *,
@@ -280,11 +294,12 @@ def interleave_split(seq_lens: int | Sequence[int], cp_size: int, *,
     _check_cp(cp_size)
     _check_order(order)
     lens = _seq_lens(seq_lens)
-    seq, pos = _seq_index(lens)
     if order == "batch":
-        glob = np.arange(sum(lens))
+        total = sum(lens)
         return _build("interleave", cp_size, lens,
-                      _by_rank(cp_size, glob % cp_size, glob), order)
+                      [np.arange(r, total, cp_size, dtype=np.int64) for r in range(cp_size)],
+                      order)
+    seq, pos = _seq_index(lens)
     for n in lens:
         if n < cp_size:
             raise ValueError(f"interleave_split: a sequence of {n} tokens is too short for "
