@@ -8,7 +8,10 @@ per-layer buffer such as fp8 scales), one tensor per layer:
 
 Every component shares num_pages, page_size, num_heads, layout and device; head_dim and dtype
 may differ per component. Layer tensors may be strided views (e.g. a head slice of a larger
-buffer) as long as each head row (the head_dim axis) is contiguous.
+buffer) as long as each head row (the head_dim axis) is contiguous and no two rows of the pool
+(across components and layers) share a byte. Geometry is never inferred from a tensor's rank:
+stacked ``[layers, ...]`` tensors and head-less ``[num_pages, page_size, dim]`` latents are
+accepted only where the caller declares them; runners' own layouts go through `cpkv.adapters`.
 
 Packed format (version 1), the byte layout of a staging slot for `num_tokens` tokens:
 
