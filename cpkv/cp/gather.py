@@ -51,8 +51,8 @@ class GatherDone:
     ``event`` is the CUDA event recorded after the last reorganize (None on CPU, where the
     pool holds the bytes before the call returns)."""
 
-    def __init__(self, event=None):
-        self.event = event
+    def __init__(self, event=None, device: torch.device | None = None):
+        self.event, self.device = event, device
 
     def query(self) -> bool:
         """True once the pool holds the bytes."""
@@ -61,7 +61,7 @@ class GatherDone:
     def wait(self, stream=None) -> None:
         """Order ``stream`` (default: the current one) after the gather; no host block."""
         if self.event is not None:
-            (stream if stream is not None else torch.cuda.current_stream()).wait_event(
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(
                 self.event)
 
     def synchronize(self) -> None:
@@ -381,4 +381,4 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     with torch.cuda.device(cache.device):
         event = torch.cuda.Event()
         event.record()
-    return GatherDone(event)
+    return GatherDone(event, cache.device)
