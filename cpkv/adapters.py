@@ -211,7 +211,8 @@ def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
     return k, "NHD"
 
 
-def from_vllm(kv_caches, *, backend: str) -> PagedKVCache:
+def from_vllm(kv_caches, *, backend: str,
+              extras: Mapping[str, Sequence[torch.Tensor]] | None = None) -> PagedKVCache:
     """vLLM's per-layer KV cache tensors (``GPUModelRunner.kv_caches`` or the dict a KV
     connector's ``register_kv_caches`` receives; dict order is layer order).
 
@@ -226,6 +227,10 @@ def from_vllm(kv_caches, *, backend: str) -> PagedKVCache:
 
     ``"rocm_aiter"`` (the 5-D vectorized K layout) cannot be a strided view: ValueError.
 
+    ``extras`` (flash_attn / flashinfer): more per-layer buffers addressed like K, logical
+    ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order (e.g. per-head fp8/fp4
+    scale caches), added as components of those names.
+
     Example::
 
         cache = from_vllm(runner.kv_caches, backend="flash_attn")
@@ -237,20 +242,33 @@ def from_vllm(kv_caches, *, backend: str) -> PagedKVCache:
         raise ValueError(f"backend: expected one of {VLLM_BACKENDS}, got {backend!r}")
     layers = _layers(kv_caches, "kv_caches")
     if backend == "mla":
+        if extras:
+            raise ValueError("extras: only for the flash_attn and flashinfer backends")
         for i, t in enumerate(layers):
             _check_dims(t, 3, f"kv_caches[{i}]", "[num_blocks, block_size, head_size]")
         return PagedKVCache({"latent": layers}, latent=("latent",))
-    ks, vs, layouts = [], [], set()
+    comps: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    layouts = set()
     for i, t in enumerate(layers):
-        k, v = _vllm_kv(t, backend, f"kv_caches[{i}]")
-        (k, lk), (v, lv) = _nhd_or_hnd(k), _nhd_or_hnd(v)
-        ks.append(k)
-        vs.append(v)
-        layouts |= {lk, lv}
+        for name, part in zip(("k", "v"), _vllm_kv(t, backend, f"kv_caches[{i}]"),
+                              strict=True):
+            view, lay = _nhd_or_hnd(part)
+            comps[name].append(view)
+            layouts.add(lay)
+    for name, bufs in (extras or {}).items():
+        if name in comps:
+            raise ValueError(f"extras: component name {name!r} is taken by K/V")
+        comps[name] = []
+        for i, t in enumerate(_layers(bufs, f"extras[{name!r}]")):
+            _check_dims(t, 4, f"extras[{name!r}][{i}]",
+                        "[num_blocks, block_size, kv_heads, dim] (logical)")
+            view, lay = _nhd_or_hnd(t)
+            comps[name].append(view)
+            layouts.add(lay)
     if len(layouts) != 1:
-        raise ValueError(f"kv_caches: expected one stride order for every layer, got both "
-                         f"NHD and HND ({sorted(layouts)})")
-    return PagedKVCache.mha(ks, vs, layout=layouts.pop())
+        raise ValueError(f"kv_caches: expected one stride order for every layer and "
+                         f"component, got both NHD and HND ({sorted(layouts)})")
+    return PagedKVCache(comps, layout=layouts.pop())
 
 
 def from_flashinfer(paged_kv_caches, *, layout: str) -> PagedKVCache:

@@ -131,6 +131,25 @@ def test_vllm_mha(backend, hnd):
     _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
 
 
+@pytest.mark.parametrize("hnd", [False, True], ids=["NHD", "HND-stride-order"])
+def test_vllm_extras_follow_the_stride_order(hnd):
+    kv = [_vllm_alloc("flash_attn", hnd, seed=i) for i in range(LAYERS)]
+    raw = [_rand(*((PAGES, 2, PS, 4) if hnd else (PAGES, PS, 2, 4)), dtype=torch.uint8,
+                 seed=20 + i) for i in range(LAYERS)]
+    scales = [r.transpose(1, 2) if hnd else r for r in raw]  # logical [blocks, bs, H, 4]
+    cache = from_vllm(kv, backend="flash_attn", extras={"kv_scale": scales})
+    assert cache.layout == ("HND" if hnd else "NHD")
+
+    def rows(n, layer, b, s):
+        return scales[layer][b, s] if n == "kv_scale" else kv[layer][0 if n == "k" else 1, b, s]
+    _check(cache, rows, ["k", "v", "kv_scale"],
+           lambda n, layer: scales[layer] if n == "kv_scale" else kv[layer])
+    with pytest.raises(ValueError, match="expected one stride order for every layer and comp"):
+        from_vllm(kv, backend="flash_attn",
+                  extras={"s": [r.transpose(1, 2) if not hnd else r.transpose(1, 2).contiguous()
+                                for r in raw]})
+
+
 def test_vllm_mla():
     kv = [_rand(PAGES, PS, 656, dtype=torch.uint8, seed=i) for i in range(LAYERS)]
     cache = from_vllm(kv, backend="mla")
@@ -183,6 +202,10 @@ def _t(*shape, dtype=torch.bfloat16):
     (lambda: from_vllm([_t(4, 4, 2, 8)], backend="flashinfer"), ValueError,
      "kv_caches[0]: expected [num_blocks, 2, block_size, kv_heads, head_size] (5 dims), "
      "got shape (4, 4, 2, 8)"),
+    (lambda: from_vllm([_t(4, 4, 576)], backend="mla", extras={"s": [_t(4, 4, 1, 4)]}),
+     ValueError, "extras: only for the flash_attn and flashinfer backends"),
+    (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="flash_attn", extras={"k": [_t(4, 4, 2, 1)]}),
+     ValueError, "extras: component name 'k' is taken by K/V"),
     (lambda: from_vllm([_t(4, 4, 1, 576)], backend="mla"), ValueError,
      "expected [num_blocks, block_size, head_size] (3 dims)"),
     (lambda: from_vllm(_t(2, 4, 4, 2, 8), backend="flash_attn"), TypeError,
