@@ -161,30 +161,40 @@ def from_sglang_mla(kv_buffer, *, page_size: int, index_k_with_scale=None,
         latent.append(_token_major_pages(t, page_size, "NHD", f"kv_buffer[{i}]")[:, :, 0])
     comps = {"latent": latent}
     if index_k_with_scale is not None:
-        if not isinstance(index_head_dim, int) or index_head_dim < 128 or index_head_dim % 128:
-            raise ValueError(f"index_head_dim: expected a positive multiple of 128, "
-                             f"got {index_head_dim!r}")
-        n_scale = index_head_dim // 128 * 4
-        values, scales = [], []
-        num_pages = latent[0].shape[0]
-        for i, t in enumerate(_layers(index_k_with_scale, "index_k_with_scale")):
-            what = f"index_k_with_scale[{i}]"
-            want = page_size * (index_head_dim + n_scale)
-            if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[1] != want \
-                    or t.shape[0] < num_pages:
-                raise ValueError(f"{what}: expected uint8 [>= {num_pages} pages, {want}] "
-                                 f"(page_size x (index_head_dim + scales)), got "
-                                 f"{t.dtype} {tuple(t.shape)}")
-            if t.stride(1) != 1:
-                raise ValueError(f"{what}: expected contiguous page rows, got strides "
-                                 f"{t.stride()}")
-            page = t[:num_pages]
-            values.append(page[:, :page_size * index_head_dim].unflatten(
-                1, (page_size, index_head_dim)))
-            scales.append(page[:, page_size * index_head_dim:].unflatten(
-                1, (page_size, n_scale)))
-        comps["index_k"], comps["index_k_scale"] = values, scales
+        comps.update(_indexer_components(index_k_with_scale, page_size, index_head_dim,
+                                         latent[0].shape[0], "index_k_with_scale"))
     return PagedKVCache(comps, latent=tuple(comps))
+
+
+def _indexer_components(buffers, page_size: int, head_dim, num_pages: int,
+                        what: str) -> dict[str, list[torch.Tensor]]:
+    """An indexer K cache whose page holds ``page_size`` rows of ``head_dim`` fp8 values, then
+    ``page_size`` rows of fp32 scales (one per 128 values), as components "index_k" and
+    "index_k_scale" (uint8 rows; pages past ``num_pages`` unused). Takes a page as
+    ``[pages, page_size * row]`` (SGLang) or ``[pages, page_size, row]`` (vLLM's shape of the
+    same bytes)."""
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 128 \
+            or head_dim % 128:
+        raise ValueError(f"index_head_dim: expected a positive multiple of 128, "
+                         f"got {head_dim!r}")
+    n_scale = head_dim // 128 * 4
+    page_bytes = page_size * (head_dim + n_scale)
+    values, scales = [], []
+    for i, t in enumerate(_layers(buffers, what)):
+        where = f"{what}[{i}]"
+        if t.dtype != torch.uint8 or t.dim() not in (2, 3) or t.shape[0] < num_pages or \
+                t[0].numel() != page_bytes or (t.dim() == 3 and t.shape[1] != page_size):
+            raise ValueError(f"{where}: expected uint8 [>= {num_pages} pages, {page_bytes}] "
+                             f"or [>= {num_pages}, {page_size}, {head_dim + n_scale}] "
+                             f"(page_size x (index_head_dim + scales)), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if not t[0].is_contiguous():
+            raise ValueError(f"{where}: expected each page's bytes contiguous, got strides "
+                             f"{t.stride()}")
+        page = t[:num_pages].flatten(1) if t.dim() == 3 else t[:num_pages]
+        values.append(page[:, :page_size * head_dim].unflatten(1, (page_size, head_dim)))
+        scales.append(page[:, page_size * head_dim:].unflatten(1, (page_size, n_scale)))
+    return {"index_k": values, "index_k_scale": scales}
 
 
 def _vllm_kv(t: torch.Tensor, backend: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +222,8 @@ def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def from_vllm(kv_caches, *, backend: str,
-              extras: Mapping[str, Sequence[torch.Tensor]] | None = None) -> PagedKVCache:
+              extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
+              indexer=None, index_head_dim: int = 128) -> PagedKVCache:
     """vLLM's per-layer KV cache tensors (``GPUModelRunner.kv_caches`` or the dict a KV
     connector's ``register_kv_caches`` receives; dict order is layer order).
 
@@ -226,6 +237,12 @@ def from_vllm(kv_caches, *, backend: str,
       fp8 with inline scales) -> "latent".
 
     ``"rocm_aiter"`` (the 5-D vectorized K layout) cannot be a strided view: ValueError.
+
+    ``indexer`` (mla): the DeepSeek V3.2 indexer layers' caches, per layer uint8
+    ``[num_blocks, block_size, index_head_dim + 4]`` (``DeepseekV32IndexerBackend``; its
+    ``indexer_k_quant_and_cache`` writes each block's values, then each block's fp32 scales) ->
+    components "index_k" and "index_k_scale". ROCm's tile-shuffled indexer layout is not a
+    strided view.
 
     ``extras`` (flash_attn / flashinfer): more per-layer buffers addressed like K, logical
     ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order (e.g. per-head fp8/fp4
@@ -246,7 +263,13 @@ def from_vllm(kv_caches, *, backend: str,
             raise ValueError("extras: only for the flash_attn and flashinfer backends")
         for i, t in enumerate(layers):
             _check_dims(t, 3, f"kv_caches[{i}]", "[num_blocks, block_size, head_size]")
-        return PagedKVCache({"latent": layers}, latent=("latent",))
+        comps = {"latent": layers}
+        if indexer is not None:
+            comps.update(_indexer_components(indexer, layers[0].shape[1], index_head_dim,
+                                             layers[0].shape[0], "indexer"))
+        return PagedKVCache(comps, latent=tuple(comps))
+    if indexer is not None:
+        raise ValueError("indexer: only for the mla backend")
     comps: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     layouts = set()
     for i, t in enumerate(layers):

@@ -157,6 +157,22 @@ def test_vllm_mla():
            lambda n, layer: kv[layer])
 
 
+def test_vllm_mla_with_indexer():
+    kv = [_rand(PAGES, PS, 576, seed=i) for i in range(LAYERS)]
+    index = [_rand(PAGES, PS, 132, dtype=torch.uint8, seed=3 + i) for i in range(LAYERS)]
+    cache = from_vllm(kv, backend="mla", indexer=index)
+
+    def rows(n, layer, b, s):
+        if n == "latent":
+            return kv[layer][b, s].view(1, 576)
+        block = index[layer][b].reshape(-1)  # the block's values, then its fp32 scales
+        if n == "index_k":
+            return block[s * 128:(s + 1) * 128].view(1, 128)
+        return block[PS * 128 + s * 4:PS * 128 + (s + 1) * 4].view(1, 4)
+    _check(cache, rows, ["latent", "index_k", "index_k_scale"],
+           lambda n, layer: kv[layer] if n == "latent" else index[layer])
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("form", ["fused", "tuple"])
 def test_flashinfer(layout, form):
@@ -206,6 +222,15 @@ def _t(*shape, dtype=torch.bfloat16):
      ValueError, "extras: only for the flash_attn and flashinfer backends"),
     (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="flash_attn", extras={"k": [_t(4, 4, 2, 1)]}),
      ValueError, "extras: component name 'k' is taken by K/V"),
+    (lambda: from_vllm([_t(4, 4, 576)], backend="mla",
+                       indexer=[_t(4, 4, 132, dtype=torch.uint8)[:, :, :130]]),
+     ValueError, "indexer[0]: expected uint8 [>= 4 pages, 528] or [>= 4, 4, 132]"),
+    (lambda: from_vllm([_t(4, 4, 576)], backend="mla",
+                       indexer=[_t(4, 4, 264, dtype=torch.uint8)[:, :, ::2]]),
+     ValueError, "indexer[0]: expected each page's bytes contiguous"),
+    (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="flash_attn",
+                       indexer=[_t(4, 4, 132, dtype=torch.uint8)]),
+     ValueError, "indexer: only for the mla backend"),
     (lambda: from_vllm([_t(4, 4, 1, 576)], backend="mla"), ValueError,
      "expected [num_blocks, block_size, head_size] (3 dims)"),
     (lambda: from_vllm(_t(2, 4, 4, 2, 8), backend="flash_attn"), TypeError,
