@@ -278,3 +278,9 @@ def test_adapters_refuse_aliased_layers():
                                          "share memory"):
         from_vllm([t, t], backend="flash_attn")
     assert isinstance(from_vllm([t], backend="flash_attn"), PagedKVCache)
+
+
+def test_adapters_api():
+    import cpkv.adapters
+    assert sorted(cpkv.adapters.__all__) == ["from_flashinfer", "from_sglang_mha",
+                                             "from_sglang_mla", "from_vllm"]
