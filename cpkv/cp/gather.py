@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from .._checks import as_page_ids
 from ..kernels import reorganize_pages
-from ..kernels.paged_copy import check_reorganize
 from ..layout import PagedKVCache, as_range
 from ..staging import Slot
 from .partition import SplitPlan
@@ -150,9 +149,10 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     token ``page_size x (pages of earlier sequences) + token_offset[s]``, and token p of it
     reads gathered row ``plan.gather_index[p]`` (every other token maps to -1: untouched).
 
-    The result is built once per (plan, page ids, offset) and cached on the pool (tensor ids
-    by identity and version, weakly), so a layer-by-layer gather neither rebuilds it nor
-    copies it from the host again.
+    The ids are checked once, when the map is built (in range, no page listed twice), unless
+    ``validate=False``. The result is cached on the pool per (plan, page ids, offset) (tensor
+    ids by identity and version, weakly), so a layer-by-layer gather neither rebuilds it, nor
+    copies it from the host, nor synchronises with the device again.
     """
     if not isinstance(plan, SplitPlan):
         raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
@@ -189,6 +189,8 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     else:
         token_map = host_map.to(cache.device)
     all_ids = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    if validate:  # a page listed twice would be written twice (a race): refused, once
+        as_page_ids(all_ids, cache.num_pages, cache.device, unique=True)
     refs = [weakref.ref(plan)] + [weakref.ref(ids) for ids in lists
                                   if isinstance(ids, torch.Tensor)]
     maps[key] = (refs, all_ids, token_map, validate)
@@ -338,9 +340,8 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     buf = buf[:world * region]
     all_ids, token_map = split_token_map(plan, cache, page_ids, token_offset=token_offset,
                                          validate=validate)
-    if validate:  # check the ids before any byte moves, so a bad rank fails before the gather
-        check_reorganize(buf, cache, all_ids, token_map, rows_per_rank=plan.padded_len,
-                         layers=layer_range)
+    # The ids were checked (range, distinct) when the map was built, and the map is right by
+    # construction: a repeated layer-by-layer call costs no device synchronisation.
     host_wait = cache.device.type != "cuda"  # CUDA: NCCL's own timeout, never the host
 
     # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its

@@ -200,6 +200,39 @@ def local_copies_per_component(rank, world, arena):
     assert len(shard_copies) == 2, calls  # K and V, every layer in one copy each
 
 
+def no_sync_after_the_first_layer(rank, world, arena):
+    """Layer by layer with validate=True: the ids are read back once (when the token map is
+    built); later layers read nothing back from the device."""
+    plan = zigzag_split([13, 10], world)
+    cache = fill_sentinel(make_cache(mha(), num_layers=NUM_LAYERS, num_pages=8, page_size=4))
+    pages = disjoint_page_lists(cache.num_pages, plan.seq_lens, 4, seed=2)
+    full = full_kv(mha(), NUM_LAYERS, plan.total_len, seed=6)
+    want = oracle_sequence_pool(cache, full, plan.seq_lens, pages, range(NUM_LAYERS))
+    local = local_shard(full, plan, rank)
+    reads = []
+    names = ("item", "tolist", "cpu", "numpy", "min", "max", "__int__", "__bool__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name):
+        def wrapper(self, *a, **k):
+            reads.append(name)
+            return saved[name](self, *a, **k)
+        return wrapper
+    with arena.alloc(gather_nbytes(cache, plan, layers=0)) as slot:
+        for layer in range(NUM_LAYERS):
+            if layer == 1:
+                for n in names:
+                    setattr(torch.Tensor, n, counting(n))
+            try:
+                all_gather_kv({n: t[layer] for n, t in local.items()}, plan, cache, pages,
+                              slot=slot, layers=layer, backend="triton")
+            finally:
+                for n in names:
+                    setattr(torch.Tensor, n, saved[n])
+    assert reads == [], f"device reads after the first layer: {reads}"
+    assert_cache_equals(cache, want)
+
+
 def other_group_refused(rank, world, arena):
     """A host-shared arena's slot is symmetric over its own group only."""
     other = dist.new_group(list(range(world)))
@@ -314,6 +347,8 @@ def rank_main(rank, world, port, out_path):
                 rank, world, arena)
         rec.run("local-copies-per-component", local_copies_per_component, rank, world, arena)
         rec.run("other-group-refused", other_group_refused, rank, world, arena)
+        rec.run("no-sync-after-the-first-layer", no_sync_after_the_first_layer, rank, world,
+                arena)
         rec.run("arena-empty-after-scenarios", lambda: None if not arena.live_slots else
                 (_ for _ in ()).throw(AssertionError(f"live slots {arena.live_slots}")))
         rec.run("failing-rank-times-out", failing_rank, rank, world, arena)  # last: breaks gloo

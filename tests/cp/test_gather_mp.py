@@ -13,6 +13,7 @@ NAMES = (["status-agreement", "arena-offsets-and-peers", "arena-asymmetry-detect
          + [s["name"] for s in scenarios(2)]
          + ["chunked-prefill-mid-page", "torch-floor-all-gather-into-tensor",
             "local-copies-per-component", "other-group-refused",
+            "no-sync-after-the-first-layer",
             "arena-empty-after-scenarios", "failing-rank-times-out"])
 
 

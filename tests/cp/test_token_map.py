@@ -63,6 +63,14 @@ def test_bad_offsets(kw, message):
     assert message in str(info.value)
 
 
+def test_a_page_listed_twice_is_refused_once_when_the_map_is_built():
+    plan, cache = zigzag_split([4, 4], 2), _cache()
+    with pytest.raises(ValueError, match="expected distinct page ids"):
+        split_token_map(plan, cache, [[1], [1]])
+    ids, _ = split_token_map(plan, cache, [[1], [1]], validate=False)  # the caller's word
+    assert ids.tolist() == [1, 1]
+
+
 def test_gather_done_on_cpu_is_complete():
     done = GatherDone()
     assert done.query()
