@@ -517,8 +517,11 @@ def _check_no_overlap(buffers: Mapping[str, list[torch.Tensor]], layout: str) ->
 
 def _shares_bytes(a, b) -> bool:
     (_, sa, _, pa, ra, rows_a, na, _), (_, sb, _, pb, rb, rows_b, nb, _) = a, b
-    if pa != pb or rows_a[-1] + ra > pa or rows_b[-1] + rb > pb:
+    fa, fb = int(rows_a[-1]) + ra, int(rows_b[-1]) + rb  # footprint of one page
+    if pa != pb or fa > pa or fb > pb:
         return True  # not the same page period: cannot prove the rows disjoint
+    if (sb - sa) % pa >= fa and (sa - sb) % pa >= fb:
+        return False  # the page footprints never meet, whatever the page (e.g. other layers)
     k0 = (sb - sa) // pa  # page i of a meets page j of b only where i - j is near k0
     for k in range(k0 - 1, k0 + 2):
         if -(nb - 1) <= k <= na - 1 and _rows_intersect(rows_a + sa + k * pa, ra,

@@ -198,3 +198,16 @@ def test_packed_format_from_dict_refuses(patch, message):
     with pytest.raises(ValueError) as info:
         PackedFormat.from_dict({**d, **patch})
     assert message in str(info.value)
+
+
+def test_layers_interleaved_in_one_buffer():
+    """Blocks-major allocation (every layer's block b next to each other): accepted, fast;
+    a layer view shifted into its neighbour is refused."""
+    raw = _t(6, 4, 2, 16, 2, 8)  # [blocks, layers, K/V, block_size, heads, dim]
+    k = [raw[:, layer, 0] for layer in range(4)]
+    v = [raw[:, layer, 1] for layer in range(4)]
+    c = PagedKVCache.mha(k, v)
+    assert (c.num_layers, c.num_pages) == (4, 6)
+    flat = raw.view(6, -1)
+    shifted = flat[:, 8:8 + 16 * 2 * 8].view(6, 16, 2, 8)  # half a head row into layer 0's K
+    _refused({"k": [k[0]], "v": [shifted]}, "share memory")
