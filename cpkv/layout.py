@@ -8,7 +8,10 @@ per-layer buffer such as fp8 scales), one tensor per layer:
 
 Every component shares num_pages, page_size, num_heads, layout and device; head_dim and dtype
 may differ per component. Layer tensors may be strided views (e.g. a head slice of a larger
-buffer) as long as each head row (the head_dim axis) is contiguous.
+buffer) as long as each head row (the head_dim axis) is contiguous and no two rows of the pool
+(across components and layers) share a byte. Geometry is never inferred from a tensor's rank:
+stacked ``[layers, ...]`` tensors and head-less ``[num_pages, page_size, dim]`` latents are
+accepted only where the caller declares them; runners' own layouts go through `cpkv.adapters`.
 
 Packed format (version 1), the byte layout of a staging slot for `num_tokens` tokens:
 
@@ -27,9 +30,10 @@ Token t of a request is page ``page_ids[t // page_size]``, slot ``t % page_size`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["FORMAT_VERSION", "ComponentSpec", "PackedFormat", "PagedKVCache"]
@@ -122,56 +126,101 @@ class PackedFormat:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> PackedFormat:
-        comps = tuple(
-            ComponentSpec(name, int(h), int(hd), _dtype_from_name(dt))
-            for name, h, hd, dt in d["components"]
-        )
-        return cls(int(d["num_tokens"]), int(d["num_layers"]), comps, int(d["version"]))
+        """Parse `to_dict` output, refusing anything it could not have written."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"packed format: expected a mapping, got {type(d).__name__}")
+        missing = {"version", "num_tokens", "num_layers", "components"} - set(d)
+        if missing:
+            raise ValueError(f"packed format: missing fields {sorted(missing)}")
+        version = _field_int(d["version"], "version", 1)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"packed format: version expected {FORMAT_VERSION}, got {version}")
+        if not isinstance(d["components"], (list, tuple)) or not d["components"]:
+            raise ValueError(f"packed format: components expected a non-empty list, "
+                             f"got {d['components']!r}")
+        comps = []
+        for entry in d["components"]:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+                raise ValueError(f"packed format: a component expected [name, num_heads, "
+                                 f"head_dim, dtype], got {entry!r}")
+            name, h, hd, dt = entry
+            if not isinstance(name, str) or not isinstance(dt, str):
+                raise ValueError(f"packed format: component name and dtype expected strings, "
+                                 f"got {name!r}, {dt!r}")
+            comps.append(ComponentSpec(name, _field_int(h, f"{name}.num_heads", 1),
+                                       _field_int(hd, f"{name}.head_dim", 1),
+                                       _dtype_from_name(dt)))
+        return cls(_field_int(d["num_tokens"], "num_tokens", 0),
+                   _field_int(d["num_layers"], "num_layers", 0), tuple(comps), version)
+
+
+def _field_int(value, what: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"packed format: {what} expected an int >= {minimum}, got {value!r}")
+    return value
 
 
 class PagedKVCache:
-    """A paged KV pool: for each component, one tensor per layer.
+    """A paged KV pool: for each component, one tensor per layer. Nothing is guessed.
 
     Args:
-        components: name -> list of per-layer tensors, or one stacked ``[layers, ...]`` tensor.
-            Per-layer shape is ``[num_pages, page_size, num_heads, head_dim]`` (NHD) or
-            ``[num_pages, num_heads, page_size, head_dim]`` (HND); a 3-D
-            ``[num_pages, page_size, dim]`` tensor is taken as one head (MLA latent).
+        components: name -> list of per-layer tensors, each
+            ``[num_pages, page_size, num_heads, head_dim]`` (NHD) or
+            ``[num_pages, num_heads, page_size, head_dim]`` (HND). With ``stacked=True`` each
+            value is one tensor whose axis 0 is layers instead of a list.
         layout: "NHD" (SGLang/vLLM token-major) or "HND".
+        stacked: the values are ``[layers, ...]`` tensors (only where the caller says so).
+        latent: names of components given without a heads axis, ``[num_pages, page_size, dim]``
+            per layer: one head (an MLA latent, an indexer cache).
+
+    Any other shape is a ValueError naming what came and what was expected; a runner's own
+    buffers (SGLang token-major ``[slots, heads, dim]``, vLLM's and FlashInfer's fused K/V
+    tensors) go through `cpkv.adapters`, which builds the views without a copy.
 
     Example::
 
         k = torch.zeros(4, 64, 16, 8, 128, dtype=torch.bfloat16)  # [layers, pages, ps, heads, dim]
-        cache = PagedKVCache.mha(k, torch.zeros_like(k))
+        cache = PagedKVCache.mha(k, torch.zeros_like(k), stacked=True)
         cache.packed_nbytes(100)  # 4 layers * 2 comps * 100 tokens * 8 heads * 256 B = 819200
     """
 
     def __init__(self, components: Mapping[str, Sequence[torch.Tensor] | torch.Tensor], *,
-                 layout: str = "NHD"):
+                 layout: str = "NHD", stacked: bool = False, latent: Collection[str] = ()):
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        if not components:
+        if not isinstance(components, Mapping) or not components:
             raise ValueError("components: expected at least one component, got none")
+        if not isinstance(stacked, bool):
+            raise TypeError(f"stacked: expected a bool, got {type(stacked).__name__}")
+        if isinstance(latent, str) or not all(isinstance(n, str) for n in latent):
+            raise TypeError(f"latent: expected a collection of component names, got {latent!r}")
+        unknown = set(latent) - set(components)
+        if unknown:
+            raise ValueError(f"latent: expected names among {list(components)}, "
+                             f"got {sorted(unknown)}")
         self.layout = layout
         self.buffers: dict[str, list[torch.Tensor]] = {}
         for name, layers in components.items():
             if not isinstance(name, str):
                 raise TypeError(f"component names: expected str, got {type(name).__name__}")
-            self.buffers[name] = _layer_list(name, layers, layout)
+            self.buffers[name] = _layer_list(name, layers, layout, stacked, name in latent)
         self._validate()
         self._kernel_tables: dict = {}  # per-pool launch data cached by cpkv.kernels
+        self._token_maps: dict = {}  # split token maps cached by cpkv.cp (die with the pool)
 
     # -- constructors ----------------------------------------------------------------------
 
     @classmethod
-    def mha(cls, k, v, *, layout: str = "NHD") -> PagedKVCache:
-        """K and V per layer (MHA/GQA): lists of per-layer tensors or stacked tensors."""
-        return cls({"k": k, "v": v}, layout=layout)
+    def mha(cls, k, v, *, layout: str = "NHD", stacked: bool = False) -> PagedKVCache:
+        """K and V (MHA/GQA): lists of per-layer ``[num_pages, page_size, heads, head_dim]``
+        (NHD) tensors, or ``[layers, ...]`` tensors with ``stacked=True``."""
+        return cls({"k": k, "v": v}, layout=layout, stacked=stacked)
 
     @classmethod
-    def mla(cls, latent, *, layout: str = "NHD") -> PagedKVCache:
-        """One latent buffer per layer, ``[num_pages, page_size, dim]`` (e.g. dim 512 + 64)."""
-        return cls({"latent": latent}, layout=layout)
+    def mla(cls, latent, *, layout: str = "NHD", stacked: bool = False) -> PagedKVCache:
+        """One latent per layer, ``[num_pages, page_size, dim]`` (e.g. dim 512 + 64), as a list,
+        or one ``[layers, num_pages, page_size, dim]`` tensor with ``stacked=True``."""
+        return cls({"latent": latent}, layout=layout, stacked=stacked, latent=("latent",))
 
     @classmethod
     def empty(cls, specs: Sequence[ComponentSpec], *, num_layers: int, num_pages: int,
@@ -179,16 +228,24 @@ class PagedKVCache:
         """Allocate a pool (uninitialised memory) for the given components."""
         for what, v in (("num_layers", num_layers), ("num_pages", num_pages),
                         ("page_size", page_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{what}: expected a positive int, got {v!r}")
+            _check_positive(v, what)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         comps = {}
         for s in specs:
+            if not isinstance(s, ComponentSpec):
+                raise TypeError(f"specs: expected ComponentSpec, got {type(s).__name__}")
+            _check_positive(s.num_heads, f"component {s.name!r} num_heads")
+            _check_positive(s.head_dim, f"component {s.name!r} head_dim")
+            if not isinstance(s.dtype, torch.dtype):
+                raise TypeError(f"component {s.name!r} dtype: expected a torch.dtype, "
+                                f"got {s.dtype!r}")
             if layout == "NHD":
                 shape = (num_layers, num_pages, page_size, s.num_heads, s.head_dim)
             else:
                 shape = (num_layers, num_pages, s.num_heads, page_size, s.head_dim)
             comps[s.name] = torch.empty(shape, dtype=s.dtype, device=device)
-        return cls(comps, layout=layout)
+        return cls(comps, layout=layout, stacked=True)
 
     @classmethod
     def empty_mha(cls, *, num_layers: int, num_pages: int, page_size: int, num_heads: int,
@@ -315,6 +372,8 @@ class PagedKVCache:
                                  f"got shape {tuple(c0.shape)}")
             specs.append(spec)
         self._specs = tuple(specs)
+        if ref.device.type != "meta":
+            _check_no_overlap(self.buffers, self.layout)
 
 
 def as_range(value, size: int, what: str) -> range:
@@ -340,12 +399,50 @@ def as_range(value, size: int, what: str) -> range:
     return range(start, stop)
 
 
-def _layer_list(name: str, layers, layout: str) -> list[torch.Tensor]:
-    if isinstance(layers, torch.Tensor):
-        if layers.dim() not in (4, 5):
-            raise ValueError(f"component {name!r}: a stacked tensor must be [layers, ...] with "
-                             f"4 or 5 dims, got shape {tuple(layers.shape)}")
+def _check_positive(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what}: expected a positive int, got {value!r}")
+
+
+def _expected(layout: str, latent: bool) -> str:
+    if latent:
+        return "[num_pages, page_size, dim]"
+    return ("[num_pages, page_size, num_heads, head_dim]" if layout == "NHD"
+            else "[num_pages, num_heads, page_size, head_dim]")
+
+
+def _hint(dims: int, latent: bool) -> str:
+    """Where a tensor of this rank most likely came from, and the adapter that takes it."""
+    if dims == 3 and not latent:
+        return ("; a token-major [slots, heads, head_dim] buffer (SGLang's k_buffer[layer]) "
+                "goes through cpkv.adapters.from_sglang_mha(..., page_size=), and a one-head "
+                "[num_pages, page_size, dim] latent through PagedKVCache.mla / latent=(name,)")
+    if dims == 5 and not latent:
+        return ("; a 5-D layer tensor holding K and V together (vLLM [2, blocks, ...], "
+                "FlashInfer [pages, 2, ...]) goes through cpkv.adapters.from_vllm / "
+                "from_flashinfer")
+    if dims == 4 and latent:
+        return "; an MHA component needs its heads axis declared: drop it from latent="
+    return ""
+
+
+def _layer_list(name: str, layers, layout: str, stacked: bool,
+                latent: bool) -> list[torch.Tensor]:
+    want_dims = 3 if latent else 4
+    if stacked:
+        if not isinstance(layers, torch.Tensor):
+            raise TypeError(f"component {name!r}: stacked=True expects one [layers, ...] tensor, "
+                            f"got {type(layers).__name__}")
+        if layers.dim() != want_dims + 1:
+            raise ValueError(f"component {name!r}: stacked=True expects [layers] + "
+                             f"{_expected(layout, latent)} ({want_dims + 1} dims), got shape "
+                             f"{tuple(layers.shape)}{_hint(layers.dim() - 1, latent)}")
         layers = list(layers.unbind(0))
+    elif isinstance(layers, torch.Tensor):
+        raise ValueError(f"component {name!r}: expected a list of per-layer tensors "
+                         f"{_expected(layout, latent)}, got one tensor of shape "
+                         f"{tuple(layers.shape)}; pass stacked=True if its axis 0 is layers"
+                         f"{_hint(layers.dim(), latent)}")
     elif isinstance(layers, Sequence):
         layers = list(layers)
     else:
@@ -358,13 +455,79 @@ def _layer_list(name: str, layers, layout: str) -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"component {name!r} layer {i}: expected a tensor, "
                             f"got {type(t).__name__}")
-        if t.dim() == 3:  # [num_pages, page_size, dim]: one head (MLA latent)
+        if t.dim() != want_dims:
+            raise ValueError(f"component {name!r} layer {i}: expected "
+                             f"{_expected(layout, latent)} ({want_dims} dims), got shape "
+                             f"{tuple(t.shape)}{_hint(t.dim(), latent)}")
+        if latent:  # one head, declared by the caller
             t = t.unsqueeze(2 if layout == "NHD" else 1)
-        if t.dim() != 4:
-            raise ValueError(f"component {name!r} layer {i}: expected 3 or 4 dims, "
-                             f"got shape {tuple(t.shape)}")
         out.append(t)
     return out
+
+
+def _footprint(t: torch.Tensor, layout: str, where: str):
+    """(first byte, byte span, page stride in bytes, row bytes, row starts of page 0) of a
+    layer tensor; raises if it overlaps itself (a stride-0 axis, interleaved axes)."""
+    nhd = t if layout == "NHD" else t.transpose(1, 2)
+    isz = t.element_size()
+    row = nhd.shape[3] * isz
+    span = row
+    axes = sorted((nhd.stride(a) * isz, nhd.shape[a], a) for a in range(3) if nhd.shape[a] > 1)
+    names = ("page", "slot", "head")
+    for stride, size, a in axes:
+        if stride < span:
+            what = "stride 0: every index aliases one memory" if stride == 0 else \
+                f"byte stride {stride} < {span} bytes it must step over"
+            raise ValueError(f"{where}: the {names[a]} axis overlaps itself ({what}); "
+                             f"expected every (page, slot, head) row at its own bytes")
+        span += (size - 1) * stride
+    page_stride = nhd.stride(0) * isz if nhd.shape[0] > 1 else span
+    o_s = np.arange(nhd.shape[1], dtype=np.int64)[:, None] * (nhd.stride(1) * isz)
+    o_h = np.arange(nhd.shape[2], dtype=np.int64)[None, :] * (nhd.stride(2) * isz)
+    return t.data_ptr(), span, page_stride, row, np.sort((o_s + o_h).ravel())
+
+
+def _rows_intersect(a: np.ndarray, ra: int, b: np.ndarray, rb: int) -> bool:
+    """Do intervals [a_i, a_i + ra) and [b_j, b_j + rb) meet (a, b sorted)?"""
+    i = np.searchsorted(b, a + ra, side="left")  # b_j < a_i + ra  <=>  j < i
+    return bool(np.any((i > 0) & (b[np.maximum(i - 1, 0)] + rb > a)))
+
+
+def _check_no_overlap(buffers: Mapping[str, list[torch.Tensor]], layout: str) -> None:
+    """Refuse a pool whose layer tensors share bytes (K and V aliasing, a layer twice, a
+    stride-0 axis): a write through one would silently change another. Views of one buffer
+    that interleave without sharing bytes (fused K|V halves, values + scales in one page) pass."""
+    items = []
+    for name, layers in buffers.items():
+        for i, t in enumerate(layers):
+            where = f"component {name!r} layer {i}"
+            start, span, pstride, row, rows = _footprint(t, layout, where)
+            n_pages = t.shape[0]
+            items.append((t.untyped_storage().data_ptr(), start, start + span, pstride, row,
+                          rows, n_pages, where))
+    items.sort(key=lambda x: (x[0], x[1]))
+    for i, a in enumerate(items):
+        for b in items[i + 1:]:
+            if b[0] != a[0] or b[1] >= a[2]:
+                break
+            if _shares_bytes(a, b):
+                raise ValueError(f"{a[7]} and {b[7]} share memory (overlapping bytes); "
+                                 f"expected every component and layer at its own bytes")
+
+
+def _shares_bytes(a, b) -> bool:
+    (_, sa, _, pa, ra, rows_a, na, _), (_, sb, _, pb, rb, rows_b, nb, _) = a, b
+    fa, fb = int(rows_a[-1]) + ra, int(rows_b[-1]) + rb  # footprint of one page
+    if pa != pb or fa > pa or fb > pb:
+        return True  # not the same page period: cannot prove the rows disjoint
+    if (sb - sa) % pa >= fa and (sa - sb) % pa >= fb:
+        return False  # the page footprints never meet, whatever the page (e.g. other layers)
+    k0 = (sb - sa) // pa  # page i of a meets page j of b only where i - j is near k0
+    for k in range(k0 - 1, k0 + 2):
+        if -(nb - 1) <= k <= na - 1 and _rows_intersect(rows_a + sa + k * pa, ra,
+                                                         rows_b + sb, rb):
+            return True
+    return False
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

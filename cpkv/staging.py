@@ -7,8 +7,9 @@ window registration needs it) and the allocator is deterministic first-fit.
 
 Backends (``StagingArena.capabilities()`` says which this machine has, and why not):
 
-    "symmetric"    torch symmetric memory on CUDA (NCCL backend, i.e. NCCL window registration,
-                   where the torch build offers it); needs a process group
+    "symmetric"    torch symmetric memory on CUDA over a process group (the communicator warmed
+                   first; ``symmetric_backend="NCCL"`` selects NCCL window registration and
+                   raises if it is not in force); a slot is gathered over that group only
     "cuda"         plain device memory
     "host"         process-private host memory
     "host-shared"  a /dev/shm mapping holding every local rank's arena; ``peer(r)`` is rank r's
@@ -96,6 +97,9 @@ class StagingArena:
             by ``check_symmetric``). The constructor is then collective.
         name: "host-shared" segment name; every rank of the group must pass the same (default:
             a fresh name agreed through the group).
+        symmetric_backend: torch's symmetric-memory backend to select ("NCCL", "NVSHMEM",
+            "CUDA"; process-wide in torch) and verify; None keeps the one in force. After
+            construction ``symmetric_backend`` names the backend in force. Never falls back.
 
     Example::
 
@@ -106,12 +110,16 @@ class StagingArena:
     """
 
     def __init__(self, nbytes: int, *, backend: str = "auto", device=None, group=None,
-                 name: str | None = None):
+                 name: str | None = None, symmetric_backend: str | None = None):
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
             raise ValueError(f"nbytes: expected a positive int, got {nbytes!r}")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.group = group
+        if symmetric_backend is not None and backend not in ("symmetric", "auto"):
+            raise ValueError(f"symmetric_backend: only for backend 'symmetric', got backend "
+                             f"{backend!r}")
+        self.symmetric_backend = symmetric_backend
         self.nbytes = _align(nbytes)
         self.backend, self.fallback_reason = self._choose(backend)
         self._cond = threading.Condition()
@@ -171,17 +179,46 @@ class StagingArena:
         if self.backend == "cuda":
             return torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         if self.backend == "symmetric":
-            symm = importlib.import_module("torch.distributed._symmetric_memory")
-
-            if hasattr(symm, "set_backend") and hasattr(symm, "is_nvshmem_available"):
-                try:
-                    symm.set_backend("NCCL")  # NCCL window registration where available
-                except (RuntimeError, ValueError):
-                    pass
-            buf = symm.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-            self._symm = symm.rendezvous(buf, self.group)
-            return buf
+            return self._allocate_symmetric()
         return self._allocate_shared(name)
+
+    def _allocate_symmetric(self) -> torch.Tensor:
+        """torch symmetric memory over ``self.group``; raises rather than fall back.
+
+        The communicator is warmed with a collective first (a rendezvous before the NCCL
+        communicator exists can hang), the symmetric-memory backend asked for is set and then
+        read back, and the rendezvous must yield a handle: anything else is an ArenaError."""
+        symm = importlib.import_module("torch.distributed._symmetric_memory")
+        warm = torch.zeros(1, device=self.device)
+        dist.all_reduce(warm, group=self.group)  # creates the communicator
+        torch.cuda.synchronize(self.device)
+        get_backend = getattr(symm, "get_backend", None)
+        if self.symmetric_backend is not None:
+            set_backend = getattr(symm, "set_backend", None)
+            if set_backend is None or get_backend is None:
+                raise ArenaError(f"symmetric backend {self.symmetric_backend!r}: this torch "
+                                 f"cannot select a symmetric-memory backend")
+            try:
+                set_backend(self.symmetric_backend)
+            except (RuntimeError, ValueError) as e:
+                raise ArenaError(f"symmetric backend {self.symmetric_backend!r} is not "
+                                 f"available: {e}") from e
+        in_force = get_backend(self.device) if get_backend is not None else None
+        if self.symmetric_backend is not None and in_force != self.symmetric_backend:
+            raise ArenaError(f"symmetric backend: asked for {self.symmetric_backend!r}, "
+                             f"{in_force!r} is in force")
+        buf = symm.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        try:
+            handle = symm.rendezvous(buf, self.group)
+        except RuntimeError as e:
+            raise ArenaError(f"symmetric memory rendezvous failed ({in_force or 'default'} "
+                             f"backend): {e}") from e
+        if handle is None:
+            raise ArenaError("symmetric memory rendezvous returned no handle: the buffer is "
+                             "not symmetric")
+        self._symm = handle
+        self.symmetric_backend = in_force
+        return buf
 
     def _allocate_shared(self, name: str | None) -> torch.Tensor:
         world = dist.get_world_size(self.group) if self.group is not None or \

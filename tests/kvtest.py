@@ -54,7 +54,7 @@ def make_cache(specs, *, num_layers, num_pages, page_size, layout="NHD", seed=0,
         hdim = 3 if layout == "NHD" else 2
         view = big[:, ::2] if strided == "pages" else big.narrow(hdim, 1, s.num_heads)
         comps[s.name] = view
-    cache = PagedKVCache(comps, layout=layout)
+    cache = PagedKVCache(comps, layout=layout, stacked=True)
     assert not cache.layer(specs[0].name, 0).is_contiguous()
     return fill_random(cache, seed)
 

@@ -8,7 +8,7 @@ from cpkv import ComponentSpec, PackedFormat, PagedKVCache
 
 def test_mha_from_stacked_and_lists_agree():
     k = torch.zeros(4, 10, 16, 8, 128, dtype=torch.bfloat16)
-    stacked = PagedKVCache.mha(k, torch.zeros_like(k))
+    stacked = PagedKVCache.mha(k, torch.zeros_like(k), stacked=True)
     listed = PagedKVCache.mha(list(k), list(torch.zeros_like(k)))
     for c in (stacked, listed):
         assert (c.num_layers, c.num_pages, c.page_size, c.num_heads) == (4, 10, 16, 8)
@@ -21,7 +21,8 @@ def test_mha_from_stacked_and_lists_agree():
 
 def test_mla_3d_latent_is_one_head_in_both_layouts():
     for layout in ("NHD", "HND"):
-        c = PagedKVCache.mla([torch.zeros(5, 64, 576, dtype=torch.bfloat16)] * 2, layout=layout)
+        c = PagedKVCache.mla([torch.zeros(5, 64, 576, dtype=torch.bfloat16) for _ in range(2)],
+                             layout=layout)
         assert (c.num_heads, c.page_size, c.components[0].head_dim) == (1, 64, 576)
         assert c.packed_nbytes(10) == 2 * 10 * 1152
 
@@ -79,7 +80,8 @@ def _t(*shape, dtype=torch.bfloat16, device="cpu"):
      "expected 1 layers (as 'k'), got 2"),
     ({"k": [_t(4, 16, 8, 2).transpose(2, 3)]}, "NHD", ValueError, "head_dim axis must be contig"),
     ({"k": [_t(4, 16, 2, 8)]}, "HDN", ValueError, "layout: expected one of ('NHD', 'HND')"),
-    ({"k": [_t(4, 16)]}, "NHD", ValueError, "expected 3 or 4 dims, got shape (4, 16)"),
+    ({"k": [_t(4, 16)]}, "NHD", ValueError,
+     "expected [num_pages, page_size, num_heads, head_dim] (4 dims), got shape (4, 16)"),
     ({"k": []}, "NHD", ValueError, "expected at least one layer"),
     ({"k": 3}, "NHD", TypeError, "expected a list of tensors or a stacked tensor, got int"),
     ({}, "NHD", ValueError, "expected at least one component"),
@@ -98,3 +100,114 @@ def test_empty_rejects_bad_sizes():
     with pytest.raises(ValueError, match="page_size: expected a positive int, got 0"):
         PagedKVCache.empty_mha(num_layers=1, num_pages=1, page_size=0, num_heads=1, head_dim=8,
                                dtype=torch.float16)
+
+
+@pytest.mark.parametrize("call,message", [
+    # SGLang's k_buffer[layer] is [slots, heads, dim]: no longer read as a one-head latent
+    (lambda: PagedKVCache.mha([_t(34, 2, 8)], [_t(34, 2, 8)]),
+     "expected [num_pages, page_size, num_heads, head_dim] (4 dims), got shape (34, 2, 8); "
+     "a token-major [slots, heads, head_dim] buffer (SGLang's k_buffer[layer]) goes through "
+     "cpkv.adapters.from_sglang_mha"),
+    # one 4-D tensor is a layer, not stacked 3-D layers, unless the caller says so
+    (lambda: PagedKVCache.mha(_t(4, 16, 2, 8), _t(4, 16, 2, 8)),
+     "expected a list of per-layer tensors [num_pages, page_size, num_heads, head_dim], got "
+     "one tensor of shape (4, 16, 2, 8); pass stacked=True if its axis 0 is layers"),
+    (lambda: PagedKVCache.mha(_t(3, 4, 16, 2, 8), _t(3, 4, 16, 2, 8)), "pass stacked=True"),
+    (lambda: PagedKVCache.mha(_t(4, 16, 2, 8), _t(4, 16, 2, 8), stacked=True),
+     "stacked=True expects [layers] + [num_pages, page_size, num_heads, head_dim] (5 dims), "
+     "got shape (4, 16, 2, 8)"),
+    # vLLM flash-attn [2, blocks, block_size, heads, dim] per layer
+    (lambda: PagedKVCache.mha([_t(2, 4, 16, 2, 8)], [_t(2, 4, 16, 2, 8)]),
+     "goes through cpkv.adapters.from_vllm / from_flashinfer"),
+    (lambda: PagedKVCache.mla([_t(4, 16, 1, 8)]),
+     "expected [num_pages, page_size, dim] (3 dims), got shape (4, 16, 1, 8); an MHA "
+     "component needs its heads axis declared"),
+    (lambda: PagedKVCache({"k": [_t(4, 16, 2, 8)]}, latent=("x",)),
+     "latent: expected names among ['k'], got ['x']"),
+    (lambda: PagedKVCache.empty_mha(num_layers=1, num_pages=2, page_size=4, num_heads=1,
+                                    head_dim=-8, dtype=torch.float16),
+     "component 'k' head_dim: expected a positive int, got -8"),
+    (lambda: PagedKVCache.empty_mha(num_layers=1, num_pages=2, page_size=4, num_heads=1.5,
+                                    head_dim=8, dtype=torch.float16),
+     "num_heads: expected a positive int, got 1.5"),
+])
+def test_no_geometry_is_guessed(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_latent_only_where_declared():
+    lat = [_t(4, 16, 576), _t(4, 16, 576)]
+    c = PagedKVCache({"latent": lat, "index": [_t(4, 16, 132, dtype=torch.uint8)] * 1 +
+                      [_t(4, 16, 132, dtype=torch.uint8)]}, latent=("latent", "index"))
+    assert (c.num_heads, c.page_size, [s.head_dim for s in c.components]) == (1, 16, [576, 132])
+    assert c.layer("latent", 1).untyped_storage().data_ptr() == lat[1].untyped_storage().data_ptr()
+
+
+def _refused(comps, message, **kw):
+    with pytest.raises(ValueError) as info:
+        PagedKVCache(comps, **kw)
+    assert message in str(info.value)
+
+
+def test_aliasing_components_and_layers_refused():
+    k = _t(4, 16, 2, 8)
+    _refused({"k": [k], "v": [k]}, "component 'k' layer 0 and component 'v' layer 0 share memory")
+    _refused({"k": [k, k]}, "component 'k' layer 0 and component 'k' layer 1 share memory")
+    big = _t(5, 16, 2, 8)  # V starts one page into K: pages 1..3 alias
+    _refused({"k": [big[:4]], "v": [big[1:]]}, "share memory")
+    # head 1 of K is head 0 of V
+    fused = _t(4, 16, 3, 8)
+    _refused({"k": [fused[:, :, :2]], "v": [fused[:, :, 1:]]}, "share memory")
+    # a stride-0 page axis: every page is one memory
+    _refused({"k": [_t(1, 16, 2, 8).expand(4, 16, 2, 8)]},
+             "the page axis overlaps itself (stride 0: every index aliases one memory)")
+    _refused({"k": [torch.zeros(4, 16, 2, 8).as_strided((4, 16, 2, 8), (128, 8, 4, 1))]},
+             "the head axis overlaps itself (byte stride 16 < 32")
+
+
+def test_interleaved_views_that_share_no_bytes_are_accepted():
+    fused = _t(4, 16, 4, 8)  # K | V halves of one heads axis
+    c = PagedKVCache({"k": [fused[:, :, :2]], "v": [fused[:, :, 2:]]})
+    assert c.num_heads == 2
+    raw = torch.zeros(6, 16 * 132, dtype=torch.uint8)  # per page: 16 x 128 values, 16 x 4 scales
+    values = raw[:, :16 * 128].view(6, 16, 128)
+    scales = raw[:, 16 * 128:].view(6, 16, 4)
+    c = PagedKVCache({"values": [values], "scales": [scales]}, latent=("values", "scales"))
+    assert c.num_pages == 6
+    stacked = _t(3, 4, 16, 2, 8)
+    PagedKVCache.mha(stacked[:, :, :, :1], stacked[:, :, :, 1:], stacked=True)
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"version": 2}, "version expected 1, got 2"),
+    ({"version": True}, "version expected an int >= 1, got True"),
+    ({"num_tokens": -1}, "num_tokens expected an int >= 0, got -1"),
+    ({"num_tokens": 7.0}, "num_tokens expected an int >= 0, got 7.0"),
+    ({"num_layers": False}, "num_layers expected an int >= 0, got False"),
+    ({"components": [["k", -2, 8, "bfloat16"]]}, "k.num_heads expected an int >= 1, got -2"),
+    ({"components": [["k", 2, 8.5, "bfloat16"]]}, "k.head_dim expected an int >= 1, got 8.5"),
+    ({"components": [["k", 2, 8, "float9"]]}, "unknown dtype 'float9'"),
+    ({"components": [["k", 2, 8]]}, "a component expected [name, num_heads, head_dim, dtype]"),
+    ({"components": []}, "components expected a non-empty list"),
+])
+def test_packed_format_from_dict_refuses(patch, message):
+    d = PagedKVCache.empty_mha(num_layers=1, num_pages=2, page_size=4, num_heads=2, head_dim=8,
+                               dtype=torch.bfloat16).packed_format(7).to_dict()
+    with pytest.raises(ValueError) as info:
+        PackedFormat.from_dict({**d, **patch})
+    assert message in str(info.value)
+
+
+def test_layers_interleaved_in_one_buffer():
+    """Blocks-major allocation (every layer's block b next to each other): accepted, fast;
+    a layer view shifted into its neighbour is refused."""
+    raw = _t(6, 4, 2, 16, 2, 8)  # [blocks, layers, K/V, block_size, heads, dim]
+    k = [raw[:, layer, 0] for layer in range(4)]
+    v = [raw[:, layer, 1] for layer in range(4)]
+    c = PagedKVCache.mha(k, v)
+    assert (c.num_layers, c.num_pages) == (4, 6)
+    flat = raw.view(6, -1)
+    shifted = flat[:, 8:8 + 16 * 2 * 8].view(6, 16, 2, 8)  # half a head row into layer 0's K
+    _refused({"k": [k[0]], "v": [shifted]}, "share memory")

@@ -17,8 +17,8 @@ def test_kernels_api():
 
 
 def test_cp_api():
-    assert sorted(cpkv.cp.__all__) == ["GatherTimeoutError", "SenderPolicy", "SplitPlan",
-                                       "all_gather_kv", "chunk_share", "gather_nbytes",
+    assert sorted(cpkv.cp.__all__) == ["GatherDone", "GatherTimeoutError", "SenderPolicy",
+                                       "SplitPlan", "all_gather_kv", "chunk_share", "gather_nbytes",
                                        "interleave_split", "page_share", "senders_for",
                                        "split_token_map", "zigzag_split"]
 

@@ -76,6 +76,8 @@ def test_backend_choice_is_explicit():
         StagingArena(ALIGN, backend="nvshmem")
     with pytest.raises(ValueError, match="nbytes: expected a positive int, got 0"):
         StagingArena(0)
+    with pytest.raises(ValueError, match="symmetric_backend: only for backend 'symmetric'"):
+        StagingArena(ALIGN, backend="host", symmetric_backend="NCCL")
 
 
 def test_host_shared_single_process_leaves_nothing_in_dev_shm():

@@ -1,6 +1,6 @@
 """Context parallelism: page shares, token splits, and the KV all-gather into the paged pool."""
 
-from .gather import GatherTimeoutError, all_gather_kv, gather_nbytes, split_token_map
+from .gather import GatherDone, GatherTimeoutError, all_gather_kv, gather_nbytes, split_token_map
 from .partition import (
     SenderPolicy,
     SplitPlan,
@@ -11,6 +11,6 @@ from .partition import (
     zigzag_split,
 )
 
-__all__ = ["GatherTimeoutError", "SenderPolicy", "SplitPlan", "all_gather_kv", "chunk_share",
-           "gather_nbytes", "interleave_split", "page_share", "senders_for", "split_token_map",
-           "zigzag_split"]
+__all__ = ["GatherDone", "GatherTimeoutError", "SenderPolicy", "SplitPlan", "all_gather_kv",
+           "chunk_share", "gather_nbytes", "interleave_split", "page_share", "senders_for",
+           "split_token_map", "zigzag_split"]

@@ -4,9 +4,12 @@ Pure functions over integers (and small int64 tensors for the split plans); no p
 
 * Page shares split a request's pages by request-local position, balanced and contiguous: with
   ``base, rem = divmod(num_pages, cp)`` rank r owns ``[r*base + min(r, rem), +base + (r < rem))``.
-* Token splits say which tokens of a sequence a CP rank computes during prefill:
-  zigzag cuts L tokens into 2*cp blocks (the first ``L % 2cp`` one longer) and gives rank r blocks
-  r and 2cp-1-r; interleave gives token i to rank i % cp.
+* Token splits say which tokens of a batch a CP rank computes during prefill, in the order its
+  local K/V rows come out of the model (the order SGLang uses, by default):
+  zigzag cuts each sequence of L tokens into 2*cp blocks (the first ``L % 2cp`` one longer) and
+  gives rank r block r of every sequence, then block 2cp-1-r of every sequence; interleave gives
+  global token i of the concatenated batch to rank i % cp. ``order="sequence"`` keeps each
+  sequence's share together instead; `SplitPlan.from_positions` describes any other split.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page_share",
            "senders_for", "zigzag_split"]
 
 
+MAX_CP_SIZE = 1 << 16  # far above any CP group; bounds the per-rank bookkeeping of a split
+
+
 def _check_cp(cp_size, cp_rank=None) -> None:
     if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
         raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
+    if cp_size > MAX_CP_SIZE:
+        raise ValueError(f"cp_size: expected at most {MAX_CP_SIZE} ranks, got {cp_size}")
     if cp_rank is not None and (not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size):
         raise ValueError(f"cp_rank: expected an int in [0, {cp_size}), got {cp_rank!r}")
 
@@ -94,15 +103,16 @@ class SplitPlan:
     ``[sum(seq_lens[:s]), sum(seq_lens[:s+1]))``.
 
     Attributes:
-        kind: "zigzag" or "interleave".
+        kind: "zigzag", "interleave" or "custom" (`from_positions`).
         cp_size: ranks in the group.
         seq_lens: tokens per sequence.
-        positions: per rank, the global positions of its local tokens, in local order
-            (sequence by sequence).
+        positions: per rank, the global positions of its local tokens, in local order (the
+            order of the rank's K/V rows).
         padded_len: tokens per rank after padding every shard to the longest (the all-gather
             moves ``cp_size * padded_len`` token rows).
         gather_index: [total tokens] int64; token i sits at row ``gather_index[i]`` of the
             gathered ``[cp_size * padded_len]`` buffer (rank r's shard at rows ``r*padded_len``).
+        order: "batch" (SGLang's), "sequence", or "custom".
     """
 
     kind: str
@@ -111,6 +121,7 @@ class SplitPlan:
     positions: tuple[torch.Tensor, ...]
     padded_len: int
     gather_index: torch.Tensor
+    order: str = "batch"
 
     @property
     def local_lens(self) -> list[int]:
@@ -132,71 +143,166 @@ class SplitPlan:
         gathered = [b for r in range(cp) for b in (r, 2 * cp - 1 - r)]
         return [gathered.index(b) for b in range(2 * cp)]
 
+    @classmethod
+    def from_positions(cls, per_rank_positions: Sequence, seq_lens: int | Sequence[int]
+                       ) -> SplitPlan:
+        """A plan for any runner's split: rank r's local rows are global tokens
+        ``per_rank_positions[r]`` (lists, numpy arrays or int tensors), in that order.
+
+        Together they must be a permutation of the batch's ``sum(seq_lens)`` tokens.
+
+        >>> SplitPlan.from_positions([[0, 3], [1, 2]], [4]).gather_index.tolist()
+        [0, 2, 3, 1]
+        """
+        lens = _seq_lens(seq_lens)
+        if isinstance(per_rank_positions, (str, bytes)) or \
+                not isinstance(per_rank_positions, (Sequence, np.ndarray, torch.Tensor)):
+            raise TypeError(f"per_rank_positions: expected one sequence of positions per rank, "
+                            f"got {type(per_rank_positions).__name__}")
+        cp = len(per_rank_positions)
+        _check_cp(cp)
+        arrays = []
+        for r, p in enumerate(per_rank_positions):
+            if isinstance(p, torch.Tensor):
+                p = p.detach().cpu().numpy()
+            a = np.asarray(p)
+            if a.size == 0:
+                a = a.astype(np.int64).reshape(0)
+            if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
+                raise ValueError(f"per_rank_positions[{r}]: expected a 1-D sequence of ints, "
+                                 f"got dtype {a.dtype} shape {a.shape}")
+            arrays.append(a.astype(np.int64))
+        total = sum(lens)
+        flat = np.concatenate(arrays)
+        seen = np.bincount(flat[(flat >= 0) & (flat < total)], minlength=total)
+        if flat.size != total or flat.min(initial=0) < 0 or flat.max(initial=0) >= total \
+                or not (seen == 1).all():
+            missing = np.flatnonzero(seen == 0)[:5].tolist()
+            extra = sorted(set(flat[(flat < 0) | (flat >= total)].tolist()) |
+                           set(np.flatnonzero(seen > 1).tolist()))[:5]
+            raise ValueError(f"per_rank_positions: expected a permutation of the batch's "
+                             f"{total} tokens, got {flat.size} positions (missing {missing}, "
+                             f"out of range or repeated {extra})")
+        return _build("custom", cp, lens, arrays, "custom")
+
 
 def _seq_lens(seq_lens) -> list[int]:
-    lens = [seq_lens] if isinstance(seq_lens, int) else list(seq_lens)
+    lens = [seq_lens] if isinstance(seq_lens, int) and not isinstance(seq_lens, bool) \
+        else list(seq_lens)
     if not lens:
         raise ValueError("seq_lens: expected at least one sequence, got none")
     for n in lens:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"seq_lens: expected positive ints, got {n!r}")
-    return lens
+    return [int(n) for n in lens]
 
 
-def _plan(kind: str, cp_size: int, lens: list[int], per_seq) -> SplitPlan:
-    """Concatenate per-sequence splits into a batch plan and build its gather index."""
-    owned: list[list[torch.Tensor]] = [[] for _ in range(cp_size)]
-    offset = 0
-    for n in lens:
-        for r, local in enumerate(per_seq(n)):
-            owned[r].append(local + offset)
-        offset += n
-    positions = tuple(torch.cat(p) for p in owned)
-    padded = max(len(p) for p in positions)
-    gather_index = torch.empty(offset, dtype=torch.int64)
-    for r, p in enumerate(positions):
-        gather_index[p] = r * padded + torch.arange(len(p))
-    return SplitPlan(kind, cp_size, tuple(lens), positions, padded, gather_index)
+def _build(kind: str, cp_size: int, lens: list[int], per_rank: list[np.ndarray],
+           order: str) -> SplitPlan:
+    padded = max(len(p) for p in per_rank)
+    total = sum(lens)
+    flat = np.concatenate(per_rank)
+    rows = np.concatenate([r * padded + np.arange(len(p)) for r, p in enumerate(per_rank)])
+    gather_index = np.empty(total, dtype=np.int64)
+    gather_index[flat] = rows
+    positions = tuple(torch.from_numpy(np.ascontiguousarray(p, dtype=np.int64))
+                      for p in per_rank)
+    return SplitPlan(kind, cp_size, tuple(lens), positions, padded,
+                     torch.from_numpy(gather_index), order)
 
 
-def zigzag_split(seq_lens: int | Sequence[int], cp_size: int) -> SplitPlan:
+def _by_rank(cp_size: int, rank: np.ndarray, *keys: np.ndarray) -> list[np.ndarray]:
+    """Global positions grouped by owning rank, each rank's sorted by ``keys`` (last first)."""
+    idx = np.lexsort((*keys, rank))  # np.lexsort: the last key is the primary one
+    counts = np.bincount(rank, minlength=cp_size)
+    return np.split(idx.astype(np.int64), np.cumsum(counts)[:-1])
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` pieces, without a Python loop."""
+    total = int(lengths.sum())
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def _check_order(order) -> None:
+    if order not in ("batch", "sequence"):
+        raise ValueError(f"order: expected 'batch' (SGLang's) or 'sequence', got {order!r}")
+
+
+def _seq_index(lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, position within it) of every global token."""
+    seq = np.repeat(np.arange(len(lens)), lens)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return seq, np.arange(sum(lens)) - starts[seq]
+
+
+def zigzag_split(seq_lens: int | Sequence[int], cp_size: int, *,
+                 order: str = "batch") -> SplitPlan:
     """Zigzag split: rank r owns blocks r and 2*cp-1-r of each sequence (load-balanced causal).
 
-    Each sequence needs at least 2*cp tokens (one per block); shorter ones raise ValueError —
-    run them without CP.
+    Each sequence is cut into 2*cp blocks, the first ``L % 2cp`` one token longer. With
+    ``order="batch"`` (SGLang's ``prepare_context_parallel_metadata``) rank r's rows are block
+    r of every sequence, then block 2cp-1-r of every sequence; ``order="sequence"`` keeps each
+    sequence's two blocks together. Each sequence needs at least 2*cp tokens (SGLang's
+    ``can_cp_split``); shorter ones raise ValueError — run them without CP.
 
+    >>> [p.tolist() for p in zigzag_split([8, 8], 2).positions][0]
+    [0, 1, 8, 9, 6, 7, 14, 15]
     >>> [p.tolist() for p in zigzag_split(10, 2).positions]
     [[0, 1, 2, 8, 9], [3, 4, 5, 6, 7]]
     """
     _check_cp(cp_size)
+    _check_order(order)
     lens = _seq_lens(seq_lens)
     for n in lens:
         if n < 2 * cp_size:
             raise ValueError(f"zigzag_split: a sequence of {n} tokens is too short for "
                              f"cp_size {cp_size} (needs >= {2 * cp_size}: one per block)")
+    cp2 = 2 * cp_size
+    n = np.asarray(lens, dtype=np.int64)
+    sizes = n[:, None] // cp2 + (np.arange(cp2)[None, :] < (n % cp2)[:, None])  # [seqs, 2cp]
+    seq_start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    starts = seq_start[:, None] + np.cumsum(sizes, axis=1) - sizes  # global block starts
+    ranks = np.arange(cp_size)[:, None, None]
+    seqs = np.arange(len(lens))[None, None, :]
+    blocks = np.concatenate([np.broadcast_to(ranks, (cp_size, 1, len(lens))),
+                             np.broadcast_to(cp2 - 1 - ranks, (cp_size, 1, len(lens)))], axis=1)
+    seqs = np.broadcast_to(seqs, blocks.shape)  # [rank, half, seq]
+    if order == "sequence":  # [rank, seq, half]
+        blocks, seqs = blocks.transpose(0, 2, 1), seqs.transpose(0, 2, 1)
+    piece_start = starts[seqs, blocks].reshape(cp_size, -1)
+    piece_len = sizes[seqs, blocks].reshape(cp_size, -1)
+    return _build("zigzag", cp_size, lens, [_ranges(a, b) for a, b in zip(
+        piece_start, piece_len, strict=True)], order)
 
-    def per_seq(n):
-        base, rem = divmod(n, 2 * cp_size)
-        starts = [b * base + min(b, rem) for b in range(2 * cp_size + 1)]
-        block = [torch.arange(starts[b], starts[b + 1]) for b in range(2 * cp_size)]
-        return [torch.cat([block[r], block[2 * cp_size - 1 - r]]) for r in range(cp_size)]
 
-    return _plan("zigzag", cp_size, lens, per_seq)
+def interleave_split(seq_lens: int | Sequence[int], cp_size: int, *,
+                     order: str = "batch") -> SplitPlan:
+    """Interleave (round-robin) split.
 
-
-def interleave_split(seq_lens: int | Sequence[int], cp_size: int) -> SplitPlan:
-    """Interleave split: token i of each sequence goes to rank i % cp.
-
-    Each sequence needs at least cp tokens; shorter ones raise ValueError.
+    ``order="batch"`` (SGLang's round-robin split): global token i of the concatenated batch
+    goes to rank i % cp, so sequences need no minimum length (SGLang pads the batch to a
+    multiple of cp; those padding rows are ignored by `all_gather_kv`). ``order="sequence"``:
+    token i of each sequence goes to rank i % cp, and each sequence needs at least cp tokens.
 
     >>> [p.tolist() for p in interleave_split(5, 2).positions]
     [[0, 2, 4], [1, 3]]
+    >>> [p.tolist() for p in interleave_split([1, 5], 2).positions]
+    [[0, 2, 4], [1, 3, 5]]
     """
     _check_cp(cp_size)
+    _check_order(order)
     lens = _seq_lens(seq_lens)
+    if order == "batch":
+        total = sum(lens)
+        return _build("interleave", cp_size, lens,
+                      [np.arange(r, total, cp_size, dtype=np.int64) for r in range(cp_size)],
+                      order)
+    seq, pos = _seq_index(lens)
     for n in lens:
         if n < cp_size:
             raise ValueError(f"interleave_split: a sequence of {n} tokens is too short for "
                              f"cp_size {cp_size} (needs >= {cp_size})")
-    return _plan("interleave", cp_size, lens,
-                 lambda n: [torch.arange(r, n, cp_size) for r in range(cp_size)])
+    return _build("interleave", cp_size, lens,
+                  _by_rank(cp_size, pos % cp_size, np.arange(sum(lens))), order)

@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 from kvtest import (
+    as_bytes,
     assert_cache_equals,
     disjoint_page_lists,
     fill_sentinel,
@@ -22,11 +23,26 @@ from kvtest import (
 )
 from mp import Recorder
 
-from cpkv.cp import GatherTimeoutError, all_gather_kv, gather_nbytes, interleave_split, zigzag_split
+from cpkv.cp import (
+    GatherDone,
+    GatherTimeoutError,
+    SplitPlan,
+    all_gather_kv,
+    gather_nbytes,
+    interleave_split,
+    zigzag_split,
+)
 from cpkv.staging import ArenaError, StagingArena
 from cpkv.transfer.status import KVStatus, agree
 
-SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split}
+
+def _custom_split(seq_lens, world, order="custom"):
+    """Another runner's split: zigzag's tokens, each rank's rows in reverse order."""
+    zz = zigzag_split(seq_lens, world)
+    return SplitPlan.from_positions([p.flip(0).numpy() for p in zz.positions], seq_lens)
+
+
+SPLITS = {"zigzag": zigzag_split, "interleave": interleave_split, "custom": _custom_split}
 KINDS = {"mha": mha, "mla": mla}
 NUM_LAYERS = 3
 
@@ -46,11 +62,46 @@ def scenarios(world):
                     seq_lens=[31], page_size=16, mode="layer", layout="HND", squeeze=True))
     out.append(dict(name="zigzag-mha-layer-chunks", split="zigzag", kind="mha",
                     seq_lens=[23, 9], page_size=4, mode="all", chunk_bytes=1))
+    out.append(dict(name="zigzag-3seq-padded-shards-numpy-ids", split="zigzag", kind="mha",
+                    seq_lens=[13, 8 * world, 21], page_size=4, mode="layer", pad_rows=5,
+                    ids_as="numpy"))
+    out.append(dict(name="interleave-batch-short-seq-list-ids", split="interleave",
+                    kind="mla", seq_lens=[1, 5, 9], page_size=2, mode="all", pad_rows=2,
+                    ids_as="list"))
+    out.append(dict(name="zigzag-sequence-order", split="zigzag", kind="mha",
+                    seq_lens=[12, 17], page_size=4, mode="all", order="sequence"))
+    out.append(dict(name="custom-from-positions", split="custom", kind="mha",
+                    seq_lens=[10, 7 * world], page_size=4, mode="layer", order="custom"))
     return out
 
 
+def _pad(local, pad_rows, axis, seed=11):
+    """Append junk rows (a runner's CUDA-graph padding) after the real ones."""
+    if not pad_rows:
+        return local
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, t in local.items():
+        shape = list(t.shape)
+        shape[axis] = pad_rows
+        junk = torch.empty(shape, dtype=t.dtype)
+        as_bytes(junk).copy_(torch.randint(0, 256, as_bytes(junk).shape, generator=g,
+                                           dtype=torch.uint8))
+        out[n] = torch.cat([t, junk], dim=axis)
+    return out
+
+
+def _ids_as(pages, how):
+    if how == "numpy":
+        return [p.numpy() for p in pages]
+    if how == "list":
+        return [p.tolist() for p in pages]
+    return pages
+
+
 def gather_scenario(rank, world, arena, *, split, kind, seq_lens, page_size, mode,
-                    backend="auto", layout="NHD", squeeze=False, chunk_bytes=None):
+                    backend="auto", layout="NHD", squeeze=False, chunk_bytes=None,
+                    pad_rows=0, ids_as=None, order="batch"):
     import cpkv.cp.gather as gather_mod
 
     if chunk_bytes is not None:  # one layer per chunk: gathers overlap reorganizes
@@ -58,10 +109,11 @@ def gather_scenario(rank, world, arena, *, split, kind, seq_lens, page_size, mod
         try:
             return gather_scenario(rank, world, arena, split=split, kind=kind,
                                    seq_lens=seq_lens, page_size=page_size, mode=mode,
-                                   backend=backend, layout=layout, squeeze=squeeze)
+                                   backend=backend, layout=layout, squeeze=squeeze,
+                                   pad_rows=pad_rows, ids_as=ids_as, order=order)
         finally:
             gather_mod.GATHER_CHUNK_BYTES = saved
-    plan = SPLITS[split](seq_lens, world)
+    plan = SPLITS[split](seq_lens, world, order=order)
     specs = KINDS[kind]()
     need = sum(-(-n // page_size) for n in plan.seq_lens)
     cache = fill_sentinel(make_cache(specs, num_layers=NUM_LAYERS, num_pages=need + 2,
@@ -69,19 +121,134 @@ def gather_scenario(rank, world, arena, *, split, kind, seq_lens, page_size, mod
     pages = disjoint_page_lists(cache.num_pages, plan.seq_lens, page_size, seed=1)
     full = full_kv(specs, NUM_LAYERS, plan.total_len, seed=3)  # the same on every rank
     want = oracle_sequence_pool(cache, full, plan.seq_lens, pages, range(NUM_LAYERS))
-    local = local_shard(full, plan, rank)
-    ids = pages[0] if len(pages) == 1 else pages
+    local = _pad(local_shard(full, plan, rank), pad_rows, axis=1)
+    pages_in = _ids_as(pages, ids_as)
+    ids = pages_in[0] if len(pages_in) == 1 else pages_in
     if mode == "layer":  # as a model runner calls it, layer by layer, reusing one slot
         slot = arena.alloc(gather_nbytes(cache, plan, layers=0))
         for layer in range(NUM_LAYERS):
             shard = {n: (t[layer].squeeze(1) if squeeze else t[layer]) for n, t in local.items()}
-            all_gather_kv(shard, plan, cache, ids, slot=slot, layers=layer, backend=backend)
+            done = all_gather_kv(shard, plan, cache, ids, slot=slot, layers=layer,
+                                 backend=backend)
+            assert isinstance(done, GatherDone) and done.query()  # CPU: bytes already there
     else:
         slot = arena.alloc(gather_nbytes(cache, plan))
         all_gather_kv(local, plan, cache, ids, slot=slot, backend=backend)
     arena.check_symmetric([slot])
     slot.release()
     assert_cache_equals(cache, want)
+
+
+def chunked_prefill_mid_page(rank, world, arena):
+    """Two prefill chunks of a 2-sequence batch; chunk 2 continues mid-page at token_offset."""
+    ps, first, second = 4, [9, 7], [8, 6]
+    totals = [a + b for a, b in zip(first, second, strict=True)]
+    specs = mha()
+    cache = fill_sentinel(make_cache(specs, num_layers=NUM_LAYERS, num_pages=12, page_size=ps))
+    pages = disjoint_page_lists(cache.num_pages, totals, ps, seed=4)
+    full = full_kv(specs, NUM_LAYERS, sum(totals), seed=5)  # sequence order, both sequences
+    starts = [0, totals[0]]
+
+    def part(lo, hi):  # tokens [lo, hi) of every sequence, batch-concatenated
+        return {n: torch.cat([t[:, s + lo[i]:s + hi[i]] for i, s in enumerate(starts)], dim=1)
+                for n, t in full.items()}
+    want1 = oracle_sequence_pool(cache, part([0, 0], first), first, pages, range(NUM_LAYERS))
+    want2 = oracle_sequence_pool(cache, full, totals, pages, range(NUM_LAYERS))
+    for lens, chunk, offset, want in ((first, part([0, 0], first), 0, want1),
+                                      (second, part(first, totals), first, want2)):
+        plan = zigzag_split(lens, world)
+        with arena.alloc(gather_nbytes(cache, plan)) as slot:
+            all_gather_kv(local_shard(chunk, plan, rank), plan, cache, pages, slot=slot,
+                          token_offset=offset)
+        assert_cache_equals(cache, want, f"pool after the chunk at offset {offset}")
+
+
+def torch_floor_without_all_gather_single(rank, world, arena):
+    """torch < 2.13 has no dist.all_gather_single: the gather falls back to
+    all_gather_into_tensor."""
+    saved = getattr(dist, "all_gather_single", None)
+    if saved is not None:
+        del dist.all_gather_single
+    try:
+        assert not hasattr(dist, "all_gather_single")
+        gather_scenario(rank, world, arena, split="zigzag", kind="mha", seq_lens=[14, 9],
+                        page_size=4, mode="layer")
+    finally:
+        if saved is not None:
+            dist.all_gather_single = saved
+
+
+def local_copies_per_component(rank, world, arena):
+    """The local shard goes into the slot with one strided copy per component (per chunk),
+    not one per layer and component."""
+    calls = []
+    original = torch.Tensor.copy_
+
+    def counting(self, *a, **k):
+        calls.append(tuple(self.shape))
+        return original(self, *a, **k)
+    plan = zigzag_split([16], world)
+    cache = fill_sentinel(make_cache(mha(), num_layers=NUM_LAYERS, num_pages=6, page_size=4))
+    local = local_shard(full_kv(mha(), NUM_LAYERS, 16), plan, rank)
+    with arena.alloc(gather_nbytes(cache, plan)) as slot:
+        torch.Tensor.copy_ = counting
+        try:
+            all_gather_kv(local, plan, cache, torch.arange(4), slot=slot, backend="torch")
+        finally:
+            torch.Tensor.copy_ = original
+    shard_copies = [c for c in calls if c[:2] == (NUM_LAYERS, len(plan.positions[rank]))]
+    assert len(shard_copies) == 2, calls  # K and V, every layer in one copy each
+
+
+def no_sync_after_the_first_layer(rank, world, arena):
+    """Layer by layer with validate=True: the ids are read back once (when the token map is
+    built); later layers read nothing back from the device."""
+    plan = zigzag_split([13, 10], world)
+    cache = fill_sentinel(make_cache(mha(), num_layers=NUM_LAYERS, num_pages=8, page_size=4))
+    pages = disjoint_page_lists(cache.num_pages, plan.seq_lens, 4, seed=2)
+    full = full_kv(mha(), NUM_LAYERS, plan.total_len, seed=6)
+    want = oracle_sequence_pool(cache, full, plan.seq_lens, pages, range(NUM_LAYERS))
+    local = local_shard(full, plan, rank)
+    reads = []
+    names = ("item", "tolist", "cpu", "numpy", "min", "max", "__int__", "__bool__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name):
+        def wrapper(self, *a, **k):
+            reads.append(name)
+            return saved[name](self, *a, **k)
+        return wrapper
+    with arena.alloc(gather_nbytes(cache, plan, layers=0)) as slot:
+        for layer in range(NUM_LAYERS):
+            if layer == 1:
+                for n in names:
+                    setattr(torch.Tensor, n, counting(n))
+            try:
+                all_gather_kv({n: t[layer] for n, t in local.items()}, plan, cache, pages,
+                              slot=slot, layers=layer, backend="triton")
+            finally:
+                for n in names:
+                    setattr(torch.Tensor, n, saved[n])
+    assert reads == [], f"device reads after the first layer: {reads}"
+    assert_cache_equals(cache, want)
+
+
+def other_group_refused(rank, world, arena):
+    """A host-shared arena's slot is symmetric over its own group only."""
+    other = dist.new_group(list(range(world)))
+    plan = zigzag_split(4 * world, world)
+    cache = fill_sentinel(make_cache(mha(), num_layers=1, num_pages=8, page_size=4))
+    before = snapshot(cache)
+    local = {n: t[0] for n, t in local_shard(full_kv(mha(), 1, 4 * world), plan, rank).items()}
+    with arena.alloc(gather_nbytes(cache, plan, layers=0)) as slot:
+        try:
+            all_gather_kv(local, plan, cache, torch.arange(world), slot=slot, layers=0,
+                          group=other)
+        except ValueError as e:
+            assert "expected the process group the slot's arena was registered with" in str(e)
+        else:
+            raise AssertionError("all_gather_kv accepted a group other than the arena's")
+    assert_cache_equals(cache, before, "pool after a refused gather")
 
 
 def arena_offsets_and_peers(rank, world, arena):
@@ -175,6 +342,13 @@ def rank_main(rank, world, port, out_path):
         for sc in scenarios(world):
             sc = dict(sc)
             rec.run(sc.pop("name"), gather_scenario, rank, world, arena, **sc)
+        rec.run("chunked-prefill-mid-page", chunked_prefill_mid_page, rank, world, arena)
+        rec.run("torch-floor-all-gather-into-tensor", torch_floor_without_all_gather_single,
+                rank, world, arena)
+        rec.run("local-copies-per-component", local_copies_per_component, rank, world, arena)
+        rec.run("other-group-refused", other_group_refused, rank, world, arena)
+        rec.run("no-sync-after-the-first-layer", no_sync_after_the_first_layer, rank, world,
+                arena)
         rec.run("arena-empty-after-scenarios", lambda: None if not arena.live_slots else
                 (_ for _ in ()).throw(AssertionError(f"live slots {arena.live_slots}")))
         rec.run("failing-rank-times-out", failing_rank, rank, world, arena)  # last: breaks gloo

@@ -11,7 +11,10 @@ from mp import assert_ok, spawn_group
 WORLDS = [2, 3]
 NAMES = (["status-agreement", "arena-offsets-and-peers", "arena-asymmetry-detected"]
          + [s["name"] for s in scenarios(2)]
-         + ["arena-empty-after-scenarios", "failing-rank-times-out"])
+         + ["chunked-prefill-mid-page", "torch-floor-all-gather-into-tensor",
+            "local-copies-per-component", "other-group-refused",
+            "no-sync-after-the-first-layer",
+            "arena-empty-after-scenarios", "failing-rank-times-out"])
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"cp{w}")

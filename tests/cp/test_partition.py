@@ -1,10 +1,14 @@
 """Page shares, sender policies and token splits: worked examples and brute force."""
 
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from cpkv.cp import (
     SenderPolicy,
+    SplitPlan,
     chunk_share,
     interleave_split,
     page_share,
@@ -84,17 +88,95 @@ def test_interleave_brute_force(cp):
         _check_plan(interleave_split(n, cp), [n], [[list(range(r, n, cp)) for r in range(cp)]])
 
 
-def test_batches_split_each_sequence_on_its_own():
+def test_sequence_order_splits_each_sequence_on_its_own():
     lens = [9, 4, 13]
-    _check_plan(zigzag_split(lens, 2), lens, [_zigzag_brute(n, 2) for n in lens])
-    _check_plan(interleave_split(lens, 3), lens,
+    _check_plan(zigzag_split(lens, 2, order="sequence"), lens,
+                [_zigzag_brute(n, 2) for n in lens])
+    _check_plan(interleave_split(lens, 3, order="sequence"), lens,
                 [[list(range(r, n, 3)) for r in range(3)] for n in lens])
+
+
+def _check_positions(plan, want):
+    assert [p.tolist() for p in plan.positions] == want
+    assert plan.padded_len == max(len(w) for w in want)
+    gathered = torch.full((plan.cp_size * plan.padded_len,), -1, dtype=torch.int64)
+    for r, pos in enumerate(want):
+        gathered[r * plan.padded_len: r * plan.padded_len + len(pos)] = torch.tensor(pos)
+    assert gathered[plan.gather_index].tolist() == list(range(plan.total_len))
+
+
+def _sglang_zigzag(lens, cp):
+    """Rank r's rows in SGLang's batch order: block r of every sequence, then block 2cp-1-r of
+    every sequence (written from the definition, block by block)."""
+    offsets = [sum(lens[:s]) for s in range(len(lens))]
+    seqs = list(zip(offsets, lens, strict=True))
+    return [[o + t for o, n in seqs for t in _block(n, cp, r)]
+            + [o + t for o, n in seqs for t in _block(n, cp, 2 * cp - 1 - r)] for r in range(cp)]
+
+
+def _block(n, cp, b):
+    sizes = [n // (2 * cp) + (i < n % (2 * cp)) for i in range(2 * cp)]
+    start = sum(sizes[:b])
+    return list(range(start, start + sizes[b]))
+
+
+def test_sglang_batch_orders_worked_examples():
+    assert zigzag_split([8, 8], 2).positions[0].tolist() == [0, 1, 8, 9, 6, 7, 14, 15]
+    assert [p.tolist() for p in interleave_split([1, 5], 2).positions] == [[0, 2, 4], [1, 3, 5]]
+    assert [p.tolist() for p in interleave_split([2], 3).positions] == [[0], [1], []]
+
+
+@pytest.mark.parametrize("lens", [[8, 8], [9, 4, 13], [17, 8, 40], [5, 11, 4]],
+                         ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_sglang_batch_orders(lens, cp):
+    if min(lens) >= 2 * cp:
+        _check_positions(zigzag_split(lens, cp), _sglang_zigzag(lens, cp))
+    total = sum(lens)
+    _check_positions(interleave_split(lens, cp),
+                     [list(range(r, total, cp)) for r in range(cp)])
+
+
+def test_from_positions_describes_any_split():
+    plan = SplitPlan.from_positions([np.array([4, 0]), [2], torch.tensor([1, 3])], [3, 2])
+    assert plan.kind == "custom" and plan.cp_size == 3 and plan.padded_len == 2
+    _check_positions(plan, [[4, 0], [2], [1, 3]])
+    z = zigzag_split([9, 12], 2)
+    again = SplitPlan.from_positions(z.positions, z.seq_lens)
+    assert torch.equal(again.gather_index, z.gather_index)
+
+
+@pytest.mark.parametrize("positions,message", [
+    ([[0, 1], [1, 2]], "expected a permutation of the batch's 4 tokens, got 4 positions "
+                       "(missing [3], out of range or repeated [1])"),
+    ([[0, 1], [2]], "got 3 positions (missing [3]"),
+    ([[0, 1], [2, 4]], "out of range or repeated [4]"),
+    ([[0, -1], [2, 3]], "out of range or repeated [-1]"),
+    ([[0.0, 1.0], [2, 3]], "per_rank_positions[0]: expected a 1-D sequence of ints"),
+    ([[[0, 1]], [2, 3]], "per_rank_positions[0]: expected a 1-D sequence of ints"),
+    ([], "cp_size: expected a positive int, got 0"),
+])
+def test_from_positions_refuses(positions, message):
+    with pytest.raises(ValueError) as info:
+        SplitPlan.from_positions(positions, [4])
+    assert message in str(info.value)
+
+
+def test_huge_cp_fails_fast():
+    t0 = time.monotonic()
+    for call in (lambda: zigzag_split(3_000_000, 10**6), lambda: interleave_split(5, 10**6),
+                 lambda: page_share(5, 10**6, 0)):
+        with pytest.raises(ValueError, match="cp_size: expected at most 65536 ranks"):
+            call()
+    assert time.monotonic() - t0 < 1.0
 
 
 @pytest.mark.parametrize("call,message", [
     (lambda: zigzag_split(7, 4), "a sequence of 7 tokens is too short for cp_size 4 (needs >= 8"),
     (lambda: zigzag_split([20, 3], 2), "a sequence of 3 tokens is too short"),
-    (lambda: interleave_split(2, 3), "a sequence of 2 tokens is too short for cp_size 3"),
+    (lambda: interleave_split(2, 3, order="sequence"),
+     "a sequence of 2 tokens is too short for cp_size 3"),
+    (lambda: zigzag_split(8, 2, order="seq"), "order: expected 'batch' (SGLang's) or"),
     (lambda: zigzag_split([], 2), "expected at least one sequence"),
     (lambda: zigzag_split(0, 1), "expected positive ints, got 0"),
     (lambda: page_share(10, 0, 0), "cp_size: expected a positive int, got 0"),

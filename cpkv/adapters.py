@@ -1,0 +1,346 @@
+"""Zero-copy views of the KV pools model runners allocate, as `PagedKVCache`.
+
+Plain tensors and lists in, views out: nothing is copied, and nothing of SGLang, vLLM or
+FlashInfer is imported. Every adapter states the runner's shape it expects and refuses anything
+else with a ValueError naming the shape it got; layouts that no strided view can express (a
+token's row not contiguous, or not at a fixed stride) are refused with the reason.
+
+A runner's page (block) index is cpkv's page id: token slot ``loc`` of SGLang's token-major
+buffers is page ``loc // page_size``, slot ``loc % page_size``; vLLM's block ``b`` is page ``b``.
+
+    from cpkv.adapters import from_sglang_mha, from_vllm
+    cache = from_sglang_mha(pool.k_buffer, pool.v_buffer, page_size=pool.page_size)
+    cache = from_vllm(kv_caches, backend="flash_attn")   # list or dict of per-layer tensors
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .layout import PagedKVCache
+
+__all__ = ["from_flashinfer", "from_sglang_mha", "from_sglang_mla", "from_vllm"]
+
+VLLM_BACKENDS = ("flash_attn", "flashinfer", "mla")
+UNVIEWABLE = {
+    # name -> why no strided view can address it
+    "rocm_aiter": "vLLM's ROCm paged-attention / AITER layout stores K as 5-D "
+                  "[num_blocks, heads, head_size // x, block_size, x]: one token's head row is "
+                  "cut into x-element vectors spread block_size apart, so it is not a contiguous "
+                  "row at a fixed stride",
+    "interleaved": "SGLang's MXFP8 KV scales (page size 128) are interleaved across the tokens "
+                   "of a page in the tile order of the attention kernel, so one token's scales "
+                   "are not one row at a fixed (page, slot, head) stride",
+}
+
+
+def _layers(buffers, what: str) -> list[torch.Tensor]:
+    """A list (or a dict's values, in insertion order) of per-layer tensors."""
+    if isinstance(buffers, Mapping):
+        buffers = list(buffers.values())
+    if isinstance(buffers, torch.Tensor) or not isinstance(buffers, Sequence):
+        raise TypeError(f"{what}: expected a list (or dict) of per-layer tensors, "
+                        f"got {type(buffers).__name__}")
+    if not buffers:
+        raise ValueError(f"{what}: expected at least one layer, got none")
+    for i, t in enumerate(buffers):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}]: expected a tensor, got {type(t).__name__}")
+    return list(buffers)
+
+
+def _check_dims(t: torch.Tensor, dims: int, what: str, expected: str) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"{what}: expected {expected} ({dims} dims), got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_page_size(page_size) -> None:
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+
+
+def _check_layout(layout) -> None:
+    if layout not in ("NHD", "HND"):
+        raise ValueError(f"layout: expected 'NHD' or 'HND', got {layout!r}")
+
+
+def _token_major_pages(t: torch.Tensor, page_size: int, layout: str, what: str) -> torch.Tensor:
+    """One SGLang layer buffer as pages (a view).
+
+    NHD: the token-major ``[size + page_size, heads, dim]`` buffer as
+    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, slot loc % ps).
+    HND (``use_hnd``): SGLang allocates ``[num_pages, heads, page_size, dim]`` itself."""
+    if layout == "HND":
+        _check_dims(t, 4, what, "[num_pages, head_num, page_size, head_dim] (SGLang use_hnd)")
+        if t.shape[2] != page_size:
+            raise ValueError(f"{what}: expected page_size {page_size} on axis 2 of "
+                             f"[num_pages, head_num, page_size, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+        return t
+    _check_dims(t, 3, what, "[size + page_size, heads, head_dim] (token-major)")
+    rows = t.shape[0]
+    if rows % page_size:
+        raise ValueError(f"{what}: expected a row count that is a multiple of page_size "
+                         f"{page_size} (size + page_size), got {rows} rows")
+    return t.unflatten(0, (rows // page_size, page_size))
+
+
+def from_sglang_mha(k_buffer, v_buffer, *, page_size: int, layout: str = "NHD",
+                    extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
+                    scales_layout: str = "linear") -> PagedKVCache:
+    """SGLang's MHA/GQA pool (``MHATokenToKVPool`` in
+    ``python/sglang/srt/mem_cache/memory_pool.py``, shapes from its ``_kv_buffer_shapes``).
+
+    Args:
+        k_buffer, v_buffer: the pool's per-layer lists. NHD (default): each
+            ``[size + page_size, head_num, head_dim]``, token-major (slot 0's page is SGLang's
+            padding page); HND (``use_hnd``): each ``[num_pages, head_num, page_size,
+            head_dim]``. ``v_head_dim`` may differ from K's; K and V may be halves of one fused
+            buffer (views that share no bytes).
+        page_size: the pool's page size; token slot ``loc`` is page ``loc // page_size``, slot
+            ``loc % page_size``.
+        layout: "NHD" or "HND", as the pool was allocated.
+        extras: more per-layer buffers addressed like K (same layout and head count), e.g.
+            per-head fp8 scales ``[size + page_size, head_num, 1]`` float32.
+        scales_layout: "linear" (``extras`` rows are tokens) or "interleaved" (SGLang's MXFP8
+            scales at page size 128), which no strided view expresses: ValueError.
+
+    Example::
+
+        cache = from_sglang_mha(pool.k_buffer, pool.v_buffer, page_size=pool.page_size)
+    """
+    _check_page_size(page_size)
+    _check_layout(layout)
+    if scales_layout != "linear":
+        if scales_layout in UNVIEWABLE:
+            raise ValueError(f"scales_layout {scales_layout!r}: {UNVIEWABLE[scales_layout]}; "
+                             f"cpkv moves rows and cannot address them without a copy")
+        raise ValueError(f"scales_layout: expected 'linear' or 'interleaved', "
+                         f"got {scales_layout!r}")
+    comps = {"k": _layers(k_buffer, "k_buffer"), "v": _layers(v_buffer, "v_buffer")}
+    for name, bufs in (extras or {}).items():
+        if name in comps:
+            raise ValueError(f"extras: component name {name!r} is taken by K/V")
+        comps[name] = _layers(bufs, f"extras[{name!r}]")
+    views = {name: [_token_major_pages(t, page_size, layout, f"{name}[{i}]")
+                    for i, t in enumerate(bufs)] for name, bufs in comps.items()}
+    return PagedKVCache(views, layout=layout)
+
+
+def from_sglang_mla(kv_buffer, *, page_size: int, index_k_with_scale=None,
+                    index_head_dim: int = 128) -> PagedKVCache:
+    """SGLang's MLA pool (``MLATokenToKVPool`` in ``python/sglang/srt/mem_cache/memory_pool.py``).
+
+    Args:
+        kv_buffer: per-layer ``[size + page_size, 1, kv_lora_rank + qk_rope_head_dim]`` (e.g.
+            512 + 64 = 576) latent buffers, token-major; component ``"latent"``.
+        page_size: the pool's page size.
+        index_k_with_scale: optional per-layer NSA indexer buffers (DeepSeek V3.2,
+            ``NSATokenToKVPool.index_k_with_scale_buffer``), uint8
+            ``[num_pages, page_size * (index_head_dim + index_head_dim // 128 * 4)]``: in each
+            page, ``page_size`` rows of ``index_head_dim`` fp8 values, then ``page_size`` rows of
+            fp32 scales (one per 128 values). Become components ``"index_k"`` and
+            ``"index_k_scale"`` (uint8 rows); pages past the latent's page count are not used.
+        index_head_dim: the indexer's head dim (a multiple of 128).
+
+    Example::
+
+        cache = from_sglang_mla(pool.kv_buffer, page_size=pool.page_size)
+    """
+    _check_page_size(page_size)
+    layers = _layers(kv_buffer, "kv_buffer")
+    latent = []
+    for i, t in enumerate(layers):
+        _check_dims(t, 3, f"kv_buffer[{i}]", "[size + page_size, 1, kv_lora_rank + rope_dim]")
+        if t.shape[1] != 1:
+            raise ValueError(f"kv_buffer[{i}]: expected one latent head "
+                             f"[size + page_size, 1, dim], got shape {tuple(t.shape)}")
+        latent.append(_token_major_pages(t, page_size, "NHD", f"kv_buffer[{i}]")[:, :, 0])
+    comps = {"latent": latent}
+    if index_k_with_scale is not None:
+        comps.update(_indexer_components(index_k_with_scale, page_size, index_head_dim,
+                                         latent[0].shape[0], "index_k_with_scale"))
+    return PagedKVCache(comps, latent=tuple(comps))
+
+
+def _indexer_components(buffers, page_size: int, head_dim, num_pages: int,
+                        what: str) -> dict[str, list[torch.Tensor]]:
+    """An indexer K cache whose page holds ``page_size`` rows of ``head_dim`` fp8 values, then
+    ``page_size`` rows of fp32 scales (one per 128 values), as components "index_k" and
+    "index_k_scale" (uint8 rows; pages past ``num_pages`` unused). Takes a page as
+    ``[pages, page_size * row]`` (SGLang) or ``[pages, page_size, row]`` (vLLM's shape of the
+    same bytes)."""
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 128 \
+            or head_dim % 128:
+        raise ValueError(f"index_head_dim: expected a positive multiple of 128, "
+                         f"got {head_dim!r}")
+    n_scale = head_dim // 128 * 4
+    page_bytes = page_size * (head_dim + n_scale)
+    values, scales = [], []
+    for i, t in enumerate(_layers(buffers, what)):
+        where = f"{what}[{i}]"
+        if t.dtype != torch.uint8 or t.dim() not in (2, 3) or t.shape[0] < num_pages or \
+                t[0].numel() != page_bytes or (t.dim() == 3 and t.shape[1] != page_size):
+            raise ValueError(f"{where}: expected uint8 [>= {num_pages} pages, {page_bytes}] "
+                             f"or [>= {num_pages}, {page_size}, {head_dim + n_scale}] "
+                             f"(page_size x (index_head_dim + scales)), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if not t[0].is_contiguous():
+            raise ValueError(f"{where}: expected each page's bytes contiguous, got strides "
+                             f"{t.stride()}")
+        page = t[:num_pages].flatten(1) if t.dim() == 3 else t[:num_pages]
+        values.append(page[:, :page_size * head_dim].unflatten(1, (page_size, head_dim)))
+        scales.append(page[:, page_size * head_dim:].unflatten(1, (page_size, n_scale)))
+    return {"index_k": values, "index_k_scale": scales}
+
+
+def _vllm_kv(t: torch.Tensor, backend: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "flash_attn":
+        _check_dims(t, 5, what, "[2, num_blocks, block_size, kv_heads, head_size]")
+        if t.shape[0] != 2:
+            raise ValueError(f"{what}: expected axis 0 of size 2 (K, V) for flash_attn "
+                             f"[2, num_blocks, block_size, kv_heads, head_size], got shape "
+                             f"{tuple(t.shape)}")
+        return t[0], t[1]
+    _check_dims(t, 5, what, "[num_blocks, 2, block_size, kv_heads, head_size]")
+    if t.shape[1] != 2:
+        raise ValueError(f"{what}: expected axis 1 of size 2 (K, V) for flashinfer "
+                         f"[num_blocks, 2, block_size, kv_heads, head_size], got shape "
+                         f"{tuple(t.shape)}")
+    return t[:, 0], t[:, 1]
+
+
+def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """A logical ``[blocks, block_size, heads, dim]`` view, presented in the layout its
+    strides say it is stored in (vLLM's HND stride order keeps the logical NHD shape)."""
+    if k.shape[1] > 1 and k.shape[2] > 1 and k.stride(2) > k.stride(1):
+        return k.transpose(1, 2), "HND"
+    return k, "NHD"
+
+
+def from_vllm(kv_caches, *, backend: str,
+              extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
+              indexer=None, index_head_dim: int = 128) -> PagedKVCache:
+    """vLLM's per-layer KV cache tensors (``GPUModelRunner.kv_caches`` or the dict a KV
+    connector's ``register_kv_caches`` receives; dict order is layer order).
+
+    Shapes, as each attention backend's ``get_kv_cache_shape`` gives them
+    (``vllm/v1/attention/backends/*.py``), in logical order; an HND stride order
+    (``get_kv_cache_stride_order``) is read from the strides, zero-copy either way:
+
+    - ``"flash_attn"``: ``[2, num_blocks, block_size, kv_heads, head_size]`` -> "k", "v";
+    - ``"flashinfer"``: ``[num_blocks, 2, block_size, kv_heads, head_size]`` -> "k", "v";
+    - ``"mla"``: ``[num_blocks, block_size, head_size]`` (e.g. 576, or 656 uint8 bytes for
+      fp8 with inline scales) -> "latent".
+
+    ``"rocm_aiter"`` (the 5-D vectorized K layout) cannot be a strided view: ValueError.
+
+    ``indexer`` (mla): the DeepSeek V3.2 indexer layers' caches, per layer uint8
+    ``[num_blocks, block_size, index_head_dim + 4]`` (``DeepseekV32IndexerBackend``; its
+    ``indexer_k_quant_and_cache`` writes each block's values, then each block's fp32 scales) ->
+    components "index_k" and "index_k_scale". ROCm's tile-shuffled indexer layout is not a
+    strided view.
+
+    ``extras`` (flash_attn / flashinfer): more per-layer buffers addressed like K, logical
+    ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order (e.g. per-head fp8/fp4
+    scale caches), added as components of those names.
+
+    Example::
+
+        cache = from_vllm(runner.kv_caches, backend="flash_attn")
+    """
+    if backend in UNVIEWABLE:
+        raise ValueError(f"backend {backend!r}: {UNVIEWABLE[backend]}; cpkv cannot view it "
+                         f"without a copy")
+    if backend not in VLLM_BACKENDS:
+        raise ValueError(f"backend: expected one of {VLLM_BACKENDS}, got {backend!r}")
+    layers = _layers(kv_caches, "kv_caches")
+    if backend == "mla":
+        if extras:
+            raise ValueError("extras: only for the flash_attn and flashinfer backends")
+        for i, t in enumerate(layers):
+            _check_dims(t, 3, f"kv_caches[{i}]", "[num_blocks, block_size, head_size]")
+        comps = {"latent": layers}
+        if indexer is not None:
+            comps.update(_indexer_components(indexer, layers[0].shape[1], index_head_dim,
+                                             layers[0].shape[0], "indexer"))
+        return PagedKVCache(comps, latent=tuple(comps))
+    if indexer is not None:
+        raise ValueError("indexer: only for the mla backend")
+    comps: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    layouts = set()
+    for i, t in enumerate(layers):
+        for name, part in zip(("k", "v"), _vllm_kv(t, backend, f"kv_caches[{i}]"),
+                              strict=True):
+            view, lay = _nhd_or_hnd(part)
+            comps[name].append(view)
+            layouts.add(lay)
+    for name, bufs in (extras or {}).items():
+        if name in comps:
+            raise ValueError(f"extras: component name {name!r} is taken by K/V")
+        comps[name] = []
+        for i, t in enumerate(_layers(bufs, f"extras[{name!r}]")):
+            _check_dims(t, 4, f"extras[{name!r}][{i}]",
+                        "[num_blocks, block_size, kv_heads, dim] (logical)")
+            view, lay = _nhd_or_hnd(t)
+            comps[name].append(view)
+            layouts.add(lay)
+    if len(layouts) != 1:
+        raise ValueError(f"kv_caches: expected one stride order for every layer and "
+                         f"component, got both NHD and HND ({sorted(layouts)})")
+    return PagedKVCache(comps, layout=layouts.pop())
+
+
+def from_flashinfer(paged_kv_caches, *, layout: str) -> PagedKVCache:
+    """FlashInfer's paged KV cache, per layer (``flashinfer/page.py``, the ``paged_kv_cache``
+    argument of its batch prefill/decode wrappers).
+
+    Each layer is one tensor ``[max_pages, 2, page_size, kv_heads, head_dim]`` (NHD) /
+    ``[max_pages, 2, kv_heads, page_size, head_dim]`` (HND), or a ``(k_cache, v_cache)``
+    tuple of ``[max_pages, page_size, kv_heads, head_dim]`` (NHD) /
+    ``[max_pages, kv_heads, page_size, head_dim]`` (HND) tensors.
+
+    Example::
+
+        cache = from_flashinfer([kv_layer0, kv_layer1], layout="NHD")
+    """
+    _check_layout(layout)
+    if isinstance(paged_kv_caches, (torch.Tensor, tuple)):
+        raise TypeError("paged_kv_caches: expected a list with one entry per layer (a tensor or "
+                        "a (k, v) tuple), got a single " + type(paged_kv_caches).__name__)
+    shape4 = "[max_pages, page_size, kv_heads, head_dim]" if layout == "NHD" else \
+        "[max_pages, kv_heads, page_size, head_dim]"
+    ks, vs = [], []
+    for i, entry in enumerate(_layers_or_tuples(paged_kv_caches)):
+        if isinstance(entry, tuple):
+            if len(entry) != 2:
+                raise ValueError(f"paged_kv_caches[{i}]: expected a (k, v) tuple, got "
+                                 f"{len(entry)} tensors")
+            for j, t in enumerate(entry):
+                _check_dims(t, 4, f"paged_kv_caches[{i}][{j}]", shape4)
+            k, v = entry
+        else:
+            _check_dims(entry, 5, f"paged_kv_caches[{i}]", shape4.replace("[max_pages,",
+                                                                          "[max_pages, 2,"))
+            if entry.shape[1] != 2:
+                raise ValueError(f"paged_kv_caches[{i}]: expected axis 1 of size 2 (K, V), "
+                                 f"got shape {tuple(entry.shape)}")
+            k, v = entry[:, 0], entry[:, 1]
+        ks.append(k)
+        vs.append(v)
+    return PagedKVCache.mha(ks, vs, layout=layout)
+
+
+def _layers_or_tuples(entries) -> list:
+    if not isinstance(entries, Sequence) or not entries:
+        raise ValueError("paged_kv_caches: expected a non-empty list of per-layer entries")
+    for i, e in enumerate(entries):
+        ok = isinstance(e, torch.Tensor) or (isinstance(e, tuple) and
+                                              all(isinstance(t, torch.Tensor) for t in e))
+        if not ok:
+            raise TypeError(f"paged_kv_caches[{i}]: expected a tensor or a (k, v) tuple of "
+                            f"tensors, got {type(e).__name__}")
+    return list(entries)
