@@ -91,7 +91,7 @@ def _pool_in(buffer: torch.Tensor, specs, num_layers, num_pages, page_size) -> P
         n = torch.Size(shape).numel() * s.itemsize
         comps[s.name] = buffer[pos:pos + n].view(s.dtype).view(shape)
         pos += n
-    return PagedKVCache(comps)
+    return PagedKVCache(comps, stacked=True)
 
 
 @pytest.mark.parametrize("op", ["pack-out", "unpack-packed", "reorganize-gathered"])
