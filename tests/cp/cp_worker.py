@@ -6,9 +6,14 @@ import datetime
 import os
 import time
 
-import torch
-import torch.distributed as dist
-from kvtest import (
+# These ranks gather CPU tensors over gloo, so their backend="triton" cases run the interpreter
+# even on a CUDA host (the CUDA gather is tests/cp/test_gather_gpu.py). Set before cpkv.kernels
+# is imported: @triton.jit reads it when the kernels are defined.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from kvtest import (  # noqa: E402
     as_bytes,
     assert_cache_equals,
     disjoint_page_lists,
@@ -21,9 +26,9 @@ from kvtest import (
     oracle_sequence_pool,
     snapshot,
 )
-from mp import Recorder
+from mp import Recorder  # noqa: E402
 
-from cpkv.cp import (
+from cpkv.cp import (  # noqa: E402
     GatherDone,
     GatherTimeoutError,
     SplitPlan,
@@ -32,8 +37,8 @@ from cpkv.cp import (
     interleave_split,
     zigzag_split,
 )
-from cpkv.staging import ArenaError, StagingArena
-from cpkv.transfer.status import KVStatus, agree
+from cpkv.staging import ArenaError, StagingArena  # noqa: E402
+from cpkv.transfer.status import KVStatus, agree  # noqa: E402
 
 
 def _custom_split(seq_lens, world, order="custom"):
