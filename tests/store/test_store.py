@@ -6,10 +6,7 @@ import time
 
 import pytest
 import torch
-
-from cpkv.cp.keys import RankCoords
-from cpkv.store import KVStore, MasterProcess, StoreError
-from tests.kvtest import (
+from kvtest import (
     assert_cache_equals,
     fill_sentinel,
     make_cache,
@@ -19,7 +16,10 @@ from tests.kvtest import (
     snapshot,
     three,
 )
-from tests.mp import free_port
+from mp import free_port
+
+from cpkv.cp.keys import RankCoords
+from cpkv.store import KVStore, MasterProcess, StoreError
 
 T = 16  # store page size
 
