@@ -13,7 +13,8 @@ page ids; pool page size = store page size. Providers, per (shape, page size):
 Rows: time (ms), bandwidth (GB/s over the payload bytes, counted once), ``ratio_to_raw``
 (raw time / cpkv time, same run) and ``keys`` (store objects per request).
 
-    python -m benchmarks.bench_store [--quick] [--out PATH]
+    python -m benchmarks.bench_store [--quick] [--shapes A,C] [--page-sizes 1,16,64]
+                                     [--repeats N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -135,16 +136,32 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cpkv bench store", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="256 tokens, 8 layers, 5 repeats")
+    p.add_argument("--shapes", default=",".join(SHAPE_NAMES), help="comma-separated, of A,B,C")
+    p.add_argument("--page-sizes", default=",".join(map(str, PAGE_SIZES)))
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; --quick 5)")
     p.add_argument("--out", default=str(RESULTS / "store.csv"))
     args = p.parse_args(argv)
+    shapes = args.shapes.split(",")
+    if not shapes or any(s not in SHAPES for s in shapes):
+        p.error(f"--shapes: expected names from {sorted(SHAPES)}, got {args.shapes!r}")
+    try:
+        page_sizes = [int(x) for x in args.page_sizes.split(",")]
+    except ValueError:
+        p.error(f"--page-sizes: expected comma-separated ints, got {args.page_sizes!r}")
+    if any(ps < 1 or 256 % ps for ps in page_sizes):
+        p.error(f"--page-sizes: expected divisors of 256, got {args.page_sizes!r}")
     tokens, layers, repeats = ([256], 8, 5) if args.quick else ([256, 1024], None, 7)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            p.error(f"--repeats: expected a positive int, got {args.repeats}")
+        repeats = args.repeats
     out = CsvWriter(args.out, provenance(torch.device("cpu")))
     with MasterProcess() as master:
         store = KVStore(page_size=1, master=master.address, segment_nbytes=1 << 30,
                         staging_nbytes=64 << 20, batch_pages=64)
         try:
-            for shape in SHAPE_NAMES:
-                for ps in PAGE_SIZES:
+            for shape in shapes:
+                for ps in page_sizes:
                     for n in tokens:
                         sweep_one(store, out, shape, ps, n, layers, repeats)
         finally:
