@@ -10,6 +10,12 @@ page ids; pool page size = store page size. Providers, per (shape, page size):
 * cpkv-get:  `KVStore.load_prefix` into a reader pool (``batch_get_into``, reorder, unpack)
 * raw-get:   one ``get_into`` of that object
 
+torch runs one intra-op thread. A cpkv case and its raw case take turns within every repeat
+(same load on a shared machine).
+One client holds the only segment, so every object lands in local memory: the sweep isolates
+cpkv's own cost (pack, reorder, per-key metadata) from the TCP path, which `cpkv demo --store`
+shows across processes.
+
 Rows: time (ms), bandwidth (GB/s over the payload bytes, counted once), ``ratio_to_raw``
 (raw time / cpkv time, same run) and ``keys`` (store objects per request).
 
@@ -41,19 +47,24 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return tuple(float(x) for x in q)
 
 
-def timed(fn, repeats: int, *, after=None, warmup: int = 3) -> tuple[float, float, float]:
-    """(p50, p20, p80) seconds of fn over ``repeats`` runs after ``warmup`` ones (the first
-    touches of fresh segment and staging memory are slow); ``after`` runs untimed after each
-    (e.g. evict what a put wrote)."""
-    times = []
+def interleaved(cases: dict, repeats: int, warmup: int = 3) -> dict:
+    """(p50, p20, p80) seconds per case; ``cases`` maps name -> (fn, after or None).
+
+    The cases take turns within every repeat, so on a shared, noisy machine each sees the same
+    load (ratios side by side, ../shared/BENCHMARKS.md). ``after`` runs untimed (e.g. evict what
+    a put wrote). The first ``warmup`` rounds are not kept (first touches of fresh segment and
+    staging memory are slow).
+    """
+    times = {name: [] for name in cases}
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        if after is not None:
-            after()
-    return quantiles(times)
+        for name, (fn, after) in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+            if after is not None:
+                after()
+    return {name: quantiles(t) for name, t in times.items()}
 
 
 def check(rc, what: str) -> None:
@@ -83,19 +94,10 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
         if res.written != n_pages:
             raise RuntimeError(f"put wrote {res.written} of {n_pages} pages")
 
-    put_s = timed(put, repeats, after=lambda: store.evict(prompt))
-    put()  # leave the pages stored for the gets
-
     def get():
         res = store.load_prefix(dst, dst_ids, prompt, num_pages=n_pages)
         if res.num_pages != n_pages:
             raise RuntimeError(f"load got {res.num_pages} of {n_pages} pages: {res.reason}")
-
-    get_s = timed(get, repeats)
-    if not torch.equal(pack_pages(src, src_ids, num_tokens=tokens),
-                       pack_pages(dst, dst_ids, num_tokens=tokens)):
-        raise RuntimeError(f"shape {shape_name} page size {page_size}: loaded bytes differ")
-    store.evict(prompt)
 
     raw = torch.empty(nbytes, dtype=torch.uint8)
     raw.random_(0, 256)
@@ -105,20 +107,32 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
     check(client.register_buffer(back.data_ptr(), nbytes), "register_buffer")
     key = f"{store.namespace}/raw"
     try:
-        raw_put_s = timed(lambda: check(client.put_from(key, raw.data_ptr(), nbytes), "put_from"),
-                          repeats, after=lambda: client.remove(key, True))
+        t = interleaved({
+            "cpkv-put": (put, lambda: store.evict(prompt)),
+            "raw-put": (lambda: check(client.put_from(key, raw.data_ptr(), nbytes), "put_from"),
+                        lambda: client.remove(key, True)),
+        }, repeats)
+        put()  # leave the pages (and the raw object) stored for the gets
         check(client.put_from(key, raw.data_ptr(), nbytes), "put_from")
-        raw_get_s = timed(lambda: check(client.get_into(key, back.data_ptr(), nbytes),
-                                        "get_into"), repeats)
+        t.update(interleaved({
+            "cpkv-get": (get, None),
+            "raw-get": (lambda: check(client.get_into(key, back.data_ptr(), nbytes),
+                                      "get_into"), None),
+        }, repeats))
+        if not torch.equal(pack_pages(src, src_ids, num_tokens=tokens),
+                           pack_pages(dst, dst_ids, num_tokens=tokens)):
+            raise RuntimeError(f"shape {shape_name} page size {page_size}: loaded bytes differ")
         if not torch.equal(raw, back):
             raise RuntimeError("raw get returned other bytes")
+        store.evict(prompt)
         client.remove(key, True)
     finally:
         client.unregister_buffer(raw.data_ptr())
         client.unregister_buffer(back.data_ptr())
 
-    for provider, secs in (("cpkv-put", put_s), ("raw-put", raw_put_s), ("cpkv-get", get_s),
-                           ("raw-get", raw_get_s)):
+    put_s, raw_put_s, get_s, raw_get_s = (t[k] for k in ("cpkv-put", "raw-put", "cpkv-get",
+                                                         "raw-get"))
+    for provider, secs in t.items():
         out.timing(metric_base=dict(base, provider=provider), seconds=secs, moved_bytes=nbytes)
     for provider, secs, ceiling in (("cpkv-put", put_s, raw_put_s[0]),
                                     ("cpkv-get", get_s, raw_get_s[0])):
@@ -135,10 +149,10 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cpkv bench store", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="256 tokens, 8 layers, 5 repeats")
+    p.add_argument("--quick", action="store_true", help="256 tokens, 8 layers, 7 repeats")
     p.add_argument("--shapes", default=",".join(SHAPE_NAMES), help="comma-separated, of A,B,C")
     p.add_argument("--page-sizes", default=",".join(map(str, PAGE_SIZES)))
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; --quick 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9; --quick 7)")
     p.add_argument("--out", default=str(RESULTS / "store.csv"))
     args = p.parse_args(argv)
     shapes = args.shapes.split(",")
@@ -150,11 +164,14 @@ def main(argv=None) -> int:
         p.error(f"--page-sizes: expected comma-separated ints, got {args.page_sizes!r}")
     if any(ps < 1 or 256 % ps for ps in page_sizes):
         p.error(f"--page-sizes: expected divisors of 256, got {args.page_sizes!r}")
-    tokens, layers, repeats = ([256], 8, 5) if args.quick else ([256, 1024], None, 7)
+    tokens, layers, repeats = ([256], 8, 7) if args.quick else ([256, 1024], None, 9)
     if args.repeats is not None:
         if args.repeats < 1:
             p.error(f"--repeats: expected a positive int, got {args.repeats}")
         repeats = args.repeats
+    # One intra-op thread: on a shared, loaded CPU box torch's thread barriers made the pack and
+    # reorder copies 50x slower at random (measured); the raw path uses no torch threads.
+    torch.set_num_threads(1)
     out = CsvWriter(args.out, provenance(torch.device("cpu")))
     with MasterProcess() as master:
         store = KVStore(page_size=1, master=master.address, segment_nbytes=1 << 30,

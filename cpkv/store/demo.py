@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import queue as queue_mod
 import socket
 import time
@@ -81,9 +82,15 @@ def _store(cfg, master, namespace, coords, segment) -> KVStore:
                    namespace=namespace, segment_nbytes=segment, staging_nbytes=64 << 20)
 
 
+def _threads(cfg: StoreDemoConfig) -> None:
+    """Share the cores among the cp writers and the reader (oversubscribed torch threads spin)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
+
+
 def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
     import torch.distributed as dist
 
+    _threads(cfg)
     store = None
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -161,6 +168,7 @@ def run(cfg: StoreDemoConfig) -> int:
 
 
 def _read(cfg: StoreDemoConfig, master: str, namespace: str) -> dict:
+    _threads(cfg)
     prompt = _prompt(cfg)
     store = _store(cfg, master, namespace, RankCoords(), 64 << 20)
     try:
