@@ -158,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out", help="folder for demo.csv and demo.png")
     d.add_argument("--store", action="store_true",
                    help="the KV store tier instead: CP writers store a prompt in Mooncake Store, "
-                        "a reader of another page size loads it")
+                        "a reader of another page size loads it (uses --shape, --page-size, "
+                        "--tokens, --cp, --layers, --device)")
     d.add_argument("--corrupt-byte", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=demo)
     b = sub.add_parser("bench", help="run a benchmark sweep (its options after its name)")

@@ -56,7 +56,7 @@ from ..cp.keys import RankCoords
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
 from ..layout import PagedKVCache, as_range
-from ..staging import StagingArena
+from ..staging import ALIGN, StagingArena
 from .keys import is_store_writer, page_keys
 from .master import MasterProcess, port_open
 
@@ -261,10 +261,15 @@ class KVStore:
         obj = cache.packed_nbytes(self.page_size, layers=lr, heads=hr)
         if obj == 0:
             raise ValueError("layers/heads: expected a non-empty slice, got an empty one")
-        if 2 * obj > self._arena.nbytes:
+        if 2 * obj > self._room:
             raise ValueError(f"staging_nbytes: expected room for two store pages "
-                             f"({2 * obj} bytes), got {self._arena.nbytes}")
+                             f"({2 * obj} bytes, plus alignment), got {self._arena.nbytes}")
         return lr, hr, obj
+
+    @property
+    def _room(self) -> int:
+        """Bytes two slots may hold together (each slot is rounded up to the arena alignment)."""
+        return self._arena.nbytes - 2 * ALIGN
 
     def _exists(self, keys: list[str]) -> list[int]:
         out = []
@@ -320,7 +325,7 @@ class KVStore:
                 raise StoreError("is_exist", f"existence check failed (master "
                                  f"{self.master_address})", code=rc, key=keys[i])
         todo = [i for i, rc in zip(share, present, strict=True) if rc == 0]
-        k = max(1, min(self.batch_pages, self._arena.nbytes // (2 * obj)))
+        k = max(1, min(self.batch_pages, self._room // (2 * obj)))
         rows = cache.packed_format(1, layers=lr, heads=hr).row_nbytes * len(lr)
         offs = torch.arange(per, device=ids.device)
         for b in range(0, len(todo), k):
@@ -425,7 +430,7 @@ class KVStore:
             raise ValueError(f"page_ids: expected at least {need} pool pages of size {R} for "
                              f"{num_pages} store pages of {T} tokens, got {ids.numel()}")
         step = R // math.gcd(T, R)  # store pages per whole number of reader pages
-        cap = self._arena.nbytes // (2 * obj)
+        cap = self._room // (2 * obj)
         if cap < step:
             raise ValueError(f"staging_nbytes: a batch must hold {step} store pages "
                              f"({2 * step * obj} bytes) to start on reader pages, got "

@@ -77,3 +77,12 @@ def test_key_inputs_validated():
         page_keys([1], 1, RankCoords(tp_size=3), num_kv_heads=4)
     with pytest.raises(TypeError, match="coords"):
         page_keys([1], 1, (0, 1))
+
+
+def test_store_api():
+    import cpkv.store
+
+    assert sorted(cpkv.store.__all__) == ["KVStore", "LoadResult", "MasterError", "MasterProcess",
+                                          "PutResult", "StoreError", "find_master_binary",
+                                          "is_store_writer", "page_hashes", "page_keys"]
+    assert all(hasattr(cpkv.store, n) for n in cpkv.store.__all__)
