@@ -243,3 +243,28 @@ def test_embedded_master_owned_by_store():
     s.close()
     assert proc.poll() is not None  # stopped and reaped
     s.close()  # idempotent
+
+
+def test_strided_writer_to_hnd_reader(store):
+    """A head-sliced (strided) writer pool and an HND reader pool: same bytes either way."""
+    fresh(store)
+    tokens = prompt(4 * T, seed=10)
+    src = make_cache(mha(num_heads=2), num_layers=3, num_pages=6, page_size=T, strided="heads")
+    ids = torch.tensor([5, 0, 3, 1])
+    assert store.put_prefix(src, ids, tokens).written == 4
+    dst = fill_sentinel(make_cache(mha(num_heads=2), num_layers=3, num_pages=9, page_size=8,
+                                   layout="HND"))
+    dst_ids = torch.tensor([8, 1, 2, 7, 0, 3, 5, 4], dtype=torch.int32)
+    want = oracle_unpack(src, ids, dst, dst_ids, 4 * T, range(3), range(2), range(3), range(2))
+    got = store.load_prefix(dst, dst_ids, tokens)
+    assert (got.num_pages, got.full_pages) == (4, 8)
+    assert_cache_equals(dst, want)
+
+
+def test_staging_too_small_is_a_value_error(master):
+    with KVStore(page_size=64, master=master.address, segment_nbytes=16 << 20,
+                 staging_nbytes=64 << 10, local_buffer_nbytes=4 << 20) as s:
+        big = make_cache(mha(num_heads=2), num_layers=3, num_pages=2, page_size=64)
+        with pytest.raises(ValueError, match="staging_nbytes: expected room for two store pages"):
+            s.put_prefix(big, [0, 1], list(range(128)))
+        assert s.match_prefix(list(range(128))) == 0
