@@ -158,6 +158,7 @@ class KVStore:
         namespace: model/deployment name, first part of every key (no "/").
         segment_nbytes: memory this client contributes to the store (where puts land).
         staging_nbytes: the registered staging arena (two slots of a batch must fit).
+        local_buffer_nbytes: Mooncake's own client buffer (cpkv's transfers do not use it).
         batch_pages: store pages per batch_put/batch_get.
         connect_timeout: seconds for the master reachability probe before set-up.
         host: this client's address (loopback by default).
@@ -221,13 +222,12 @@ class KVStore:
                              f"connect within {connect_timeout} s)")
         from mooncake.store import MooncakeDistributedStore
 
-        client = MooncakeDistributedStore()
+        self._client = client = MooncakeDistributedStore()  # closed by close() on any failure
         rc = client.setup(host, "P2PHANDSHAKE", segment_nbytes, local_buffer_nbytes, "tcp", "",
                           self.master_address)
         if rc != 0:
             raise StoreError("setup", f"client set-up against master {self.master_address} "
                              f"failed", code=rc)
-        self._client = client
         self._arena = StagingArena(staging_nbytes, backend="host")
         ptr = self._arena.buffer.data_ptr()
         rc = client.register_buffer(ptr, self._arena.nbytes)
@@ -280,9 +280,13 @@ class KVStore:
     def _buffers(self, cache, nbytes: int):
         """A registered host slot, and a scratch buffer on the pool's device (a slot on CPU)."""
         slot = self._arena.alloc(nbytes)
-        if cache.device.type == "cpu":
+        if cache.device.type != "cpu":
+            return slot, None
+        try:
             return slot, self._arena.alloc(nbytes)
-        return slot, None
+        except BaseException:
+            slot.release()
+            raise
 
     # -- write -----------------------------------------------------------------------------
 
