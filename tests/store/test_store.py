@@ -223,6 +223,7 @@ def test_master_down_mid_run(store):
             with pytest.raises(StoreError, match=m.address) as err:
                 s.put_prefix(src, ids, tokens)
             assert err.value.code < 0
+            assert not s._arena.live_slots  # the failed put released its slots
             assert time.monotonic() - t0 < 40
         finally:
             t0 = time.monotonic()
@@ -268,3 +269,8 @@ def test_staging_too_small_is_a_value_error(master):
         with pytest.raises(ValueError, match="staging_nbytes: expected room for two store pages"):
             s.put_prefix(big, [0, 1], list(range(128)))
         assert s.match_prefix(list(range(128))) == 0
+
+
+def test_arena_empty_after_every_test(store):
+    """Runs last in the module: every put and load above released its staging slots."""
+    assert store._arena.live_slots == [] and store._arena.bytes_in_use == 0
