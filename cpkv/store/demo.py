@@ -134,9 +134,10 @@ def run(cfg: StoreDemoConfig) -> int:
         port = s.getsockname()[1]
     print(f"store demo: shape {cfg.shape} ({shape.model}), {cfg.tokens} tokens, "
           f"{cfg.layers or shape.num_layers} layers, store page {T} tokens "
-          f"({n_pages} full pages), CP {cfg.cp} writers, reader page size {R}")
+          f"({n_pages} full pages), CP {cfg.cp} writers, reader page size {R}", flush=True)
     with MasterProcess() as master:
-        print(f"mooncake_master on {master.address} (embedded, log {master.log_path})")
+        print(f"mooncake_master on {master.address} (embedded, log {master.log_path})",
+              flush=True)
         procs = [ctx.Process(target=_writer, args=(r, cfg, master.address, port, namespace,
                                                    segment, results, done))
                  for r in range(cfg.cp)]
