@@ -33,7 +33,8 @@ Faults
     mid-run, existence checks and gets fail (a clean miss: ``match_prefix`` returns the pages
     found before the failure, ``load_prefix`` stops) and a put raises `StoreError`, each at once
     or after Mooncake's RPC timeout (~4 s a call here); ``close`` then takes ~11 s (Mooncake's
-    unmount retries), bounded.
+    unmount retries), bounded. A frozen master (alive, not answering) costs Mooncake's 30 s RPC
+    timeout per call, with the same outcome.
 
 Lifetime
     Objects live in the segments of the clients that wrote them (``segment_nbytes`` each): they
