@@ -6,7 +6,8 @@ live in the clients' segments. `MasterProcess` runs one as a child process:
 * ports: a free RPC port and a free metrics port on 127.0.0.1 (a port taken between probing and
   binding makes the master exit; it is retried on fresh ports);
 * logs: stdout and stderr go to a file (``log_path``, ``log_text()``), quoted in start errors;
-* lifetime: ``stop()``/``with``/interpreter exit (atexit) stop it with SIGTERM, then SIGKILL;
+* lifetime: ``close()``/``with``/interpreter exit (atexit) stop it with SIGTERM, then SIGKILL,
+  and delete its log folder (``stop()`` keeps the log);
   on Linux the child also gets PR_SET_PDEATHSIG, so a parent killed by SIGTERM/SIGKILL (no atexit)
   still takes its master down, and it runs in its own session, so a terminal's Ctrl-C reaches the
   parent only (which then stops it in order). No orphan on any of these paths.
@@ -183,7 +184,7 @@ class MasterProcess:
 
     def __del__(self):
         try:
-            self.stop()
+            self.close()
         except Exception:
             pass
 
@@ -193,4 +194,4 @@ def _stop_all() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE)
     for m in live:
-        m.stop()
+        m.close()
