@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ spec = importlib.util.spec_from_file_location("master", sys.argv[2])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 m = mod.MasterProcess()
-print(m.pid, m.port, flush=True)
+print(m.pid, m.port, m._dir, flush=True)
 if sys.argv[1] == "exit":
     sys.exit(0)
 time.sleep(120)
@@ -74,10 +75,12 @@ def test_no_orphan_when_the_owner_goes(how):
     child = subprocess.Popen([sys.executable, "-c", CHILD, "exit" if how == "exit" else "wait",
                               str(REPO / "cpkv" / "store" / "master.py")],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = ""
     try:
         line = child.stdout.readline()
         assert line, "the child did not start a master"
-        pid, port = map(int, line.split())
+        pid, port, log_dir = line.split()
+        pid, port = int(pid), int(port)
         if how != "exit":
             assert alive(pid) and port_open("127.0.0.1", port, 1.0)
             child.send_signal(how)
@@ -87,3 +90,5 @@ def test_no_orphan_when_the_owner_goes(how):
         if child.poll() is None:
             child.kill()
             child.wait(10)
+        if line:
+            shutil.rmtree(log_dir, ignore_errors=True)  # an owner killed cannot delete it
