@@ -1,4 +1,4 @@
-"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`, `cpkv plot`.
+"""The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 """
@@ -16,7 +16,7 @@ import torch
 from .shapes import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = ("kernels", "cp", "transfer")
+SWEEPS = ("kernels", "cp", "transfer", "store")
 MAX_CP = 8
 
 
@@ -51,6 +51,8 @@ def demo(args) -> int:
     if args.layers is not None and args.layers > SHAPES[args.shape].num_layers:
         raise CliError(f"--layers: shape {args.shape} has {SHAPES[args.shape].num_layers} "
                        f"layers, got {args.layers}")
+    if args.store:
+        return _store_demo(args)
     cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
                               requests=args.requests, cp=args.cp, layers=args.layers,
                               mode=args.mode, protocol=args.protocol, device=args.device,
@@ -61,6 +63,18 @@ def demo(args) -> int:
                        f"has {have / 2**30:.1f} GiB: use fewer --tokens, --requests or --cp")
     _check_writable(Path(args.out))
     return demo_mod.run(cfg)
+
+
+def _store_demo(args) -> int:
+    """`cpkv demo --store`: the CP group stores a prompt, a reader of another page size loads it."""
+    from .store import demo as store_demo
+
+    if args.tokens < args.page_size * args.cp:
+        raise CliError(f"--tokens: --store needs a full store page per CP rank "
+                       f"({args.page_size * args.cp}), got {args.tokens}")
+    return store_demo.run(store_demo.StoreDemoConfig(
+        shape=args.shape, page_size=args.page_size, tokens=args.tokens, cp=args.cp,
+        layers=args.layers, device=args.device))
 
 
 def _physical_memory() -> int:
@@ -96,7 +110,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-PLOTS = ("kernels", "transfer", "cp")
+PLOTS = ("kernels", "transfer", "cp", "store")
 
 
 def plot(args) -> int:
@@ -142,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--out", default="out", help="folder for demo.csv and demo.png")
+    d.add_argument("--store", action="store_true",
+                   help="the KV store tier instead: CP writers store a prompt in Mooncake Store, "
+                        "a reader of another page size loads it (uses --shape, --page-size, "
+                        "--tokens, --cp, --layers, --device)")
     d.add_argument("--corrupt-byte", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=demo)
     b = sub.add_parser("bench", help="run a benchmark sweep (its options after its name)")
