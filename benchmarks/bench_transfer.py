@@ -196,10 +196,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="A,B,C")
     p.add_argument("--page-sizes", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 16, 64])
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help=f"tokens per request (default {FULL_TOKENS}; --quick: {QUICK_TOKENS})")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
     args = p.parse_args(argv)
-    tokens_list = QUICK_TOKENS if args.quick else FULL_TOKENS
+    tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
     biggest = max(SHAPES[s].bytes_per_token() for s in args.shapes.split(","))
     pair = Pair(max(max(tokens_list) * biggest, 256 << 20) + (1 << 20))
