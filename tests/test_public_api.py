@@ -30,8 +30,9 @@ def test_staging_api():
 
 def test_transfer_api():
     assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "CostModel",
-                                             "KVReceiver", "KVSender", "KVStatus", "Layout",
-                                             "ParallelRank", "Route", "StatusCell",
+                                             "KVReceiver", "KVSender", "KVStatus",
+                                             "ParallelRank", "ParallelSizes", "Route",
+                                             "StatusCell",
                                              "TransferEngine", "TransferError", "agree",
                                              "contiguous_runs", "map_ranks"]
 

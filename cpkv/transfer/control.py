@@ -20,6 +20,8 @@ import time
 
 import torch.distributed as dist
 
+from ..parallel import ParallelRank  # noqa: F401  (imported from here by the sender)
+
 __all__ = ["ControlPlane", "ControlTimeout"]
 
 
@@ -82,25 +84,6 @@ class ControlPlane:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
         return self.get(key)
-
-
-class ParallelRank:
-    """A prefill rank's coordinates; its registration key holds every one of them."""
-
-    __slots__ = ("dp", "cp", "tp", "pp")
-
-    def __init__(self, dp: int = 0, cp: int = 0, tp: int = 0, pp: int = 0):
-        for name, v in (("dp", dp), ("cp", cp), ("tp", tp), ("pp", pp)):
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-        self.dp, self.cp, self.tp, self.pp = dp, cp, tp, pp
-
-    @property
-    def key(self) -> str:
-        return f"dp{self.dp}.cp{self.cp}.tp{self.tp}.pp{self.pp}"
-
-    def __repr__(self) -> str:
-        return f"ParallelRank({self.key})"
 
 
 def geometry(cache) -> dict:
