@@ -24,6 +24,8 @@ import torch
 
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
 from cpkv.kernels import pack_pages, unpack_pages
+from cpkv.layout import PackedFormat
+from cpkv.parallel import LAYER_GROUP_BYTES, layer_groups
 from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
@@ -31,7 +33,6 @@ from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, Transfer
 from cpkv.transfer.direct import direct_descriptors
 from cpkv.transfer.mapping import Route
 from cpkv.transfer.policy import CostModel
-from cpkv.transfer.sender import layer_groups
 
 FULL_TOKENS = [1024, 4096]
 DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed
@@ -85,7 +86,8 @@ def descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes) -> int:
         return direct_descriptors(src_ids, dst_ids, tokens,
                                   len(route.src_layers) * len(src.components),
                                   full_pages=len(route.src_heads) == src.num_heads)
-    return len(layer_groups(len(route.src_layers), nbytes))
+    n_layers = len(route.src_layers)
+    return len(layer_groups(n_layers, nbytes // n_layers, LAYER_GROUP_BYTES))
 
 
 def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=False) -> str:
@@ -203,8 +205,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
-    biggest = max(SHAPES[s].bytes_per_token() for s in args.shapes.split(","))
-    pair = Pair(max(max(tokens_list) * biggest, 256 << 20) + (1 << 20))
+    biggest = max(PackedFormat(max(tokens_list), SHAPES[s].num_layers, SHAPES[s].components).nbytes
+                  for s in args.shapes.split(","))
+    pair = Pair(max(biggest, 256 << 20) + (1 << 20))
     try:
         if args.calibrate:
             model = calibrate(pair)
