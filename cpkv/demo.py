@@ -212,24 +212,34 @@ def _verify(cfg: DemoConfig, cache, ids, rid: int) -> str | None:
 
 def descriptors(cfg: DemoConfig, mode: str, rid: int) -> int:
     """Descriptors all CP senders use for one request in ``mode``."""
+    return descriptors_per_request(mode, page_ids(cfg, "prefill")[rid],
+                                   page_ids(cfg, "decode")[rid], packed_format(cfg),
+                                   cfg.page_size, cfg.cp)
+
+
+def descriptors_per_request(mode: str, src_ids, dst_ids, fmt: PackedFormat, page_size: int,
+                            cp: int = 1, *, full_pages: bool = True) -> int:
+    """Descriptors ``cp`` senders (each its page share) use for one request of format ``fmt``
+    in ``mode``: per layer group when packed, per (block x page run) when direct (per token
+    for a head slice: ``full_pages=False``). The demo and `cpkv bench transfer` both count so."""
     from .cp import page_share
     from .parallel import LAYER_GROUP_BYTES, layer_groups
     from .transfer.direct import direct_descriptors
 
-    src, dst = page_ids(cfg, "prefill")[rid], page_ids(cfg, "decode")[rid]
-    blocks = cfg.num_layers * len(SHAPES[cfg.shape].components)
+    blocks = fmt.num_layers * len(fmt.components)
     total = 0
-    for r in range(cfg.cp):
-        share = page_share(len(src), cfg.cp, r)
-        tokens = min(share.stop * cfg.page_size, cfg.tokens) - share.start * cfg.page_size
+    for r in range(cp):
+        share = page_share(len(src_ids), cp, r)
+        tokens = min(share.stop * page_size, fmt.num_tokens) - share.start * page_size
         if tokens <= 0:
             continue
         if mode == "direct":
-            total += direct_descriptors(src[share.start:share.stop], dst[share.start:share.stop],
-                                        tokens, blocks, full_pages=True)
+            total += direct_descriptors(src_ids[share.start:share.stop],
+                                        dst_ids[share.start:share.stop], tokens, blocks,
+                                        full_pages=full_pages)
         else:
-            layer_nbytes = packed_format(cfg, tokens, num_layers=1).nbytes
-            total += len(layer_groups(cfg.num_layers, layer_nbytes, LAYER_GROUP_BYTES))
+            layer_nbytes = tokens * sum(fmt.row_nbytes)
+            total += len(layer_groups(fmt.num_layers, layer_nbytes, LAYER_GROUP_BYTES))
     return total
 
 
