@@ -482,7 +482,8 @@ def _plot(path: Path, cfg: DemoConfig, times: dict):
     ax.set_xlim(min(ms) / 2, max(ms) * 3)
     for y, v in enumerate(ms):
         ax.text(v * 1.08, y, f"{v:.1f} ms", va="center", fontsize=8)
-    ax.set_xlabel("ms per request (log): both sides ready -> pool holds the bytes")
+    ax.set_xlabel("ms per request (log), median of the warm requests; a transfer runs from "
+                  "both sides ready\nto the pool holding the bytes", fontsize=9)
     ax.set_title(f"cpkv demo: shape {cfg.shape}, {cfg.tokens} tokens, page_size "
                  f"{cfg.page_size}, {cfg.cp} CP ranks, {cfg.device}", fontsize=9)
     fig.tight_layout()
