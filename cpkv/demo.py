@@ -328,10 +328,10 @@ def _locate(cfg: DemoConfig, rid: int, offset: int, got: int, want: int) -> str:
 def _child(role, cfg_dict, store_port, gloo_port, q) -> None:
     _quiet_native_logs()
     cfg = DemoConfig(**cfg_dict)
-    # The cp prefill ranks pack at the same time and share the cores; the decode rank unpacks
-    # once every sender is done (the prefill ranks idle then), so it may use every core.
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cores if role == "decode" else max(1, cores // cfg.cp))
+    # cp + 1 processes share this machine: oversubscribed torch thread pools thrash (a parallel
+    # region waits for its slowest thread; measured: the decode rank's unpack with every core's
+    # worth of threads took 1.5-2x as long on a loaded 2-core machine as with its share).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
     try:
         if role == "decode":
             _decode(cfg, store_port, q)
