@@ -1,6 +1,8 @@
 """The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
+The sweeps and figures are the top-level packages `benchmarks` and `plots`, installed with cpkv
+(beside it, in a checkout or in site-packages), so both commands work from any directory.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .report import ROOT, figures_dir, results_dir
 from .shapes import SHAPES
 
-REPO = Path(__file__).resolve().parents[1]
-SWEEPS = ("kernels", "cp", "transfer", "store")
+SWEEPS = ("kernels", "cp", "transfer", "store")  # benchmarks/bench_<name>.py, each with main(argv)
+PLOTS = ("kernels", "transfer", "cp", "store")  # plots/plot_<name>.py, each with plot(results, out)
 MAX_CP = 8
 
 
@@ -94,13 +97,26 @@ def _check_writable(path: Path) -> None:
         raise CliError(f"--out: cannot write to {path}: {e.strerror or e}") from None
 
 
+def _companion(package: str, module: str):
+    """Import ``package.module`` from the `benchmarks`/`plots` package installed with cpkv,
+    refusing a same-named package from elsewhere on sys.path (e.g. the current directory's)."""
+    try:
+        mod = importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in (package, f"{package}.{module}"):
+            raise  # a dependency of the module is missing: say which, as Python does
+        raise CliError(f"the {package!r} package that ships with cpkv is not installed "
+                       f"(reinstall cpkv)") from None
+    where = Path(mod.__file__).resolve().parents[1]
+    if where != ROOT:
+        raise CliError(f"{package}.{module} was imported from {where}, not from cpkv's "
+                       f"{ROOT}: another {package!r} package shadows it")
+    return mod
+
+
 def bench(args) -> int:
-    """Run a sweep from benchmarks/ (needs a source checkout)."""
-    if not (REPO / "benchmarks" / f"bench_{args.sweep}.py").exists():
-        raise CliError(f"cpkv bench needs a source checkout (no benchmarks/ beside {REPO})")
-    sys.path.insert(0, str(REPO))
-    module = importlib.import_module(f"benchmarks.bench_{args.sweep}")
-    return module.main(args.rest)
+    """Run a sweep (benchmarks/bench_<sweep>.py); its options follow its name."""
+    return _companion("benchmarks", f"bench_{args.sweep}").main(args.rest)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,13 +126,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-PLOTS = ("kernels", "transfer", "cp", "store")
-
 
 def plot(args) -> int:
-    """Turn benchmarks/results/*.csv into PNGs (needs a source checkout and matplotlib)."""
-    if not (REPO / "plots").is_dir():
-        raise CliError(f"cpkv plot needs a source checkout (no plots/ beside {REPO})")
+    """Turn the sweeps' CSVs into PNGs (plots/plot_<figure>.py; needs matplotlib)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -125,10 +137,9 @@ def plot(args) -> int:
     if unknown:
         raise CliError(f"unknown figure {unknown[0]!r}: expected some of {', '.join(PLOTS)}")
     _check_writable(Path(args.out))
-    sys.path.insert(0, str(REPO))
     results = Path(args.results)
     for name in args.figures or PLOTS:
-        module = importlib.import_module(f"plots.plot_{name}")
+        module = _companion("plots", f"plot_{name}")
         try:
             for path in module.plot(results, Path(args.out)):
                 print(f"wrote {path}")
@@ -145,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
                    help="model shape (A: Llama-3.1-8B, B: Llama-3-70B TP8, C: DeepSeek-V3 MLA)")
     d.add_argument("--page-size", type=_positive, default=16)
     d.add_argument("--tokens", type=_positive, default=1024, help="tokens per request")
-    d.add_argument("--requests", type=_positive, default=4)
+    d.add_argument("--requests", type=_positive, default=6,
+                   help="requests per mode; the first is the warm-up")
     d.add_argument("--cp", type=_positive, default=2, help="prefill CP ranks (processes)")
     d.add_argument("--layers", type=_positive, default=None,
                    help="fewer layers than the shape has (faster)")
@@ -166,10 +178,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("sweep", choices=SWEEPS)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=bench)
-    pl = sub.add_parser("plot", help="PNGs from benchmarks/results/*.csv")
+    pl = sub.add_parser("plot", help="PNGs from the sweeps' CSVs")
     pl.add_argument("figures", nargs="*", help=f"which ({', '.join(PLOTS)}); default all")
-    pl.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
-    pl.add_argument("--out", default=str(REPO / "plots"))
+    pl.add_argument("--results", default=str(results_dir()),
+                    help="folder of the sweeps' CSVs (default: a checkout's benchmarks/results, "
+                         "else ./cpkv-results)")
+    pl.add_argument("--out", default=str(figures_dir()),
+                    help="folder for the PNGs (default: a checkout's plots/, else the results "
+                         "folder)")
     pl.set_defaults(func=plot)
     return p
 

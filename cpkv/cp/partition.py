@@ -62,7 +62,7 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
     May be empty; an empty share still takes part in the transfer (it reports zero bytes).
 
     >>> [chunk_share(10, 4, r, 0, 4) for r in range(4)]
-    [range(0, 3), range(3, 4), range(4, 4), range(6, 6)]
+    [range(0, 3), range(3, 4), range(6, 6), range(8, 8)]
     """
     share = page_share(num_pages, cp_size, cp_rank)
     _check_count(chunk_start, "chunk_start")

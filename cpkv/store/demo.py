@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cp.keys import RankCoords
 from ..kernels import pack_pages
+from ..parallel import ParallelRank, ParallelSizes
 from ..shapes import SHAPES
 from .master import MasterProcess
 from .store import KVStore
@@ -74,10 +74,10 @@ def _prompt(cfg: StoreDemoConfig, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, 128_000, (cfg.tokens,), generator=torch.Generator().manual_seed(seed))
 
 
-def _store(cfg, master, namespace, coords, segment) -> KVStore:
+def _store(cfg, master, namespace, rank, sizes, segment) -> KVStore:
     shape = SHAPES[cfg.shape]
     mla = shape.components[0].name == "latent"
-    return KVStore(page_size=cfg.page_size, master=master, coords=coords,
+    return KVStore(page_size=cfg.page_size, master=master, rank=rank, sizes=sizes,
                    kind="mla" if mla else "mha", num_kv_heads=shape.components[0].num_heads,
                    namespace=namespace, segment_nbytes=segment, staging_nbytes=64 << 20)
 
@@ -96,7 +96,7 @@ def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=cfg.cp, timeout=datetime.timedelta(seconds=120))
         cache, ids = _pool(cfg, cfg.page_size, seed=1)
-        store = _store(cfg, master, namespace, RankCoords(cp_rank=rank, cp_size=cfg.cp),
+        store = _store(cfg, master, namespace, ParallelRank(cp=rank), ParallelSizes(cp=cfg.cp),
                        segment)
         prompt = _prompt(cfg)
         store.put_prefix(cache, ids, _prompt(cfg, seed=8))  # warm-up, untimed
@@ -171,7 +171,7 @@ def run(cfg: StoreDemoConfig) -> int:
 def _read(cfg: StoreDemoConfig, master: str, namespace: str) -> dict:
     _threads(cfg)
     prompt = _prompt(cfg)
-    store = _store(cfg, master, namespace, RankCoords(), 64 << 20)
+    store = _store(cfg, master, namespace, None, None, 64 << 20)
     try:
         cache, ids = _pool(cfg, cfg.reader_ps, seed=None)
         warm = _prompt(cfg, seed=8)

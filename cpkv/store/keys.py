@@ -5,7 +5,7 @@ is a chain, so a key names the whole prefix up to and including page i, never a 
 
     h[-1] = blake2b("cpkv-store/v1|{namespace}|{T}")             (16-byte digests)
     h[i]  = blake2b(h[i-1] || tokens[i*T:(i+1)*T] as int64 little-endian)
-    key i = storage_key(namespace, hex(h[i]), coords, kind=..., num_kv_heads=...)
+    key i = storage_key(namespace, hex(h[i]), rank, sizes, kind=..., num_kv_heads=...)
           = "{namespace}/{hash}[/pp{stage}][/tp{head shard}]"
 
 Two prompts share key i exactly when their first (i+1)*T tokens agree. Only full pages get keys.
@@ -22,7 +22,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..cp.keys import RankCoords, is_key_writer, storage_key
+from ..cp.keys import is_key_writer, storage_key
+from ..parallel import ParallelRank, ParallelSizes
 
 __all__ = ["is_store_writer", "page_hashes", "page_keys"]
 
@@ -72,26 +73,37 @@ def page_hashes(token_ids, page_size: int, namespace: str = "cpkv") -> list[str]
     return out
 
 
-def page_keys(token_ids, page_size: int, coords: RankCoords | None = None, *,
-              namespace: str = "cpkv", kind: str = "mha", num_kv_heads: int = 1) -> list[str]:
-    """The store key of every full page of ``token_ids`` for a rank at ``coords``.
+def page_keys(token_ids, page_size: int, rank: ParallelRank | None = None,
+              sizes: ParallelSizes | None = None, *, namespace: str = "cpkv", kind: str = "mha",
+              num_kv_heads: int = 1) -> list[str]:
+    """The store key of every full page of ``token_ids`` for ``rank`` of a deployment of
+    ``sizes`` (default: a single rank).
 
     ``num_kv_heads`` is the model's total KV head count (over all TP ranks); it decides which
     TP ranks hold the same head shard (and so share keys) when TP exceeds it.
     """
-    coords = RankCoords() if coords is None else coords
-    if not isinstance(coords, RankCoords):
-        raise TypeError(f"coords: expected RankCoords, got {type(coords).__name__}")
-    return [storage_key(namespace, h, coords, kind=kind, num_kv_heads=num_kv_heads,
+    rank, sizes = at(rank, sizes)
+    return [storage_key(namespace, h, rank, sizes, kind=kind, num_kv_heads=num_kv_heads,
                         cp_replicated=True)
             for h in page_hashes(token_ids, page_size, namespace)]
 
 
-def is_store_writer(coords: RankCoords, *, kind: str = "mha", num_kv_heads: int = 1) -> bool:
+def at(rank: ParallelRank | None, sizes: ParallelSizes | None):
+    """(rank, sizes) with defaults (a single rank), checked: TypeError/ValueError if bad."""
+    rank = ParallelRank() if rank is None else rank
+    sizes = ParallelSizes() if sizes is None else sizes
+    if not isinstance(sizes, ParallelSizes):
+        raise TypeError(f"sizes: expected ParallelSizes, got {type(sizes).__name__}")
+    sizes.check(rank)
+    return rank, sizes
+
+
+def is_store_writer(rank: ParallelRank, sizes: ParallelSizes, *, kind: str = "mha",
+                    num_kv_heads: int = 1) -> bool:
     """Whether this rank writes (its CP page share of) its keys.
 
     Every CP rank writes: the lowest TP replica of each head shard (every TP rank for distinct
     shards; TP rank 0 for MLA), in every PP stage. CP ranks split the pages with `page_share`.
     """
-    return is_key_writer(replace(coords, cp_rank=0, cp_size=1), kind=kind,
+    return is_key_writer(replace(rank, cp=0), replace(sizes, cp=1), kind=kind,
                          num_kv_heads=num_kv_heads)

@@ -53,12 +53,12 @@ import torch
 import torch.distributed as dist
 
 from .._checks import as_page_ids
-from ..cp.keys import RankCoords
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
 from ..layout import PagedKVCache, as_range
+from ..parallel import ParallelRank, ParallelSizes
 from ..staging import ALIGN, StagingArena
-from .keys import is_store_writer, page_keys
+from .keys import at, is_store_writer, page_keys
 from .master import MasterProcess, port_open
 
 __all__ = ["KVStore", "LoadResult", "PutResult", "StoreError"]
@@ -153,7 +153,8 @@ class KVStore:
         master: ``"host:port"`` of a running `mooncake_master`, a `MasterProcess`, or None to
             start an embedded one on loopback (owned: stopped at `close`). In a group, start one
             master (e.g. on rank 0 or the launcher) and pass its address to every rank.
-        coords: this rank's `RankCoords` (tp/pp/cp rank and size); default a single rank.
+        rank, sizes: this rank's coordinates and the deployment's parallel sizes (cp/tp/pp);
+            default a single rank.
         kind: "mha" (K/V per head shard) or "mla" (latent, replicated over TP).
         num_kv_heads: the model's total KV heads (decides TP key suffixes for "mha").
         namespace: model/deployment name, first part of every key (no "/").
@@ -174,19 +175,18 @@ class KVStore:
     """
 
     def __init__(self, *, page_size: int, master: str | MasterProcess | None = None,
-                 coords: RankCoords | None = None, kind: str = "mha", num_kv_heads: int = 1,
+                 rank: ParallelRank | None = None, sizes: ParallelSizes | None = None,
+                 kind: str = "mha", num_kv_heads: int = 1,
                  namespace: str = "cpkv", segment_nbytes: int = 256 << 20,
                  staging_nbytes: int = 64 << 20, local_buffer_nbytes: int = 16 << 20,
                  batch_pages: int = 64, connect_timeout: float = 2.0, host: str = "127.0.0.1"):
         self.page_size = _positive(page_size, "page_size")
-        self.coords = RankCoords() if coords is None else coords
-        if not isinstance(self.coords, RankCoords):
-            raise TypeError(f"coords: expected RankCoords, got {type(self.coords).__name__}")
+        self.rank, self.sizes = at(rank, sizes)
         if kind not in ("mha", "mla"):
             raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
         self.kind, self.num_kv_heads, self.namespace = kind, _positive(num_kv_heads,
                                                                        "num_kv_heads"), namespace
-        page_keys([], 1, self.coords, namespace=namespace, kind=kind,
+        page_keys([], 1, self.rank, self.sizes, namespace=namespace, kind=kind,
                   num_kv_heads=num_kv_heads)  # validates namespace and the TP/head split
         self.batch_pages = _positive(batch_pages, "batch_pages")
         for what, v in (("segment_nbytes", segment_nbytes), ("staging_nbytes", staging_nbytes),
@@ -238,9 +238,11 @@ class KVStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def keys(self, token_ids, coords: RankCoords | None = None) -> list[str]:
-        """Keys of the full store pages of ``token_ids`` for ``coords`` (default this rank)."""
-        return page_keys(token_ids, self.page_size, self.coords if coords is None else coords,
+    def keys(self, token_ids, rank: ParallelRank | None = None,
+             sizes: ParallelSizes | None = None) -> list[str]:
+        """Keys of the full store pages of ``token_ids`` for ``rank`` of ``sizes`` (default
+        this store's)."""
+        return page_keys(token_ids, self.page_size, rank or self.rank, sizes or self.sizes,
                          namespace=self.namespace, kind=self.kind,
                          num_kv_heads=self.num_kv_heads)
 
@@ -292,7 +294,8 @@ class KVStore:
     # -- write -----------------------------------------------------------------------------
 
     def put_prefix(self, cache: PagedKVCache, page_ids, token_ids, *, layers=None, heads=None,
-                   coords: RankCoords | None = None) -> PutResult:
+                   rank: ParallelRank | None = None,
+                   sizes: ParallelSizes | None = None) -> PutResult:
         """Write this rank's share of the prompt's full store pages that are not stored yet.
 
         Args:
@@ -303,14 +306,14 @@ class KVStore:
             token_ids: [L] the prompt's token ids (tensor, numpy array or list); tokens past
                 the last full store page are not stored.
             layers, heads: the slice of the pool whose bytes this rank's keys hold (default all).
-            coords: whose keys and share (default the store's coords).
+            rank, sizes: whose keys and share (default the store's).
 
         Returns a `PutResult`; raises `StoreError` when the store refuses a put (e.g. master
         gone), after releasing its slots.
         """
         self._check_open()
-        coords = self.coords if coords is None else coords
-        keys = self.keys(token_ids, coords)
+        rank, sizes = at(rank or self.rank, sizes or self.sizes)
+        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
         if self.page_size % cache.page_size:
             raise ValueError(f"cache.page_size: expected a divisor of the store page size "
@@ -320,8 +323,8 @@ class KVStore:
         if ids.numel() < len(keys) * per:
             raise ValueError(f"page_ids: expected at least {len(keys) * per} pool pages for "
                              f"{len(keys)} store pages, got {ids.numel()}")
-        writer = is_store_writer(coords, kind=self.kind, num_kv_heads=self.num_kv_heads)
-        share = page_share(len(keys), coords.cp_size, coords.cp_rank) if writer else range(0)
+        writer = is_store_writer(rank, sizes, kind=self.kind, num_kv_heads=self.num_kv_heads)
+        share = page_share(len(keys), sizes.cp, rank.cp) if writer else range(0)
         if not share:
             return PutResult(share, 0, 0, 0)
         present = self._exists([keys[i] for i in share])
@@ -369,15 +372,17 @@ class KVStore:
 
     # -- read ------------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids, *, group=None, coords: RankCoords | None = None) -> int:
-        """Leading full store pages of ``token_ids`` stored under ``coords``'s keys.
+    def match_prefix(self, token_ids, *, group=None, rank: ParallelRank | None = None,
+                     sizes: ParallelSizes | None = None) -> int:
+        """Leading full store pages of ``token_ids`` stored under the keys of ``rank`` of
+        ``sizes`` (default this store's).
 
         ``group``: a process group, or a sequence of them (e.g. the CP group and the TP group);
         the count is MIN-reduced over each, so every rank of them gets the same answer. An
         existence check that fails (master gone) ends the count there: a clean miss.
         """
         self._check_open()
-        keys = self.keys(token_ids, coords)
+        keys = self.keys(token_ids, rank, sizes)
         hit = 0
         for i in range(0, len(keys), EXIST_CHUNK):
             chunk = self._client.batch_is_exist(keys[i:i + EXIST_CHUNK])
@@ -401,7 +406,8 @@ class KVStore:
 
     def load_prefix(self, cache: PagedKVCache, page_ids, token_ids, *,
                     num_pages: int | None = None, layers=None, heads=None,
-                    coords: RankCoords | None = None) -> LoadResult:
+                    rank: ParallelRank | None = None,
+                    sizes: ParallelSizes | None = None) -> LoadResult:
         """Load the first ``num_pages`` store pages of ``token_ids`` into the pool.
 
         Args:
@@ -413,17 +419,17 @@ class KVStore:
                 count from ``match_prefix(group=...)`` in a group).
             layers, heads: where in this pool the stored slice goes (a PP stage's layer range,
                 a TP rank's head slice); the stored values must have that geometry.
-            coords: whose keys to read (default the store's coords), e.g. TP shard 1 of a
+            rank, sizes: whose keys to read (default the store's), e.g. TP shard 1 of a
                 TP2 writer group when this reader holds all heads.
 
         Returns a `LoadResult`. Stops at the first store page that does not arrive whole
         (evicted, master gone, wrong size); later pool pages are not written.
         """
         self._check_open()
-        keys = self.keys(token_ids, coords)
+        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
         if num_pages is None:
-            num_pages = self.match_prefix(token_ids, coords=coords)
+            num_pages = self.match_prefix(token_ids, rank=rank, sizes=sizes)
         if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
                 or not 0 <= num_pages <= len(keys):
             raise ValueError(f"num_pages: expected an int in [0, {len(keys)}] (full store "
@@ -488,14 +494,15 @@ class KVStore:
 
     # -- removal and teardown --------------------------------------------------------------
 
-    def evict(self, token_ids, *, start: int = 0, coords: RankCoords | None = None) -> int:
+    def evict(self, token_ids, *, start: int = 0, rank: ParallelRank | None = None,
+              sizes: ParallelSizes | None = None) -> int:
         """Remove the stored pages ``start..`` of ``token_ids`` (forcibly); returns how many.
 
         A prefix stays valid: later pages name longer prefixes, so removing from ``start`` on
         never leaves a page whose predecessors are gone.
         """
         self._check_open()
-        keys = self.keys(token_ids, coords)
+        keys = self.keys(token_ids, rank, sizes)
         if not isinstance(start, int) or not 0 <= start <= len(keys):
             raise ValueError(f"start: expected an int in [0, {len(keys)}], got {start!r}")
         return sum(self._client.remove(key, True) == 0 for key in keys[start:])

@@ -20,6 +20,9 @@ import time
 
 import torch.distributed as dist
 
+from ..layout import PackedFormat
+from ..parallel import ParallelRank  # noqa: F401  (imported from here by the sender)
+
 __all__ = ["ControlPlane", "ControlTimeout"]
 
 
@@ -84,40 +87,31 @@ class ControlPlane:
         return self.get(key)
 
 
-class ParallelRank:
-    """A prefill rank's coordinates; its registration key holds every one of them."""
-
-    __slots__ = ("dp", "cp", "tp", "pp")
-
-    def __init__(self, dp: int = 0, cp: int = 0, tp: int = 0, pp: int = 0):
-        for name, v in (("dp", dp), ("cp", cp), ("tp", tp), ("pp", pp)):
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-        self.dp, self.cp, self.tp, self.pp = dp, cp, tp, pp
-
-    @property
-    def key(self) -> str:
-        return f"dp{self.dp}.cp{self.cp}.tp{self.tp}.pp{self.pp}"
-
-    def __repr__(self) -> str:
-        return f"ParallelRank({self.key})"
-
-
 def geometry(cache) -> dict:
-    """A pool's geometry as exchanged: what must match on both sides (format version, page
-    size, per-component head_dim and dtype) and the local head and layer counts, which the
-    routes must fit."""
-    fmt = cache.packed_format(1).to_dict()
-    return {"version": fmt["version"], "page_size": cache.page_size,
-            "components": [[name, head_dim, dtype] for name, _, head_dim, dtype
-                           in fmt["components"]],
+    """A pool's geometry as exchanged. ``format`` is the slot description both sides must share
+    (`PackedFormat.to_dict` of one token, head and layer: format version and each component's
+    name, head_dim and dtype); ``page_size`` must match too; the local head and layer counts
+    (which the routes must fit) and the layout (NHD/HND, for direct writes) are informative."""
+    unit = cache.packed_format(1, layers=(0, 1), heads=(0, 1))
+    return {"format": unit.to_dict(), "page_size": cache.page_size,
             "num_heads": cache.num_heads, "num_layers": cache.num_layers,
             "layout": cache.layout}
 
 
 def check_geometry(mine: dict, theirs: dict, who: str) -> None:
-    """Raise ValueError naming the first shared field where ``theirs`` differs from ``mine``."""
-    for field in ("version", "page_size", "components"):
-        if mine.get(field) != theirs.get(field):
-            raise ValueError(f"geometry mismatch with {who}: {field} is {mine.get(field)} here, "
-                             f"{theirs.get(field)} there")
+    """Raise ValueError naming the first shared field where ``theirs`` differs from ``mine``:
+    format version, page size, then the components (`PackedFormat.check_matches` over the two
+    formats). A malformed geometry is refused the same way."""
+    try:
+        for field, here, there in (("version", mine["format"]["version"],
+                                    theirs["format"]["version"]),
+                                   ("page_size", mine["page_size"], theirs["page_size"])):
+            if here != there:
+                raise ValueError(f"{field} is {here} here, {there} there")
+        try:
+            PackedFormat.from_dict(theirs["format"]).check_matches(
+                PackedFormat.from_dict(mine["format"]))
+        except ValueError as e:
+            raise ValueError(f"components: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"geometry mismatch with {who}: {e}") from None

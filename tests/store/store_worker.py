@@ -11,8 +11,8 @@ import torch.distributed as dist
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, mla, oracle_unpack
 from mp import Recorder
 
-from cpkv.cp.keys import RankCoords
 from cpkv.cp.partition import page_share
+from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.store import KVStore
 
 T = 8  # store page size
@@ -40,14 +40,14 @@ def cp_writers_reader(rank, store_for, kind):
     tokens = prompt(seed=len(kind))
     src, src_ids = writer_pool(make())
     if rank < 2:
-        store = store_for(key_kind, heads, RankCoords(cp_rank=rank, cp_size=2))
+        store = store_for(key_kind, heads, ParallelRank(cp=rank), ParallelSizes(cp=2))
         put = store.put_prefix(src, src_ids, tokens)
         want = page_share(N_PAGES, 2, rank)
         assert put.share == want and put.written == len(want) and put.skipped == 0, put
         dist.barrier()  # both shares written
         dist.barrier()  # the reader is done: only now may a writer's segment go
         return
-    store = store_for(key_kind, heads, RankCoords())
+    store = store_for(key_kind, heads, None, None)
     dist.barrier()
     try:
         hit = store.match_prefix(tokens)
@@ -67,8 +67,7 @@ def cp_writers_reader(rank, store_for, kind):
 def match_agreement(rank, store_for, tp_group):
     """TP ranks see different hit counts (rank 1's shard partly evicted): MIN over groups."""
     tokens = prompt(seed=42, n_tokens=5 * T)
-    coords = RankCoords(tp_rank=min(rank, 1), tp_size=2)
-    store = store_for("mha", 2, coords)
+    store = store_for("mha", 2, ParallelRank(tp=min(rank, 1)), ParallelSizes(tp=2))
     if rank < 2:
         src = make_cache(mha(num_heads=1), num_layers=2, num_pages=10, page_size=T, seed=rank)
         store.put_prefix(src, torch.arange(5), tokens)
@@ -89,9 +88,10 @@ def rank_main(rank, world, port, out_path, master):
     rec = Recorder(out_path)
     stores = []
 
-    def store_for(kind, heads, coords):
-        s = KVStore(page_size=T, master=master, coords=coords, kind=kind, num_kv_heads=heads,
-                    namespace=f"mp-{kind}-{len(stores)}", segment_nbytes=32 << 20,
+    def store_for(kind, heads, rank, sizes):
+        s = KVStore(page_size=T, master=master, rank=rank, sizes=sizes, kind=kind,
+                    num_kv_heads=heads, namespace=f"mp-{kind}-{len(stores)}",
+                    segment_nbytes=32 << 20,
                     staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20, batch_pages=4)
         stores.append(s)
         return s

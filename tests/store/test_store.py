@@ -18,7 +18,7 @@ from kvtest import (
 )
 from mp import free_port
 
-from cpkv.cp.keys import RankCoords
+from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.store import KVStore, MasterProcess, StoreError
 
 T = 16  # store page size
@@ -93,29 +93,29 @@ def test_layer_range_and_head_slice(store):
     fresh(store)
     tokens = prompt(3 * T, seed=4)
     heads2 = mha(num_heads=2)
-    stage1_tp1 = RankCoords(tp_rank=1, tp_size=2, pp_rank=1, pp_size=2)
+    stage1_tp1 = dict(rank=ParallelRank(tp=1, pp=1), sizes=ParallelSizes(tp=2, pp=2))
     src, ids = writer_pool(heads2, T, 3, layers=2)  # this rank's pool: 2 layers, 2 heads
     # With one KV head in the model, TP rank 1 replicates rank 0's shard: it writes nothing.
-    assert store.put_prefix(src, ids, tokens, coords=stage1_tp1).share == range(0)
+    assert store.put_prefix(src, ids, tokens, **stage1_tp1).share == range(0)
     store.num_kv_heads = 4  # four KV heads over TP2: rank 1 holds heads [2, 4), its own shard
     try:
-        put = store.put_prefix(src, ids, tokens, coords=stage1_tp1)
-        assert store.keys(tokens, stage1_tp1)[0].endswith("/pp1/tp1")
+        put = store.put_prefix(src, ids, tokens, **stage1_tp1)
+        assert store.keys(tokens, **stage1_tp1)[0].endswith("/pp1/tp1")
         assert store.match_prefix(tokens) == 0  # the single-rank keys are different keys
-        assert store.match_prefix(tokens, coords=stage1_tp1) == 3
+        assert store.match_prefix(tokens, **stage1_tp1) == 3
         got = _load_into_full_model(store, src, ids, tokens, stage1_tp1)
     finally:
         store.num_kv_heads = 1
     assert put.written == 3 and got.num_pages == 3
 
 
-def _load_into_full_model(store, src, ids, tokens, coords):
+def _load_into_full_model(store, src, ids, tokens, at):
     full = fill_sentinel(make_cache(mha(num_heads=4), num_layers=4, num_pages=6, page_size=32))
     dst_ids = torch.tensor([4, 1])
     want = oracle_unpack(src, ids, full, dst_ids, 3 * T, range(2), range(2), range(2, 4),
                          range(2, 4))
     got = store.load_prefix(full, dst_ids, tokens, num_pages=3, layers=(2, 4), heads=(2, 4),
-                            coords=coords)
+                            **at)
     assert (got.num_pages, got.full_pages) == (3, 1)
     assert_cache_equals(full, want)
     return got

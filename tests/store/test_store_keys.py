@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from cpkv.cp.keys import RankCoords
 from cpkv.cp.partition import page_share
+from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.store import is_store_writer, page_hashes, page_keys
 
 LAYOUTS = [  # kind, total KV heads, tp, pp, cp
@@ -31,10 +31,11 @@ def test_keys_follow_the_bytes(layout):
     kind, heads, tp, pp, cp = layout
     tokens = list(range(7 * 4 + 3))
     n_pages = 7
-    ranks = [RankCoords(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, cp_rank=c, cp_size=cp)
+    sizes = ParallelSizes(tp=tp, pp=pp, cp=cp)
+    ranks = [ParallelRank(tp=t, pp=p, cp=c)
              for t, p, c in itertools.product(range(tp), range(pp), range(cp))]
-    keys = {r: page_keys(tokens, 4, r, kind=kind, num_kv_heads=heads) for r in ranks}
-    held = {r: held_bytes(kind, heads, r.tp_rank, tp, r.pp_rank) for r in ranks}
+    keys = {r: page_keys(tokens, 4, r, sizes, kind=kind, num_kv_heads=heads) for r in ranks}
+    held = {r: held_bytes(kind, heads, r.tp, tp, r.pp) for r in ranks}
     for r in ranks:
         assert len(keys[r]) == n_pages
         assert all("/cp" not in k for k in keys[r])
@@ -44,12 +45,12 @@ def test_keys_follow_the_bytes(layout):
     for i in range(n_pages):  # every distinct byte set of every page: written exactly once
         for h in set(held.values()):
             writers = [r for r in ranks if held[r] == h and
-                       is_store_writer(r, kind=kind, num_kv_heads=heads) and
-                       i in page_share(n_pages, cp, r.cp_rank)]
+                       is_store_writer(r, sizes, kind=kind, num_kv_heads=heads) and
+                       i in page_share(n_pages, cp, r.cp)]
             assert len(writers) == 1, (i, h, writers)
     for c in range(cp):  # CP ranks split the writes: each writes its balanced share
-        mine = [r for r in ranks if r.cp_rank == c and r.tp_rank == 0 and r.pp_rank == 0]
-        assert is_store_writer(mine[0], kind=kind, num_kv_heads=heads)
+        mine = [r for r in ranks if r.cp == c and r.tp == 0 and r.pp == 0]
+        assert is_store_writer(mine[0], sizes, kind=kind, num_kv_heads=heads)
 
 
 def test_hash_chain_names_prefixes():
@@ -74,9 +75,13 @@ def test_key_inputs_validated():
     with pytest.raises(ValueError, match="namespace"):
         page_hashes([1], 1, "")
     with pytest.raises(ValueError, match="not divisible"):
-        page_keys([1], 1, RankCoords(tp_size=3), num_kv_heads=4)
-    with pytest.raises(TypeError, match="coords"):
+        page_keys([1], 1, ParallelRank(), ParallelSizes(tp=3), num_kv_heads=4)
+    with pytest.raises(TypeError, match="rank"):
         page_keys([1], 1, (0, 1))
+    with pytest.raises(TypeError, match="sizes"):
+        page_keys([1], 1, ParallelRank(), (1, 1))
+    with pytest.raises(ValueError, match="tp: expected 0 <= rank < size"):
+        page_keys([1], 1, ParallelRank(tp=2), ParallelSizes(tp=2))
 
 
 def test_store_api():

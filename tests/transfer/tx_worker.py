@@ -213,14 +213,15 @@ def fault_rank(rank, world, port, out_path, timeout=3.0):
 def hetero_rank(rank, world, port, out_path):
     """Ranks 0-3: prefill tp = rank // 2, cp = rank % 2 (8 KV heads, 4 per rank); rank 4:
     a tp 1 decode rank receiving both head halves, packed then direct."""
-    from cpkv.transfer.mapping import Layout, heads_of, map_ranks
+    from cpkv.parallel import ParallelSizes, heads_of
+    from cpkv.transfer.mapping import map_ranks
 
     rec = Recorder(out_path)
     try:
         control, engine, arena = _setup(port)
         heads_total, ps = 8, 16
-        routes = map_ranks(Layout(tp=2, cp=2), Layout(tp=1), num_kv_heads=heads_total,
-                           num_layers=3)[(0, 0)]
+        routes = map_ranks(ParallelSizes(tp=2, cp=2), ParallelSizes(tp=1),
+                           num_kv_heads=heads_total, num_layers=3)[(0, 0)]
         src_full = make_cache(mha(num_heads=heads_total), num_layers=3, num_pages=20,
                               page_size=ps, seed=9)
         reqs = requests(ps)
