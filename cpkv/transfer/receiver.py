@@ -71,6 +71,7 @@ class _Ended:
     the verdict (keys kept)."""
 
     prefix: str
+    dest_key: str
     slot: Slot | None
     host_ids: torch.Tensor | None  # direct mode: pages kept busy with the slot
     writers: set
@@ -410,16 +411,19 @@ class KVReceiver(Endpoint):
         now, slot, req.slot = time.monotonic(), req.slot, None
         if req.published:
             try:
-                self.control.put(req.prefix + "/verdict", {"status": int(req.cell.status),
-                                                           "reason": req.cell.reason})
-                self.control.delete(self._dest_key(request_id))
+                verdict = {"status": int(req.cell.status), "reason": req.cell.reason}
+                self.control.put(req.prefix + "/verdict", verdict)
+                # a sender that has not started learns at once that it need not
+                self.control.put(self._dest_key(request_id),
+                                 {"use": int(req.prefix.rsplit("/", 1)[1]), "ended": verdict})
             except Exception:
                 pass  # the control plane may be gone; the local status is what counts
         writers = set() if reason is None or not req.published else \
             set(self.senders) - req.finished - req.ended
         readers = set(self.senders) - req.ended if req.published else set()
         if writers:  # quarantine: the slot (and direct pages) until they stop or grace ends
-            self._ended.append(_Ended(req.prefix, slot, req.host_ids if self.direct else None,
+            self._ended.append(_Ended(req.prefix, self._dest_key(request_id), slot,
+                                      req.host_ids if self.direct else None,
                                       writers, readers, dict(req.consumed), now + self.grace))
             if not self.direct:
                 self._busy[req.host_ids] = False
@@ -428,10 +432,10 @@ class KVReceiver(Endpoint):
             slot.release()
         self._busy[req.host_ids] = False
         if readers:
-            self._ended.append(_Ended(req.prefix, None, None, set(), readers,
-                                      dict(req.consumed), now + self.grace))
-        else:
-            self._delete_keys(req.prefix)
+            self._ended.append(_Ended(req.prefix, self._dest_key(request_id), None, None, set(),
+                                      readers, dict(req.consumed), now + self.grace))
+        elif req.published:
+            self._delete_keys(req.prefix, self._dest_key(request_id))
         return req.cell.status
 
     def _sweep(self, force: bool = False) -> None:
@@ -463,12 +467,20 @@ class KVReceiver(Endpoint):
                     self._busy[e.host_ids] = False
                     e.host_ids = None
             if e.slot is None and (not e.readers or expired):
-                self._delete_keys(e.prefix)
+                self._delete_keys(e.prefix, e.dest_key)
             else:
                 left.append(e)
         self._ended = left
 
-    def _delete_keys(self, prefix: str) -> None:
+    def _delete_keys(self, prefix: str, dest_key: str) -> None:
+        """Delete a use's keys; its destination only while it still names this use (the id
+        may have been expected again since). Only this receiver writes destinations."""
+        try:
+            dest = self.control.get_or_none(dest_key)
+            if isinstance(dest, dict) and dest.get("use") == int(prefix.rsplit("/", 1)[1]):
+                self.control.delete(dest_key)
+        except Exception:
+            pass  # unreadable: leave it; the control plane may be gone
         try:
             self.control.delete(prefix + "/verdict",
                                 *(f"{prefix}/note/{s}" for s in self.senders))

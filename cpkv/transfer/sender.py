@@ -86,6 +86,9 @@ class _Send:
         self.finished = False  # last chunk written and notified
         self.ended = False  # end line appended (or nothing left to say)
         self.busy = False  # the worker is sending a chunk of it
+        self.checked = False  # destination checked against the request
+        self.error = None  # why the destination could not be had
+        self.next_try, self.backoff = 0.0, 0.0005  # polling the destination
         self.mode = None
 
 
@@ -155,7 +158,7 @@ class KVSender(Endpoint):
             self._unclaim()
             self._release_owned()
             raise
-        self._receiver = None
+        self._receiver, self._receiver_read_at = None, 0.0
         self._states: dict[int, _Send] = {}
         self._watch: list[_Send] = []  # finished, awaiting the verdict
         self._lock = threading.Lock()
@@ -301,24 +304,74 @@ class KVSender(Endpoint):
     # -- worker ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Jobs wait in order; a job whose destination is not published yet is parked (later
+        chunks of its request wait behind it) while other requests go ahead, so a request the
+        receiver has not expected (or already ended) never holds up the others."""
         if self.cache.device.type == "cuda":
             torch.cuda.set_device(self.cache.device)
+        parked: list = []
         while True:
             try:
-                job = self._jobs.get(timeout=0.002 if self._watch else 0.05)
+                job = self._jobs.get(timeout=0.001 if self._watch or parked else 0.05)
             except queue.Empty:
                 job = False
             if job is None:
                 break
             if job is not False:
-                self._do(job)
+                parked.append(job)
+            blocked, waiting = set(), []
+            for job in parked:
+                state = job[-1]
+                if id(state) in blocked or not self._dest_ready(job[0], state):
+                    blocked.add(id(state))
+                    waiting.append(job)
+                else:
+                    self._do(job)
+            parked = waiting
             for state in list(self._watch):
                 self._check_verdict(state)
-        while not self._jobs.empty():  # closing: fail what is still queued
-            job = self._jobs.get_nowait()
+        while True:  # closing: fail what is still parked or queued
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
             if job is not None:
-                job[-1].cell.fail("the sender was closed")
-                self._end(job[-1], "fail", "the sender was closed")
+                parked.append(job)
+        for job in parked:
+            job[-1].cell.fail("the sender was closed")
+            self._end(job[-1], "fail", "the sender was closed")
+
+    def _dest_ready(self, rid: int, state: _Send) -> bool:
+        """Whether the job can run now: its destination is known, or it is to fail (closed,
+        no destination by the deadline, a bad one). Polls the store with a backoff."""
+        if state.dest is not None or state.cell.done or self._closing.is_set():
+            return True
+        now = time.monotonic()
+        if now < state.next_try:
+            return False
+        try:
+            found = self._find_dest(rid, now)
+        except Exception as e:
+            state.error = e
+            return True
+        if found is not None:
+            recv, dest = found
+            if isinstance(dest, dict) and isinstance(dest.get("use"), int):
+                use = self.control.key(recv["inc"], "use", dest["use"])
+                state.note_key = f"{use}/note/{self.rank.key}"  # to say why, if we refuse
+                state.verdict_key = f"{use}/verdict"
+            state.recv, state.dest = recv, dest
+            if isinstance(dest, dict) and isinstance(dest.get("ended"), dict):
+                state.error = _Stopped(f"the receiver already ended request {rid}: "
+                                       f"{dest['ended'].get('reason')}")
+            return True
+        if now > state.deadline:
+            state.error = ControlTimeout(f"request {rid}: no destination from the receiver "
+                                         f"within {self.timeout} s")
+            return True
+        state.backoff = min(state.backoff * 2, 0.01)
+        state.next_try = now + state.backoff
+        return False
 
     def _do(self, job) -> None:
         state = job[-1]
@@ -407,25 +460,16 @@ class KVSender(Endpoint):
             self._receiver = info
         return self._receiver
 
-    def _wait_dest(self, rid: int, state: _Send) -> tuple[dict, dict]:
-        """The current receiver incarnation's destination for ``rid`` (a receiver that
-        restarts meanwhile is followed: its new incarnation's keys are read)."""
-        delay, recv, read_at = 0.0005, None, 0.0
-        while True:
-            if self._closing.is_set():
-                raise ControlTimeout("the sender was closed")
-            now = time.monotonic()
-            if recv is None or now - read_at > 0.25:
-                recv, read_at = self._receiver_info(), now
-            if recv is not None:
-                dest = self.control.get_or_none(self.control.key(recv["inc"], "dest", rid))
-                if dest is not None:
-                    return recv, dest
-            if now > state.deadline:
-                raise ControlTimeout(f"request {rid}: no destination from the receiver within "
-                                     f"{self.timeout} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+    def _find_dest(self, rid: int, now: float) -> tuple[dict, dict] | None:
+        """The current receiver incarnation's destination for ``rid``, or None yet (a receiver
+        that restarts is followed: its registration is re-read every quarter second)."""
+        if self._receiver is None or now - self._receiver_read_at > 0.25:
+            self._receiver_read_at = now
+            self._receiver_info()
+        if self._receiver is None:
+            return None
+        dest = self.control.get_or_none(self.control.key(self._receiver["inc"], "dest", rid))
+        return None if dest is None else (self._receiver, dest)
 
     def _check_dest(self, rid: int, dest, page_ids: torch.Tensor, num_tokens: int) -> None:
         def whole(v):
@@ -447,15 +491,12 @@ class KVSender(Endpoint):
 
     def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, event,
                     state) -> None:
-        if state.dest is None:
-            recv, dest = self._wait_dest(rid, state)
-            if isinstance(dest, dict) and isinstance(dest.get("use"), int):
-                use = self.control.key(recv["inc"], "use", dest["use"])
-                state.note_key = f"{use}/note/{self.rank.key}"  # to say why, if we refuse
-                state.verdict_key = f"{use}/verdict"
-            self._check_dest(rid, dest, page_ids, num_tokens)
-            state.recv, state.dest = recv, dest
+        if state.error is not None:
+            raise state.error
         recv, dest = state.recv, state.dest
+        if not state.checked:
+            self._check_dest(rid, dest, page_ids, num_tokens)
+            state.checked = True
         state.cell.update(KVStatus.Transferring)
         share = senders_for(self.policy, page_ids.numel(), self.cp_size, self.rank.cp, rid)
         p0 = max(share.start, chunk[0])
