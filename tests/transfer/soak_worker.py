@@ -3,6 +3,7 @@ a bounded window ahead, and can be told to stall once at given requests or to di
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -62,6 +63,18 @@ class Staller:
         return getattr(self._engine, name)
 
 
+def _wait(sender, rid):
+    status = sender.wait(rid, 60)
+    if status.name not in ("Success", "Failed"):
+        st = sender._states.get(rid)
+        info = {k: str(getattr(st, k, None))[:200] for k in (
+            "dest", "note_key", "lines", "finished", "ended", "busy", "checked", "error",
+            "deadline", "next_try")} if st else None
+        raise RuntimeError(f"request {rid} still {status.name} after 60 s: {info}, now "
+                           f"{time.monotonic()}, watch {len(sender._watch)}, "
+                           f"worker alive {sender._worker.is_alive()}")
+
+
 def sender_main(rank: int, port: int, total: int, out_path: str, stall_at: list,
                 stall_s: float, die_at: int | None, timeout: float) -> None:
     """Send requests [next .. total): `next` is where the receiver is now (0 at first).
@@ -83,6 +96,7 @@ def _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout) -
                       engine=staller, arena=arena, timeout=timeout, lease=0.5)
     rid = control.get_or_none(control.key("next")) or 0
     pending, rss = deque(), []
+    faulthandler.dump_traceback_later(60, repeat=True, file=open(out_path + ".stuck", "w"))
     while rid < total:
         if rid == die_at:
             os._exit(3)  # a crash: no close, no goodbye
@@ -93,13 +107,13 @@ def _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout) -
         pending.append(rid)
         while len(pending) >= SENDER_WINDOW:
             done = pending.popleft()
-            sender.wait(done)
+            _wait(sender, done)
             sender.forget(done)
-        if rid == total // 10:
-            rss.append(rss_mb())
+        if not rss:
+            rss.append(rss_mb())  # after set-up and the first request
         rid += 1
     for done in pending:
-        sender.wait(done)
+        _wait(sender, done)
     sender.close()
     arena.close()
     engine.close()

@@ -118,8 +118,9 @@ def test_soak_with_stalls_and_restarts():
     keys_left = server.num_keys() - baseline
     rss_end = rss_mb()
     senders = [json.loads(path.read_text()) if (path := Path(f"{tmp.name}/rank{r}.json")
-                                                ).exists() else {"error": "no report"}
-               for r in (0, 1)]
+                                                ).exists() else {"error": "no report: " + (
+                   Path(f"{path}.stuck").read_text()[-6000:] if Path(f"{path}.stuck").exists()
+                   else "")} for r in (0, 1)]
     tmp.cleanup()
     arena.close()
     engine.close()
