@@ -45,7 +45,8 @@ _rid = itertools.count()
 class Pair:
     """A sender side and a receiver side: their own engines and arenas, one control plane."""
 
-    def __init__(self, arena_bytes: int):
+    def __init__(self, arena_bytes: int, *, checksum: bool = False):
+        self.checksum = checksum  # receivers verify a CRC32C of every packed segment
         self.server = ControlPlane(serve=True, timeout=60)
         self.engines = (TransferEngine("127.0.0.1"), TransferEngine("127.0.0.1"))
         self.arenas = (StagingArena(arena_bytes), StagingArena(arena_bytes))
@@ -60,7 +61,8 @@ class Pair:
                             mode=mode, engine=self.engines[0], arena=self.arenas[0],
                             timeout=120) for r in range(cp)]
         recv = KVReceiver(dst, ns, cp_size=cp, routes=routes, direct=mode != "packed",
-                          engine=self.engines[1], arena=self.arenas[1], timeout=120)
+                          engine=self.engines[1], arena=self.arenas[1], timeout=120,
+                          checksum=self.checksum)
         return senders, recv
 
     def close(self):
@@ -76,9 +78,7 @@ def transfer_once(senders, recv, src_ids, dst_ids, tokens, modes=None):
     recv.expect(rid, dst_ids, num_tokens=tokens)
     for sender in senders:
         sender.send(rid, src_ids, num_tokens=tokens)
-    while (st := recv.poll(rid)) not in (KVStatus.Success, KVStatus.Failed):
-        time.sleep(0.0005)  # a decode scheduler polls once per step, not in a hot loop
-    if st is not KVStatus.Success:
+    if recv.wait(rid, 600) is not KVStatus.Success:
         raise RuntimeError(f"transfer failed: {recv.reason(rid)}")
     if modes is not None:
         modes.append(senders[0].mode_of(rid))
@@ -134,7 +134,8 @@ def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=
             sender.close()
         recv.close()
         results[f"cpkv-{mode}" if mode != "direct" else "direct"] = (t, n_desc)
-    base = dict(op="transfer", shape=label, page_size=ps, tokens=tokens, pattern="fragmented")
+    base = dict(op="transfer", shape=label, page_size=ps, tokens=tokens,
+                pattern="fragmented+crc32c" if pair.checksum else "fragmented")
     for provider, (t, n_desc) in results.items():
         writer.timing(metric_base=dict(provider=provider, **base), seconds=t, moved_bytes=nbytes)
         writer.write(provider=provider, metric="descriptors", unit="count", p50=n_desc,
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
                    help=f"tokens per request (default {FULL_TOKENS}; --quick: {QUICK_TOKENS})")
     p.add_argument("--cp", type=int, default=1,
                    help="CP senders per request, each its page share (the demo runs 2)")
+    p.add_argument("--checksum", action="store_true",
+                   help="receivers verify a CRC32C of every packed segment (as the demo does)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
     args = p.parse_args(argv)
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
     layers = 2 if args.quick else None
     biggest = max(PackedFormat(max(tokens_list), SHAPES[s].num_layers, SHAPES[s].components).nbytes
                   for s in args.shapes.split(","))
-    pair = Pair(max(biggest, 256 << 20) + (1 << 20))
+    pair = Pair(max(biggest, 256 << 20) + (1 << 20), checksum=args.checksum)
     try:
         if args.calibrate:
             model = calibrate(pair)

@@ -59,7 +59,8 @@ def demo(args) -> int:
     cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
                               requests=args.requests, cp=args.cp, layers=args.layers,
                               mode=args.mode, protocol=args.protocol, device=args.device,
-                              out=args.out, corrupt_byte=args.corrupt_byte)
+                              out=args.out, checksum=args.checksum,
+                              corrupt_byte=args.corrupt_byte)
     need, have = demo_mod.estimated_bytes(cfg), _physical_memory()
     if have and need > 0.8 * have:
         raise CliError(f"this run needs about {need / 2**30:.1f} GiB of memory, the machine "
@@ -168,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--out", default="out", help="folder for demo.csv and demo.png")
+    d.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="CRC32C of every packed segment, verified before Success (default on)")
     d.add_argument("--store", action="store_true",
                    help="the KV store tier instead: CP writers store a prompt in Mooncake Store, "
                         "a reader of another page size loads it (uses --shape, --page-size, "

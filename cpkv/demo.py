@@ -32,6 +32,7 @@ from .layout import PackedFormat
 from .shapes import SHAPES
 
 RESULT_TIMEOUT = 600.0
+SETUP_TIMEOUT = 120.0  # for every prefill sender to register with the decode rank
 DEAD_GRACE_S = 5.0  # a finished child's queued messages may still be in flight
 
 
@@ -47,6 +48,7 @@ class DemoConfig:
     protocol: str = "tcp"
     device: str = "cpu"
     out: str = "out"
+    checksum: bool = True  # CRC32C of every packed segment, verified before Success
     corrupt_byte: bool = False  # test hook: the decode rank flips one byte after receiving
 
     @property
@@ -152,7 +154,7 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
             sender.send(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens,
                         metadata=json.dumps({"start": start}).encode() if rank == 0 else None)
             # The decode rank's clock stops at its Success: poll ours gently meanwhile.
-            mine = wait_done(sender, rid, RESULT_TIMEOUT, interval=0.01)
+            mine = sender.wait(rid, RESULT_TIMEOUT)
             # As a runner would: the CP group agrees on the request's status (MIN over CP).
             if agree([mine], [None])[0] is not KVStatus.Success:
                 raise RuntimeError(f"request {rid} ({mode}) failed on this CP group: "
@@ -180,20 +182,6 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
     arena.close()
     engine.close()
     dist.destroy_process_group()
-
-
-def wait_done(endpoint, request_id: int, timeout: float, *, interval: float = 0.0005):
-    """Poll a `KVSender` or `KVReceiver` every ``interval`` seconds until the request is
-    Success or Failed (its status); past ``timeout`` seconds it raises TimeoutError. The demo's
-    one poll loop, to become ``endpoint.wait(request_id, timeout)`` once the endpoints have it."""
-    from .transfer import KVStatus
-
-    deadline = time.monotonic() + timeout
-    while (status := endpoint.poll(request_id)) not in (KVStatus.Success, KVStatus.Failed):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"request {request_id} still {status.name} after {timeout} s")
-        time.sleep(interval)  # a scheduler polls once per step, not in a hot loop
-    return status
 
 
 def _verify(cfg: DemoConfig, cache, ids, rid: int) -> str | None:
@@ -255,11 +243,13 @@ def _decode(cfg: DemoConfig, store_port: int, q) -> None:
     engine = TransferEngine("127.0.0.1", cfg.protocol)
     arena = StagingArena(2 * request_nbytes + (1 << 20), device=cfg.device)
     receivers = {m: KVReceiver(cache, control.scoped(f"demo-{m}"), cp_size=cfg.cp,
-                               direct=m != "packed", engine=engine, arena=arena, timeout=120)
+                               direct=m != "packed", engine=engine, arena=arena, timeout=120,
+                               checksum=cfg.checksum)
                  for m in cfg.modes}
     for recv in receivers.values():
-        if recv.setup_error:
-            raise RuntimeError(recv.setup_error)
+        if not recv.wait_ready(SETUP_TIMEOUT):
+            raise RuntimeError(recv.setup_error or f"the prefill senders did not register "
+                                                   f"within {SETUP_TIMEOUT} s")
     ids = page_ids(cfg, "decode")
     latencies = {m: [] for m in cfg.modes}
     used = {m: [] for m in cfg.modes}
@@ -269,7 +259,7 @@ def _decode(cfg: DemoConfig, store_port: int, q) -> None:
             _clear_pages(cache, ids[rid])  # every mode must fill the pages itself
             recv.expect(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens)
             control.put(control.key("ready", mode, rid), True)
-            if wait_done(recv, rid, RESULT_TIMEOUT) is not KVStatus.Success:
+            if recv.wait(rid, RESULT_TIMEOUT) is not KVStatus.Success:
                 raise RuntimeError(f"request {rid} ({mode}): {recv.reason(rid)}")
             latencies[mode].append(time.monotonic() - json.loads(recv.metadata(rid))["start"])
             # Outside the timed region: which mode the sender used, and every byte checked.
