@@ -1,7 +1,8 @@
 """KVSender: a prefill rank that ships its share of a request's pages to one decode rank.
 
-Per send (one prefill chunk): wait for the receiver's destination, intersect the chunk with this
-rank's page share under the sender policy, then either
+Per call (one prefill chunk, and the layers of it computed so far): wait for the receiver's
+destination, intersect the chunk with this rank's page share under the sender policy, then ship
+the route's layers that became ready since the last call, either
 
 * packed: pack the share (the route's heads and layers) into a local staging slot, layer group
   by layer group, writing each group while packing the next, to
@@ -10,8 +11,16 @@ rank's page share under the sender policy, then either
 * direct: one descriptor per contiguous page run (or per token, for a head slice) straight
   into the receiver's pool, where the receiver allows it;
 
-then notify. A rank whose share is empty still notifies (zero bytes), so the receiver can count
-every expected sender. Sends run on a background thread; ``poll`` never blocks.
+then notify (one line per shipped layer group: its pages, tokens and route-local layers). A rank
+whose share is empty still notifies its last call (zero bytes), so the receiver can count every
+expected sender. Sends run on a background thread; ``poll`` never blocks.
+
+Layer-wise: a runner calls ``send_layers(rid, page_ids, upto, ...)`` as its forward pass
+proceeds ("layers below ``upto`` of this chunk are computed"); each call ships the newly ready
+layers of this rank's share while the runner computes the next ones. Groups smaller than
+COALESCE_BYTES wait for more layers (unless they complete the chunk's route layers or the call
+is the last), so per-layer calls do not multiply descriptors and notifications. `send` is
+``send_layers`` with every layer ready.
 
 Fencing: the destination names the request's *use* (one ``expect`` of one receiver
 incarnation); before every write the sender checks that use's verdict and stops if the receiver
@@ -25,6 +34,7 @@ coordinates takes over a dead one's id, and `close` releases it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import queue
 import threading
 import time
@@ -47,6 +57,7 @@ from .status import KVStatus, StatusCell
 __all__ = ["KVSender", "checksum"]
 
 PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
+COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
 
 
@@ -90,6 +101,9 @@ class _Send:
         self.error = None  # why the destination could not be had
         self.next_try, self.backoff = 0.0, 0.0005  # polling the destination
         self.mode = None
+        self.marks: dict = {}  # chunk -> layers below this are ready (caller's side)
+        self.sent: dict = {}  # chunk -> route-local layers below this are shipped (worker)
+        self.metadata = None  # the caller's blob, until a notification carries it
 
 
 class KVSender(Endpoint):
@@ -175,27 +189,46 @@ class KVSender(Endpoint):
     def send(self, request_id: int, page_ids: torch.Tensor, *, num_tokens: int | None = None,
              chunk: tuple[int, int] | None = None, last: bool = True,
              metadata: bytes | None = None, ready=None) -> None:
-        """Queue one chunk of a request (non-blocking). Poll its status with `poll`.
+        """Queue one chunk of a request with every layer ready (non-blocking): `send_layers`
+        with ``upto`` = every layer of the pool. Poll its status with `poll`."""
+        self.send_layers(request_id, page_ids, self.cache.num_layers, num_tokens=num_tokens,
+                         chunk=chunk, last=last, metadata=metadata, ready=ready)
+
+    def send_layers(self, request_id: int, page_ids: torch.Tensor, upto: int, *,
+                    num_tokens: int | None = None, chunk: tuple[int, int] | None = None,
+                    last: bool = False, metadata: bytes | None = None, ready=None) -> None:
+        """Queue the layers of one chunk of a request that are now computed (non-blocking).
 
         Args:
             request_id: the request (non-negative int, shared with the receiver).
             page_ids: [n_pages] this pool's page ids of the whole request, in request order.
+            upto: layers [0, upto) of this pool are computed for this chunk (a watermark: it
+                never decreases for a chunk; layers outside this rank's route are ignored,
+                and a route starting at layer s ships nothing before ``upto > s``).
             num_tokens: tokens of the whole request (default: every slot of its pages).
             chunk: request-local pages [start, stop) of this prefill chunk (default: all).
-            last: whether this is the request's last chunk; decide it before filtering by
-                share, so every rank agrees (a rank with an empty share still sends it).
-            metadata: a small blob (e.g. the first output token) carried with the last chunk.
+            last: whether this is the request's last call; decide it before filtering by
+                share, so every rank agrees (a rank with an empty share still sends it). Every
+                chunk's ``upto`` must then cover the route's layers.
+            metadata: a small blob (e.g. the first output token), carried by this sender's
+                next notification (give it with the last call).
             ready: the runner's ``torch.cuda.Stream`` (an event is recorded on it now) or a
-                ``torch.cuda.Event`` after which the KV is written; the worker orders its pack
-                after it, and waits for it before a direct write. CUDA pools only.
+                ``torch.cuda.Event`` after which these layers are written; the worker orders
+                its pack after it, and waits for it before a direct write. CUDA pools only.
 
-        Everything is checked here, before anything is queued; the worker trusts it.
+        Newly ready layers smaller than COALESCE_BYTES wait for a later call unless they
+        complete the chunk's route layers or the call is the last. Everything is checked
+        here, before anything is queued; the worker trusts it.
         """
         if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
             raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
         num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
+        if not isinstance(upto, int) or isinstance(upto, bool):
+            raise TypeError(f"upto: expected an int, got {type(upto).__name__}")
+        if not 0 <= upto <= self.cache.num_layers:
+            raise ValueError(f"upto: expected 0 <= upto <= {self.cache.num_layers}, got {upto}")
         if chunk is not None and (not isinstance(chunk, (tuple, list)) or len(chunk) != 2 or
                                   not all(isinstance(v, int) and not isinstance(v, bool)
                                           for v in chunk)):
@@ -211,12 +244,26 @@ class KVSender(Endpoint):
         event = check_ready(ready, self.cache.device)
         if self._closing.is_set():
             raise RuntimeError("send: the sender is closed")
+        end = self.route.src_layers.stop
         with self._lock:
             state = self._states.get(request_id)
-            if state is None:
-                state = self._states[request_id] = _Send(time.monotonic() + self.timeout)
-        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), last, metadata, event,
-                        state))
+            fresh = state is None
+            if fresh:
+                state = _Send(time.monotonic() + self.timeout)
+            before = state.marks.get((start, stop), 0)
+            if upto < before:
+                raise ValueError(f"upto: expected at least {before} (layers already reported "
+                                 f"ready for chunk [{start}, {stop})), got {upto}")
+            marks = {**state.marks, (start, stop): upto}
+            short = [c for c, m in marks.items() if m < end]
+            if last and short:
+                raise ValueError(f"last: chunks {short} have not reported every layer of the "
+                                 f"route (upto >= {end}) yet")
+            state.marks = marks
+            if fresh:
+                self._states[request_id] = state
+        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), upto, last, metadata,
+                        event, state))
 
     def poll(self, request_id: int) -> KVStatus:
         """This rank's status for the request (non-blocking). After the last chunk it is
@@ -489,7 +536,7 @@ class KVSender(Endpoint):
             raise ControlError(f"request {rid}: route region {region} + {num_tokens} tokens "
                                f"overruns the receiver's {dest['nbytes']}-byte slot")
 
-    def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, event,
+    def _send_chunk(self, rid, page_ids, num_tokens, chunk, upto, last, metadata, event,
                     state) -> None:
         if state.error is not None:
             raise state.error
@@ -503,31 +550,51 @@ class KVSender(Endpoint):
         p1 = max(p0, min(share.stop, chunk[1]))
         ps = self.cache.page_size
         pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
+        n_layers = len(self.route.src_layers)
+        a = state.sent.get(chunk, 0)
+        b = min(max(upto - self.route.src_layers.start, 0), n_layers)
+        per_layer = len(tokens) * self.bytes_per_token // n_layers
+        if metadata:
+            state.metadata = metadata  # goes with the next line this sender appends
+        if not len(tokens) or b <= a or not (
+                last or b == n_layers or (b - a) * per_layer >= COALESCE_BYTES):
+            if last:  # nothing (new) of ours, but the receiver must hear we are done
+                self._note(state, p0, p1, tokens, (b, b), 0, state.mode or "packed", True, None)
+            return  # else coalesce: these layers go with a later call
         mode = state.mode = self._choose_mode(recv, dest, page_ids, pages, tokens)
-        crc = None
-        if mode == "direct" and len(tokens):
+        crc, nbytes = None, 0
+        if b > a and mode == "direct":
+            part = dataclasses.replace(
+                self.route, src_layers=self.route.src_layers[a:b],
+                dst_layers=range(self.route.dst_layers.start + a, self.route.dst_layers.start + b))
             segments = direct_segments(self.cache, page_ids, recv["pool"],
                                        recv["geometry"]["num_heads"], dest["page_ids"], pages,
-                                       tokens, self.route)
+                                       tokens, part)
             if event is not None:
                 event.synchronize()  # the engine reads the pool: the runner's writes first
             self._check_open(state)
             self.engine.write(recv["session"], segments)
             nbytes = sum(s[2] for s in segments)
-        else:
-            nbytes = len(tokens) * self.bytes_per_token
-            if nbytes:
-                with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
-                    crc = self._pack_and_write(
-                        state, page_ids[p0:p1], len(tokens), slot.tensor, recv["session"],
-                        dest["addr"] + dest["regions"][self.route.key]
-                        + tokens.start * self.bytes_per_token, event,
-                        bool(recv.get("checksum")))
-        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop], "nbytes": nbytes,
-                "mode": mode, "last": last, "crc": crc,
-                "metadata": base64.b64encode(metadata).decode() if metadata else None}
+        elif b > a:
+            nbytes = (b - a) * per_layer
+            with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
+                crc = self._pack_and_write(
+                    state, page_ids[p0:p1], len(tokens), (a, b), slot.tensor, recv["session"],
+                    dest["addr"] + dest["regions"][self.route.key]
+                    + tokens.start * self.bytes_per_token + a * per_layer, event,
+                    bool(recv.get("checksum")))
+        state.sent[chunk] = b
+        self._note(state, p0, p1, tokens, (a, b), nbytes, mode, last, crc)
+
+    def _note(self, state, p0, p1, tokens, layers, nbytes, mode, last, crc) -> None:
+        """Tell the receiver what landed: pages, tokens, route-local layers [a, b) of them."""
+        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop],
+                "layers": list(layers), "nbytes": nbytes, "mode": mode, "last": last,
+                "crc": crc,
+                "metadata": base64.b64encode(state.metadata).decode() if state.metadata else None}
         self.control.append(state.note_key, note, state.lines)
         state.lines += 1
+        state.metadata = None
         if last:
             with self._lock:
                 state.finished = True
@@ -551,23 +618,25 @@ class KVSender(Endpoint):
             whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route))
         return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
 
-    def _pack_and_write(self, state, ids, n, staging, peer, dest_addr, event,
+    def _pack_and_write(self, state, ids, n, layers, staging, peer, dest_addr, event,
                         with_crc) -> int | None:
-        """Pack and write a segment of n tokens layer group by layer group, packing group g+1
-        while group g is on the wire (the segment is layer-major: group [l0, l1) of the route is
-        bytes [l0, l1) x n x row_bytes of it, on both sides). Returns the segment's CRC32C when
+        """Pack and write route-local layers [a, b) of a segment of n tokens, layer group by
+        layer group, packing group g+1 while group g is on the wire (the segment is layer-major:
+        layer l of the route is bytes [l, l+1) x n x row_bytes of it, on both sides; ``staging``
+        and ``dest_addr`` start at layer a). Returns the CRC32C of the bytes written when
         asked. Before each write the use is checked to be still open."""
-        layers, heads = self.route.src_layers, self.route.src_heads
-        per_layer = n * self.bytes_per_token // len(layers)
+        src, heads = self.route.src_layers, self.route.src_heads
+        a, b = layers
+        per_layer = n * self.bytes_per_token // len(src)
         pending, crc = [], 0
         if event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(staging.device).wait_event(event)
         try:
-            for group in layer_groups(len(layers), n * self.bytes_per_token):
-                l0, l1 = group.start, group.stop
-                part = staging[l0 * per_layer:l1 * per_layer]
+            for group in layer_groups(b - a, (b - a) * per_layer):
+                g0, g1 = group.start, group.stop
+                part = staging[g0 * per_layer:g1 * per_layer]
                 pack_pages(self.cache, ids, num_tokens=n, heads=heads,
-                           layers=(layers.start + l0, layers.start + l1), out=part,
+                           layers=(src.start + a + g0, src.start + a + g1), out=part,
                            validate=False)
                 if part.is_cuda:  # the engine reads the bytes: the pack must have finished
                     torch.cuda.current_stream(part.device).record_event().synchronize()
@@ -575,7 +644,7 @@ class KVSender(Endpoint):
                     crc = checksum(part, crc)
                 self._check_open(state)
                 pending.append(self.engine.submit(peer, [(part.data_ptr(),
-                                                          dest_addr + l0 * per_layer,
+                                                          dest_addr + g0 * per_layer,
                                                           part.numel())]))
         finally:
             self.engine.wait(*pending)  # never release a slot the engine still reads
