@@ -434,11 +434,11 @@ class KVReceiver(Endpoint):
     def layers_ready(self, request_id: int) -> int:
         """How many leading layers of this pool hold every token of the request (every head
         a route brings): a consumer may start on layers [0, k) before Success. Layers no
-        route brings count as ready. Non-blocking; after a failure the count says nothing
-        about the bytes. (An unknown request id raises KeyError.)"""
-        req = self._requests.get(request_id)
-        if req is None:
-            raise KeyError(f"request {request_id} is not expected here")
+        route brings count as ready. Advances the request like `poll` (non-blocking); after
+        a failure the count says nothing about the bytes. (An unknown request id raises
+        KeyError.)"""
+        self.poll(request_id)
+        req = self._requests[request_id]
         if req.cell.status == KVStatus.Success:
             return self.cache.num_layers
         still = []

@@ -125,6 +125,8 @@ class KVSender(Endpoint):
             receiver's verdict after the last chunk.
         lease: seconds without a heartbeat after which this sender id counts as dead and a new
             sender with the same coordinates may take it over (a live one is refused).
+        coalesce: bytes below which newly ready layers wait for more (`send_layers`); 0
+            ships every call's layers at once.
 
     Use as a context manager (``with KVSender(...) as s:``) or call `close`.
     """
@@ -134,7 +136,7 @@ class KVSender(Endpoint):
                  route: Route | None = None, mode: str = "packed",
                  cost: CostModel | None = None, engine: TransferEngine | None = None,
                  arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
-                 timeout: float = 30.0, lease: float = 2.0):
+                 timeout: float = 30.0, lease: float = 2.0, coalesce: int = COALESCE_BYTES):
         self.rank = rank or ParallelRank()
         if not isinstance(self.rank, ParallelRank):
             raise TypeError(f"rank: expected a ParallelRank, got {type(rank).__name__}")
@@ -144,6 +146,8 @@ class KVSender(Endpoint):
             raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not isinstance(coalesce, int) or isinstance(coalesce, bool) or coalesce < 0:
+            raise ValueError(f"coalesce: expected a non-negative int of bytes, got {coalesce!r}")
         if not isinstance(lease, (int, float)) or lease <= 0:
             raise ValueError(f"lease: expected a positive number of seconds, got {lease!r}")
         self.route = route or Route.whole(cache.num_heads, cache.num_layers, self.rank.tp,
@@ -155,7 +159,7 @@ class KVSender(Endpoint):
                              f"heads / {cache.num_layers} layers")
         self.cp_size, self.policy, self.mode = cp_size, SenderPolicy(policy), mode
         self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
-        self.lease = float(lease)
+        self.lease, self.coalesce = float(lease), coalesce
         self.incarnation = uuid.uuid4().hex[:16]
         self._claimed = False
         self._closing = threading.Event()
@@ -216,7 +220,7 @@ class KVSender(Endpoint):
                 ``torch.cuda.Event`` after which these layers are written; the worker orders
                 its pack after it, and waits for it before a direct write. CUDA pools only.
 
-        Newly ready layers smaller than COALESCE_BYTES wait for a later call unless they
+        Newly ready layers of fewer than ``coalesce`` bytes wait for a later call unless they
         complete the chunk's route layers or the call is the last. Everything is checked
         here, before anything is queued; the worker trusts it.
         """
@@ -557,7 +561,7 @@ class KVSender(Endpoint):
         if metadata:
             state.metadata = metadata  # goes with the next line this sender appends
         if not len(tokens) or b <= a or not (
-                last or b == n_layers or (b - a) * per_layer >= COALESCE_BYTES):
+                last or b == n_layers or (b - a) * per_layer >= self.coalesce):
             if last:  # nothing (new) of ours, but the receiver must hear we are done
                 self._note(state, p0, p1, tokens, (b, b), 0, state.mode or "packed", True, None)
             return  # else coalesce: these layers go with a later call
