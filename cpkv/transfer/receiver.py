@@ -52,6 +52,7 @@ CLOSE_WAIT = 2.0  # seconds `close` waits for senders to acknowledge verdicts
 
 @dataclass
 class _Request:
+    rid: int
     page_ids: torch.Tensor
     host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
     num_tokens: int
@@ -166,6 +167,7 @@ class KVReceiver(Endpoint):
         self._registrations: dict[str, tuple[str, str | None, int] | None] = {
             k: None for k in self.senders}  # key -> (incarnation, error, num_heads)
         self._regs_read_at = self._swept_at = 0.0
+        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
         self._refresh_senders(force=True)
 
     # -- senders ---------------------------------------------------------------------------
@@ -266,7 +268,8 @@ class KVReceiver(Endpoint):
             pos += num_tokens * bpt
         use = self._next_use
         self._next_use += 1
-        req = _Request(page_ids, host_ids, num_tokens, time.monotonic() + self.timeout, regions,
+        req = _Request(request_id, page_ids, host_ids, num_tokens,
+                       time.monotonic() + self.timeout, regions,
                        self.control.key(self.incarnation, "use", use), event)
         self._requests[request_id] = req
         self._busy[host_ids] = True
@@ -422,9 +425,11 @@ class KVReceiver(Endpoint):
                                  f"checksum mismatch (the bytes changed on the way)")
         if req.ready is not None:
             torch.cuda.current_stream(part.device).wait_event(req.ready)
-        d0 = route.dst_layers.start
+        d0, started = route.dst_layers.start, time.perf_counter()
         unpack_pages(part, self.cache, req.page_ids[p0:p1], num_tokens=t1 - t0,
                      heads=route.dst_heads, layers=(d0 + l0, d0 + l1), validate=False)
+        if self.trace is not None:  # CPU: the unpack's span; CUDA: when it was queued
+            self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
         if part.is_cuda:
             event = torch.cuda.current_stream(part.device).record_event()
             req.inflight.append((event, key, l0, l1, t1 - t0))

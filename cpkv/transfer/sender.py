@@ -88,7 +88,8 @@ class _Stopped(Exception):
 class _Send:
     """One request on this sender: what the user sees (cell) and what the fence needs."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, rid: int = -1):
+        self.rid = rid
         self.cell = StatusCell()
         self.deadline = deadline  # for the destination; then for the verdict
         self.recv = self.dest = None
@@ -177,6 +178,7 @@ class KVSender(Endpoint):
             self._release_owned()
             raise
         self._receiver, self._receiver_read_at = None, 0.0
+        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
         self._states: dict[int, _Send] = {}
         self._watch: list[_Send] = []  # finished, awaiting the verdict
         self._lock = threading.Lock()
@@ -253,7 +255,7 @@ class KVSender(Endpoint):
             state = self._states.get(request_id)
             fresh = state is None
             if fresh:
-                state = _Send(time.monotonic() + self.timeout)
+                state = _Send(time.monotonic() + self.timeout, request_id)
             before = state.marks.get((start, stop), 0)
             if upto < before:
                 raise ValueError(f"upto: expected at least {before} (layers already reported "
@@ -635,10 +637,12 @@ class KVSender(Endpoint):
         pending, crc = [], 0
         if event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(staging.device).wait_event(event)
+        trace, spans = self.trace, []
         try:
             for group in layer_groups(b - a, (b - a) * per_layer):
                 g0, g1 = group.start, group.stop
                 part = staging[g0 * per_layer:g1 * per_layer]
+                t0 = time.perf_counter()
                 pack_pages(self.cache, ids, num_tokens=n, heads=heads,
                            layers=(src.start + a + g0, src.start + a + g1), out=part,
                            validate=False)
@@ -647,9 +651,23 @@ class KVSender(Endpoint):
                 if with_crc:
                     crc = checksum(part, crc)
                 self._check_open(state)
+                t1 = time.perf_counter()
                 pending.append(self.engine.submit(peer, [(part.data_ptr(),
                                                           dest_addr + g0 * per_layer,
                                                           part.numel())]))
+                spans.append((a + g0, a + g1, t0, t1))
         finally:
-            self.engine.wait(*pending)  # never release a slot the engine still reads
+            if trace is None:
+                self.engine.wait(*pending)  # never release a slot the engine still reads
+            else:  # one by one, to see when each group landed (every one, even on error)
+                errors = []
+                for p, (l0, l1, t0, t1) in zip(pending, spans, strict=False):
+                    try:
+                        self.engine.wait(p)
+                    except Exception as e:
+                        errors.append(e)
+                    trace += [("pack", state.rid, l0, l1, t0, t1),
+                              ("wire", state.rid, l0, l1, t1, time.perf_counter())]
+                if errors:
+                    raise errors[0]
         return crc if with_crc else None
