@@ -1,4 +1,4 @@
-"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`, `cpkv plot`.
+"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer|layerwise`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 """
@@ -16,7 +16,7 @@ import torch
 from .shapes import SHAPES
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = ("kernels", "cp", "transfer")
+SWEEPS = ("kernels", "cp", "transfer", "layerwise")
 MAX_CP = 8
 
 
@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-PLOTS = ("kernels", "transfer", "cp")
+PLOTS = ("kernels", "transfer", "cp", "layerwise", "timeline")
 
 
 def plot(args) -> int:

@@ -581,14 +581,18 @@ class KVSender(Endpoint):
             self._check_open(state)
             self.engine.write(recv["session"], segments)
             nbytes = sum(s[2] for s in segments)
-        elif b > a:
-            nbytes = (b - a) * per_layer
-            with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
-                crc = self._pack_and_write(
+        elif b > a:  # one notification per pipeline group, as it lands
+            with self.arena.alloc((b - a) * per_layer, timeout=self.timeout) as slot:
+                self._pack_and_write(
                     state, page_ids[p0:p1], len(tokens), (a, b), slot.tensor, recv["session"],
                     dest["addr"] + dest["regions"][self.route.key]
                     + tokens.start * self.bytes_per_token + a * per_layer, event,
-                    bool(recv.get("checksum")))
+                    bool(recv.get("checksum")),
+                    lambda g0, g1, crc: self._note(state, p0, p1, tokens, (g0, g1),
+                                                   (g1 - g0) * per_layer, mode,
+                                                   last and g1 == b, crc))
+            state.sent[chunk] = b
+            return
         state.sent[chunk] = b
         self._note(state, p0, p1, tokens, (a, b), nbytes, mode, last, crc)
 
@@ -625,19 +629,29 @@ class KVSender(Endpoint):
         return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
 
     def _pack_and_write(self, state, ids, n, layers, staging, peer, dest_addr, event,
-                        with_crc) -> int | None:
+                        with_crc, landed) -> None:
         """Pack and write route-local layers [a, b) of a segment of n tokens, layer group by
         layer group, packing group g+1 while group g is on the wire (the segment is layer-major:
         layer l of the route is bytes [l, l+1) x n x row_bytes of it, on both sides; ``staging``
-        and ``dest_addr`` start at layer a). Returns the CRC32C of the bytes written when
-        asked. Before each write the use is checked to be still open."""
+        and ``dest_addr`` start at layer a). ``landed(l0, l1, crc)`` is called for each group
+        once its bytes are in the receiver's slot (crc: the group's CRC32C when asked), so the
+        receiver unpacks it while later groups travel. Before each write the use is checked to
+        be still open."""
         src, heads = self.route.src_layers, self.route.src_heads
         a, b = layers
         per_layer = n * self.bytes_per_token // len(src)
-        pending, crc = [], 0
+        pending = []  # (handle, l0, l1, crc, pack start, pack end)
         if event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(staging.device).wait_event(event)
-        trace, spans = self.trace, []
+
+        def finish(item) -> None:
+            handle, l0, l1, crc, t0, t1 = item
+            self.engine.wait(handle)
+            if self.trace is not None:
+                self.trace += [("pack", state.rid, l0, l1, t0, t1),
+                               ("wire", state.rid, l0, l1, t1, time.perf_counter())]
+            landed(l0, l1, crc)
+
         try:
             for group in layer_groups(b - a, (b - a) * per_layer):
                 g0, g1 = group.start, group.stop
@@ -648,26 +662,16 @@ class KVSender(Endpoint):
                            validate=False)
                 if part.is_cuda:  # the engine reads the bytes: the pack must have finished
                     torch.cuda.current_stream(part.device).record_event().synchronize()
-                if with_crc:
-                    crc = checksum(part, crc)
+                crc = checksum(part) if with_crc else None
                 self._check_open(state)
                 t1 = time.perf_counter()
-                pending.append(self.engine.submit(peer, [(part.data_ptr(),
-                                                          dest_addr + g0 * per_layer,
-                                                          part.numel())]))
-                spans.append((a + g0, a + g1, t0, t1))
+                pending.append((self.engine.submit(peer, [(part.data_ptr(),
+                                                           dest_addr + g0 * per_layer,
+                                                           part.numel())]),
+                                a + g0, a + g1, crc, t0, t1))
+                if len(pending) > 1:  # the previous group: landed while this one packed
+                    finish(pending.pop(0))
+            while pending:
+                finish(pending.pop(0))
         finally:
-            if trace is None:
-                self.engine.wait(*pending)  # never release a slot the engine still reads
-            else:  # one by one, to see when each group landed (every one, even on error)
-                errors = []
-                for p, (l0, l1, t0, t1) in zip(pending, spans, strict=False):
-                    try:
-                        self.engine.wait(p)
-                    except Exception as e:
-                        errors.append(e)
-                    trace += [("pack", state.rid, l0, l1, t0, t1),
-                              ("wire", state.rid, l0, l1, t1, time.perf_counter())]
-                if errors:
-                    raise errors[0]
-        return crc if with_crc else None
+            self.engine.wait(*(p[0] for p in pending))  # never release a slot still read

@@ -3,6 +3,9 @@ forward pass computes them, each newly ready layer group is shipped and unpacked
 Success still means every layer of every route is in the pool. One process: real Mooncake
 engines on TCP loopback, a real TCPStore; pools compared with torch.equal."""
 
+import csv
+import subprocess
+import sys
 import time
 import uuid
 
@@ -212,3 +215,28 @@ def test_send_layers_checks_its_inputs_before_queueing(rig):
     with pytest.raises(ValueError, match=r"last: chunks \[\(0, 1\)\]"):
         s.send_layers(1, ids, 4, chunk=(1, 2), last=True)
     close_all(senders, recv)
+
+
+def test_quick_bench_and_its_figures(tmp_path):
+    """`cpkv bench layerwise --quick` writes exposed-fraction rows with provenance and a
+    timeline; `cpkv plot layerwise timeline` draws both."""
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "cpkv.cli", *args], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    cli("bench", "layerwise", "--quick", "--shapes", "C", "--page-sizes", "16", "--out",
+        str(tmp_path / "layerwise.csv"), "--timeline", str(tmp_path / "timeline.csv"))
+    with (tmp_path / "layerwise.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    fractions = {(r["provider"], r["pattern"]) for r in rows
+                 if r["op"] == "layerwise" and r["metric"] == "exposed_fraction"}
+    assert fractions == {(p, f"compute{r}x") for p in ("send-after-prefill", "layer-by-layer")
+                         for r in ("0.5", "1", "2")}
+    assert all(r["device"] and r["git_sha"] is not None and float(r["p50"]) > 0 for r in rows)
+    with (tmp_path / "timeline.csv").open() as f:
+        spans = list(csv.DictReader(f))
+    assert {s["what"] for s in spans} >= {"compute", "pack", "wire", "unpack", "success"}
+    cli("plot", "layerwise", "timeline", "--results", str(tmp_path), "--out", str(tmp_path))
+    for name in ("layerwise", "timeline"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
