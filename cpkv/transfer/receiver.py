@@ -108,8 +108,10 @@ class KVReceiver(Endpoint):
         timeout: seconds a request may wait for every sender.
         checksum: ask senders for a CRC32C of every packed segment and verify it before
             Success (costs a pass over the bytes on both sides; needs the ``crc32c`` package).
-        grace: seconds a failed request's slot stays quarantined when a sender has not
-            acknowledged (default ``timeout``).
+        grace: seconds a failed request's slot stays quarantined, and an ended request's
+            keys are kept, while a sender has not acknowledged (default ``timeout``). Keep it
+            at least the senders' timeout: a sender that is late then learns the verdict at
+            once instead of waiting out its own timeout for a destination that is gone.
 
     The constructor does not wait for senders: it publishes this receiver and returns.
     Senders may register before or after; `ready` / `wait_ready` say when all have, and

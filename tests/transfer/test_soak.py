@@ -54,8 +54,10 @@ def test_soak_with_stalls_and_restarts():
     src = source_pool()
     dst = fill_sentinel(make_cache(mha(num_heads=2, head_dim=32), num_layers=LAYERS,
                                    num_pages=DST_PAGES, page_size=PS))
+    # grace above the senders' timeout (10 s): a sender that falls behind still finds the
+    # verdict of a request the receiver gave up on, instead of waiting out its own timeout
     recv = KVReceiver(dst, control, cp_size=2, engine=engine, arena=arena, timeout=TIMEOUT,
-                      checksum=True)
+                      checksum=True, grace=12.0)
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.TemporaryDirectory()
 
