@@ -107,7 +107,7 @@ class KVReceiver(Endpoint):
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds a request may wait for every sender.
         checksum: ask senders for a CRC32C of every packed segment and verify it before
-            Success (costs a pass over the bytes on both sides; needs the ``crc32c`` package).
+            unpacking it (costs a pass over the bytes on both sides; needs ``crc32c``).
         grace: seconds a failed request's slot stays quarantined, and an ended request's
             keys are kept, while a sender has not acknowledged (default ``timeout``). Keep it
             at least the senders' timeout: a sender that is late then learns the verdict at
