@@ -183,6 +183,7 @@ class KVSender(Endpoint):
         self._watch: list[_Send] = []  # finished, awaiting the verdict
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
+        self._inflight = None  # (state, finish, slot): a landed-or-landing last group (worker)
         self._beat = threading.Thread(target=self._heartbeat, daemon=True,
                                       name=f"cpkv-beat-{self.rank.key}")
         self._worker = threading.Thread(target=self._run, name=f"cpkv-sender-{self.rank.key}",
@@ -365,9 +366,11 @@ class KVSender(Endpoint):
         parked: list = []
         while True:
             try:
-                job = self._jobs.get(timeout=0.001 if self._watch or parked else 0.05)
+                job = self._jobs.get(timeout=0.0005 if self._inflight else
+                                     0.001 if self._watch or parked else 0.05)
             except queue.Empty:
                 job = False
+                self._settle()  # idle: see the last write land and say so
             if job is None:
                 break
             if job is not False:
@@ -379,10 +382,12 @@ class KVSender(Endpoint):
                     blocked.add(id(state))
                     waiting.append(job)
                 else:
+                    self._settle()  # the previous call's last group, in order
                     self._do(job)
             parked = waiting
             for state in list(self._watch):
                 self._check_verdict(state)
+        self._settle()
         while True:  # closing: fail what is still parked or queued
             try:
                 job = self._jobs.get_nowait()
@@ -445,6 +450,23 @@ class KVSender(Endpoint):
             state.cell.fail(f"{type(e).__name__}: {e}")
             self._end(state, "fail", state.cell.reason, busy_ok=True)
         finally:
+            if self._inflight is None or self._inflight[0] is not state:
+                state.busy = False
+
+    def _settle(self) -> None:
+        """Finish the write left in flight by the last call (wait, notify, release its slot):
+        the wire of one call overlaps the runner's compute until the next call or idleness."""
+        if self._inflight is None:
+            return
+        state, tail, slot = self._inflight
+        self._inflight = None
+        try:
+            tail()
+        except Exception as e:  # as in _do: it fails this request, never the sender
+            state.cell.fail(f"{type(e).__name__}: {e}")
+            self._end(state, "fail", state.cell.reason, busy_ok=True)
+        finally:
+            slot.release()
             state.busy = False
 
     def _end(self, state: _Send, kind: str, reason: str | None = None, *,
@@ -582,8 +604,9 @@ class KVSender(Endpoint):
             self.engine.write(recv["session"], segments)
             nbytes = sum(s[2] for s in segments)
         elif b > a:  # one notification per pipeline group, as it lands
-            with self.arena.alloc((b - a) * per_layer, timeout=self.timeout) as slot:
-                self._pack_and_write(
+            slot = self.arena.alloc((b - a) * per_layer, timeout=self.timeout)
+            try:
+                tail = self._pack_and_write(
                     state, page_ids[p0:p1], len(tokens), (a, b), slot.tensor, recv["session"],
                     dest["addr"] + dest["regions"][self.route.key]
                     + tokens.start * self.bytes_per_token + a * per_layer, event,
@@ -591,7 +614,11 @@ class KVSender(Endpoint):
                     lambda g0, g1, crc: self._note(state, p0, p1, tokens, (g0, g1),
                                                    (g1 - g0) * per_layer, mode,
                                                    last and g1 == b, crc))
+            except BaseException:
+                slot.release()
+                raise
             state.sent[chunk] = b
+            self._inflight = (state, tail, slot)  # its last group: finished by _settle
             return
         state.sent[chunk] = b
         self._note(state, p0, p1, tokens, (a, b), nbytes, mode, last, crc)
@@ -629,14 +656,15 @@ class KVSender(Endpoint):
         return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
 
     def _pack_and_write(self, state, ids, n, layers, staging, peer, dest_addr, event,
-                        with_crc, landed) -> None:
+                        with_crc, landed):
         """Pack and write route-local layers [a, b) of a segment of n tokens, layer group by
         layer group, packing group g+1 while group g is on the wire (the segment is layer-major:
         layer l of the route is bytes [l, l+1) x n x row_bytes of it, on both sides; ``staging``
         and ``dest_addr`` start at layer a). ``landed(l0, l1, crc)`` is called for each group
         once its bytes are in the receiver's slot (crc: the group's CRC32C when asked), so the
-        receiver unpacks it while later groups travel. Before each write the use is checked to
-        be still open."""
+        receiver unpacks it while later groups travel. The last group is left on the wire:
+        the returned callable waits for it and calls ``landed`` (the caller keeps ``staging``
+        until then). Before each write the use is checked to be still open."""
         src, heads = self.route.src_layers, self.route.src_heads
         a, b = layers
         per_layer = n * self.bytes_per_token // len(src)
@@ -652,6 +680,7 @@ class KVSender(Endpoint):
                                ("wire", state.rid, l0, l1, t1, time.perf_counter())]
             landed(l0, l1, crc)
 
+        ok = False
         try:
             for group in layer_groups(b - a, (b - a) * per_layer):
                 g0, g1 = group.start, group.stop
@@ -671,7 +700,9 @@ class KVSender(Endpoint):
                                 a + g0, a + g1, crc, t0, t1))
                 if len(pending) > 1:  # the previous group: landed while this one packed
                     finish(pending.pop(0))
-            while pending:
-                finish(pending.pop(0))
+            last = pending.pop()
+            ok = True
+            return lambda: finish(last)
         finally:
-            self.engine.wait(*(p[0] for p in pending))  # never release a slot still read
+            if not ok:  # never release a slot the engine still reads
+                self.engine.wait(*(p[0] for p in pending))
