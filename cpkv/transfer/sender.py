@@ -460,14 +460,17 @@ class KVSender(Endpoint):
             return
         state, tail, slot = self._inflight
         self._inflight = None
+        error = None
         try:
-            tail()
+            tail(slot.release)
         except Exception as e:  # as in _do: it fails this request, never the sender
-            state.cell.fail(f"{type(e).__name__}: {e}")
-            self._end(state, "fail", state.cell.reason, busy_ok=True)
+            error = e
         finally:
-            slot.release()
-            state.busy = False
+            slot.release()  # before any status change: a caller may look at the arena then
+        if error is not None:
+            state.cell.fail(f"{type(error).__name__}: {error}")
+            self._end(state, "fail", state.cell.reason, busy_ok=True)
+        state.busy = False
 
     def _end(self, state: _Send, kind: str, reason: str | None = None, *,
              busy_ok: bool = False) -> bool:
@@ -663,8 +666,8 @@ class KVSender(Endpoint):
         and ``dest_addr`` start at layer a). ``landed(l0, l1, crc)`` is called for each group
         once its bytes are in the receiver's slot (crc: the group's CRC32C when asked), so the
         receiver unpacks it while later groups travel. The last group is left on the wire:
-        the returned callable waits for it and calls ``landed`` (the caller keeps ``staging``
-        until then). Before each write the use is checked to be still open."""
+        the returned callable (given a function that releases ``staging``) waits for it,
+        releases and calls ``landed``. Before each write the use is checked to be still open."""
         src, heads = self.route.src_layers, self.route.src_heads
         a, b = layers
         per_layer = n * self.bytes_per_token // len(src)
@@ -672,9 +675,11 @@ class KVSender(Endpoint):
         if event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(staging.device).wait_event(event)
 
-        def finish(item) -> None:
+        def finish(item, release=None) -> None:
             handle, l0, l1, crc, t0, t1 = item
             self.engine.wait(handle)
+            if release is not None:  # the slot, before the receiver can hear of it
+                release()
             if self.trace is not None:
                 self.trace += [("pack", state.rid, l0, l1, t0, t1),
                                ("wire", state.rid, l0, l1, t1, time.perf_counter())]
@@ -702,7 +707,7 @@ class KVSender(Endpoint):
                     finish(pending.pop(0))
             last = pending.pop()
             ok = True
-            return lambda: finish(last)
+            return lambda release: finish(last, release)
         finally:
             if not ok:  # never release a slot the engine still reads
                 self.engine.wait(*(p[0] for p in pending))
