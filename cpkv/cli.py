@@ -1,4 +1,5 @@
-"""The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store`, `cpkv plot`.
+"""The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store|layerwise`,
+`cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 The sweeps and figures are the top-level packages `benchmarks` and `plots`, installed with cpkv
@@ -18,8 +19,9 @@ import torch
 from .report import ROOT, figures_dir, results_dir
 from .shapes import SHAPES
 
-SWEEPS = ("kernels", "cp", "transfer", "store")  # benchmarks/bench_<name>.py, each with main(argv)
-PLOTS = ("kernels", "transfer", "cp", "store")  # plots/plot_<name>.py, each with plot(results, out)
+# benchmarks/bench_<name>.py, each with main(argv); plots/plot_<name>.py with plot(results, out)
+SWEEPS = ("kernels", "cp", "transfer", "store", "layerwise")
+PLOTS = ("kernels", "transfer", "cp", "store", "layerwise", "timeline")
 MAX_CP = 8
 
 

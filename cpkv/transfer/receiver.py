@@ -3,13 +3,18 @@
 Per request (one *use*: one `expect` in this receiver's incarnation): allocate a staging slot (one
 region per route), publish where senders may write, then poll notifications without blocking. In
 packed mode only the staging arena is registered for remote writes, never the KV pool; direct
-mode (the baseline, opt-in with ``direct=True``) registers the pool too. Each notification is
-checked — an expected sender, in order, a token range inside the request that no earlier
-notification of its route covered, exactly the bytes that range moves, and (with
-``checksum=True``) the CRC32C of the bytes that landed — and any violation fails the request.
-Only when every expected sender has sent its last chunk, and every route's tokens all arrived,
-are the packed segments unpacked into the pool; a failure or timeout leaves the pool untouched
-(direct writes excepted: they land in the request's pages as they come).
+mode (the baseline, opt-in with ``direct=True``) registers the pool too. Each notification names
+a segment (pages, tokens and route-local layers of one route) and is checked — an expected
+sender, in order, a token x layer range inside the request that no earlier notification of its
+route covered, exactly the bytes that range moves, and (with ``checksum=True``) the CRC32C of the
+bytes that landed — and any violation fails the request.
+
+Streaming: each checked packed segment is unpacked at once into the request's own (reserved)
+pages, so layers arrive in the pool while the senders' prefill still computes later ones;
+`layers_ready` says how many leading layers of the pool are complete. Success only when every
+expected sender has sent its last call and every layer of every route holds every token. A
+failure or timeout leaves the request's pages holding undefined bytes (some layers may have been
+unpacked); no page outside the request is ever written.
 
 Fencing: when a request ends, the receiver publishes its verdict and deletes its destination. A
 failed request's slot (and, in direct mode, its pages) stays *quarantined* until every sender
@@ -47,6 +52,7 @@ CLOSE_WAIT = 2.0  # seconds `close` waits for senders to acknowledge verdicts
 
 @dataclass
 class _Request:
+    rid: int
     page_ids: torch.Tensor
     host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
     num_tokens: int
@@ -57,11 +63,13 @@ class _Request:
     cell: StatusCell = field(default_factory=StatusCell)
     slot: Slot | None = None
     published: bool = False
-    unpacked: object = None  # CUDA event recorded after the unpack
+    unpacked: object = None  # CUDA event recorded after the last unpack
     consumed: dict = field(default_factory=dict)  # sender key -> notification lines read
     finished: set = field(default_factory=set)  # senders whose last chunk arrived
     ended: set = field(default_factory=set)  # senders that said they write no more
-    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, p0, p1, mode, crc)]
+    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, l0, l1)]
+    landed: dict = field(default_factory=dict)  # route key -> [tokens in the pool per layer]
+    inflight: list = field(default_factory=list)  # CUDA: (event, route key, l0, l1, tokens)
     metadata: dict = field(default_factory=dict)  # sender key -> bytes
 
 
@@ -99,7 +107,7 @@ class KVReceiver(Endpoint):
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds a request may wait for every sender.
         checksum: ask senders for a CRC32C of every packed segment and verify it before
-            Success (costs a pass over the bytes on both sides; needs the ``crc32c`` package).
+            unpacking it (costs a pass over the bytes on both sides; needs ``crc32c``).
         grace: seconds a failed request's slot stays quarantined, and an ended request's
             keys are kept, while a sender has not acknowledged (default ``timeout``). Keep it
             at least the senders' timeout: a sender that is late then learns the verdict at
@@ -161,6 +169,7 @@ class KVReceiver(Endpoint):
         self._registrations: dict[str, tuple[str, str | None, int] | None] = {
             k: None for k in self.senders}  # key -> (incarnation, error, num_heads)
         self._regs_read_at = self._swept_at = 0.0
+        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
         self._refresh_senders(force=True)
 
     # -- senders ---------------------------------------------------------------------------
@@ -275,7 +284,8 @@ class KVReceiver(Endpoint):
             pos += num_tokens * bpt
         use = self._next_use
         self._next_use += 1
-        req = _Request(page_ids, host_ids, num_tokens, time.monotonic() + self.timeout, regions,
+        req = _Request(request_id, page_ids, host_ids, num_tokens,
+                       time.monotonic() + self.timeout, regions,
                        self.control.key(self.incarnation, "use", use), event)
         self._requests[request_id] = req
         self._busy[host_ids] = True
@@ -384,38 +394,87 @@ class KVReceiver(Endpoint):
         return self.control.key(self.incarnation, "dest", request_id)
 
     def _complete(self, request_id: int, req: _Request) -> None:
-        for key in self.routes:
-            got = sum(s[1] - s[0] for s in req.segments.get(key, []))
-            if got != req.num_tokens:
-                raise ValueError(f"every sender finished but only {got} of {req.num_tokens} "
-                                 f"tokens of route {key} arrived")
+        for key, route in self.routes.items():
+            counts = self._counts(req, key, landed_only=False)
+            if any(c != req.num_tokens for c in counts):
+                missing = [route.dst_layers.start + i for i, c in enumerate(counts)
+                           if c != req.num_tokens]
+                raise ValueError(f"every sender finished but only {min(counts)} of "
+                                 f"{req.num_tokens} tokens of route {key} arrived (in layers "
+                                 f"{missing[:8]})")
         base = req.slot.tensor
-        if self.checksum:
-            for key, segments in req.segments.items():
-                bpt, off = self.route_bpt[key], req.regions[key]
-                for t0, t1, _, _, mode, crc in segments:
-                    if mode != "packed":
-                        continue
-                    if crc is None:
-                        raise ValueError(f"route {key} tokens [{t0}, {t1}): no checksum")
-                    if crc32c_of(base[off + t0 * bpt:off + t1 * bpt]) != crc:
-                        raise ValueError(f"route {key} tokens [{t0}, {t1}): checksum "
-                                         f"mismatch (the bytes changed on the way)")
-        if req.ready is not None:
-            torch.cuda.current_stream(base.device).wait_event(req.ready)
-        for key, segments in req.segments.items():
-            route, bpt, off = self.routes[key], self.route_bpt[key], req.regions[key]
-            for t0, t1, p0, p1, mode, _ in segments:
-                if mode == "packed":
-                    unpack_pages(base[off + t0 * bpt:off + t1 * bpt], self.cache,
-                                 req.page_ids[p0:p1], num_tokens=t1 - t0,
-                                 heads=route.dst_heads, layers=route.dst_layers,
-                                 validate=False)
         if base.is_cuda:  # Success once the pool holds the bytes (polled, never waited)
             req.unpacked = torch.cuda.current_stream(base.device).record_event()
             req.cell.update(KVStatus.Transferring)
         else:
             self._finish(request_id, req)
+
+    def _counts(self, req: _Request, key: str, landed_only: bool = True) -> list[int]:
+        """Tokens per route-local layer of route ``key`` unpacked (or, with ``landed_only``
+        False, also queued on the device) for the request."""
+        counts = list(req.landed.setdefault(key, [0] * len(self.routes[key].dst_layers)))
+        if not landed_only:
+            for _, k, l0, l1, n in req.inflight:
+                if k == key:
+                    for i in range(l0, l1):
+                        counts[i] += n
+        return counts
+
+    def _land(self, req: _Request, key: str, l0: int, l1: int, n: int) -> None:
+        counts = req.landed.setdefault(key, [0] * len(self.routes[key].dst_layers))
+        for i in range(l0, l1):
+            counts[i] += n
+
+    def _unpack(self, req: _Request, key: str, segment) -> None:
+        """Check and unpack one landed packed segment into the request's pages."""
+        t0, t1, p0, p1, l0, l1, crc = segment
+        route, bpt, off = self.routes[key], self.route_bpt[key], req.regions[key]
+        per_layer = (t1 - t0) * bpt // len(route.dst_layers)
+        start = off + t0 * bpt + l0 * per_layer
+        part = req.slot.tensor[start:start + (l1 - l0) * per_layer]
+        if self.checksum:
+            if crc is None:
+                raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): no "
+                                 f"checksum")
+            if crc32c_of(part) != crc:
+                raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): "
+                                 f"checksum mismatch (the bytes changed on the way)")
+        if req.ready is not None:
+            torch.cuda.current_stream(part.device).wait_event(req.ready)
+        d0, started = route.dst_layers.start, time.perf_counter()
+        unpack_pages(part, self.cache, req.page_ids[p0:p1], num_tokens=t1 - t0,
+                     heads=route.dst_heads, layers=(d0 + l0, d0 + l1), validate=False)
+        if self.trace is not None:  # CPU: the unpack's span; CUDA: when it was queued
+            self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
+        if part.is_cuda:
+            event = torch.cuda.current_stream(part.device).record_event()
+            req.inflight.append((event, key, l0, l1, t1 - t0))
+        else:
+            self._land(req, key, l0, l1, t1 - t0)
+
+    def layers_ready(self, request_id: int) -> int:
+        """How many leading layers of this pool hold every token of the request (every head
+        a route brings): a consumer may start on layers [0, k) before Success. Layers no
+        route brings count as ready. Advances the request like `poll` (non-blocking); after
+        a failure the count says nothing about the bytes. (An unknown request id raises
+        KeyError.)"""
+        self.poll(request_id)
+        req = self._requests[request_id]
+        if req.cell.status == KVStatus.Success:
+            return self.cache.num_layers
+        still = []
+        for item in req.inflight:
+            if item[0].query():
+                self._land(req, *item[1:])
+            else:
+                still.append(item)
+        req.inflight = still
+        done = [True] * self.cache.num_layers
+        for key, route in self.routes.items():
+            for i, c in enumerate(self._counts(req, key)):
+                if c != req.num_tokens:
+                    done[route.dst_layers.start + i] = False
+        return done.index(False) if False in done else self.cache.num_layers
 
     def _finish(self, request_id: int, req: _Request, reason: str | None = None) -> KVStatus:
         """End the request here: Success without ``reason``, else Failed. Publish the
@@ -541,6 +600,14 @@ class KVReceiver(Endpoint):
                              f"outside request {rid} ({req.page_ids.numel()} pages, {n} tokens)")
         key = self.senders[sender]
         route, bpt = self.routes[key], self.route_bpt[key]
+        n_layers = len(route.dst_layers)
+        layers = note.get("layers", [0, n_layers])
+        if not isinstance(layers, list) or len(layers) != 2 or not all(_int(x) for x in layers):
+            raise TypeError(f"sender {sender}: layers must be two ints, got {str(layers)[:40]}")
+        l0, l1 = layers
+        if not 0 <= l0 <= l1 <= n_layers:
+            raise ValueError(f"sender {sender}: layers [{l0}, {l1}) lie outside route {key}'s "
+                             f"{n_layers} layers")
         if mode == "packed":
             want = (t1 - t0) * bpt
         elif mode == "direct" and self.direct:
@@ -548,16 +615,22 @@ class KVReceiver(Endpoint):
             want = direct_nbytes(bpt, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
         else:
             raise ValueError(f"sender {sender}: mode {str(mode)[:20]!r} is not accepted here")
+        want = want // n_layers * (l1 - l0)
         if nbytes != want:
-            raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) {mode} move {want} bytes, "
-                             f"the notification says {nbytes}")
+            raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) layers [{l0}, {l1}) {mode} "
+                             f"move {want} bytes, the notification says {nbytes}")
         segments = req.segments.setdefault(key, [])
-        for a, b, *_ in segments:
-            if t0 < b and a < t1:
+        for a, b, c, d in segments:
+            if t0 < b and a < t1 and l0 < d and c < l1:
                 raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) were already received "
-                                 f"([{a}, {b}))")
-        if t1 > t0:
-            segments.append((t0, t1, p0, p1, mode, crc))
+                                 f"(layers [{l0}, {l1}) overlap tokens [{a}, {b}) layers "
+                                 f"[{c}, {d}))")
+        if t1 > t0 and l1 > l0:
+            segments.append((t0, t1, l0, l1))
+            if mode == "packed":
+                self._unpack(req, key, (t0, t1, p0, p1, l0, l1, crc))
+            else:  # a direct write landed in the pages before its notification
+                self._land(req, key, l0, l1, t1 - t0)
         if meta:
             req.metadata[sender] = base64.b64decode(meta, validate=True)
         if note["last"]:

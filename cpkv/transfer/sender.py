@@ -1,7 +1,8 @@
 """KVSender: a prefill rank that ships its share of a request's pages to one decode rank.
 
-Per send (one prefill chunk): wait for the receiver's destination, intersect the chunk with this
-rank's page share under the sender policy, then either
+Per call (one prefill chunk, and the layers of it computed so far): wait for the receiver's
+destination, intersect the chunk with this rank's page share under the sender policy, then ship
+the route's layers that became ready since the last call, either
 
 * packed: pack the share (the route's heads and layers) into a local staging slot, layer group
   by layer group, writing each group while packing the next, to
@@ -10,8 +11,16 @@ rank's page share under the sender policy, then either
 * direct: one descriptor per contiguous page run (or per token, for a head slice) straight
   into the receiver's pool, where the receiver allows it;
 
-then notify. A rank whose share is empty still notifies (zero bytes), so the receiver can count
-every expected sender. Sends run on a background thread; ``poll`` never blocks.
+then notify (one line per shipped layer group: its pages, tokens and route-local layers). A rank
+whose share is empty still notifies its last call (zero bytes), so the receiver can count every
+expected sender. Sends run on a background thread; ``poll`` never blocks.
+
+Layer-wise: a runner calls ``send_layers(rid, page_ids, upto, ...)`` as its forward pass
+proceeds ("layers below ``upto`` of this chunk are computed"); each call ships the newly ready
+layers of this rank's share while the runner computes the next ones. Groups smaller than
+COALESCE_BYTES wait for more layers (unless they complete the chunk's route layers or the call
+is the last), so per-layer calls do not multiply descriptors and notifications. `send` is
+``send_layers`` with every layer ready.
 
 Fencing: the destination names the request's *use* (one ``expect`` of one receiver
 incarnation); before every write the sender checks that use's verdict and stops if the receiver
@@ -25,6 +34,7 @@ coordinates takes over a dead one's id, and `close` releases it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import queue
 import threading
 import time
@@ -48,6 +58,7 @@ from .status import KVStatus, StatusCell
 __all__ = ["KVSender", "checksum"]
 
 PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
+COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
 
 
@@ -78,7 +89,8 @@ class _Stopped(Exception):
 class _Send:
     """One request on this sender: what the user sees (cell) and what the fence needs."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, rid: int = -1):
+        self.rid = rid
         self.cell = StatusCell()
         self.deadline = deadline  # for the destination; then for the verdict
         self.recv = self.dest = None
@@ -91,6 +103,9 @@ class _Send:
         self.error = None  # why the destination could not be had
         self.next_try, self.backoff = 0.0, 0.0005  # polling the destination
         self.mode = None
+        self.marks: dict = {}  # chunk -> layers below this are ready (caller's side)
+        self.sent: dict = {}  # chunk -> route-local layers below this are shipped (worker)
+        self.metadata = None  # the caller's blob, until a notification carries it
 
 
 class KVSender(Endpoint):
@@ -112,6 +127,8 @@ class KVSender(Endpoint):
             receiver's verdict after the last chunk.
         lease: seconds without a heartbeat after which this sender id counts as dead and a new
             sender with the same coordinates may take it over (a live one is refused).
+        coalesce: bytes below which newly ready layers wait for more (`send_layers`); 0
+            ships every call's layers at once.
 
     Use as a context manager (``with KVSender(...) as s:``) or call `close`.
     """
@@ -121,7 +138,7 @@ class KVSender(Endpoint):
                  route: Route | None = None, mode: str = "packed",
                  cost: CostModel | None = None, engine: TransferEngine | None = None,
                  arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
-                 timeout: float = 30.0, lease: float = 2.0):
+                 timeout: float = 30.0, lease: float = 2.0, coalesce: int = COALESCE_BYTES):
         self.rank = rank or ParallelRank()
         if not isinstance(self.rank, ParallelRank):
             raise TypeError(f"rank: expected a ParallelRank, got {type(rank).__name__}")
@@ -131,6 +148,8 @@ class KVSender(Endpoint):
             raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not isinstance(coalesce, int) or isinstance(coalesce, bool) or coalesce < 0:
+            raise ValueError(f"coalesce: expected a non-negative int of bytes, got {coalesce!r}")
         if not isinstance(lease, (int, float)) or lease <= 0:
             raise ValueError(f"lease: expected a positive number of seconds, got {lease!r}")
         self.route = route or Route.whole(cache.num_heads, cache.num_layers, self.rank.tp,
@@ -142,7 +161,7 @@ class KVSender(Endpoint):
                              f"heads / {cache.num_layers} layers")
         self.cp_size, self.policy, self.mode = cp_size, SenderPolicy(policy), mode
         self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
-        self.lease = float(lease)
+        self.lease, self.coalesce = float(lease), coalesce
         self.incarnation = uuid.uuid4().hex[:16]
         self._claimed = False
         self._closing = threading.Event()
@@ -160,10 +179,12 @@ class KVSender(Endpoint):
             self._release_owned()
             raise
         self._receiver, self._receiver_read_at = None, 0.0
+        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
         self._states: dict[int, _Send] = {}
         self._watch: list[_Send] = []  # finished, awaiting the verdict
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
+        self._inflight = None  # (state, finish, slot): a landed-or-landing last group (worker)
         self._beat = threading.Thread(target=self._heartbeat, daemon=True,
                                       name=f"cpkv-beat-{self.rank.key}")
         self._worker = threading.Thread(target=self._run, name=f"cpkv-sender-{self.rank.key}",
@@ -176,27 +197,46 @@ class KVSender(Endpoint):
     def send(self, request_id: int, page_ids: torch.Tensor, *, num_tokens: int | None = None,
              chunk: tuple[int, int] | None = None, last: bool = True,
              metadata: bytes | None = None, ready=None) -> None:
-        """Queue one chunk of a request (non-blocking). Poll its status with `poll`.
+        """Queue one chunk of a request with every layer ready (non-blocking): `send_layers`
+        with ``upto`` = every layer of the pool. Poll its status with `poll`."""
+        self.send_layers(request_id, page_ids, self.cache.num_layers, num_tokens=num_tokens,
+                         chunk=chunk, last=last, metadata=metadata, ready=ready)
+
+    def send_layers(self, request_id: int, page_ids: torch.Tensor, upto: int, *,
+                    num_tokens: int | None = None, chunk: tuple[int, int] | None = None,
+                    last: bool = False, metadata: bytes | None = None, ready=None) -> None:
+        """Queue the layers of one chunk of a request that are now computed (non-blocking).
 
         Args:
             request_id: the request (non-negative int, shared with the receiver).
             page_ids: [n_pages] this pool's page ids of the whole request, in request order.
+            upto: layers [0, upto) of this pool are computed for this chunk (a watermark: it
+                never decreases for a chunk; layers outside this rank's route are ignored,
+                and a route starting at layer s ships nothing before ``upto > s``).
             num_tokens: tokens of the whole request (default: every slot of its pages).
             chunk: request-local pages [start, stop) of this prefill chunk (default: all).
-            last: whether this is the request's last chunk; decide it before filtering by
-                share, so every rank agrees (a rank with an empty share still sends it).
-            metadata: a small blob (e.g. the first output token) carried with the last chunk.
+            last: whether this is the request's last call; decide it before filtering by
+                share, so every rank agrees (a rank with an empty share still sends it). Every
+                chunk's ``upto`` must then cover the route's layers.
+            metadata: a small blob (e.g. the first output token), carried by this sender's
+                next notification (give it with the last call).
             ready: the runner's ``torch.cuda.Stream`` (an event is recorded on it now) or a
-                ``torch.cuda.Event`` after which the KV is written; the worker orders its pack
-                after it, and waits for it before a direct write. CUDA pools only.
+                ``torch.cuda.Event`` after which these layers are written; the worker orders
+                its pack after it, and waits for it before a direct write. CUDA pools only.
 
-        Everything is checked here, before anything is queued; the worker trusts it.
+        Newly ready layers of fewer than ``coalesce`` bytes wait for a later call unless they
+        complete the chunk's route layers or the call is the last. Everything is checked
+        here, before anything is queued; the worker trusts it.
         """
         if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
             raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
         num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
+        if not isinstance(upto, int) or isinstance(upto, bool):
+            raise TypeError(f"upto: expected an int, got {type(upto).__name__}")
+        if not 0 <= upto <= self.cache.num_layers:
+            raise ValueError(f"upto: expected 0 <= upto <= {self.cache.num_layers}, got {upto}")
         if chunk is not None and (not isinstance(chunk, (tuple, list)) or len(chunk) != 2 or
                                   not all(isinstance(v, int) and not isinstance(v, bool)
                                           for v in chunk)):
@@ -212,12 +252,26 @@ class KVSender(Endpoint):
         event = check_ready(ready, self.cache.device)
         if self._closing.is_set():
             raise RuntimeError("send: the sender is closed")
+        end = self.route.src_layers.stop
         with self._lock:
             state = self._states.get(request_id)
-            if state is None:
-                state = self._states[request_id] = _Send(time.monotonic() + self.timeout)
-        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), last, metadata, event,
-                        state))
+            fresh = state is None
+            if fresh:
+                state = _Send(time.monotonic() + self.timeout, request_id)
+            before = state.marks.get((start, stop), 0)
+            if upto < before:
+                raise ValueError(f"upto: expected at least {before} (layers already reported "
+                                 f"ready for chunk [{start}, {stop})), got {upto}")
+            marks = {**state.marks, (start, stop): upto}
+            short = [c for c, m in marks.items() if m < end]
+            if last and short:
+                raise ValueError(f"last: chunks {short} have not reported every layer of the "
+                                 f"route (upto >= {end}) yet")
+            state.marks = marks
+            if fresh:
+                self._states[request_id] = state
+        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), upto, last, metadata,
+                        event, state))
 
     def poll(self, request_id: int) -> KVStatus:
         """This rank's status for the request (non-blocking). After the last chunk it is
@@ -313,9 +367,11 @@ class KVSender(Endpoint):
         parked: list = []
         while True:
             try:
-                job = self._jobs.get(timeout=0.001 if self._watch or parked else 0.05)
+                job = self._jobs.get(timeout=0.0005 if self._inflight else
+                                     0.001 if self._watch or parked else 0.05)
             except queue.Empty:
                 job = False
+                self._settle()  # idle: see the last write land and say so
             if job is None:
                 break
             if job is not False:
@@ -327,10 +383,12 @@ class KVSender(Endpoint):
                     blocked.add(id(state))
                     waiting.append(job)
                 else:
+                    self._settle()  # the previous call's last group, in order
                     self._do(job)
             parked = waiting
             for state in list(self._watch):
                 self._check_verdict(state)
+        self._settle()
         while True:  # closing: fail what is still parked or queued
             try:
                 job = self._jobs.get_nowait()
@@ -393,7 +451,27 @@ class KVSender(Endpoint):
             state.cell.fail(f"{type(e).__name__}: {e}")
             self._end(state, "fail", state.cell.reason, busy_ok=True)
         finally:
-            state.busy = False
+            if self._inflight is None or self._inflight[0] is not state:
+                state.busy = False
+
+    def _settle(self) -> None:
+        """Finish the write left in flight by the last call (wait, notify, release its slot):
+        the wire of one call overlaps the runner's compute until the next call or idleness."""
+        if self._inflight is None:
+            return
+        state, tail, slot = self._inflight
+        self._inflight = None
+        error = None
+        try:
+            tail(slot.release)
+        except Exception as e:  # as in _do: it fails this request, never the sender
+            error = e
+        finally:
+            slot.release()  # before any status change: a caller may look at the arena then
+        if error is not None:
+            state.cell.fail(f"{type(error).__name__}: {error}")
+            self._end(state, "fail", state.cell.reason, busy_ok=True)
+        state.busy = False
 
     def _end(self, state: _Send, kind: str, reason: str | None = None, *,
              busy_ok: bool = False) -> bool:
@@ -490,7 +568,7 @@ class KVSender(Endpoint):
             raise ControlError(f"request {rid}: route region {region} + {num_tokens} tokens "
                                f"overruns the receiver's {dest['nbytes']}-byte slot")
 
-    def _send_chunk(self, rid, page_ids, num_tokens, chunk, last, metadata, event,
+    def _send_chunk(self, rid, page_ids, num_tokens, chunk, upto, last, metadata, event,
                     state) -> None:
         if state.error is not None:
             raise state.error
@@ -504,31 +582,60 @@ class KVSender(Endpoint):
         p1 = max(p0, min(share.stop, chunk[1]))
         ps = self.cache.page_size
         pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
+        n_layers = len(self.route.src_layers)
+        a = state.sent.get(chunk, 0)
+        b = min(max(upto - self.route.src_layers.start, 0), n_layers)
+        per_layer = len(tokens) * self.bytes_per_token // n_layers
+        if metadata:
+            state.metadata = metadata  # goes with the next line this sender appends
+        if not len(tokens) or b <= a or not (
+                last or b == n_layers or (b - a) * per_layer >= self.coalesce):
+            if last:  # nothing (new) of ours, but the receiver must hear we are done
+                self._note(state, p0, p1, tokens, (b, b), 0, state.mode or "packed", True, None)
+            return  # else coalesce: these layers go with a later call
         mode = state.mode = self._choose_mode(recv, dest, page_ids, pages, tokens)
-        crc = None
-        if mode == "direct" and len(tokens):
+        crc, nbytes = None, 0
+        if b > a and mode == "direct":
+            part = dataclasses.replace(
+                self.route, src_layers=self.route.src_layers[a:b],
+                dst_layers=range(self.route.dst_layers.start + a, self.route.dst_layers.start + b))
             segments = direct_segments(self.cache, page_ids, recv["pool"],
                                        recv["geometry"]["num_heads"], dest["page_ids"], pages,
-                                       tokens, self.route)
+                                       tokens, part)
             if event is not None:
                 event.synchronize()  # the engine reads the pool: the runner's writes first
             self._check_open(state)
             self.engine.write(recv["session"], segments)
             nbytes = sum(s[2] for s in segments)
-        else:
-            nbytes = len(tokens) * self.bytes_per_token
-            if nbytes:
-                with self.arena.alloc(nbytes, timeout=self.timeout) as slot:
-                    crc = self._pack_and_write(
-                        state, page_ids[p0:p1], len(tokens), slot.tensor, recv["session"],
-                        dest["addr"] + dest["regions"][self.route.key]
-                        + tokens.start * self.bytes_per_token, event,
-                        bool(recv.get("checksum")))
-        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop], "nbytes": nbytes,
-                "mode": mode, "last": last, "crc": crc,
-                "metadata": base64.b64encode(metadata).decode() if metadata else None}
+        elif b > a:  # one notification per pipeline group, as it lands
+            slot = self.arena.alloc((b - a) * per_layer, timeout=self.timeout)
+            try:
+                tail = self._pack_and_write(
+                    state, page_ids[p0:p1], len(tokens), (a, b), slot.tensor, recv["session"],
+                    dest["addr"] + dest["regions"][self.route.key]
+                    + tokens.start * self.bytes_per_token + a * per_layer, event,
+                    bool(recv.get("checksum")),
+                    lambda g0, g1, crc: self._note(state, p0, p1, tokens, (g0, g1),
+                                                   (g1 - g0) * per_layer, mode,
+                                                   last and g1 == b, crc))
+            except BaseException:
+                slot.release()
+                raise
+            state.sent[chunk] = b
+            self._inflight = (state, tail, slot)  # its last group: finished by _settle
+            return
+        state.sent[chunk] = b
+        self._note(state, p0, p1, tokens, (a, b), nbytes, mode, last, crc)
+
+    def _note(self, state, p0, p1, tokens, layers, nbytes, mode, last, crc) -> None:
+        """Tell the receiver what landed: pages, tokens, route-local layers [a, b) of them."""
+        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop],
+                "layers": list(layers), "nbytes": nbytes, "mode": mode, "last": last,
+                "crc": crc,
+                "metadata": base64.b64encode(state.metadata).decode() if state.metadata else None}
         self.control.append(state.note_key, note, state.lines)
         state.lines += 1
+        state.metadata = None
         if last:
             with self._lock:
                 state.finished = True
@@ -552,32 +659,56 @@ class KVSender(Endpoint):
             whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route))
         return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
 
-    def _pack_and_write(self, state, ids, n, staging, peer, dest_addr, event,
-                        with_crc) -> int | None:
-        """Pack and write a segment of n tokens layer group by layer group, packing group g+1
-        while group g is on the wire (the segment is layer-major: group [l0, l1) of the route is
-        bytes [l0, l1) x n x row_bytes of it, on both sides). Returns the segment's CRC32C when
-        asked. Before each write the use is checked to be still open."""
-        layers, heads = self.route.src_layers, self.route.src_heads
-        per_layer = n * self.bytes_per_token // len(layers)
-        pending, crc = [], 0
+    def _pack_and_write(self, state, ids, n, layers, staging, peer, dest_addr, event,
+                        with_crc, landed):
+        """Pack and write route-local layers [a, b) of a segment of n tokens, layer group by
+        layer group, packing group g+1 while group g is on the wire (the segment is layer-major:
+        layer l of the route is bytes [l, l+1) x n x row_bytes of it, on both sides; ``staging``
+        and ``dest_addr`` start at layer a). ``landed(l0, l1, crc)`` is called for each group
+        once its bytes are in the receiver's slot (crc: the group's CRC32C when asked), so the
+        receiver unpacks it while later groups travel. The last group is left on the wire:
+        the returned callable (given a function that releases ``staging``) waits for it,
+        releases and calls ``landed``. Before each write the use is checked to be still open."""
+        src, heads = self.route.src_layers, self.route.src_heads
+        a, b = layers
+        per_layer = n * self.bytes_per_token // len(src)
+        pending = []  # (handle, l0, l1, crc, pack start, pack end)
         if event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(staging.device).wait_event(event)
+
+        def finish(item, release=None) -> None:
+            handle, l0, l1, crc, t0, t1 = item
+            self.engine.wait(handle)
+            if release is not None:  # the slot, before the receiver can hear of it
+                release()
+            if self.trace is not None:
+                self.trace += [("pack", state.rid, l0, l1, t0, t1),
+                               ("wire", state.rid, l0, l1, t1, time.perf_counter())]
+            landed(l0, l1, crc)
+
+        ok = False
         try:
-            for group in layer_groups(len(layers), n * self.bytes_per_token):
-                l0, l1 = group.start, group.stop
-                part = staging[l0 * per_layer:l1 * per_layer]
+            for group in layer_groups(b - a, (b - a) * per_layer):
+                g0, g1 = group.start, group.stop
+                part = staging[g0 * per_layer:g1 * per_layer]
+                t0 = time.perf_counter()
                 pack_pages(self.cache, ids, num_tokens=n, heads=heads,
-                           layers=(layers.start + l0, layers.start + l1), out=part,
+                           layers=(src.start + a + g0, src.start + a + g1), out=part,
                            validate=False)
                 if part.is_cuda:  # the engine reads the bytes: the pack must have finished
                     torch.cuda.current_stream(part.device).record_event().synchronize()
-                if with_crc:
-                    crc = checksum(part, crc)
+                crc = checksum(part) if with_crc else None
                 self._check_open(state)
-                pending.append(self.engine.submit(peer, [(part.data_ptr(),
-                                                          dest_addr + l0 * per_layer,
-                                                          part.numel())]))
+                t1 = time.perf_counter()
+                pending.append((self.engine.submit(peer, [(part.data_ptr(),
+                                                           dest_addr + g0 * per_layer,
+                                                           part.numel())]),
+                                a + g0, a + g1, crc, t0, t1))
+                if len(pending) > 1:  # the previous group: landed while this one packed
+                    finish(pending.pop(0))
+            last = pending.pop()
+            ok = True
+            return lambda release: finish(last, release)
         finally:
-            self.engine.wait(*pending)  # never release a slot the engine still reads
-        return crc if with_crc else None
+            if not ok:  # never release a slot the engine still reads
+                self.engine.wait(*(p[0] for p in pending))

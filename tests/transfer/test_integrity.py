@@ -341,7 +341,7 @@ def test_bad_send_and_expect_arguments_queue_nothing(rig):
 
 def test_checksum_catches_bytes_changed_in_the_slot(rig):
     """With checksum=True a byte changed after it landed (a late or rogue writer) fails the
-    request before anything is unpacked."""
+    request before that segment is unpacked."""
     engine, send_arena, recv_arena, server = rig
     src, dst = caches()
     ns = uuid.uuid4().hex
@@ -358,14 +358,15 @@ def test_checksum_catches_bytes_changed_in_the_slot(rig):
     before = snapshot(dst)
     recv.expect(2, torch.tensor([4, 5]), num_tokens=2 * PS)
     senders[0].send(2, torch.tensor([0, 1]), num_tokens=2 * PS)
-    deadline = time.monotonic() + 10
-    while recv.poll(2) is not KVStatus.Transferring and time.monotonic() < deadline:
+    note = f"{recv._requests[2].prefix}/note/{ParallelRank(cp=0).key}"
+    deadline = time.monotonic() + 10  # landed and notified, not yet read by the receiver
+    while not senders[0].control.lines(note, 0) and time.monotonic() < deadline:
         time.sleep(0.005)
     recv._requests[2].slot.tensor[5] ^= 0xFF  # rank 0's share, after it landed
     senders[1].send(2, torch.tensor([0, 1]), num_tokens=2 * PS)
     assert recv.wait(2) is KVStatus.Failed
     assert "checksum mismatch" in recv.reason(2)
-    assert_cache_equals(dst, before)
+    assert_cache_equals(dst, before)  # refused before its unpack: even its pages untouched
     close_all(senders, recv)
 
 
