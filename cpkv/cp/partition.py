@@ -56,15 +56,18 @@ def page_share(num_pages: int, cp_size: int, cp_rank: int) -> range:
 
 
 def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
-                chunk_stop: int) -> range:
-    """The rank's page share intersected with one prefill chunk ``[chunk_start, chunk_stop)``.
+                chunk_stop: int, *, policy: SenderPolicy | str = "all",
+                request_id: int = 0) -> range:
+    """The pages the rank sends of one prefill chunk ``[chunk_start, chunk_stop)``: its share
+    under the sender ``policy`` (`senders_for`; default its balanced `page_share`) intersected
+    with the chunk.
 
     May be empty; an empty share still takes part in the transfer (it reports zero bytes).
 
     >>> [chunk_share(10, 4, r, 0, 4) for r in range(4)]
     [range(0, 3), range(3, 4), range(6, 6), range(8, 8)]
     """
-    share = page_share(num_pages, cp_size, cp_rank)
+    share = senders_for(policy, num_pages, cp_size, cp_rank, request_id)
     _check_count(chunk_start, "chunk_start")
     _check_count(chunk_stop, "chunk_stop")
     if not chunk_start <= chunk_stop <= num_pages:

@@ -43,9 +43,9 @@ import uuid
 import torch
 
 from .._checks import as_page_ids, check_num_tokens
-from ..cp.partition import SenderPolicy, senders_for
+from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
-from ..parallel import ParallelRank
+from ..parallel import LAYER_GROUP_BYTES, ParallelRank, layer_groups
 from ..staging import StagingArena
 from .control import ControlError, ControlPlane, ControlTimeout, check_geometry
 from .direct import direct_descriptors, direct_segments, whole_pages
@@ -57,17 +57,9 @@ from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
 
-PIPELINE_CHUNK_BYTES = 16 << 20  # layer groups of at least this size are packed and written in turn
+PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # groups of at least this size are packed, written in turn
 COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
-
-
-def layer_groups(num_layers: int, segment_nbytes: int) -> list[range]:
-    """How a packed segment is cut for pipelining: consecutive layer ranges of at least
-    PIPELINE_CHUNK_BYTES (or one layer). Their count is the descriptors a packed send uses."""
-    per_layer = max(1, segment_nbytes // num_layers)
-    step = max(1, -(-PIPELINE_CHUNK_BYTES // per_layer))
-    return [range(l0, min(l0 + step, num_layers)) for l0 in range(0, num_layers, step)]
 
 
 def checksum(buf: torch.Tensor, value: int = 0) -> int:
@@ -577,9 +569,9 @@ class KVSender(Endpoint):
             self._check_dest(rid, dest, page_ids, num_tokens)
             state.checked = True
         state.cell.update(KVStatus.Transferring)
-        share = senders_for(self.policy, page_ids.numel(), self.cp_size, self.rank.cp, rid)
-        p0 = max(share.start, chunk[0])
-        p1 = max(p0, min(share.stop, chunk[1]))
+        share = chunk_share(page_ids.numel(), self.cp_size, self.rank.cp, *chunk,
+                            policy=self.policy, request_id=rid)
+        p0, p1 = share.start, share.stop
         ps = self.cache.page_size
         pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
         n_layers = len(self.route.src_layers)
@@ -688,7 +680,7 @@ class KVSender(Endpoint):
 
         ok = False
         try:
-            for group in layer_groups(b - a, (b - a) * per_layer):
+            for group in layer_groups(b - a, per_layer, PIPELINE_CHUNK_BYTES):
                 g0, g1 = group.start, group.stop
                 part = staging[g0 * per_layer:g1 * per_layer]
                 t0 = time.perf_counter()
