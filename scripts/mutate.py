@@ -41,6 +41,7 @@ TESTS_FOR = {
     "cpkv/staging.py": ["tests/test_staging.py"],
     "cpkv/kernels/": ["tests/kernels"],
     "cpkv/cp/": ["tests/cp", "tests/kernels/test_reorganize.py"],
+    "cpkv/cp/partition.py": ["tests/cp/test_partition.py", "tests/kernels/test_reorganize.py"],
     "cpkv/transfer/": ["tests/transfer"],
 }
 
@@ -147,7 +148,8 @@ def render(rows) -> str:
            f"{counts['killed']} killed, {counts['survived']} survived, "
            f"{counts['timed out']} timed out, {counts['stale']} stale; "
            f"kill rate {score:.1%} (timed out counts as killed).", "",
-           "| mutant | where | verdict | seconds | what it breaks |", "| --- | --- | --- | --- | --- |"]
+           "| mutant | where | verdict | seconds | what it breaks |",
+           "| --- | --- | --- | --- | --- |"]
     for m, verdict, secs, line, _ in rows:
         out.append(f"| {m.id} | {m.file}:{line} | {verdict} | {secs:.0f} | {m.why} |")
     survivors = [(m, line) for m, verdict, _, line, _ in rows if verdict == "survived"]
