@@ -38,6 +38,7 @@ STATUS = "cpkv/transfer/status.py"
 ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_layouts.py", "-k",
                 "transport_limit or batch or unregistered")
 LAYOUTS = ("tests/transfer/test_layouts.py",)
+GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
 KEYS = "cpkv/cp/keys.py"
 
@@ -370,6 +371,11 @@ MUTANTS: list[Mutant] = [
       "return len(tokens) * bytes_per_token",
       "whole-page sends announce the token bytes, not the page bytes written",
       LAYOUTS + ("tests/transfer/test_transfer_local.py",)),
+    M("d-src-layer-offset", DIRECT,
+      "for sl, dl in zip(route.src_layers, route.dst_layers, strict=True):",
+      "for sl, dl in zip(range(len(route.src_layers)), route.dst_layers, strict=True):",
+      "direct sends read the route's layers from layer 0 of the sender's pool (pp1 -> pp2)",
+      GAPS_PP),
     M("st-moves-down", STATUS,
       "or status > self._status):",
       "or status != self._status):",

@@ -3,9 +3,17 @@ a named mutant of scripts/mutants.py and passes on the code."""
 
 import pytest
 import torch
+from test_layouts import CP, run_layout
 
 from cpkv.transfer import TransferEngine, TransferError
 from cpkv.transfer.engine import MAX_BATCH
+from cpkv.transfer.mapping import Layout, map_ranks
+
+# Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
+# start above 0 (3 layers: pp1 -> pp2 has the route [2, 3) -> [0, 1); pp2 -> pp3 has [1, 2) ->
+# [0, 1)), so a sender that forgets the route's source-layer offset ships the wrong layers.
+UNEVEN_PP = {"pp1-to-pp2": (Layout(pp=1, cp=CP), Layout(pp=2)),
+             "pp2-to-pp3": (Layout(pp=2, cp=CP), Layout(pp=3))}
 
 
 class CountingEngine:
@@ -30,6 +38,15 @@ class CountingEngine:
 
     def __getattr__(self, name):  # everything else: the real engine
         return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+@pytest.mark.parametrize("name", list(UNEVEN_PP))
+def test_routes_with_source_layers_above_zero_bit_exact(name, mode, rig):
+    p, d = UNEVEN_PP[name]
+    routes = [r for rs in map_ranks(p, d, num_kv_heads=4, num_layers=3).values() for r in rs]
+    assert any(r.src_layers.start > 0 for r in routes)  # the case this test is for
+    run_layout("mha", 4, p, d, mode, rig)
 
 
 @pytest.fixture(scope="module")
