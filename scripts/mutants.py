@@ -37,10 +37,12 @@ DIRECT = "cpkv/transfer/direct.py"
 STATUS = "cpkv/transfer/status.py"
 ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_layouts.py", "-k",
                 "transport_limit or batch or unregistered")
-LAYOUTS = ("tests/transfer/test_layouts.py",)
+LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py")
 GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
 KEYS = "cpkv/cp/keys.py"
+ADAPT = "cpkv/adapters.py"
+ADAPT_TESTS = ("tests/test_adapters.py",)
 
 M = Mutant
 MUTANTS: list[Mutant] = [
@@ -300,6 +302,24 @@ MUTANTS: list[Mutant] = [
       "base + n_local * sum(rows[:c]))",
       "a short shard's later components land inside the earlier component's block",
       ("tests/cp/test_gather_mp.py", "-k", "cp3")),
+    # -- runner adapters ------------------------------------------------------------------------
+    M("a-token-major-pages", ADAPT,
+      "return t.unflatten(0, (rows // page_size, page_size))",
+      "return t.unflatten(0, (page_size, rows // page_size))",
+      "SGLang's token-major rows cut slot-major: token loc no longer at page loc // ps",
+      ADAPT_TESTS),
+    M("a-indexer-scales", ADAPT,
+      "scales.append(page[:, page_size * head_dim:].unflatten(1, (page_size, n_scale)))",
+      "scales.append(page[:, page_size * n_scale:].unflatten(1, (page_size, n_scale)))",
+      "the indexer's fp32 scales read from inside the fp8 values", ADAPT_TESTS),
+    M("a-vllm-hnd", ADAPT,
+      "if k.shape[1] > 1 and k.shape[2] > 1 and k.stride(2) > k.stride(1):",
+      "if k.shape[1] > 1 and k.shape[2] > 1 and k.stride(2) < k.stride(1):",
+      "vLLM's HND stride order read as NHD (and NHD as HND)", ADAPT_TESTS),
+    M("a-vllm-flashinfer-kv", ADAPT,
+      "    return t[:, 0], t[:, 1]\n",
+      "    return t[:, 1], t[:, 0]\n",
+      "FlashInfer-layout K and V swapped", ADAPT_TESTS),
     # -- storage keys ---------------------------------------------------------------------------
     M("key-head-shard", KEYS,
       "return c.tp_rank // (c.tp_size // num_kv_heads)",

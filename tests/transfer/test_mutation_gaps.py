@@ -1,11 +1,15 @@
 """Transfer cases the mutation run (scripts/mutate.py) found untested: each test here fails on
 a named mutant of scripts/mutants.py and passes on the code."""
 
+import uuid
+
 import pytest
 import torch
+from kvtest import assert_cache_equals, make_cache, mha, oracle_unpack
 from test_layouts import CP, run_layout
+from txtest import wait_all
 
-from cpkv.transfer import TransferEngine, TransferError
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
 from cpkv.transfer.engine import MAX_BATCH
 from cpkv.transfer.mapping import Layout, map_ranks
 
@@ -89,3 +93,24 @@ def test_a_write_to_unregistered_memory_raises(engine):
     finally:
         engine.unregister(addr)
     assert not elsewhere.any()
+
+
+def test_direct_into_a_pool_with_strided_pages_bit_exact(rig):
+    """Direct runs of several pages may move as one block only where both pools' pages are
+    back to back: the receiver's pool here views every other page of a larger buffer
+    (d-dense). Whole pages: direct sends the last page whole, as the baseline does."""
+    engine, send_arena, recv_arena, control = rig
+    src = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=1)
+    dst = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=2, strided="pages")
+    s_ids, d_ids = torch.tensor([0, 1, 2, 6]), torch.tensor([3, 4, 5, 0])  # a 3-page run
+    want = oracle_unpack(src, s_ids, dst, d_ids, 16, range(2), range(2), range(2), range(2))
+    ns = control.scoped(uuid.uuid4().hex)
+    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena, timeout=10)
+    recv = KVReceiver(dst, ns, direct=True, engine=engine, arena=recv_arena, timeout=10)
+    recv.expect(1, d_ids, num_tokens=16)
+    sender.send(1, s_ids, num_tokens=16)
+    assert wait_all([(recv, 1), (sender, 1)], timeout=20) == [KVStatus.Success] * 2, \
+        (recv.reason(1), sender.reason(1))
+    assert_cache_equals(dst, want)
+    sender.close()
+    recv.close()
