@@ -19,6 +19,7 @@ class Mutant:
     new: str
     why: str
     tests: tuple[str, ...] = ()  # default: the tests that cover the file (mutate.TESTS_FOR)
+    equivalent: str = ""  # why surviving is harmless (an equivalent mutant); the report says
 
 
 KERNEL = "cpkv/kernels/paged_copy.py"
@@ -224,7 +225,10 @@ MUTANTS: list[Mutant] = [
     M("s-free-identity", STAGING,
       "if self._live.get(slot.offset) is slot:",
       "if slot.offset in self._live:",
-      "releasing a stale slot object frees the range of a newer slot at the same offset"),
+      "releasing a stale slot object frees the range of a newer slot at the same offset",
+      equivalent="unreachable: `Slot.release` calls `_free` once per slot (its `released` "
+                 "flag), and a slot's range is only reused after that call, so `_free` never "
+                 "sees a stale slot; the identity test is defence in depth"),
     # -- CP partition ----------------------------------------------------------------------------
     M("p-share-start", PART,
       "start = cp_rank * base + min(cp_rank, rem)",

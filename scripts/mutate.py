@@ -154,8 +154,10 @@ def render(rows) -> str:
         out.append(f"| {m.id} | {m.file}:{line} | {verdict} | {secs:.0f} | {m.why} |")
     survivors = [(m, line) for m, verdict, _, line, _ in rows if verdict == "survived"]
     if survivors:
-        out += ["", "Survivors:", ""] + [f"- `{m.file}:{line}` {m.id}: {m.why}"
-                                         for m, line in survivors]
+        out += ["", "Survivors (file:line, and why each is harmless where it is):", ""] + [
+            f"- `{m.file}:{line}` {m.id}: {m.why}. "
+            + (f"Equivalent: {m.equivalent}." if m.equivalent else "**Not yet killed.**")
+            for m, line in survivors]
     return "\n".join(out) + "\n"
 
 
