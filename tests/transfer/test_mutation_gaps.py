@@ -12,6 +12,7 @@ from txtest import wait_all
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
 from cpkv.transfer.engine import MAX_BATCH
 from cpkv.transfer.mapping import Layout, map_ranks
+from cpkv.transfer.policy import CostModel
 
 # Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
 # start above 0 (3 layers: pp1 -> pp2 has the route [2, 3) -> [0, 1); pp2 -> pp3 has [1, 2) ->
@@ -114,3 +115,14 @@ def test_direct_into_a_pool_with_strided_pages_bit_exact(rig):
     assert_cache_equals(dst, want)
     sender.close()
     recv.close()
+
+
+def test_cost_model_terms_and_tie():
+    """Every term of the module's two formulas counts, and a tie goes to packed."""
+    m = CostModel(per_descriptor_s=2.0, wire_Bps=10.0, pack_Bps=5.0, unpack_Bps=20.0,
+                  packed_fixed_s=1.0)
+    assert m.direct_s(3, 100) == 3 * 2.0 + 100 / 10.0
+    assert m.packed_s(100) == 1.0 + 100 / 5.0 + 100 / 10.0 + 100 / 20.0  # 36 s
+    assert m.choose(12, 100) == "direct"  # 34 s < 36 s
+    assert m.choose(13, 100) == "packed"  # 36 s: a tie
+    assert m.choose(14, 100) == "packed"
