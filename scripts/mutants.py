@@ -103,7 +103,7 @@ MUTANTS: list[Mutant] = [
       "heads.stop, unpack, has_map, align)",
       "heads.stop, unpack, has_map)",
       "a plan made for one slot alignment reused for another",
-      ("tests/kernels/test_mutation_gaps.py", "-k", "alignments")),
+      ("tests/kernels/test_kernel_gaps.py", "-k", "alignments")),
     # -- the torch path (the production path on CPU) --------------------------------------------
     M("r-tail-page", REF,
       "tail_ids, tail_rows = ids[full:full + 1], block[full * ps:].unsqueeze(0)",

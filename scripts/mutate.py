@@ -41,7 +41,7 @@ from mutants import MUTANTS, Mutant  # noqa: E402
 
 # Which tests cover which source file: longest matching prefix wins; a mutant may override.
 TESTS_FOR = {
-    "cpkv/_checks.py": ["tests/kernels/test_bad_input.py", "tests/kernels/test_mutation_gaps.py"],
+    "cpkv/_checks.py": ["tests/kernels/test_bad_input.py", "tests/kernels/test_kernel_gaps.py"],
     "cpkv/layout.py": ["tests/test_layout.py", "tests/kernels"],
     "cpkv/staging.py": ["tests/test_staging.py"],
     "cpkv/kernels/": ["tests/kernels"],
