@@ -105,6 +105,7 @@ def main(argv=None) -> int:
             print(f"{m.id:28} {m.file:32} {m.why}")
         return 0
 
+    t_start = time.monotonic()
     tree = scratch_copy()
     try:
         groups = sorted({tuple(tests_for(m)) for m in chosen})
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
 
     report = Path(args.report) if Path(args.report).is_absolute() else ROOT / args.report
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render(rows))
+    minutes = (time.monotonic() - t_start) / 60
+    report.write_text(render(rows, minutes))
     counts = {v: sum(r[1] == v for r in rows) for v in ("killed", "survived", "timed out",
                                                          "stale")}
     scored = counts["killed"] + counts["survived"] + counts["timed out"]
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(rows) -> str:
+def render(rows, minutes: float) -> str:
     counts = {v: sum(r[1] == v for r in rows) for v in ("killed", "survived", "timed out",
                                                          "stale")}
     scored = counts["killed"] + counts["survived"] + counts["timed out"]
@@ -152,7 +154,8 @@ def render(rows) -> str:
            f"`python scripts/mutate.py` (`make mutate`): {len(rows)} mutants, "
            f"{counts['killed']} killed, {counts['survived']} survived, "
            f"{counts['timed out']} timed out, {counts['stale']} stale; "
-           f"kill rate {score:.1%} (timed out counts as killed).", "",
+           f"kill rate {score:.1%} (timed out counts as killed). The run took "
+           f"{minutes:.1f} min (baselines included) on {os.cpu_count()} cores.", "",
            "| mutant | where | verdict | seconds | what it breaks |",
            "| --- | --- | --- | --- | --- |"]
     for m, verdict, secs, line, _ in rows:
