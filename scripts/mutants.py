@@ -9,6 +9,7 @@ expression works): a survivor then costs seconds, not the whole suite.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -426,3 +427,94 @@ MUTANTS: list[Mutant] = [
       "explicit groups never reduce", ("tests/cp/test_gather_mp.py", "-k",
                                        "status and agreement")),
 ]
+
+
+# The transfer receiver and sender as rewritten by branch `integrity` (issue 9: fencing, notes as
+# authenticated stream lines): these mutants join the run once that code is in the checkout,
+# recognised by a line only it has (before, their tests in test_transfer_gaps.py skip visibly).
+ROOT = Path(__file__).resolve().parents[1]
+INTEGRITY_MARK = "def _accept(self, rid: int, req: _Request, sender: str, note) -> None:"
+RECV = "cpkv/transfer/receiver.py"
+SEND = "cpkv/transfer/sender.py"
+GAPS = ("tests/transfer/test_transfer_gaps.py",)
+INTEGRITY = ("tests/transfer/test_integrity.py",)
+LOCAL = ("tests/transfer/test_transfer_local.py",)
+TRANSFER_MUTANTS: list[Mutant] = [
+    # -- transfer: receiver checks, completion, fencing; sender shares and offsets -----------
+    M("rx-overlap-exact", RECV,
+      "if t0 < b and a < t1:",
+      "if (t0, t1) == (a, b):",
+      "only exact duplicate notes refused: a partial overlap plus a gap reads as complete",
+      GAPS + LOCAL),
+    M("rx-route-count", RECV,
+      "if got != req.num_tokens:",
+      "if got > req.num_tokens:",
+      "a route short of tokens completes (pages never written)", LOCAL),
+    M("rx-nbytes", RECV,
+      "if nbytes != want:",
+      "if nbytes > want:",
+      "a note announcing fewer bytes than its tokens move accepted", LOCAL + GAPS),
+    M("rx-token-range", RECV,
+      "and t1 == min(p1 * ps, n)):",
+      "):",
+      "a note's token range not tied to its pages", LOCAL + GAPS),
+    M("rx-all-senders", RECV,
+      "if len(req.finished) == len(self.senders):",
+      "if req.finished:",
+      "the request completes when the first sender finishes", LOCAL),
+    M("rx-metadata-winner", RECV,
+      "return meta[min(meta)] if meta else None",
+      "return meta[max(meta)] if meta else None",
+      "metadata taken from the highest sender key, not the documented lowest", GAPS),
+    M("rx-unpack-heads", RECV,
+      "heads=route.dst_heads, layers=route.dst_layers,",
+      "heads=route.src_heads, layers=route.dst_layers,",
+      "a route's heads unpacked at the sender's head offset",
+      ("tests/transfer/test_layouts.py", "-k", "bit_exact")),
+    M("rx-unpack-region", RECV,
+      "unpack_pages(base[off + t0 * bpt:off + t1 * bpt], self.cache,",
+      "unpack_pages(base[t0 * bpt:t1 * bpt], self.cache,",
+      "every route unpacked from the first route's region",
+      ("tests/transfer/test_layouts.py", "-k", "bit_exact")),
+    M("rx-checksum", RECV,
+      "if crc32c_of(base[off + t0 * bpt:off + t1 * bpt]) != crc:",
+      "if False:",
+      "checksums received but never compared", INTEGRITY + ("-k", "checksum")),
+    M("rx-quarantine", RECV,
+      "if e.slot is not None and (not e.writers or expired):",
+      "if e.slot is not None:",
+      "a failed request's slot reused while a late sender may still write into it",
+      INTEGRITY + ("-k", "late_writer or timed_out or never_reports")),
+    M("tx-dest-timeout", SEND,
+      "            if now > state.deadline:\n",
+      "            if now > state.deadline + 30.0:\n",
+      "the sender's destination wait ignores its own timeout (waits the control plane's 30 s)",
+      GAPS),
+    M("tx-src-layer-offset", SEND,
+      "layers=(layers.start + l0, layers.start + l1), out=part,",
+      "layers=(l0, l1), out=part,",
+      "packed sends read the route's layers from layer 0 of the sender's pool (pp1 -> pp2)",
+      ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")),
+    M("tx-share-stop", SEND,
+      "p1 = max(p0, min(share.stop, chunk[1]))",
+      "p1 = max(p0, chunk[1])",
+      "a CP sender sends past its own page share into the next rank's",
+      LOCAL + ("-k", "policies or chunked")),
+    M("tx-region-offset", SEND,
+      "+ tokens.start * self.bytes_per_token, event,",
+      "+ 0, event,",
+      "every chunk of a share written at the start of the route's region",
+      LOCAL + ("-k", "policies or chunked or pipelined")),
+    M("tx-fence-direct", SEND,
+      "            self._check_open(state)\n            self.engine.write(",
+      "            self.engine.write(",
+      "direct writes start after the receiver ended the use (no fence)",
+      INTEGRITY + ("-k", "late_writer or no_write") + GAPS),
+    M("tx-fence-packed", SEND,
+      "                self._check_open(state)\n                pending.append(",
+      "                pending.append(",
+      "packed writes start after the receiver ended the use (no fence)",
+      INTEGRITY + ("-k", "late_writer or no_write") + GAPS),
+]
+if INTEGRITY_MARK in (ROOT / RECV).read_text():
+    MUTANTS += TRANSFER_MUTANTS
