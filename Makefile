@@ -3,18 +3,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench plot clean
+.PHONY: setup demo test lint doctest bench plot clean
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	@$(VENV)/bin/cpkv demo
 
-test: setup
+# The whole check CI runs: lint, the docstring examples (pure arithmetic and descriptions:
+# no optional extras, no network), then the suite.
+test: setup lint doctest
 	@$(PY) -m pytest -q
 
 lint: setup
-	@$(VENV)/bin/ruff check cpkv tests benchmarks plots
+	@$(VENV)/bin/ruff check cpkv tests benchmarks plots examples scripts
+
+doctest: setup
+	@$(PY) -m pytest -q --doctest-modules cpkv
 
 bench: setup
 	@$(VENV)/bin/cpkv bench kernels

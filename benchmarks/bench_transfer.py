@@ -10,7 +10,8 @@ Time runs from "sender has the page ids" to "receiver pool holds the bytes". Des
 request are reported for every mode. ``--calibrate`` measures the cost model's constants on
 this machine and writes them where `CostModel.load` finds them.
 
-    python -m benchmarks.bench_transfer [--quick] [--calibrate] [--out PATH]
+    python -m benchmarks.bench_transfer [--quick] [--calibrate] [--cp N] [--tokens N,...]
+                                        [--out PATH]
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
+from cpkv.demo import descriptors_per_request
 from cpkv.kernels import pack_pages, unpack_pages
+from cpkv.layout import PackedFormat
+from cpkv.parallel import ParallelRank
 from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
-from cpkv.transfer.direct import direct_descriptors
 from cpkv.transfer.mapping import Route
 from cpkv.transfer.policy import CostModel
-from cpkv.transfer.sender import layer_groups
 
 FULL_TOKENS = [1024, 4096]
 DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed
@@ -43,20 +45,25 @@ _rid = itertools.count()
 class Pair:
     """A sender side and a receiver side: their own engines and arenas, one control plane."""
 
-    def __init__(self, arena_bytes: int):
+    def __init__(self, arena_bytes: int, *, checksum: bool = False):
+        self.checksum = checksum  # receivers verify a CRC32C of every packed segment
         self.server = ControlPlane(serve=True, timeout=60)
         self.engines = (TransferEngine("127.0.0.1"), TransferEngine("127.0.0.1"))
         self.arenas = (StagingArena(arena_bytes), StagingArena(arena_bytes))
         for e, a in zip(self.engines, self.arenas, strict=True):
             e.register_arena(a)
 
-    def endpoints(self, src, dst, name, mode, route=None, routes=None):
+    def endpoints(self, src, dst, name, mode, route=None, routes=None, cp=1):
+        """``cp`` CP senders (each its page share, sharing the sender side's engine and arena)
+        and one receiver."""
         ns = self.server.scoped(f"{name}-{mode}")
-        sender = KVSender(src, ns, route=route, mode=mode, engine=self.engines[0],
-                          arena=self.arenas[0], timeout=120)
-        recv = KVReceiver(dst, ns, routes=routes, direct=mode != "packed",
-                          engine=self.engines[1], arena=self.arenas[1], timeout=120)
-        return sender, recv
+        senders = [KVSender(src, ns, rank=ParallelRank(cp=r), cp_size=cp, route=route,
+                            mode=mode, engine=self.engines[0], arena=self.arenas[0],
+                            timeout=120) for r in range(cp)]
+        recv = KVReceiver(dst, ns, cp_size=cp, routes=routes, direct=mode != "packed",
+                          engine=self.engines[1], arena=self.arenas[1], timeout=120,
+                          checksum=self.checksum)
+        return senders, recv
 
     def close(self):
         for a in self.arenas:
@@ -65,30 +72,23 @@ class Pair:
             e.close()
 
 
-def transfer_once(sender, recv, src_ids, dst_ids, tokens, modes=None):
-    """One request end to end; appends the mode the sender used to ``modes``."""
+def transfer_once(senders, recv, src_ids, dst_ids, tokens, modes=None):
+    """One request end to end; appends the mode the first sender used to ``modes``."""
     rid = next(_rid)
     recv.expect(rid, dst_ids, num_tokens=tokens)
-    sender.send(rid, src_ids, num_tokens=tokens)
-    while (st := recv.poll(rid)) not in (KVStatus.Success, KVStatus.Failed):
-        time.sleep(0.0005)  # a decode scheduler polls once per step, not in a hot loop
-    if st is not KVStatus.Success:
+    for sender in senders:
+        sender.send(rid, src_ids, num_tokens=tokens)
+    if recv.wait(rid, 600) is not KVStatus.Success:
         raise RuntimeError(f"transfer failed: {recv.reason(rid)}")
     if modes is not None:
-        modes.append(sender.mode_of(rid))
+        modes.append(senders[0].mode_of(rid))
     recv.forget(rid)
-    sender.forget(rid)
+    for sender in senders:
+        sender.forget(rid)
 
 
-def descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes) -> int:
-    if mode == "direct":
-        return direct_descriptors(src_ids, dst_ids, tokens,
-                                  len(route.src_layers) * len(src.components),
-                                  full_pages=len(route.src_heads) == src.num_heads)
-    return len(layer_groups(len(route.src_layers), nbytes))
-
-
-def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=False) -> str:
+def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=False,
+                 cp=1) -> str:
     shape = SHAPES[name]
     n_pages = -(-tokens // ps)
     heads = shape.components[0].num_heads
@@ -101,8 +101,14 @@ def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=
     # tp 2 -> tp 1: this prefill rank sends its half of the heads into the full decode pool
     half = range(heads // 2) if head_slice else range(heads)
     route = Route(0, 0, half, half, all_layers, all_layers)
-    nbytes = src.packed_nbytes(tokens, heads=half)
-    label = f"{name}-tp2to1" if head_slice else name
+    fmt = src.packed_format(tokens, heads=half)
+    nbytes = fmt.nbytes
+    label = (f"{name}-tp2to1" if head_slice else name) + (f"-cp{cp}" if cp > 1 else "")
+
+    def descriptors(mode):
+        return descriptors_per_request(mode, src_ids, dst_ids, fmt, ps, cp,
+                                       full_pages=len(half) == heads)
+
     cpu = torch.device("cpu")
     raw_src, raw_dst = pair.arenas[0].alloc(nbytes), pair.arenas[1].alloc(nbytes)
     peer = pair.engines[1].session_id
@@ -112,22 +118,24 @@ def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=
     raw_src.release()
     raw_dst.release()
     for mode in MODES:
-        n_desc = descriptors(mode, src, src_ids, dst_ids, route, tokens, nbytes)
+        n_desc = descriptors(mode)
         if mode == "direct" and n_desc > DIRECT_MAX_DESCRIPTORS:
             continue
-        sender, recv = pair.endpoints(src, dst, f"{label}-{ps}-{tokens}", mode, route=route,
-                                      routes=[route])
+        senders, recv = pair.endpoints(src, dst, f"{label}-{ps}-{tokens}", mode, route=route,
+                                       routes=[route], cp=cp)
         reps = repeats if mode != "direct" else max(1, min(repeats, 3))
         used = []
-        t = measure(lambda s=sender, r=recv, u=used: transfer_once(s, r, src_ids, dst_ids,
-                                                                   tokens, u),
+        t = measure(lambda s=senders, r=recv, u=used: transfer_once(s, r, src_ids, dst_ids,
+                                                                    tokens, u),
                     cpu, repeats=reps)
         if mode == "auto":
-            n_desc = descriptors(used[-1], src, src_ids, dst_ids, route, tokens, nbytes)
-        sender.close()
+            n_desc = descriptors(used[-1])
+        for sender in senders:
+            sender.close()
         recv.close()
         results[f"cpkv-{mode}" if mode != "direct" else "direct"] = (t, n_desc)
-    base = dict(op="transfer", shape=label, page_size=ps, tokens=tokens, pattern="fragmented")
+    base = dict(op="transfer", shape=label, page_size=ps, tokens=tokens,
+                pattern="fragmented+crc32c" if pair.checksum else "fragmented")
     for provider, (t, n_desc) in results.items():
         writer.timing(metric_base=dict(provider=provider, **base), seconds=t, moved_bytes=nbytes)
         writer.write(provider=provider, metric="descriptors", unit="count", p50=n_desc,
@@ -179,10 +187,10 @@ def calibrate(pair) -> CostModel:
                                    repeats=3)[0]
     tiny_src = shape.cache(num_pages=4, page_size=16, num_layers=1)
     tiny_dst = shape.cache(num_pages=4, page_size=16, num_layers=1)
-    sender, recv = pair.endpoints(tiny_src, tiny_dst, "calibrate", "packed")
+    senders, recv = pair.endpoints(tiny_src, tiny_dst, "calibrate", "packed")
     ids4 = torch.arange(1)
-    fixed = measure(lambda: transfer_once(sender, recv, ids4, ids4, 16), cpu, repeats=5)[0]
-    sender.close()
+    fixed = measure(lambda: transfer_once(senders, recv, ids4, ids4, 16), cpu, repeats=5)[0]
+    senders[0].close()
     recv.close()
     return CostModel(per_descriptor_s=per_desc, wire_Bps=wire, pack_Bps=pack,
                      unpack_Bps=unpack, packed_fixed_s=fixed)
@@ -196,13 +204,20 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="A,B,C")
     p.add_argument("--page-sizes", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 16, 64])
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help=f"tokens per request (default {FULL_TOKENS}; --quick: {QUICK_TOKENS})")
+    p.add_argument("--cp", type=int, default=1,
+                   help="CP senders per request, each its page share (the demo runs 2)")
+    p.add_argument("--checksum", action="store_true",
+                   help="receivers verify a CRC32C of every packed segment (as the demo does)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
     args = p.parse_args(argv)
-    tokens_list = QUICK_TOKENS if args.quick else FULL_TOKENS
+    tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
-    biggest = max(SHAPES[s].bytes_per_token() for s in args.shapes.split(","))
-    pair = Pair(max(max(tokens_list) * biggest, 256 << 20) + (1 << 20))
+    biggest = max(PackedFormat(max(tokens_list), SHAPES[s].num_layers, SHAPES[s].components).nbytes
+                  for s in args.shapes.split(","))
+    pair = Pair(max(biggest, 256 << 20) + (1 << 20), checksum=args.checksum)
     try:
         if args.calibrate:
             model = calibrate(pair)
@@ -217,8 +232,8 @@ def main(argv=None) -> int:
             configs += [("A", ps, min(tokens_list), True) for ps in args.page_sizes]
         for i, (name, ps, tokens, sliced) in enumerate(configs, 1):
             line = bench_config(pair, writer, name, ps, tokens, layers=layers,
-                                repeats=args.repeats, head_slice=sliced)
-            what = f"{name}{' tp2->1' if sliced else ''}"
+                                repeats=args.repeats, head_slice=sliced, cp=args.cp)
+            what = f"{name}{' tp2->1' if sliced else ''}{f' cp{args.cp}' if args.cp > 1 else ''}"
             print(f"[{i}/{len(configs)}] {what} ps={ps} tokens={tokens}: {line}", flush=True)
         print(f"wrote {writer.rows} rows to {args.out}")
     finally:

@@ -1,6 +1,8 @@
-"""The `cpkv` command: `cpkv demo`, `cpkv bench kernels|cp|transfer`, `cpkv plot`.
+"""The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
+The sweeps and figures are the top-level packages `benchmarks` and `plots`, installed with cpkv
+(beside it, in a checkout or in site-packages), so both commands work from any directory.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .report import ROOT, figures_dir, results_dir
 from .shapes import SHAPES
 
-REPO = Path(__file__).resolve().parents[1]
-SWEEPS = ("kernels", "cp", "transfer")
+SWEEPS = ("kernels", "cp", "transfer", "store")  # benchmarks/bench_<name>.py, each with main(argv)
+PLOTS = ("kernels", "transfer", "cp", "store")  # plots/plot_<name>.py, each with plot(results, out)
 MAX_CP = 8
 
 
@@ -51,16 +54,31 @@ def demo(args) -> int:
     if args.layers is not None and args.layers > SHAPES[args.shape].num_layers:
         raise CliError(f"--layers: shape {args.shape} has {SHAPES[args.shape].num_layers} "
                        f"layers, got {args.layers}")
+    if args.store:
+        return _store_demo(args)
     cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
                               requests=args.requests, cp=args.cp, layers=args.layers,
                               mode=args.mode, protocol=args.protocol, device=args.device,
-                              out=args.out, corrupt_byte=args.corrupt_byte)
+                              out=args.out, checksum=args.checksum,
+                              corrupt_byte=args.corrupt_byte)
     need, have = demo_mod.estimated_bytes(cfg), _physical_memory()
     if have and need > 0.8 * have:
         raise CliError(f"this run needs about {need / 2**30:.1f} GiB of memory, the machine "
                        f"has {have / 2**30:.1f} GiB: use fewer --tokens, --requests or --cp")
     _check_writable(Path(args.out))
     return demo_mod.run(cfg)
+
+
+def _store_demo(args) -> int:
+    """`cpkv demo --store`: the CP group stores a prompt, a reader of another page size loads it."""
+    from .store import demo as store_demo
+
+    if args.tokens < args.page_size * args.cp:
+        raise CliError(f"--tokens: --store needs a full store page per CP rank "
+                       f"({args.page_size * args.cp}), got {args.tokens}")
+    return store_demo.run(store_demo.StoreDemoConfig(
+        shape=args.shape, page_size=args.page_size, tokens=args.tokens, cp=args.cp,
+        layers=args.layers, device=args.device))
 
 
 def _physical_memory() -> int:
@@ -80,13 +98,26 @@ def _check_writable(path: Path) -> None:
         raise CliError(f"--out: cannot write to {path}: {e.strerror or e}") from None
 
 
+def _companion(package: str, module: str):
+    """Import ``package.module`` from the `benchmarks`/`plots` package installed with cpkv,
+    refusing a same-named package from elsewhere on sys.path (e.g. the current directory's)."""
+    try:
+        mod = importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in (package, f"{package}.{module}"):
+            raise  # a dependency of the module is missing: say which, as Python does
+        raise CliError(f"the {package!r} package that ships with cpkv is not installed "
+                       f"(reinstall cpkv)") from None
+    where = Path(mod.__file__).resolve().parents[1]
+    if where != ROOT:
+        raise CliError(f"{package}.{module} was imported from {where}, not from cpkv's "
+                       f"{ROOT}: another {package!r} package shadows it")
+    return mod
+
+
 def bench(args) -> int:
-    """Run a sweep from benchmarks/ (needs a source checkout)."""
-    if not (REPO / "benchmarks" / f"bench_{args.sweep}.py").exists():
-        raise CliError(f"cpkv bench needs a source checkout (no benchmarks/ beside {REPO})")
-    sys.path.insert(0, str(REPO))
-    module = importlib.import_module(f"benchmarks.bench_{args.sweep}")
-    return module.main(args.rest)
+    """Run a sweep (benchmarks/bench_<sweep>.py); its options follow its name."""
+    return _companion("benchmarks", f"bench_{args.sweep}").main(args.rest)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,13 +127,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-PLOTS = ("kernels", "transfer", "cp")
-
 
 def plot(args) -> int:
-    """Turn benchmarks/results/*.csv into PNGs (needs a source checkout and matplotlib)."""
-    if not (REPO / "plots").is_dir():
-        raise CliError(f"cpkv plot needs a source checkout (no plots/ beside {REPO})")
+    """Turn the sweeps' CSVs into PNGs (plots/plot_<figure>.py; needs matplotlib)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -111,10 +138,9 @@ def plot(args) -> int:
     if unknown:
         raise CliError(f"unknown figure {unknown[0]!r}: expected some of {', '.join(PLOTS)}")
     _check_writable(Path(args.out))
-    sys.path.insert(0, str(REPO))
     results = Path(args.results)
     for name in args.figures or PLOTS:
-        module = importlib.import_module(f"plots.plot_{name}")
+        module = _companion("plots", f"plot_{name}")
         try:
             for path in module.plot(results, Path(args.out)):
                 print(f"wrote {path}")
@@ -131,7 +157,8 @@ def parser() -> argparse.ArgumentParser:
                    help="model shape (A: Llama-3.1-8B, B: Llama-3-70B TP8, C: DeepSeek-V3 MLA)")
     d.add_argument("--page-size", type=_positive, default=16)
     d.add_argument("--tokens", type=_positive, default=1024, help="tokens per request")
-    d.add_argument("--requests", type=_positive, default=4)
+    d.add_argument("--requests", type=_positive, default=6,
+                   help="requests per mode; the first is the warm-up")
     d.add_argument("--cp", type=_positive, default=2, help="prefill CP ranks (processes)")
     d.add_argument("--layers", type=_positive, default=None,
                    help="fewer layers than the shape has (faster)")
@@ -142,16 +169,26 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--out", default="out", help="folder for demo.csv and demo.png")
+    d.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="CRC32C of every packed segment, verified before Success (default on)")
+    d.add_argument("--store", action="store_true",
+                   help="the KV store tier instead: CP writers store a prompt in Mooncake Store, "
+                        "a reader of another page size loads it (uses --shape, --page-size, "
+                        "--tokens, --cp, --layers, --device)")
     d.add_argument("--corrupt-byte", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=demo)
     b = sub.add_parser("bench", help="run a benchmark sweep (its options after its name)")
     b.add_argument("sweep", choices=SWEEPS)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=bench)
-    pl = sub.add_parser("plot", help="PNGs from benchmarks/results/*.csv")
+    pl = sub.add_parser("plot", help="PNGs from the sweeps' CSVs")
     pl.add_argument("figures", nargs="*", help=f"which ({', '.join(PLOTS)}); default all")
-    pl.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
-    pl.add_argument("--out", default=str(REPO / "plots"))
+    pl.add_argument("--results", default=str(results_dir()),
+                    help="folder of the sweeps' CSVs (default: a checkout's benchmarks/results, "
+                         "else ./cpkv-results)")
+    pl.add_argument("--out", default=str(figures_dir()),
+                    help="folder for the PNGs (default: a checkout's plots/, else the results "
+                         "folder)")
     pl.set_defaults(func=plot)
     return p
 

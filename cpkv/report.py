@@ -12,9 +12,42 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding cpkv/, benchmarks/, plots/
 COLUMNS = ["op", "provider", "shape", "page_size", "tokens", "pattern", "metric", "unit",
            "p50", "p20", "p80", "device", "torch", "triton", "mooncake", "git_sha", "timestamp"]
+
+
+def checkout() -> Path | None:
+    """The source checkout cpkv runs from (an editable install, or PYTHONPATH), else None (an
+    installed copy: its parent folder is site-packages, nothing to ask git about)."""
+    return ROOT if (ROOT / "pyproject.toml").is_file() else None
+
+
+def results_dir() -> Path:
+    """Where sweeps write their CSVs by default: the checkout's ``benchmarks/results``, or
+    ``./cpkv-results`` for an installed copy (never into site-packages)."""
+    root = checkout()
+    return root / "benchmarks" / "results" if root else Path.cwd() / "cpkv-results"
+
+
+def figures_dir() -> Path:
+    """Where ``cpkv plot`` writes PNGs by default: the checkout's ``plots/`` (the README shows
+    them), or beside the CSVs for an installed copy."""
+    root = checkout()
+    return root / "plots" if root else results_dir()
+
+
+def git_sha() -> str:
+    """The checkout's short commit, or "unknown" (an installed copy, or git is missing)."""
+    root = checkout()
+    if root is None or not (root / ".git").exists():
+        return "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=root, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return sha or "unknown"
 
 
 def _version(dist: str) -> str:
@@ -30,11 +63,6 @@ def provenance(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=REPO, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
     mooncake = _version("mooncake-transfer-engine") or _version(
         "mooncake-transfer-engine-non-cuda")
     return {
@@ -42,7 +70,7 @@ def provenance(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "mooncake": mooncake,
-        "git_sha": sha,
+        "git_sha": git_sha(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

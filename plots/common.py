@@ -10,7 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+from cpkv.report import results_dir  # noqa: E402
+
+RESULTS = results_dir()
 OURS = "#d1495b"  # cpkv stands out; baselines and ceilings are grey
 GREYS = ["#4d4d4d", "#8c8c8c", "#b3b3b3"]
 

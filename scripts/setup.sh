@@ -39,7 +39,7 @@ if ! "$py" -c 'import torch' >/dev/null 2>&1; then
   fi
 fi
 
-if [ "$has_cuda" = 1 ]; then extras="test,plot,gpu"; else extras="test,plot,cpu"; fi
+if [ "$has_cuda" = 1 ]; then extras="test,plot,integrity,gpu"; else extras="test,plot,integrity,cpu"; fi
 log "installing cpkv[$extras]"
 pip -e ".[$extras]"
 

@@ -3,6 +3,7 @@
 import cpkv
 import cpkv.cp
 import cpkv.kernels
+import cpkv.parallel
 import cpkv.staging
 import cpkv.transfer
 
@@ -23,6 +24,12 @@ def test_cp_api():
                                        "split_token_map", "zigzag_split"]
 
 
+def test_parallel_api():
+    assert sorted(cpkv.parallel.__all__) == ["LAYER_GROUP_BYTES", "ParallelRank", "ParallelSizes",
+                                             "balanced_split", "head_shard", "heads_of",
+                                             "is_first_holder", "layer_groups", "layers_of"]
+
+
 def test_staging_api():
     assert sorted(cpkv.staging.__all__) == ["ALIGN", "ArenaError", "ArenaFullError", "Slot",
                                             "StagingArena"]
@@ -30,13 +37,14 @@ def test_staging_api():
 
 def test_transfer_api():
     assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "CostModel",
-                                             "KVReceiver", "KVSender", "KVStatus", "Layout",
-                                             "ParallelRank", "Route", "StatusCell",
+                                             "KVReceiver", "KVSender", "KVStatus",
+                                             "ParallelRank", "ParallelSizes", "Route",
+                                             "StatusCell",
                                              "TransferEngine", "TransferError", "agree",
                                              "contiguous_runs", "map_ranks"]
 
 
 def test_every_exported_name_exists():
-    for mod in (cpkv, cpkv.cp, cpkv.kernels, cpkv.staging, cpkv.transfer):
+    for mod in (cpkv, cpkv.cp, cpkv.kernels, cpkv.parallel, cpkv.staging, cpkv.transfer):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"

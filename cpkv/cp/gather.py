@@ -30,13 +30,14 @@ import torch.distributed as dist
 from .._checks import as_page_ids
 from ..kernels import reorganize_pages
 from ..layout import PagedKVCache, as_range
+from ..parallel import LAYER_GROUP_BYTES, layer_groups
 from ..staging import Slot
 from .partition import SplitPlan
 
 __all__ = ["GatherDone", "GatherTimeoutError", "all_gather_kv", "gather_chunks",
            "gather_nbytes", "split_token_map"]
 
-GATHER_CHUNK_BYTES = 16 << 20  # layer chunks gathered and reorganized in turn
+GATHER_CHUNK_BYTES = LAYER_GROUP_BYTES  # layer chunks gathered and reorganized in turn
 _MAP_CACHE_SIZE = 32
 
 
@@ -84,13 +85,9 @@ def gather_chunks(cache: PagedKVCache, plan: SplitPlan, *,
     per_layer = plan.cp_size * cache.packed_nbytes(plan.padded_len,
                                                    layers=(layer_range.start,
                                                            layer_range.start + 1))
-    step = max(1, -(-GATHER_CHUNK_BYTES // max(per_layer, 1)))
-    out = []
-    for l0 in range(0, len(layer_range), step):
-        n = min(step, len(layer_range) - l0)
-        out.append((range(layer_range.start + l0, layer_range.start + l0 + n),
-                    slice(l0 * per_layer, (l0 + n) * per_layer)))
-    return out
+    at = layer_range.start
+    return [(g, slice((g.start - at) * per_layer, (g.stop - at) * per_layer))
+            for g in layer_groups(layer_range, per_layer, GATHER_CHUNK_BYTES)]
 
 
 def _is_id_list(v) -> bool:

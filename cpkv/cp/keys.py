@@ -18,67 +18,45 @@ CP rank 0 where CP is replicated); every rank may read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..parallel import ParallelRank, ParallelSizes, head_shard, is_first_holder
 
-__all__ = ["RankCoords", "storage_key", "is_key_writer"]
-
-
-@dataclass(frozen=True)
-class RankCoords:
-    tp_rank: int = 0
-    tp_size: int = 1
-    pp_rank: int = 0
-    pp_size: int = 1
-    cp_rank: int = 0
-    cp_size: int = 1
-
-    def __post_init__(self):
-        for name in ("tp", "pp", "cp"):
-            rank, size = getattr(self, f"{name}_rank"), getattr(self, f"{name}_size")
-            if size < 1 or not 0 <= rank < size:
-                raise ValueError(f"{name}: expected 0 <= rank < size, got rank {rank}, "
-                                 f"size {size}")
+__all__ = ["is_key_writer", "storage_key"]
 
 
-def _head_shard(kind: str, num_kv_heads: int, c: RankCoords) -> int | None:
+def _head_shard(kind: str, num_kv_heads: int, rank: ParallelRank,
+                sizes: ParallelSizes) -> int | None:
     """Which distinct KV-head shard this TP rank holds (None: one shard for all TP ranks)."""
     if kind not in ("mha", "mla"):
         raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
-    if kind == "mla" or c.tp_size == 1:
+    sizes.check(rank)
+    if kind == "mla" or sizes.tp == 1:
         return None
-    if num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads: expected >= 1, got {num_kv_heads}")
-    if c.tp_size <= num_kv_heads:
-        if num_kv_heads % c.tp_size:
-            raise ValueError(f"num_kv_heads {num_kv_heads} is not divisible by tp_size "
-                             f"{c.tp_size}")
-        return c.tp_rank
-    if c.tp_size % num_kv_heads:
-        raise ValueError(f"tp_size {c.tp_size} is not a multiple of num_kv_heads {num_kv_heads}")
-    return c.tp_rank // (c.tp_size // num_kv_heads)
+    return head_shard(rank.tp, sizes.tp, num_kv_heads)
 
 
-def storage_key(prefix: str, page_hash: str, coords: RankCoords, *, kind: str = "mha",
-                num_kv_heads: int = 1, cp_replicated: bool = True) -> str:
-    """The key under which this rank's bytes of page ``page_hash`` are stored."""
+def storage_key(prefix: str, page_hash: str, rank: ParallelRank, sizes: ParallelSizes, *,
+                kind: str = "mha", num_kv_heads: int = 1, cp_replicated: bool = True) -> str:
+    """The key under which this rank's bytes of page ``page_hash`` are stored.
+
+    >>> storage_key("l70", "abc", ParallelRank(tp=3, pp=1), ParallelSizes(tp=4, pp=2),
+    ...             num_kv_heads=2)
+    'l70/abc/pp1/tp1'
+    """
+    shard = _head_shard(kind, num_kv_heads, rank, sizes)
     parts = [prefix, page_hash]
-    if coords.pp_size > 1:
-        parts.append(f"pp{coords.pp_rank}")
-    shard = _head_shard(kind, num_kv_heads, coords)
+    if sizes.pp > 1:
+        parts.append(f"pp{rank.pp}")
     if shard is not None:
         parts.append(f"tp{shard}")
-    if coords.cp_size > 1 and not cp_replicated:
-        parts.append(f"cp{coords.cp_rank}")
+    if sizes.cp > 1 and not cp_replicated:
+        parts.append(f"cp{rank.cp}")
     return "/".join(parts)
 
 
-def is_key_writer(coords: RankCoords, *, kind: str = "mha", num_kv_heads: int = 1,
-                  cp_replicated: bool = True) -> bool:
+def is_key_writer(rank: ParallelRank, sizes: ParallelSizes, *, kind: str = "mha",
+                  num_kv_heads: int = 1, cp_replicated: bool = True) -> bool:
     """Whether this rank is the one that writes its key (readers: every rank)."""
-    shard = _head_shard(kind, num_kv_heads, coords)
-    if shard is None:
-        first_tp = coords.tp_rank == 0
-    else:
-        replicas = max(1, coords.tp_size // num_kv_heads)
-        first_tp = coords.tp_rank % replicas == 0
-    return first_tp and (coords.cp_rank == 0 or not cp_replicated)
+    shard = _head_shard(kind, num_kv_heads, rank, sizes)
+    first_tp = rank.tp == 0 if shard is None else is_first_holder(rank.tp, sizes.tp,
+                                                                   num_kv_heads)
+    return first_tp and (rank.cp == 0 or not cp_replicated)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..parallel import balanced_split
+
 __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page_share",
            "senders_for", "zigzag_split"]
 
@@ -50,9 +52,7 @@ def page_share(num_pages: int, cp_size: int, cp_rank: int) -> range:
     """
     _check_count(num_pages, "num_pages")
     _check_cp(cp_size, cp_rank)
-    base, rem = divmod(num_pages, cp_size)
-    start = cp_rank * base + min(cp_rank, rem)
-    return range(start, start + base + (cp_rank < rem))
+    return balanced_split(num_pages, cp_size, cp_rank)
 
 
 def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
@@ -62,7 +62,7 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
     May be empty; an empty share still takes part in the transfer (it reports zero bytes).
 
     >>> [chunk_share(10, 4, r, 0, 4) for r in range(4)]
-    [range(0, 3), range(3, 4), range(4, 4), range(6, 6)]
+    [range(0, 3), range(3, 4), range(6, 6), range(8, 8)]
     """
     share = page_share(num_pages, cp_size, cp_rank)
     _check_count(chunk_start, "chunk_start")

@@ -4,20 +4,21 @@ import itertools
 
 import pytest
 
-from cpkv.cp.keys import RankCoords, is_key_writer, storage_key
+from cpkv.cp.keys import is_key_writer, storage_key
+from cpkv.parallel import ParallelRank, ParallelSizes
 
 
-def held_bytes(kind, num_kv_heads, c, cp_replicated):
+def held_bytes(kind, num_kv_heads, r, s, cp_replicated):
     """What a rank holds for one page, from first principles (not from the key scheme)."""
-    layers = c.pp_rank  # each stage its own layers
-    if kind == "mla" or c.tp_size == 1:
+    layers = r.pp  # each stage its own layers
+    if kind == "mla" or s.tp == 1:
         heads = tuple(range(num_kv_heads))
-    elif c.tp_size <= num_kv_heads:
-        per = num_kv_heads // c.tp_size
-        heads = tuple(range(c.tp_rank * per, (c.tp_rank + 1) * per))
+    elif s.tp <= num_kv_heads:
+        per = num_kv_heads // s.tp
+        heads = tuple(range(r.tp * per, (r.tp + 1) * per))
     else:
-        heads = (c.tp_rank * num_kv_heads // c.tp_size,)
-    tokens = "all" if cp_replicated else c.cp_rank
+        heads = (r.tp * num_kv_heads // s.tp,)
+    tokens = "all" if cp_replicated else r.cp
     return (layers, heads, tokens)
 
 
@@ -31,13 +32,15 @@ CONFIGS = [(kind, heads, tp, pp, cp, repl)
 @pytest.mark.parametrize("kind,heads,tp,pp,cp,repl", CONFIGS)
 def test_keys_match_bytes_and_one_writer(kind, heads, tp, pp, cp, repl):
     by_key, by_bytes = {}, {}
+    sizes = ParallelSizes(tp=tp, pp=pp, cp=cp)
     for t, p, c in itertools.product(range(tp), range(pp), range(cp)):
-        coords = RankCoords(t, tp, p, pp, c, cp)
-        key = storage_key("m", "h0", coords, kind=kind, num_kv_heads=heads, cp_replicated=repl)
-        held = held_bytes(kind, heads, coords, repl)
+        rank = ParallelRank(tp=t, pp=p, cp=c)
+        key = storage_key("m", "h0", rank, sizes, kind=kind, num_kv_heads=heads,
+                          cp_replicated=repl)
+        held = held_bytes(kind, heads, rank, sizes, repl)
         by_key.setdefault(key, set()).add(held)
         by_bytes.setdefault(held, set()).add(key)
-        writer = is_key_writer(coords, kind=kind, num_kv_heads=heads, cp_replicated=repl)
+        writer = is_key_writer(rank, sizes, kind=kind, num_kv_heads=heads, cp_replicated=repl)
         by_key.setdefault(("writers", key), []).append(writer)
     for key, held in by_key.items():
         if isinstance(key, tuple):
@@ -48,19 +51,23 @@ def test_keys_match_bytes_and_one_writer(kind, heads, tp, pp, cp, repl):
 
 
 def test_key_examples():
-    mla = RankCoords(tp_rank=3, tp_size=4, cp_rank=1, cp_size=2)
-    assert storage_key("ds3", "abc", mla, kind="mla") == "ds3/abc"
-    assert not is_key_writer(mla, kind="mla")
-    gqa = RankCoords(tp_rank=3, tp_size=4, pp_rank=1, pp_size=2, cp_rank=1, cp_size=2)
-    assert storage_key("l70", "abc", gqa, num_kv_heads=2) == "l70/abc/pp1/tp1"
-    assert storage_key("l70", "abc", gqa, num_kv_heads=2, cp_replicated=False) == \
+    mla = ParallelRank(tp=3, cp=1), ParallelSizes(tp=4, cp=2)
+    assert storage_key("ds3", "abc", *mla, kind="mla") == "ds3/abc"
+    assert not is_key_writer(*mla, kind="mla")
+    gqa = ParallelRank(tp=3, pp=1, cp=1), ParallelSizes(tp=4, pp=2, cp=2)
+    assert storage_key("l70", "abc", *gqa, num_kv_heads=2) == "l70/abc/pp1/tp1"
+    assert storage_key("l70", "abc", *gqa, num_kv_heads=2, cp_replicated=False) == \
         "l70/abc/pp1/tp1/cp1"
 
 
 def test_key_rejects_bad_layouts():
     with pytest.raises(ValueError, match="tp: expected 0 <= rank < size, got rank 4, size 4"):
-        RankCoords(tp_rank=4, tp_size=4)
+        storage_key("m", "h", ParallelRank(tp=4), ParallelSizes(tp=4))
+    with pytest.raises(ValueError, match="tp: expected 0 <= rank < size, got rank 4, size 4"):
+        is_key_writer(ParallelRank(tp=4), ParallelSizes(tp=4))
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads 4"):
-        storage_key("m", "h", RankCoords(0, 6), num_kv_heads=4)
+        storage_key("m", "h", ParallelRank(), ParallelSizes(tp=6), num_kv_heads=4)
     with pytest.raises(ValueError, match="kind: expected 'mha' or 'mla', got 'gqa'"):
-        storage_key("m", "h", RankCoords(), kind="gqa")
+        storage_key("m", "h", ParallelRank(), ParallelSizes(), kind="gqa")
+    with pytest.raises(TypeError, match="rank: expected a ParallelRank, got tuple"):
+        storage_key("m", "h", (0, 1), ParallelSizes())

@@ -10,9 +10,10 @@ from kvtest import as_bytes, assert_cache_equals, fill_sentinel, snapshot
 from txtest import wait_all
 
 from cpkv import ComponentSpec, PagedKVCache
+from cpkv.parallel import ParallelSizes, heads_of, layers_of
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
 from cpkv.transfer.direct import contiguous_runs
-from cpkv.transfer.mapping import Layout, heads_of, layers_of, map_ranks
+from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
 
 PS, TOKENS, LAYERS, HEAD_DIM, CP = 4, 22, 3, 16, 2
@@ -52,7 +53,7 @@ def write_tokens(cache, full, ids, heads: range, layers: range, want=None):
     return want
 
 
-def run_layout(kind, num_heads, p: Layout, d: Layout, mode, rig, layout="NHD"):
+def run_layout(kind, num_heads, p: ParallelSizes, d: ParallelSizes, mode, rig, layout="NHD"):
     engine, send_arena, recv_arena, control = rig
     full = global_kv(kind, num_heads)
     n_pages = -(-TOKENS // PS)
@@ -103,12 +104,12 @@ def run_layout(kind, num_heads, p: Layout, d: Layout, mode, rig, layout="NHD"):
 
 
 LAYOUTS = {
-    "tp2-to-tp1": ("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1)),
-    "tp1-to-tp2": ("mha", 4, Layout(tp=1, cp=CP), Layout(tp=2)),
-    "tp4-2heads-to-tp1": ("mha", 2, Layout(tp=4, cp=CP), Layout(tp=1)),
-    "tp1-2heads-to-tp4": ("mha", 2, Layout(tp=1, cp=CP), Layout(tp=4)),
-    "mla-tp2-to-tp1": ("mla", 1, Layout(tp=2, cp=CP), Layout(tp=1)),
-    "pp2-to-pp1": ("mha", 4, Layout(pp=2, cp=CP), Layout(pp=1)),
+    "tp2-to-tp1": ("mha", 4, ParallelSizes(tp=2, cp=CP), ParallelSizes(tp=1)),
+    "tp1-to-tp2": ("mha", 4, ParallelSizes(tp=1, cp=CP), ParallelSizes(tp=2)),
+    "tp4-2heads-to-tp1": ("mha", 2, ParallelSizes(tp=4, cp=CP), ParallelSizes(tp=1)),
+    "tp1-2heads-to-tp4": ("mha", 2, ParallelSizes(tp=1, cp=CP), ParallelSizes(tp=4)),
+    "mla-tp2-to-tp1": ("mla", 1, ParallelSizes(tp=2, cp=CP), ParallelSizes(tp=1)),
+    "pp2-to-pp1": ("mha", 4, ParallelSizes(pp=2, cp=CP), ParallelSizes(pp=1)),
 }
 
 
@@ -121,12 +122,14 @@ def test_layout_bit_exact(name, mode, rig):
 
 def test_tp4_with_2_heads_sends_each_replicated_head_once(rig):
     # 2 routes (prefill tp 0 and 2) x 2 CP ranks: tp 1 and 3 hold replicas and send nothing
-    assert run_layout("mha", 2, Layout(tp=4, cp=CP), Layout(tp=1), "packed", rig) == 4
+    assert run_layout("mha", 2, ParallelSizes(tp=4, cp=CP), ParallelSizes(tp=1), "packed",
+                      rig) == 4
 
 
 def test_direct_and_packed_fill_identical_pools_hnd(rig):
-    run_layout("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1), "direct", rig, layout="HND")
-    run_layout("mha", 4, Layout(tp=2, cp=CP), Layout(tp=1), "packed", rig, layout="HND")
+    for mode in ("direct", "packed"):
+        run_layout("mha", 4, ParallelSizes(tp=2, cp=CP), ParallelSizes(tp=1), mode, rig,
+                   layout="HND")
 
 
 def test_contiguous_runs_worked_examples():

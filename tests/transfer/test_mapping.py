@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from cpkv.transfer.mapping import Layout, heads_of, layers_of, map_ranks
+from cpkv.parallel import ParallelSizes, heads_of, layers_of
+from cpkv.transfer.mapping import map_ranks
 
 SIZES = range(1, 9)
 
@@ -53,7 +54,7 @@ def test_mapping_matches_brute_force_for_every_layout_up_to_8(kind, num_heads):
                  for t in (ptp, dtp)) or kind == "mla"
         if not ok:
             continue
-        p, d = Layout(tp=ptp, pp=ppp), Layout(tp=dtp, pp=dpp)
+        p, d = ParallelSizes(tp=ptp, pp=ppp), ParallelSizes(tp=dtp, pp=dpp)
         m = map_ranks(p, d, num_kv_heads=num_heads, num_layers=24, kind=kind)
         assert from_routes(m, p, d, num_heads, 24, kind) == brute_force(p, d, num_heads, 24,
                                                                          kind)
@@ -62,22 +63,23 @@ def test_mapping_matches_brute_force_for_every_layout_up_to_8(kind, num_heads):
 
 
 def test_worked_examples():
-    m = map_ranks(Layout(tp=2), Layout(tp=1), num_kv_heads=8, num_layers=4)
+    m = map_ranks(ParallelSizes(tp=2), ParallelSizes(tp=1), num_kv_heads=8, num_layers=4)
     assert [(r.tp, r.src_heads, r.dst_heads) for r in m[(0, 0)]] == [
         (0, range(0, 4), range(0, 4)), (1, range(0, 4), range(4, 8))]
     # tp 1 with 2 KV heads -> tp 4: decode ranks 0, 1 get head 0 and ranks 2, 3 head 1
-    m = map_ranks(Layout(tp=1), Layout(tp=4), num_kv_heads=2, num_layers=4)
+    m = map_ranks(ParallelSizes(tp=1), ParallelSizes(tp=4), num_kv_heads=2, num_layers=4)
     assert [[(r.src_heads, r.dst_heads) for r in m[(t, 0)]] for t in range(4)] == [
         [(range(0, 1), range(0, 1))]] * 2 + [[(range(1, 2), range(0, 1))]] * 2
     # tp 4 with 2 KV heads -> tp 1: replicated heads are sent once, by ranks 0 and 2
-    m = map_ranks(Layout(tp=4), Layout(tp=1), num_kv_heads=2, num_layers=4)
+    m = map_ranks(ParallelSizes(tp=4), ParallelSizes(tp=1), num_kv_heads=2, num_layers=4)
     assert [(r.tp, r.dst_heads) for r in m[(0, 0)]] == [(0, range(0, 1)), (2, range(1, 2))]
     # pp 2 -> pp 1: each stage its layers
-    m = map_ranks(Layout(pp=2), Layout(pp=1), num_kv_heads=8, num_layers=5)
+    m = map_ranks(ParallelSizes(pp=2), ParallelSizes(pp=1), num_kv_heads=8, num_layers=5)
     assert [(r.pp, r.src_layers, r.dst_layers) for r in m[(0, 0)]] == [
         (0, range(0, 3), range(0, 3)), (1, range(0, 2), range(3, 5))]
     # MLA tp 2 -> tp 1: one sender
-    m = map_ranks(Layout(tp=2), Layout(tp=1), num_kv_heads=1, num_layers=4, kind="mla")
+    m = map_ranks(ParallelSizes(tp=2), ParallelSizes(tp=1), num_kv_heads=1, num_layers=4,
+                  kind="mla")
     assert [r.tp for r in m[(0, 0)]] == [0]
     assert [s.key for s in m[(0, 0)][0].senders(cp=2)] == ["dp0.cp0.tp0.pp0",
                                                             "dp0.cp1.tp0.pp0"]
@@ -87,8 +89,8 @@ def test_worked_examples():
     (lambda: heads_of(0, 3, 8), "num_kv_heads 8 is not divisible by tp 3"),
     (lambda: heads_of(0, 6, 4), "tp 6 is not a multiple of num_kv_heads 4"),
     (lambda: layers_of(0, 4, 3), "num_layers 3 is fewer than pp 4 stages"),
-    (lambda: Layout(tp=0), "tp: expected a positive int, got 0"),
-    (lambda: map_ranks(Layout(), Layout(), num_kv_heads=1, num_layers=1, kind="gqa"),
+    (lambda: ParallelSizes(tp=0), "tp: expected a positive int, got 0"),
+    (lambda: map_ranks(ParallelSizes(), ParallelSizes(), num_kv_heads=1, num_layers=1, kind="gqa"),
      "kind: expected 'mha' or 'mla'"),
 ])
 def test_bad_layouts(call, message):

@@ -130,6 +130,12 @@ def test_geometry_mismatch_fails_before_any_byte_moves(rig):
     close_all(senders, recv)
 
 
+def use_prefix(client, recv, rid):
+    """The key prefix of request ``rid``'s current use (what a sender learns from `dest`)."""
+    dest = client.get(client.key(recv.incarnation, "dest", rid))
+    return client.key(recv.incarnation, "use", dest["use"])
+
+
 def rogue(rig):
     """A bare control-plane client in a fresh namespace (to play a misbehaving peer)."""
     return rig[3].scoped(uuid.uuid4().hex)
@@ -145,9 +151,8 @@ def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig
     """A sender that lies: the receiver refuses, fails the request, releases the slot."""
     _, dst = caches()
     client = rogue(rig)
-    client.put(client.key("reg", ParallelRank(cp=0).key), {"session": "x",
+    client.put(client.key("reg", ParallelRank(cp=0).key), {"inc": "rogue", "session": "x",
                                                            "geometry": geometry(dst)})
-    client.store.add(client.key("reg", ParallelRank(cp=0).key, "claims"), 1)
     recv = KVReceiver(dst, client,
                       cp_size=1, timeout=5,
                       engine=rig[0], arena=rig[2])
@@ -161,14 +166,17 @@ def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig
         "outside": [dict(pages=[1, 3], tokens=[4, 12], nbytes=8 * bpt, last=True)],
         "short": [dict(pages=[0, 1], tokens=[0, 4], nbytes=4 * bpt, last=True)],
     }[case]
+    use = use_prefix(client, recv, 3)
     for k, note in enumerate(notes):
-        client.put(client.key("req", 3, "note", ParallelRank().key, k),
-                   {**note, "metadata": None})
-    assert wait_all([(recv, 3)]) == [KVStatus.Failed]
+        client.append(f"{use}/note/{ParallelRank().key}", {**note, "metadata": None}, k)
+    assert recv.wait(3) == KVStatus.Failed
     assert message in recv.reason(3), recv.reason(3)
+    assert client.get(f"{use}/verdict")["status"] == KVStatus.Failed
+    # the slot stays quarantined until the rogue says it writes no more (or the grace period)
+    client.append(f"{use}/note/{ParallelRank().key}", {"end": "ack"}, len(notes))
+    assert recv.settle(5)
     assert recv.arena.live_slots == []
     assert_cache_equals(dst, before)
-    assert client.get(client.key("req", 3, "status"))["status"] == KVStatus.Failed
     recv.close()
 
 
@@ -191,6 +199,8 @@ def test_receiver_times_out_when_a_sender_never_reports(rig):
     senders[0].send(4, torch.tensor([5, 6]), num_tokens=8)  # rank 1 stays silent
     assert wait_all([(recv, 4)]) == [KVStatus.Failed]
     assert "timed out after 1.5 s waiting for senders ['dp0.cp1.tp0.pp0']" in recv.reason(4)
+    assert len(recv.arena.live_slots) == 1  # quarantined: rank 1 might still write
+    assert recv.settle(10)  # rank 1 never acknowledges: released after the grace period
     assert recv.arena.live_slots == []
     assert_cache_equals(dst, before)
     wait_all([(senders[0], 4)])

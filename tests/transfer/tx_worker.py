@@ -54,11 +54,13 @@ def pools(kind, ps):
 
 def wait(obj, rids, timeout=30.0):
     deadline = time.monotonic() + timeout
-    while True:
-        st = {r: obj.poll(r) for r in rids}
-        if all(s in DONE for s in st.values()) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.002)
+    return {r: obj.wait(r, max(0.0, deadline - time.monotonic())) for r in rids}
+
+
+def wait_dest(control, rid, timeout):
+    """Block until the current receiver has published request ``rid``'s destination."""
+    inc = control.wait_get(control.key("recv"), timeout)["inc"]
+    return control.wait_get(control.key(inc, "dest", rid), timeout)
 
 
 def prefill(rank, control, engine, arena, sc, timeout=20.0):
@@ -135,7 +137,7 @@ def sender_dies(rank, control, engine, arena, dst, timeout):
     if rank == 1:  # registers, sees the request start, then dies mid-request
         KVSender(src, control, rank=ParallelRank(cp=1), cp_size=CP, engine=engine, arena=arena,
                  timeout=timeout)
-        control.wait_get(control.key("req", 11, "dest"), 120)
+        wait_dest(control, 11, 120)
         return "die"
     if rank == 0:
         with KVSender(src, control, rank=ParallelRank(cp=0), cp_size=CP, engine=engine,
@@ -154,6 +156,7 @@ def sender_dies(rank, control, engine, arena, dst, timeout):
         assert st is KVStatus.Failed and "waiting for senders ['dp0.cp1" in recv.reason(11), (
             st, recv.reason(11))
         assert elapsed < timeout + 2, f"failed only after {elapsed:.1f} s"
+        assert recv.settle(timeout + 10)  # the dead rank never acknowledges: the grace period
         assert arena.live_slots == []
     assert_cache_equals(dst, before)
     return None
@@ -174,7 +177,7 @@ def receiver_dies(rank, control, engine, arena, timeout):
     with KVSender(src, control, rank=ParallelRank(cp=0), cp_size=1, engine=engine,
                   arena=arena, timeout=timeout) as sender:
         # start-up may take long on a loaded machine; the bound under test is the failure below
-        control.wait_get(control.key("req", 12, "dest"), 120)
+        wait_dest(control, 12, 120)
         time.sleep(1.0)  # the decode process is gone by now
         t0 = time.monotonic()
         sender.send(12, s_ids, num_tokens=n)
@@ -213,14 +216,15 @@ def fault_rank(rank, world, port, out_path, timeout=3.0):
 def hetero_rank(rank, world, port, out_path):
     """Ranks 0-3: prefill tp = rank // 2, cp = rank % 2 (8 KV heads, 4 per rank); rank 4:
     a tp 1 decode rank receiving both head halves, packed then direct."""
-    from cpkv.transfer.mapping import Layout, heads_of, map_ranks
+    from cpkv.parallel import ParallelSizes, heads_of
+    from cpkv.transfer.mapping import map_ranks
 
     rec = Recorder(out_path)
     try:
         control, engine, arena = _setup(port)
         heads_total, ps = 8, 16
-        routes = map_ranks(Layout(tp=2, cp=2), Layout(tp=1), num_kv_heads=heads_total,
-                           num_layers=3)[(0, 0)]
+        routes = map_ranks(ParallelSizes(tp=2, cp=2), ParallelSizes(tp=1),
+                           num_kv_heads=heads_total, num_layers=3)[(0, 0)]
         src_full = make_cache(mha(num_heads=heads_total), num_layers=3, num_pages=20,
                               page_size=ps, seed=9)
         reqs = requests(ps)

@@ -11,15 +11,14 @@ DONE = (KVStatus.Success, KVStatus.Failed)
 
 
 def wait_all(objs_and_ids, timeout=30.0):
-    """Poll (obj, request_id) pairs until each is Success or Failed; return their statuses."""
+    """`wait` on each (obj, request_id) in turn (receivers first: a sender's final status is
+    the receiver's verdict); return their final statuses."""
     deadline = time.monotonic() + timeout
-    while True:
-        statuses = [obj.poll(rid) for obj, rid in objs_and_ids]
-        if all(s in DONE for s in statuses):
-            return statuses
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"statuses still {statuses} after {timeout} s")
-        time.sleep(0.002)
+    statuses = [obj.wait(rid, max(0.0, deadline - time.monotonic()))
+                for obj, rid in objs_and_ids]
+    if not all(s in DONE for s in statuses):
+        raise TimeoutError(f"statuses still {statuses} after {timeout} s")
+    return statuses
 
 
 def group(src, dst, rig, *, cp=2, policy="all", timeout=10.0):

@@ -1,0 +1,197 @@
+"""An embedded `mooncake_master`: started on loopback with free ports, stopped with its owner.
+
+The master is Mooncake Store's metadata service (where objects live, leases, eviction); the bytes
+live in the clients' segments. `MasterProcess` runs one as a child process:
+
+* ports: a free RPC port and a free metrics port on 127.0.0.1 (a port taken between probing and
+  binding makes the master exit; it is retried on fresh ports);
+* logs: stdout and stderr go to a file (``log_path``, ``log_text()``), quoted in start errors;
+* lifetime: ``close()``/``with``/interpreter exit (atexit) stop it with SIGTERM, then SIGKILL,
+  and delete its log folder (``stop()`` keeps the log);
+  on Linux the child also gets PR_SET_PDEATHSIG, so a parent killed by SIGTERM/SIGKILL (no atexit)
+  still takes its master down, and it runs in its own session, so a terminal's Ctrl-C reaches the
+  parent only (which then stops it in order). No orphan on any of these paths.
+
+Example::
+
+    with MasterProcess() as master:       # master.address == "127.0.0.1:<port>"
+        store = KVStore(page_size=16, master=master.address)
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+
+__all__ = ["MasterError", "MasterProcess", "find_master_binary"]
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+class MasterError(RuntimeError):
+    """The master could not be found, started or reached."""
+
+
+def find_master_binary() -> str:
+    """Path of the `mooncake_master` the Mooncake wheel ships (PATH, the venv's bin, the wheel)."""
+    candidates = [shutil.which("mooncake_master"),
+                  str(Path(sys.executable).parent / "mooncake_master")]
+    try:
+        import mooncake
+
+        candidates.append(str(Path(mooncake.__file__).parent / "mooncake_master"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise MasterError("mooncake_master not found on PATH, beside the interpreter or in the "
+                      "mooncake package: install mooncake-transfer-engine(-non-cuda)")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def port_open(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connect to (host, port) succeeds within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class MasterProcess:
+    """A `mooncake_master` child process on loopback.
+
+    Args:
+        host: address it binds (loopback by default).
+        start_timeout: seconds to wait for its RPC port to accept connections.
+        binary: path of `mooncake_master` (default: `find_master_binary()`).
+        extra_args: more master flags, e.g. ``["-default_kv_lease_ttl=1000"]``.
+
+    Raises MasterError (with the log's tail) when it does not come up; nothing is left running.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", start_timeout: float = 20.0,
+                 binary: str | None = None, extra_args: list[str] | None = None,
+                 attempts: int = 3):
+        if not isinstance(start_timeout, (int, float)) or start_timeout <= 0:
+            raise ValueError(f"start_timeout: expected seconds > 0, got {start_timeout!r}")
+        self.host = host
+        self.binary = binary or find_master_binary()
+        self._dir = tempfile.mkdtemp(prefix="cpkv-master-")
+        self.log_path = Path(self._dir) / "mooncake_master.log"
+        self.proc: subprocess.Popen | None = None
+        errors = []
+        for _ in range(attempts):
+            self.port, self.metrics_port = _free_port(host), _free_port(host)
+            args = [self.binary, f"-rpc_port={self.port}", f"-rpc_address={host}",
+                    f"-metrics_port={self.metrics_port}", f"-metrics_host={host}",
+                    "-enable_http_metadata_server=false", "-logtostderr",
+                    *(extra_args or [])]
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
+            with _LIVE_LOCK:
+                _LIVE.add(self)
+            why = self._wait_ready(start_timeout)
+            if why is None:
+                return
+            errors.append(why)
+            self.stop()
+        raise MasterError(f"mooncake_master did not start ({'; '.join(errors)}); log tail:\n"
+                          f"{self.log_text()[-2000:]}")
+
+    def _wait_ready(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"exited with code {self.proc.returncode}"
+            if port_open(self.host, self.port, 0.5):
+                return None
+            time.sleep(0.05)
+        return f"port {self.port} not accepting after {timeout} s"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of its RPC service (what `KVStore(master=...)` takes)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; reaps the process. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the master and delete its log folder."""
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> MasterProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for m in live:
+        m.close()

@@ -1,0 +1,276 @@
+"""KVStore against a real `mooncake_master` on loopback (one master for the module)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from kvtest import (
+    assert_cache_equals,
+    fill_sentinel,
+    make_cache,
+    mha,
+    mla,
+    oracle_unpack,
+    snapshot,
+    three,
+)
+from mp import free_port
+
+from cpkv.parallel import ParallelRank, ParallelSizes
+from cpkv.store import KVStore, MasterProcess, StoreError
+
+T = 16  # store page size
+
+
+@pytest.fixture(scope="module")
+def master():
+    with MasterProcess() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def store(master):
+    s = KVStore(page_size=T, master=master.address, segment_nbytes=64 << 20,
+                staging_nbytes=4 << 20, local_buffer_nbytes=4 << 20, batch_pages=3)
+    yield s
+    s.close()
+
+
+_ns = iter(range(10**6))
+
+
+def prompt(n_tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50_000, (n_tokens,), generator=g)
+
+
+def fresh(store: KVStore) -> str:
+    """A namespace no earlier test wrote (tests share the master)."""
+    store.namespace = f"t{next(_ns)}"
+    return store.namespace
+
+
+def writer_pool(specs, page_size, n_pages, layers=3, seed=0):
+    cache = make_cache(specs, num_layers=layers, num_pages=n_pages + 5, page_size=page_size,
+                       seed=seed)
+    ids = torch.randperm(n_pages + 5, generator=torch.Generator().manual_seed(seed))[:n_pages]
+    return cache, ids
+
+
+@pytest.mark.parametrize("specs", [mha(), mla(), three()], ids=["mha", "mla", "3comp"])
+@pytest.mark.parametrize("reader_ps", [1, 16, 64, 24], ids=lambda p: f"read_ps{p}")
+def test_roundtrip_any_reader_page_size(store, specs, reader_ps):
+    fresh(store)
+    tokens = prompt(5 * T + 7, seed=reader_ps)  # 5 full store pages and a tail
+    src, src_ids = writer_pool(specs, 8, 11)  # pool page 8 divides the store page
+    put = store.put_prefix(src, src_ids, tokens)
+    assert (put.share, put.written, put.skipped) == (range(5), 5, 0)
+    assert store.match_prefix(tokens) == 5
+    dst = fill_sentinel(make_cache(specs, num_layers=3, num_pages=90, page_size=reader_ps))
+    need = -(-5 * T // reader_ps)
+    dst_ids = torch.randperm(90, generator=torch.Generator().manual_seed(1))[:need]
+    want = oracle_unpack(src, src_ids, dst, dst_ids, 5 * T, range(3), range(dst.num_heads),
+                         range(3), range(dst.num_heads))
+    got = store.load_prefix(dst, dst_ids, tokens)
+    assert (got.num_pages, got.num_tokens, got.requested, got.reason) == (5, 80, 5, None)
+    assert got.full_pages == 80 // reader_ps
+    assert_cache_equals(dst, want)  # loaded bytes exact, every other byte still the sentinel
+
+
+def test_existing_keys_skipped(store):
+    fresh(store)
+    tokens = prompt(4 * T, seed=3)
+    src, ids = writer_pool(mha(), T, 4)
+    assert store.put_prefix(src, ids, tokens[:2 * T]).written == 2
+    again = store.put_prefix(src, ids, tokens)
+    assert (again.written, again.skipped) == (2, 2)
+
+
+def test_layer_range_and_head_slice(store):
+    """A PP stage's layers and a TP rank's heads go to a reader holding the whole model."""
+    fresh(store)
+    tokens = prompt(3 * T, seed=4)
+    heads2 = mha(num_heads=2)
+    stage1_tp1 = dict(rank=ParallelRank(tp=1, pp=1), sizes=ParallelSizes(tp=2, pp=2))
+    src, ids = writer_pool(heads2, T, 3, layers=2)  # this rank's pool: 2 layers, 2 heads
+    # With one KV head in the model, TP rank 1 replicates rank 0's shard: it writes nothing.
+    assert store.put_prefix(src, ids, tokens, **stage1_tp1).share == range(0)
+    store.num_kv_heads = 4  # four KV heads over TP2: rank 1 holds heads [2, 4), its own shard
+    try:
+        put = store.put_prefix(src, ids, tokens, **stage1_tp1)
+        assert store.keys(tokens, **stage1_tp1)[0].endswith("/pp1/tp1")
+        assert store.match_prefix(tokens) == 0  # the single-rank keys are different keys
+        assert store.match_prefix(tokens, **stage1_tp1) == 3
+        got = _load_into_full_model(store, src, ids, tokens, stage1_tp1)
+    finally:
+        store.num_kv_heads = 1
+    assert put.written == 3 and got.num_pages == 3
+
+
+def _load_into_full_model(store, src, ids, tokens, at):
+    full = fill_sentinel(make_cache(mha(num_heads=4), num_layers=4, num_pages=6, page_size=32))
+    dst_ids = torch.tensor([4, 1])
+    want = oracle_unpack(src, ids, full, dst_ids, 3 * T, range(2), range(2), range(2, 4),
+                         range(2, 4))
+    got = store.load_prefix(full, dst_ids, tokens, num_pages=3, layers=(2, 4), heads=(2, 4),
+                            **at)
+    assert (got.num_pages, got.full_pages) == (3, 1)
+    assert_cache_equals(full, want)
+    return got
+
+
+def test_wrong_geometry_is_a_miss_not_garbage(store):
+    fresh(store)
+    tokens = prompt(2 * T, seed=5)
+    src, ids = writer_pool(mha(num_heads=2), T, 2)
+    store.put_prefix(src, ids, tokens)
+    dst = fill_sentinel(make_cache(mha(num_heads=1), num_layers=3, num_pages=4, page_size=T))
+    before = snapshot(dst)
+    got = store.load_prefix(dst, [0, 1], tokens, num_pages=2)  # half the bytes per page
+    assert got.num_pages == 0 and "did not arrive" in got.reason
+    assert_cache_equals(dst, before)
+
+
+def test_eviction_between_match_and_load(store):
+    fresh(store)
+    tokens = prompt(7 * T, seed=6)
+    src, ids = writer_pool(mha(), T, 7)
+    store.put_prefix(src, ids, tokens)
+    hit = store.match_prefix(tokens)
+    assert hit == 7
+    key4 = store.keys(tokens)[4]
+    assert store.client.remove(key4, True) == 0  # evicted behind the reader's back
+    dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=10, page_size=T))
+    dst_ids = torch.arange(7)
+    want = oracle_unpack(src, ids, dst, dst_ids[:4], 4 * T, range(3), range(2), range(3),
+                         range(2))
+    got = store.load_prefix(dst, dst_ids, tokens, num_pages=hit)
+    assert (got.num_pages, got.num_tokens, got.requested) == (4, 4 * T, 7)
+    assert key4 in got.reason
+    assert_cache_equals(dst, want)  # pages 4.. (positions of dst_ids) untouched
+    assert store.match_prefix(tokens) == 4
+
+
+def test_evict_from_a_page(store):
+    fresh(store)
+    tokens = prompt(5 * T, seed=7)
+    src, ids = writer_pool(mla(), T, 5)
+    store.put_prefix(src, ids, tokens)
+    assert store.evict(tokens, start=2) == 3
+    assert store.match_prefix(tokens) == 2
+
+
+def test_validation_writes_nothing(store):
+    fresh(store)
+    tokens = prompt(2 * T, seed=8)
+    src, ids = writer_pool(mha(), T, 2)
+    with pytest.raises(TypeError, match="cache: expected PagedKVCache"):
+        store.put_prefix("pool", ids, tokens)
+    with pytest.raises(ValueError, match="page_ids: expected at least 2 pool pages"):
+        store.put_prefix(src, ids[:1], tokens)
+    with pytest.raises(ValueError, match="expected values in"):
+        store.put_prefix(src, torch.tensor([0, 99]), tokens)
+    odd, odd_ids = writer_pool(mha(), 5, 8)
+    with pytest.raises(ValueError, match="expected a divisor of the store page size 16, got 5"):
+        store.put_prefix(odd, odd_ids, tokens)
+    with pytest.raises(TypeError, match="token_ids"):
+        store.put_prefix(src, ids, torch.zeros(32))
+    assert store.match_prefix(tokens) == 0  # nothing was written
+    dst = make_cache(mha(), num_layers=3, num_pages=4, page_size=T)
+    with pytest.raises(ValueError, match=r"num_pages: expected an int in \[0, 2\]"):
+        store.load_prefix(dst, [0, 1], tokens, num_pages=3)
+    with pytest.raises(ValueError, match="distinct"):
+        store.load_prefix(dst, [0, 0], tokens, num_pages=2)
+    with pytest.raises(ValueError, match="layers"):
+        store.load_prefix(dst, [0, 1], tokens, num_pages=0, layers=(0, 9))
+
+
+def test_constructor_validation_and_unreachable_master():
+    with pytest.raises(ValueError, match="page_size"):
+        KVStore(page_size=0, master="127.0.0.1:1")
+    with pytest.raises(ValueError, match="kind"):
+        KVStore(page_size=4, master="127.0.0.1:1", kind="gqa")
+    with pytest.raises(ValueError, match="namespace"):
+        KVStore(page_size=4, master="127.0.0.1:1", namespace="a/b")
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="unreachable"):
+        KVStore(page_size=4, master=f"127.0.0.1:{free_port()}", connect_timeout=0.5)
+    assert time.monotonic() - t0 < 5  # a probe, not Mooncake's 90 s of retries
+
+
+def test_master_down_mid_run(store):
+    """Reads miss cleanly, a put is a StoreError, close returns: all within Mooncake's RPC
+    timeouts (~4 s a call here; the bounds leave room for a loaded machine)."""
+    with MasterProcess() as m:
+        s = KVStore(page_size=T, master=m.address, segment_nbytes=16 << 20,
+                    staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20)
+        try:
+            tokens = prompt(3 * T, seed=9)
+            src, ids = writer_pool(mha(), T, 3)
+            s.put_prefix(src, ids, tokens[:T])
+            assert s.match_prefix(tokens) == 1
+            m.stop()
+            t0 = time.monotonic()
+            assert s.match_prefix(tokens) == 0
+            dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=3, page_size=T))
+            before = snapshot(dst)
+            got = s.load_prefix(dst, [0, 1, 2], tokens, num_pages=1)
+            assert got.num_pages == 0 and got.reason
+            assert_cache_equals(dst, before)
+            assert time.monotonic() - t0 < 20
+            with pytest.raises(StoreError, match=m.address) as err:
+                s.put_prefix(src, ids, tokens)
+            assert err.value.code < 0
+            assert not s._arena.live_slots  # the failed put released its slots
+            assert time.monotonic() - t0 < 40
+        finally:
+            t0 = time.monotonic()
+            s.close()
+            assert time.monotonic() - t0 < 60
+    with pytest.raises(StoreError, match="closed"):
+        s.match_prefix(tokens)
+
+
+def test_embedded_master_owned_by_store():
+    s = KVStore(page_size=4, segment_nbytes=16 << 20, staging_nbytes=1 << 20,
+                local_buffer_nbytes=4 << 20)
+    proc = s._owned_master.proc
+    assert proc.poll() is None
+    src, ids = writer_pool(mla(), 4, 2)
+    s.put_prefix(src, ids, list(range(8)))
+    assert s.match_prefix(list(range(8))) == 2
+    s.close()
+    assert proc.poll() is not None  # stopped and reaped
+    s.close()  # idempotent
+
+
+def test_strided_writer_to_hnd_reader(store):
+    """A head-sliced (strided) writer pool and an HND reader pool: same bytes either way."""
+    fresh(store)
+    tokens = prompt(4 * T, seed=10)
+    src = make_cache(mha(num_heads=2), num_layers=3, num_pages=6, page_size=T, strided="heads")
+    ids = torch.tensor([5, 0, 3, 1])
+    assert store.put_prefix(src, ids, tokens).written == 4
+    dst = fill_sentinel(make_cache(mha(num_heads=2), num_layers=3, num_pages=9, page_size=8,
+                                   layout="HND"))
+    dst_ids = torch.tensor([8, 1, 2, 7, 0, 3, 5, 4], dtype=torch.int32)
+    want = oracle_unpack(src, ids, dst, dst_ids, 4 * T, range(3), range(2), range(3), range(2))
+    got = store.load_prefix(dst, dst_ids, tokens)
+    assert (got.num_pages, got.full_pages) == (4, 8)
+    assert_cache_equals(dst, want)
+
+
+def test_staging_too_small_is_a_value_error(master):
+    with KVStore(page_size=64, master=master.address, segment_nbytes=16 << 20,
+                 staging_nbytes=64 << 10, local_buffer_nbytes=4 << 20) as s:
+        big = make_cache(mha(num_heads=2), num_layers=3, num_pages=2, page_size=64)
+        with pytest.raises(ValueError, match="staging_nbytes: expected room for two store pages"):
+            s.put_prefix(big, [0, 1], list(range(128)))
+        assert s.match_prefix(list(range(128))) == 0
+
+
+def test_arena_empty_after_every_test(store):
+    """Runs last in the module: every put and load above released its staging slots."""
+    assert store._arena.live_slots == [] and store._arena.bytes_in_use == 0

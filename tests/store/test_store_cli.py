@@ -1,0 +1,95 @@
+"""`cpkv demo --store`, `cpkv bench store` and `cpkv plot store` from the command line."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cpkv.report import COLUMNS
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cpkv.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_store_tiny():
+    r = cli("demo", "--store", "--shape", "C", "--tokens", "70", "--page-size", "16",
+            "--layers", "2", "--cp", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| put, CP rank 0   |        [0, 2) |" in r.stdout
+    assert "| put, CP rank 1   |        [2, 4) |" in r.stdout
+    assert "4 of 4" in r.stdout and "every byte verified" in r.stdout
+    assert "2nd put skipped 2" in r.stdout
+
+
+def test_demo_store_needs_a_page_per_rank():
+    r = cli("demo", "--store", "--tokens", "16", "--page-size", "16", "--cp", "2")
+    assert r.returncode == 2 and "a full store page per CP rank (32), got 16" in r.stderr
+
+
+def test_bench_and_plot_store(tmp_path):
+    out = tmp_path / "store.csv"
+    r = cli("bench", "store", "--quick", "--shapes", "C", "--page-sizes", "16", "--repeats",
+            "1", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    with out.open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    providers = {r["provider"] for r in rows}
+    assert providers == {"cpkv-put", "raw-put", "cpkv-get", "raw-get"}
+    assert {r["metric"] for r in rows} == {"time", "bandwidth", "ratio_to_raw", "keys"}
+    assert all(r["device"] and r["git_sha"] and r["mooncake"] and float(r["p50"]) > 0
+               for r in rows)
+    r = cli("plot", "store", "--results", str(tmp_path), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "store.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie waiting for its reaper has stopped
+
+
+def test_ctrl_c_stops_writers_and_master():
+    proc = subprocess.Popen([sys.executable, "-m", "cpkv.cli", "demo", "--store", "--shape", "A",
+                             "--tokens", "4096", "--page-size", "1", "--layers", "4",
+                             "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the master is up; the writers are being spawned
+            if "mooncake_master on" in line:
+                break
+        deadline = time.monotonic() + 60
+        while len(children := _children(proc.pid)) < 3:  # master + 2 writers
+            assert time.monotonic() < deadline and proc.poll() is None, "no writers started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        assert "interrupted" in proc.stderr.read()
+        deadline = time.monotonic() + 30
+        while any(_alive(c) for c in children):
+            assert time.monotonic() < deadline, "processes left behind after Ctrl-C"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

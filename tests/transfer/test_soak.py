@@ -1,0 +1,158 @@
+"""Soak with faults (issue 9): 2 CP prefill ranks in their own processes, a decode receiver
+here, >= 2,000 randomly sized requests, 8 in flight, a few injected stalls past the receiver's
+timeout, and each sender killed once and restarted with the same coordinates. Asserts: no
+Success with a wrong byte (every request's pages checked against the source), every failure
+has a reason and came within its timeout, the arena empty and the store's keys back to
+baseline, RSS growth bounded. ``CPKV_SOAK_REQUESTS=N`` runs a longer soak by hand;
+``CPKV_SOAK_OUT=file.json`` writes the figures (README, Reliability)."""
+
+import json
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from kvtest import fill_sentinel, make_cache, mha
+from soak_worker import (
+    DST_PAGES,
+    LAYERS,
+    NAMESPACE,
+    PS,
+    WINDOW,
+    plan,
+    rss_mb,
+    sender_main,
+    source_pool,
+)
+
+from cpkv.kernels import pack_pages
+from cpkv.staging import StagingArena
+from cpkv.transfer import ControlPlane, KVReceiver, KVStatus, TransferEngine
+
+TIMEOUT = 2.0  # the receiver's per-request timeout; stalls last longer
+STALL = 2.6
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def test_soak_with_stalls_and_restarts():
+    total = int(os.environ.get("CPKV_SOAK_REQUESTS", "2000"))
+    stalls = {1: [total // 5, total // 2], 0: [4 * total // 5]}
+    deaths = {0: total // 3, 1: 2 * total // 3}
+    server = ControlPlane(serve=True, timeout=60)
+    baseline = server.num_keys()
+    control = server.scoped(NAMESPACE)
+    engine = TransferEngine("127.0.0.1")
+    arena = StagingArena(8 << 20)
+    engine.register_arena(arena)
+    src = source_pool()
+    dst = fill_sentinel(make_cache(mha(num_heads=2, head_dim=32), num_layers=LAYERS,
+                                   num_pages=DST_PAGES, page_size=PS))
+    # grace above the senders' timeout (10 s): a sender that falls behind still finds the
+    # verdict of a request the receiver gave up on, instead of waiting out its own timeout
+    recv = KVReceiver(dst, control, cp_size=2, engine=engine, arena=arena, timeout=TIMEOUT,
+                      checksum=True, grace=12.0)
+    ctx = multiprocessing.get_context("spawn")
+    tmp = tempfile.TemporaryDirectory()
+
+    def start(rank, die_at):
+        p = ctx.Process(target=sender_main, args=(
+            rank, server.port, total, f"{tmp.name}/rank{rank}.json", stalls[rank], STALL,
+            die_at, 10.0))
+        p.start()
+        return p
+
+    procs = {r: start(r, deaths[r]) for r in (0, 1)}
+    assert recv.wait_ready(120), recv.setup_error
+    restarts, free = 0, set(range(DST_PAGES))
+    inflight, latency, wrong, failures, late_failures = {}, [], 0, [], []
+    rng, rid, t_start = random.Random(0), 0, time.monotonic()
+    rss_early = None
+    deadline = t_start + max(600.0, total * 0.3)
+    while (rid < total or inflight) and time.monotonic() < deadline:
+        for r, p in procs.items():
+            if p.exitcode == 3:  # killed on purpose: the same coordinates come back
+                p.join()
+                procs[r] = start(r, None)
+                restarts += 1
+            assert p.exitcode in (None, 0, 3), f"sender {r} exited with {p.exitcode}"
+        while rid < total and len(inflight) < WINDOW:
+            s_ids, n = plan(rid)
+            d_ids = torch.tensor(rng.sample(sorted(free), s_ids.numel()))
+            free -= set(d_ids.tolist())
+            recv.expect(rid, d_ids, num_tokens=n)
+            inflight[rid] = (s_ids, d_ids, n, time.monotonic())
+            rid += 1
+            control.put(control.key("next"), rid)
+        for r in list(inflight):
+            status = recv.poll(r)
+            if status not in (KVStatus.Success, KVStatus.Failed):
+                continue
+            s_ids, d_ids, n, t0 = inflight.pop(r)
+            elapsed = time.monotonic() - t0
+            if status is KVStatus.Success:
+                latency.append((r, elapsed))
+                got = pack_pages(dst, d_ids, num_tokens=n, backend="torch")
+                want = pack_pages(src, s_ids, num_tokens=n, backend="torch")
+                wrong += int((got != want).sum())
+            else:
+                failures.append((r, recv.reason(r)))
+                if not recv.reason(r) or elapsed > TIMEOUT + 3.0:
+                    late_failures.append((r, elapsed, recv.reason(r)))
+            free |= set(d_ids.tolist())
+            recv.forget(r)
+        if rss_early is None and rid >= total // 10:
+            rss_early = rss_mb()
+        time.sleep(0.0005)
+    elapsed_total = time.monotonic() - t_start
+    for p in procs.values():
+        p.join(60)
+    control.delete(control.key("next"))
+    settled = recv.settle(10)
+    leaked = len(arena.live_slots)
+    recv.close()
+    keys_left = server.num_keys() - baseline
+    rss_end = rss_mb()
+    senders = [json.loads(path.read_text()) if (path := Path(f"{tmp.name}/rank{r}.json")
+                                                ).exists() else {"error": "no report: " + (
+                   Path(f"{path}.stuck").read_text()[-6000:] if Path(f"{path}.stuck").exists()
+                   else "")} for r in (0, 1)]
+    tmp.cleanup()
+    arena.close()
+    engine.close()
+    tenth = max(1, len(latency) // 10)
+    figures = {
+        "requests": total, "in_flight": WINDOW, "stalls": sum(map(len, stalls.values())),
+        "restarts": restarts, "succeeded": len(latency), "failed": len(failures),
+        "wrong_bytes": wrong, "leaked_slots": leaked, "keys_left": keys_left,
+        "rss_growth_mb": {"receiver": round(rss_end - rss_early, 1),
+                          "senders": [round(s["rss_mb"][-1] - s["rss_mb"][0], 1)
+                                      if len(s.get("rss_mb", [])) > 1 else s.get("error")
+                                      for s in senders]},
+        "latency_ms": {f"{name}_p{int(q * 100)}": round(1e3 * percentile(
+            [t for _, t in part], q), 1) for name, part in (
+                ("first10", latency[:tenth]), ("last10", latency[-tenth:]))
+            for q in (0.5, 0.99)},
+        "seconds": round(elapsed_total, 1),
+    }
+    if os.environ.get("CPKV_SOAK_OUT"):
+        Path(os.environ["CPKV_SOAK_OUT"]).write_text(json.dumps(figures, indent=1))
+    print(figures)
+    assert all("error" not in s for s in senders), senders
+    assert rid == total and not inflight, f"soak did not finish: {figures}"
+    assert all(p.exitcode == 0 for p in procs.values()), [p.exitcode for p in procs.values()]
+    assert restarts == 2, figures
+    assert wrong == 0, figures
+    assert not late_failures, late_failures[:5]
+    assert failures, "the injected stalls and deaths must fail some requests"
+    faults = sum(map(len, stalls.values())) + len(deaths)
+    assert len(latency) >= total - 30 * (faults + 1), figures  # each fault costs a window
+    assert settled and leaked == 0, figures
+    assert keys_left == 0, figures
+    assert rss_end - rss_early < 64, figures
