@@ -43,6 +43,7 @@ LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.
 GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
 KEYS = "cpkv/cp/keys.py"
+PARALLEL = "cpkv/parallel.py"
 ADAPT = "cpkv/adapters.py"
 ADAPT_TESTS = ("tests/test_adapters.py",)
 
@@ -231,14 +232,15 @@ MUTANTS: list[Mutant] = [
                  "flag), and a slot's range is only reused after that call, so `_free` never "
                  "sees a stale slot; the identity test is defence in depth"),
     # -- CP partition ----------------------------------------------------------------------------
-    M("p-share-start", PART,
-      "start = cp_rank * base + min(cp_rank, rem)",
-      "start = cp_rank * base + min(cp_rank + 1, rem)",
+    M("p-share-start", PARALLEL,
+      "start = index * base + min(index, rem)",
+      "start = index * base + min(index + 1, rem)",
       "page shares overlap / leave a gap when pages do not divide evenly"),
-    M("p-share-len", PART,
-      "return range(start, start + base + (cp_rank < rem))",
-      "return range(start, start + base + (cp_rank <= rem))",
-      "rank `rem` gets one page too many"),
+    M("p-share-len", PARALLEL,
+      "return range(start, start + base + (index < rem))",
+      "return range(start, start + base + (index <= rem))",
+      "rank `rem` gets one page (PP stage: one layer) too many",
+      ("tests/cp/test_partition.py", "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
     M("p-chunk-start", PART,
       "start = max(share.start, chunk_start)",
       "start = chunk_start",
@@ -326,14 +328,20 @@ MUTANTS: list[Mutant] = [
       "    return t[:, 1], t[:, 0]\n",
       "FlashInfer-layout K and V swapped", ADAPT_TESTS),
     # -- storage keys ---------------------------------------------------------------------------
-    M("key-head-shard", KEYS,
-      "return c.tp_rank // (c.tp_size // num_kv_heads)",
-      "return c.tp_rank % num_kv_heads",
-      "replicated TP ranks name different head shards", ("tests/cp/test_keys.py",)),
+    M("key-head-shard", PARALLEL,
+      "return heads.start // len(heads)",
+      "return tp_rank",
+      "replicated TP ranks name different head shards",
+      ("tests/cp/test_keys.py", "tests/test_parallel.py")),
     M("key-writer", KEYS,
-      "first_tp = coords.tp_rank % replicas == 0",
-      "first_tp = True",
-      "every TP replica writes the same key", ("tests/cp/test_keys.py",)),
+      "first_tp = rank.tp == 0 if shard is None else is_first_holder(rank.tp, sizes.tp,",
+      "first_tp = True if shard is None else is_first_holder(rank.tp, sizes.tp,",
+      "with one shard (MLA, TP 1) every TP rank writes the same key", ("tests/cp/test_keys.py",)),
+    M("par-first-holder", PARALLEL,
+      "return tp_rank == 0 or heads_of(tp_rank - 1, tp_size, num_kv_heads) != heads",
+      "return True",
+      "every replica of a head sends / writes it (the same bytes twice)",
+      ("tests/cp/test_keys.py", "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
     # -- transfer: engine batching, rank mapping, direct descriptors, status -------------------
     M("e-batches-in-flight", ENGINE,
       "if pending.batch_ids:  # more than MAX_BATCH",
@@ -348,11 +356,7 @@ MUTANTS: list[Mutant] = [
       "                if rc != 0:\n                    errors.append",
       "                if False:\n                    errors.append",
       "a failed batch reported as written", ENGINE_TESTS),
-    M("m-layers-rem", MAPPING,
-      "return range(start, start + base + (pp_rank < rem))",
-      "return range(start, start + base + (pp_rank <= rem))",
-      "uneven PP stages overlap", ("tests/transfer/test_mapping.py",)),
-    M("m-replica-head", MAPPING,
+    M("m-replica-head", PARALLEL,
       "head = tp_rank * num_kv_heads // tp_size",
       "head = tp_rank % num_kv_heads",
       "replicated heads assigned round-robin instead of to consecutive ranks",
@@ -486,8 +490,8 @@ TRANSFER_MUTANTS: list[Mutant] = [
       "a failed request's slot reused while a late sender may still write into it",
       INTEGRITY + ("-k", "late_writer or timed_out or never_reports")),
     M("tx-dest-timeout", SEND,
-      "            if now > state.deadline:\n",
-      "            if now > state.deadline + 30.0:\n",
+      "        if now > state.deadline:\n            state.error = ControlTimeout(",
+      "        if now > state.deadline + 30.0:\n            state.error = ControlTimeout(",
       "the sender's destination wait ignores its own timeout (waits the control plane's 30 s)",
       GAPS),
     M("tx-src-layer-offset", SEND,

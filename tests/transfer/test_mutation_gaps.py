@@ -9,16 +9,17 @@ from kvtest import assert_cache_equals, make_cache, mha, oracle_unpack
 from test_layouts import CP, run_layout
 from txtest import wait_all
 
+from cpkv.parallel import ParallelSizes
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
 from cpkv.transfer.engine import MAX_BATCH
-from cpkv.transfer.mapping import Layout, map_ranks
+from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
 
 # Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
 # start above 0 (3 layers: pp1 -> pp2 has the route [2, 3) -> [0, 1); pp2 -> pp3 has [1, 2) ->
 # [0, 1)), so a sender that forgets the route's source-layer offset ships the wrong layers.
-UNEVEN_PP = {"pp1-to-pp2": (Layout(pp=1, cp=CP), Layout(pp=2)),
-             "pp2-to-pp3": (Layout(pp=2, cp=CP), Layout(pp=3))}
+UNEVEN_PP = {"pp1-to-pp2": (ParallelSizes(pp=1, cp=CP), ParallelSizes(pp=2)),
+             "pp2-to-pp3": (ParallelSizes(pp=2, cp=CP), ParallelSizes(pp=3))}
 
 
 class CountingEngine:
