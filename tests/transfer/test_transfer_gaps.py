@@ -52,37 +52,36 @@ def bytes_per_token(recv, dst) -> int:
     return recv.route_bpt[Route.whole(dst.num_heads, dst.num_layers).key]
 
 
-def test_partial_overlap_plus_a_gap_fails_naming_the_overlap(rig):
-    """Notes for tokens [0, 8) then [4, 8) (last) of a 12-token request add up to 12 tokens,
-    but [8, 12) never arrived: the second note must be refused as an overlap."""
+# A sender that lies, played through the control plane: (pages, tokens, bytes short of what the
+# tokens move, last) per note, the request's tokens, and what the refusal must name.
+LIES = {
+    # [0, 8) then [4, 8) as last of 12 tokens: 12 tokens counted, [8, 12) never arrived
+    "overlap-plus-gap": ([((0, 2), (0, 8), 0, False), ((1, 2), (4, 8), 0, True)], 12,
+                         "tokens [4, 8) were already received ([0, 8))"),
+    "fewer-bytes": ([((0, 2), (0, 8), 1, True)], 8,
+                    "packed move {want} bytes, the notification says {got}"),
+    "tokens-past-pages": ([((0, 1), (0, 8), 0, True)], 8,
+                          "pages [0, 1) / tokens [0, 8) lie outside request 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIES))
+def test_a_lying_sender_fails_the_request_by_name(case, rig):
+    """Refused by name, the pool untouched (rx-overlap-exact, rx-nbytes, rx-token-range)."""
+    notes, num_tokens, message = LIES[case]
     _, dst = pools()
     client, recv = rogue_receiver(rig, dst)
     before = snapshot(dst)
-    recv.expect(3, torch.tensor([5, 1, 6]), num_tokens=12)
+    recv.expect(3, torch.tensor([5, 1, 6][:-(-num_tokens // PS)]), num_tokens=num_tokens)
     bpt = bytes_per_token(recv, dst)
-    key = play(client, recv, 3, [dict(pages=[0, 2], tokens=[0, 8], nbytes=8 * bpt, last=False),
-                                 dict(pages=[1, 2], tokens=[4, 8], nbytes=4 * bpt, last=True)])
+    key = play(client, recv, 3, [dict(pages=list(p), tokens=list(t),
+                                      nbytes=(t[1] - t[0]) * bpt - short, last=last)
+                                 for p, t, short, last in notes])
     assert wait_all([(recv, 3)], timeout=10) == [KVStatus.Failed]
-    assert "tokens [4, 8) were already received ([0, 8))" in recv.reason(3), recv.reason(3)
+    want = message.format(want=8 * bpt, got=8 * bpt - 1)
+    assert want in recv.reason(3), recv.reason(3)
     assert_cache_equals(dst, before)
-    client.append(key, {"end": "ack"}, 2)  # the rogue writes no more: the slot is freed
-    recv.close()
-
-
-def test_a_note_announcing_fewer_bytes_than_its_tokens_fails(rig):
-    """The bytes a note announces must be exactly what its tokens move: fewer is refused too."""
-    _, dst = pools()
-    client, recv = rogue_receiver(rig, dst)
-    before = snapshot(dst)
-    recv.expect(4, torch.tensor([2, 7]), num_tokens=8)
-    bpt = bytes_per_token(recv, dst)
-    key = play(client, recv, 4, [dict(pages=[0, 2], tokens=[0, 8], nbytes=8 * bpt - 1,
-                                      last=True)])
-    assert wait_all([(recv, 4)], timeout=10) == [KVStatus.Failed]
-    assert f"packed move {8 * bpt} bytes, the notification says {8 * bpt - 1}" in \
-        recv.reason(4), recv.reason(4)
-    assert_cache_equals(dst, before)
-    client.append(key, {"end": "ack"}, 1)
+    client.append(key, {"end": "ack"}, len(notes))  # the rogue writes no more: slot freed
     recv.close()
 
 
@@ -118,22 +117,6 @@ def test_metadata_of_the_lowest_sender_key_wins(rig):
     assert wait_all([(recv, 6), (senders[0], 6)], timeout=20) == [KVStatus.Success] * 2
     assert recv.metadata(6) == b"from-cp0"
     close_all(senders, recv)
-
-
-def test_a_note_whose_tokens_overrun_its_pages_fails(rig):
-    """Tokens [0, 8) announced for pages [0, 1) (4 slots): refused by name, nothing unpacked."""
-    _, dst = pools()
-    client, recv = rogue_receiver(rig, dst)
-    before = snapshot(dst)
-    recv.expect(5, torch.tensor([3, 6]), num_tokens=8)
-    bpt = bytes_per_token(recv, dst)
-    key = play(client, recv, 5, [dict(pages=[0, 1], tokens=[0, 8], nbytes=8 * bpt, last=True)])
-    assert wait_all([(recv, 5)], timeout=10) == [KVStatus.Failed]
-    assert "pages [0, 1) / tokens [0, 8) lie outside request 5" in recv.reason(5), \
-        recv.reason(5)
-    assert_cache_equals(dst, before)
-    client.append(key, {"end": "ack"}, 1)
-    recv.close()
 
 
 class CountingWrites:
