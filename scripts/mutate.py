@@ -44,6 +44,8 @@ TESTS_FOR = {
     "cpkv/_checks.py": ["tests/kernels/test_bad_input.py", "tests/kernels/test_kernel_gaps.py"],
     "cpkv/layout.py": ["tests/test_layout.py", "tests/kernels"],
     "cpkv/staging.py": ["tests/test_staging.py"],
+    "cpkv/parallel.py": ["tests/test_parallel.py", "tests/cp/test_partition.py",
+                         "tests/transfer/test_mapping.py"],
     "cpkv/kernels/": ["tests/kernels"],
     "cpkv/cp/": ["tests/cp", "tests/kernels/test_reorganize.py"],
     "cpkv/cp/partition.py": ["tests/cp/test_partition.py", "tests/kernels/test_reorganize.py"],
