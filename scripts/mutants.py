@@ -9,7 +9,6 @@ expression works): a survivor then costs seconds, not the whole suite.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -433,11 +432,7 @@ MUTANTS: list[Mutant] = [
 ]
 
 
-# The transfer receiver and sender as rewritten by branch `integrity` (issue 9: fencing, notes as
-# authenticated stream lines): these mutants join the run once that code is in the checkout,
-# recognised by a line only it has (before, their tests in test_transfer_gaps.py skip visibly).
-ROOT = Path(__file__).resolve().parents[1]
-INTEGRITY_MARK = "def _accept(self, rid: int, req: _Request, sender: str, note) -> None:"
+# The transfer receiver and sender (fencing, notes as authenticated stream lines, issue 9).
 RECV = "cpkv/transfer/receiver.py"
 SEND = "cpkv/transfer/sender.py"
 GAPS = ("tests/transfer/test_transfer_gaps.py",)
@@ -520,5 +515,4 @@ TRANSFER_MUTANTS: list[Mutant] = [
       "packed writes start after the receiver ended the use (no fence)",
       INTEGRITY + ("-k", "late_writer or no_write") + GAPS),
 ]
-if INTEGRITY_MARK in (ROOT / RECV).read_text():
-    MUTANTS += TRANSFER_MUTANTS
+MUTANTS += TRANSFER_MUTANTS

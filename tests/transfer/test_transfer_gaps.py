@@ -12,14 +12,10 @@ import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, snapshot
 from txtest import close_all, group, wait_all
 
-from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, ParallelRank
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
 from cpkv.transfer import sender as sender_module
 from cpkv.transfer.control import geometry
 from cpkv.transfer.mapping import Route
-
-if not hasattr(ControlPlane, "append"):  # the notes-as-stream-lines API of branch `integrity`
-    pytest.skip("needs the transfer receiver/sender of branch integrity (issue 9), not merged "
-                "into this checkout yet", allow_module_level=True)
 
 PS = 4
 
