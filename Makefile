@@ -27,5 +27,12 @@ bench: setup
 plot: setup
 	@$(VENV)/bin/cpkv plot
 
+# Mutation testing (not part of `make test` or CI): hand-written mutants of the code that decides
+# which bytes go where, each run against the tests that cover it; report in
+# benchmarks/results/mutation.md. Under an hour on a 2-core machine.
+.PHONY: mutate
+mutate: setup
+	@$(PY) scripts/mutate.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
