@@ -9,8 +9,9 @@ from kvtest import assert_cache_equals, make_cache, mha, oracle_unpack
 from test_layouts import CP, run_layout
 from txtest import wait_all
 
-from cpkv.parallel import ParallelSizes
+from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
+from cpkv.transfer.control import geometry
 from cpkv.transfer.engine import MAX_BATCH
 from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
@@ -127,3 +128,27 @@ def test_cost_model_terms_and_tie():
     assert m.choose(12, 100) == "direct"  # 34 s < 36 s
     assert m.choose(13, 100) == "packed"  # 36 s: a tie
     assert m.choose(14, 100) == "packed"
+
+
+def test_a_partial_overlap_plus_a_gap_is_refused(rig):
+    """A sender that notes tokens [0, 8) then [4, 8) (last) of 12: every layer counts 12
+    tokens though [8, 12) never arrived. Refused by name as an overlap (rx-overlap-exact);
+    played through the control plane."""
+    engine, _, recv_arena, control = rig
+    dst = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=2)
+    client = control.scoped(uuid.uuid4().hex)
+    client.put(client.key("reg", ParallelRank().key), {"inc": "rogue", "session": "x",
+                                                       "geometry": geometry(dst)})
+    recv = KVReceiver(dst, client, cp_size=1, timeout=5, engine=engine, arena=recv_arena)
+    recv.expect(3, torch.tensor([5, 1, 6]), num_tokens=12)
+    (bpt,) = recv.route_bpt.values()
+    dest = client.get(client.key(recv.incarnation, "dest", 3))
+    key = client.key(recv.incarnation, "use", dest["use"], "note", ParallelRank().key)
+    notes = [dict(pages=[0, 2], tokens=[0, 8], nbytes=8 * bpt, last=False),
+             dict(pages=[1, 2], tokens=[4, 8], nbytes=4 * bpt, last=True)]
+    for i, note in enumerate(notes):
+        client.append(key, note, i)
+    assert wait_all([(recv, 3)], timeout=10) == [KVStatus.Failed]
+    assert "tokens [4, 8) were already received" in recv.reason(3), recv.reason(3)
+    client.append(key, {"end": "ack"}, len(notes))  # the rogue writes no more: slot freed
+    recv.close()
