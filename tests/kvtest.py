@@ -247,3 +247,12 @@ def copy_back(moved: PagedKVCache, cache: PagedKVCache) -> None:
 def on(x, device):
     """A tensor moved to ``device``; anything else (list, numpy ids) as is."""
     return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def assert_untouched_outside(dst, before, pages):
+    """Every page but ``pages`` (a failed request's: undefined bytes, DESIGN rule 3) still
+    holds its bytes from ``before`` (an NHD snapshot)."""
+    for name, layers in snapshot(dst).items():
+        for i, t in enumerate(layers):
+            before[name][i][pages] = t[pages]
+    assert_cache_equals(dst, before, "pages outside the request")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from kvtest import (
     assert_cache_equals,
+    assert_untouched_outside,
     fill_sentinel,
     make_cache,
     mha,
@@ -126,15 +127,6 @@ def test_geometry_mismatch_fails_before_any_byte_moves(rig):
     assert all("geometry mismatch" in s.reason(1) for s in senders)
     assert_cache_equals(dst, before)
     close_all(senders, recv)
-
-
-def assert_untouched_outside(dst, before, pages):
-    """Every page but ``pages`` (a failed request's: undefined bytes, DESIGN rule 3) still
-    holds its bytes from ``before`` (an NHD snapshot)."""
-    for name, layers in snapshot(dst).items():
-        for i, t in enumerate(layers):
-            before[name][i][pages] = t[pages]
-    assert_cache_equals(dst, before, "pages outside the request")
 
 
 def use_prefix(client, recv, rid):
