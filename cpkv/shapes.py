@@ -23,9 +23,6 @@ class ModelShape:
         """Bytes of one token of one component in one layer (the unit a gather moves)."""
         return self.components[0].num_heads * self.components[0].head_nbytes
 
-    def bytes_per_token(self) -> int:
-        return self.num_layers * sum(c.num_heads * c.head_nbytes for c in self.components)
-
     def cache(self, *, num_pages: int, page_size: int, num_layers: int | None = None,
               layout: str = "NHD", device="cpu") -> PagedKVCache:
         """An uninitialised pool of this shape (optionally with fewer layers)."""

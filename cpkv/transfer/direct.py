@@ -17,7 +17,7 @@ from ..layout import PagedKVCache
 from .mapping import Route
 
 __all__ = ["contiguous_runs", "direct_descriptors", "direct_nbytes", "direct_segments",
-           "pool_layout"]
+           "pool_addresses"]
 
 
 def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
@@ -41,7 +41,7 @@ def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
     return runs
 
 
-def pool_layout(cache: PagedKVCache) -> list[dict]:
+def pool_addresses(cache: PagedKVCache) -> list[dict]:
     """What a sender needs to address a receiver's pool: per (layer, component), the base
     address and the (page, slot, head) byte strides of the NHD view, layer-major."""
     out = []

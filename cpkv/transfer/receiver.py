@@ -36,7 +36,7 @@ from .._checks import as_page_ids, check_num_tokens
 from ..kernels import unpack_pages
 from ..staging import Slot, StagingArena
 from .control import ControlError, ControlPlane, check_geometry
-from .direct import direct_nbytes, pool_layout, whole_pages
+from .direct import direct_nbytes, pool_addresses, whole_pages
 from .endpoint import Endpoint, check_ready
 from .engine import TransferEngine
 from .mapping import Route
@@ -157,7 +157,7 @@ class KVReceiver(Endpoint):
                     "geometry": self.geometry, "pool": None, "checksum": checksum}
             if direct:
                 self.register_pool()
-                info["pool"] = pool_layout(cache)
+                info["pool"] = pool_addresses(cache)
             control.put(control.key("recv"), info)
         except BaseException:
             self._release_owned()
