@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ._closing import Closing
+
 __all__ = ["ALIGN", "ArenaError", "ArenaFullError", "Slot", "StagingArena"]
 
 ALIGN = 4096
@@ -86,7 +88,7 @@ class Slot:
         self.release()
 
 
-class StagingArena:
+class StagingArena(Closing):
     """A registered staging buffer carved into slots.
 
     Args:
@@ -379,15 +381,3 @@ class StagingArena:
             self._mmap = None
         if errors:
             raise ArenaError(f"releasing registrations failed: {errors}") from errors[0]
-
-    def __enter__(self) -> StagingArena:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

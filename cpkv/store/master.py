@@ -182,7 +182,7 @@ class MasterProcess:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self):  # cpkv._closing.Closing's, repeated: this module imports nothing of cpkv
         try:
             self.close()
         except Exception:

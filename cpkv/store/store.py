@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .._checks import as_page_ids
+from .._closing import Closing
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
 from ..layout import PagedKVCache, as_range
@@ -145,7 +146,7 @@ def _reorder(src: torch.Tensor, dst: torch.Tensor, rows: list[int], k: int, toke
         pm_off += span
 
 
-class KVStore:
+class KVStore(Closing):
     """A rank's client of Mooncake Store for paged KV, with a registered staging arena.
 
     Args:
@@ -532,15 +533,3 @@ class KVStore:
             self._owned_master = None
         if errors:
             raise StoreError("close", f"releasing the client failed: {errors}")
-
-    def __enter__(self) -> KVStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
