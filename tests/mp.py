@@ -71,3 +71,28 @@ def assert_ok(results: list[dict], name: str) -> None:
     for rank, res in enumerate(results):
         assert name in res, f"rank {rank} did not run {name!r} ({res.get('rank-setup', '')})"
         assert res[name] == "ok", f"rank {rank}, {name}: {res[name]}"
+
+
+def _stat(pid) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone: this container reaps late)."""
+    try:
+        return _stat(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def child_pids(pid: int) -> set[int]:
+    """Direct children of ``pid``, read from /proc."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(_stat(stat.parent.name)[1]) == pid:
+                out.add(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return out

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mp import child_pids
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -63,18 +64,6 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.add(int(stat.parent.name))
-    return out
-
-
 def test_ctrl_c_stops_every_process(tmp_path):
     import signal
     import time
@@ -86,7 +75,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
         for line in proc.stdout:  # wait until the ranks are working
             if "sent" in line or "received" in line:
                 break
-        children = _children(proc.pid)
+        children = child_pids(proc.pid)
         assert children, "the demo started no processes"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mp import alive
 
 from cpkv.store import MasterError, MasterProcess
 from cpkv.store.master import port_open
@@ -27,15 +28,6 @@ if sys.argv[1] == "exit":
     sys.exit(0)
 time.sleep(120)
 """
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> bool:

@@ -5,7 +5,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from mp import alive, child_pids
 
 from cpkv.report import COLUMNS
 
@@ -49,26 +50,6 @@ def test_bench_and_plot_store(tmp_path):
     assert (tmp_path / "store.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.add(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie waiting for its reaper has stopped
-
-
 def test_ctrl_c_stops_writers_and_master():
     proc = subprocess.Popen([sys.executable, "-m", "cpkv.cli", "demo", "--store", "--shape", "A",
                              "--tokens", "4096", "--page-size", "1", "--layers", "4",
@@ -79,14 +60,14 @@ def test_ctrl_c_stops_writers_and_master():
             if "mooncake_master on" in line:
                 break
         deadline = time.monotonic() + 60
-        while len(children := _children(proc.pid)) < 3:  # master + 2 writers
+        while len(children := child_pids(proc.pid)) < 3:  # master + 2 writers
             assert time.monotonic() < deadline and proc.poll() is None, "no writers started"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
         assert "interrupted" in proc.stderr.read()
         deadline = time.monotonic() + 30
-        while any(_alive(c) for c in children):
+        while any(alive(c) for c in children):
             assert time.monotonic() < deadline, "processes left behind after Ctrl-C"
             time.sleep(0.2)
     finally:
