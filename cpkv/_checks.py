@@ -106,3 +106,19 @@ def check_no_alias(buf: torch.Tensor, spans, *, what: str) -> None:
         if lo < s_hi and s_lo < hi:
             raise ValueError(f"{what}: expected a buffer apart from the pool, got one overlapping "
                              f"a pool tensor's memory ({hi - lo} bytes at {lo:#x})")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to cpkv)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value, what: str, minimum: int | None = 0, maximum: int | None = None) -> int:
+    """``value`` as a checked int: TypeError if it is not one (bools and floats included),
+    ValueError outside ``[minimum, maximum]``. Returns it."""
+    if not is_int(value):
+        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{what}: expected an int {bounds}, got {value}")
+    return value
