@@ -471,14 +471,15 @@ class KVReceiver(Endpoint):
             self._finish(req, f"sender {sid} announced the request but is not one of its "
                               f"expected senders {sorted(req.writers)[:8]} (the two sides "
                               f"disagree on sizes, routes or DP rank)")
+            link.send(self._ended[req.rid])
             return
+        if w.link is not None:
+            return  # announced already (a duplicate is harmless)
+        w.link = link  # from here on it hears the verdict
         if msg is not None and msg.num_tokens != req.num_tokens:
             self._finish(req, f"sender {sid} has {msg.num_tokens} tokens, this receiver "
                               f"expects {req.num_tokens}")
             return
-        if w.link is not None:
-            return  # announced already (a duplicate is harmless)
-        w.link = link
         if req.slot is not None:
             self._send_dest(req, sid, w)
 

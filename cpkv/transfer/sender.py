@@ -127,6 +127,7 @@ class _Leg:
         self.no_route = False  # this rank feeds the receiver nothing
         self.announced = False
         self.dest: Destination | None = None
+        self.welcome: Welcome | None = None  # the receiver, as it was when it gave dest
         self.verdict: tuple[int, str | None] | None = None
         self.error: str | None = None  # this side failed the leg
         self.writes = 0  # submitted, not yet landed and notified
@@ -494,7 +495,7 @@ class KVSender(Endpoint):
             self._fail_leg(leg, f"receiver {peer.address}, request {dest.rid!r}: {reason}",
                            use=dest.use)
             return
-        leg.dest = dest
+        leg.dest, leg.welcome = dest, peer.welcome
         leg.state.cell.update(KVStatus.WaitingForInput)
         self._notify()
 
@@ -692,7 +693,7 @@ class KVSender(Endpoint):
             part = dataclasses.replace(
                 route, src_layers=route.src_layers[a:b],
                 dst_layers=range(route.dst_layers.start + a, route.dst_layers.start + b))
-            w = leg.peer.welcome
+            w = leg.welcome
             segments = direct_segments(self.cache, job.page_ids, w.pool, w.num_heads,
                                        dest.page_ids, share, tokens, part)
             if job.event is not None:
@@ -704,7 +705,7 @@ class KVSender(Endpoint):
             return
         if job.event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(self.cache.device).wait_event(job.event)
-        integrity = leg.peer.welcome.integrity
+        integrity = leg.welcome.integrity
         groups = layer_groups(range(a, b), per_layer, PIPELINE_CHUNK_BYTES)
         for group in groups:
             g0, g1 = group.start, group.stop
@@ -733,16 +734,20 @@ class KVSender(Endpoint):
         leg.sent[job.chunk] = b
 
     def _submit(self, leg: _Leg, segments, slot, check, note: dict) -> None:
-        """The fence, then the write: submitted only while the leg is live; its landing is
-        waited for (in order) by the landing thread, which notifies."""
+        """The fence, then the write: submitted only while the leg is live (counted in
+        ``writes`` first, so no End is sent while it may still land); its landing is waited
+        for, in order, by the landing thread, which notifies."""
         with self._lock:
             self._live(leg)
             leg.writes += 1
-            try:
-                pending = self.engine.submit(leg.peer.welcome.session, segments)
-            except BaseException:
+            leg.state.cell.update(KVStatus.Transferring)
+        try:
+            pending = self.engine.submit(leg.welcome.session, segments)
+        except BaseException:
+            with self._lock:  # nothing of it is on the wire (submit drains a failed batch)
                 leg.writes -= 1
-                raise
+                self._maybe_end(leg)
+            raise
         self._landing.put((leg, pending, slot, check, note, time.perf_counter()))
 
     def _queue_note(self, leg: _Leg, slot, check, note: dict) -> None:
@@ -790,7 +795,7 @@ class KVSender(Endpoint):
     def _choose_mode(self, leg: _Leg, page_ids, pages: range, tokens: range) -> str:
         if self.mode == "packed":
             return "packed"
-        w = leg.peer.welcome
+        w = leg.welcome
         allowed = w.pool is not None and w.layout == self.cache.layout and \
             w.page_size == self.cache.page_size
         if self.mode == "direct":

@@ -111,3 +111,69 @@ class Rogue:
 
     def close(self):
         self.sock.close()
+
+
+class Proxy:
+    """An on-path attacker between a sender and a receiver: forwards every frame, keeps a
+    copy of each, and can inject a recorded frame into either direction later (a replay).
+    Senders are pointed at ``address`` instead of the receiver's."""
+
+    def __init__(self, target: str):
+        import threading
+
+        self.target = parse_address(target)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.frames = {"to_receiver": [], "to_sender": []}
+        self._out = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        try:
+            client, _ = self.server.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(self.target)
+        self._out = {"to_receiver": upstream, "to_sender": client}
+        for src, direction in ((client, "to_receiver"), (upstream, "to_sender")):
+            threading.Thread(target=self._pump, args=(src, direction), daemon=True).start()
+
+    def _pump(self, src, direction):
+        buf = b""
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                for s in self._out.values():
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            buf += data
+            while len(buf) >= 4 and len(buf) - 4 >= _LEN.unpack_from(buf)[0]:
+                n = _LEN.unpack_from(buf)[0]
+                frame, buf = buf[:4 + n], buf[4 + n:]
+                self.frames[direction].append(frame)
+                self._forward(direction, frame)
+
+    def _forward(self, direction, frame):
+        with self._lock:
+            try:
+                self._out[direction].sendall(frame)
+            except OSError:
+                pass
+
+    def replay(self, direction: str, index: int) -> None:
+        """Send recorded frame ``index`` of ``direction`` again, between two frames."""
+        self._forward(direction, self.frames[direction][index])
+
+    def close(self):
+        self.server.close()
+        for s in self._out.values():
+            s.close()
