@@ -153,6 +153,7 @@ class _Send:
         self.legs: dict[str, _Leg] = {}
         self.marks: dict = {}  # chunk -> layers below this are ready (caller's side)
         self.jobs = 0  # queued calls not yet run
+        self.last_called = False  # a later call is a new use of the id: refused
 
 
 @dataclasses.dataclass
@@ -298,8 +299,8 @@ class KVSender(Endpoint):
                 raise RuntimeError("send: the sender is closed")
             state = self._states.get(request_id)
             if state is not None:
-                if state.cell.done and not state.jobs:
-                    raise ValueError(f"request {request_id!r} already ended here "
+                if state.last_called:
+                    raise ValueError(f"request {request_id!r} already made its last call here "
                                      f"({state.cell.status.name}); forget it before sending "
                                      f"the id again")
                 if state.to != targets or state.num_tokens != num_tokens or \
@@ -322,6 +323,7 @@ class KVSender(Endpoint):
                 raise ValueError(f"last: chunks {short} have not reported every layer "
                                  f"(upto >= {end}) yet")
             state.marks = marks
+            state.last_called = last
             if fresh:
                 self._states[request_id] = state
                 deadline = time.monotonic() + self.timeout

@@ -38,18 +38,24 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 
 
 class Group:
-    """cp senders of one prefill instance over ``src`` and a receiver into ``dst`` (one
-    process, the rig's engine and arenas). ``expect`` / ``send`` fill in the source and the
-    receiver's address."""
+    """The senders of one prefill instance over ``src`` (or ``srcs(rank)`` per rank) and a
+    receiver into ``dst`` (one process, the rig's engine and arenas). ``sizes`` are the
+    prefill instance's (default CP ``cp``), ``rank`` / ``dsizes`` the receiver's; senders
+    are listed route by route ((tp, pp) major, CP rank minor). ``expect`` / ``send`` fill in
+    the source and the receiver's address."""
 
-    def __init__(self, src, dst, rig, *, cp=2, policy="all", timeout=10.0, **recv_kw):
+    def __init__(self, src, dst, rig, *, cp=2, sizes=None, srcs=None, rank=None, dsizes=None,
+                 num_layers=None, policy="all", timeout=10.0, sender_kw=None, **recv_kw):
         engine, send_arena, recv_arena = rig
         self.instance = f"prefill-{uuid.uuid4().hex[:8]}"
-        self.senders = [KVSender(src, instance=self.instance, rank=ParallelRank(cp=r),
-                                 sizes=ParallelSizes(cp=cp), policy=policy, timeout=timeout,
-                                 engine=engine, arena=send_arena) for r in range(cp)]
-        self.recv = KVReceiver(dst, timeout=timeout, engine=engine, arena=recv_arena,
-                               **recv_kw)
+        sizes = sizes or ParallelSizes(cp=cp)
+        ranks = sorted((r for r in sizes.ranks() if r.dp == 0), key=lambda r: (r.tp, r.pp, r.cp))
+        self.senders = [KVSender(srcs(r) if srcs else src, instance=self.instance, rank=r,
+                                 sizes=sizes, policy=policy, timeout=timeout, engine=engine,
+                                 arena=send_arena, num_layers=num_layers, **(sender_kw or {}))
+                        for r in ranks]
+        self.recv = KVReceiver(dst, rank=rank, sizes=dsizes, num_layers=num_layers,
+                               timeout=timeout, engine=engine, arena=recv_arena, **recv_kw)
 
     def expect(self, rid, ids, n, **kw):
         self.recv.expect(rid, ids, source=self.instance, num_tokens=n, **kw)
