@@ -36,12 +36,11 @@ def test_staging_api():
 
 
 def test_transfer_api():
-    assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "CostModel",
-                                             "KVReceiver", "KVSender", "KVStatus",
-                                             "ParallelRank", "ParallelSizes", "Route",
-                                             "StatusCell",
-                                             "TransferEngine", "TransferError", "agree",
-                                             "contiguous_runs", "map_ranks"]
+    assert sorted(cpkv.transfer.__all__) == ["CostModel", "KVReceiver", "KVSender",
+                                             "KVStatus", "ModelShape", "ParallelRank",
+                                             "ParallelSizes", "ProtocolError", "Route",
+                                             "StatusCell", "TransferEngine", "TransferError",
+                                             "agree", "contiguous_runs", "map_ranks"]
 
 
 def test_every_exported_name_exists():

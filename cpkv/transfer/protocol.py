@@ -172,8 +172,9 @@ def _from_fields(cls, data, what: str):
     if extra or missing:
         raise ProtocolError(f"{what}: fields {sorted(missing)} missing, {sorted(extra)} "
                             f"unknown")
+    values = {n: _check(data[n], hints[n], f"{what}.{n}") for n in names}
     try:
-        return cls(**{n: _check(data[n], hints[n], f"{what}.{n}") for n in names})
+        return cls(**values)
     except (TypeError, ValueError) as e:  # __post_init__ checks
         raise ProtocolError(f"{what}: {e}") from None
 
