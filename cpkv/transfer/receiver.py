@@ -538,7 +538,7 @@ class KVReceiver(Endpoint):
                     continue
                 if by_peer:
                     w.gone_at = now
-                if req is not None and not req.cell.done and not w.finished:
+                if req is not None and not req.cell.done:  # it can hear no verdict
                     self._finish(req, f"sender {sid} disconnected: {reason}")
         self._work.set()
 

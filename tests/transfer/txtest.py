@@ -120,8 +120,9 @@ class Rogue:
 
 
 class Proxy:
-    """An on-path attacker between a sender and a receiver: forwards every frame, keeps a
-    copy of each, and can inject a recorded frame into either direction later (a replay).
+    """An on-path attacker between senders and a receiver: forwards every frame of every
+    connection, keeps a copy of each (``sessions[k][direction]``, direction "to_receiver" or
+    "to_sender") and can `inject` any recorded frame into the latest connection (a replay).
     Senders are pointed at ``address`` instead of the receiver's."""
 
     def __init__(self, target: str):
@@ -130,24 +131,30 @@ class Proxy:
         self.target = parse_address(target)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
-        self.frames = {"to_receiver": [], "to_sender": []}
-        self._out = {}
+        self.sessions: list[dict] = []
+        self._ends: list[dict] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
         import threading
 
-        try:
-            client, _ = self.server.accept()
-        except OSError:
-            return
-        upstream = socket.create_connection(self.target)
-        self._out = {"to_receiver": upstream, "to_sender": client}
-        for src, direction in ((client, "to_receiver"), (upstream, "to_sender")):
-            threading.Thread(target=self._pump, args=(src, direction), daemon=True).start()
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            ends = {"to_receiver": upstream, "to_sender": client}
+            frames = {"to_receiver": [], "to_sender": []}
+            with self._lock:
+                self.sessions.append(frames)
+                self._ends.append(ends)
+            for src, direction in ((client, "to_receiver"), (upstream, "to_sender")):
+                threading.Thread(target=self._pump, args=(src, direction, ends, frames),
+                                 daemon=True).start()
 
-    def _pump(self, src, direction):
+    def _pump(self, src, direction, ends, frames):
         buf = b""
         while True:
             try:
@@ -155,7 +162,7 @@ class Proxy:
             except OSError:
                 data = b""
             if not data:
-                for s in self._out.values():
+                for s in ends.values():
                     try:
                         s.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -165,21 +172,22 @@ class Proxy:
             while len(buf) >= 4 and len(buf) - 4 >= _LEN.unpack_from(buf)[0]:
                 n = _LEN.unpack_from(buf)[0]
                 frame, buf = buf[:4 + n], buf[4 + n:]
-                self.frames[direction].append(frame)
-                self._forward(direction, frame)
+                frames[direction].append(frame)
+                self._send(ends[direction], frame)
 
-    def _forward(self, direction, frame):
+    def _send(self, sock, frame):
         with self._lock:
             try:
-                self._out[direction].sendall(frame)
+                sock.sendall(frame)
             except OSError:
                 pass
 
-    def replay(self, direction: str, index: int) -> None:
-        """Send recorded frame ``index`` of ``direction`` again, between two frames."""
-        self._forward(direction, self.frames[direction][index])
+    def inject(self, direction: str, frame: bytes) -> None:
+        """Send ``frame`` (e.g. a recorded one) into the latest connection, between frames."""
+        self._send(self._ends[-1][direction], frame)
 
     def close(self):
         self.server.close()
-        for s in self._out.values():
-            s.close()
+        for ends in self._ends:
+            for s in ends.values():
+                s.close()
