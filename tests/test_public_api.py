@@ -37,7 +37,7 @@ def test_staging_api():
 
 def test_transfer_api():
     assert sorted(cpkv.transfer.__all__) == ["CostModel", "KVReceiver", "KVSender",
-                                             "KVStatus", "ModelShape", "ParallelRank",
+                                             "KVStatus", "ModelSpec", "ParallelRank",
                                              "ParallelSizes", "ProtocolError", "Route",
                                              "StatusCell", "TransferEngine", "TransferError",
                                              "agree", "contiguous_runs", "map_ranks"]

@@ -19,7 +19,7 @@ from ..parallel import ParallelRank, ParallelSizes, heads_of, layers_of
 from ..staging import StagingArena
 from .engine import TransferEngine
 from .mapping import Route, map_ranks
-from .protocol import Hello, ModelShape, ProtocolError, Welcome, check_request_id
+from .protocol import Hello, ModelSpec, ProtocolError, Welcome, check_request_id
 from .status import KVStatus
 
 SECRET_ENV = "CPKV_SECRET"
@@ -52,7 +52,7 @@ def resolve_secret(secret) -> bytes | None:
 
 
 def model_shape(cache: PagedKVCache, rank: ParallelRank, sizes: ParallelSizes, kind: str,
-                num_kv_heads: int | None, num_layers: int | None) -> ModelShape:
+                num_kv_heads: int | None, num_layers: int | None) -> ModelSpec:
     """The whole model from this rank's pool, checked against it: ``num_kv_heads`` defaults to
     the pool's heads times TP (MHA; one latent for MLA), ``num_layers`` to the pool's layers
     (required with PP > 1, where stages may be uneven)."""
@@ -79,11 +79,11 @@ def model_shape(cache: PagedKVCache, rank: ParallelRank, sizes: ParallelSizes, k
         raise ValueError(f"this pool holds {cache.num_layers} layers; pp rank {rank.pp} of "
                          f"{sizes.pp} holds {len(layers_of(rank.pp, sizes.pp, num_layers))} of "
                          f"{num_layers} layers")
-    return ModelShape(kind, num_kv_heads, num_layers)
+    return ModelSpec(kind, num_kv_heads, num_layers)
 
 
 def identity(cache: PagedKVCache, instance: str, rank: ParallelRank, sizes: ParallelSizes,
-             model: ModelShape, incarnation: str, session: str) -> dict:
+             model: ModelSpec, incarnation: str, session: str) -> dict:
     """The fields a Hello and a Welcome share: who an agent is and what its pool holds."""
     return dict(instance=instance, rank=rank, sizes=sizes, model=model,
                 incarnation=incarnation, session=session,

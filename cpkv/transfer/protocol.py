@@ -53,7 +53,7 @@ from ..layout import PackedFormat
 from ..parallel import ParallelRank, ParallelSizes
 
 __all__ = ["Announce", "Destination", "End", "FrameCodec", "Hello", "MAX_FRAME", "Message",
-           "ModelShape", "Nonce", "Note", "PROTOCOL_VERSION", "ProtocolError", "Refused",
+           "ModelSpec", "Nonce", "Note", "PROTOCOL_VERSION", "ProtocolError", "Refused",
            "RouteSpec", "SlotPlan", "Verdict", "Welcome", "check_request_id", "decode",
            "encode"]
 
@@ -208,7 +208,7 @@ class Message:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelSpec:
     """The whole model as rank mapping needs it (the pool only shows one rank's part)."""
 
     kind: str  # "mha" (K/V heads, split over TP) or "mla" (one latent, replicated over TP)
@@ -238,7 +238,7 @@ class Hello(Message):
     instance: str
     rank: ParallelRank
     sizes: ParallelSizes
-    model: ModelShape
+    model: ModelSpec
     incarnation: str
     session: str  # the sender engine's Mooncake session
     unit: PackedFormat  # one token, head and layer: format version, components, dtypes
@@ -254,7 +254,7 @@ class Welcome(Message):
     instance: str
     rank: ParallelRank
     sizes: ParallelSizes
-    model: ModelShape
+    model: ModelSpec
     incarnation: str
     session: str
     unit: PackedFormat
