@@ -42,6 +42,8 @@ OPS = {
     "reorganize": dict(unpack=True, token_map=True),
     "pack-regions": dict(unpack=False, regions=True),
     "unpack-regions": dict(unpack=True, regions=True),
+    "pack-tokens": dict(unpack=False, token_list=True),
+    "unpack-tokens": dict(unpack=True, token_list=True),
 }
 COLUMNS = ["op", "shape", "page_size", "arch", "vector_bits", "registers", "spills", "div_rem",
            "sass_instructions", "word_bytes", "vec", "head_words", "row_words", "contig_heads",
@@ -125,11 +127,13 @@ def launch_specs(shape: str, page_size: int, op: str):
 
 
 def signature(spec) -> dict:
-    """The kernel's argument types as `_launch` passes them (int32 page ids, int64 map)."""
+    """The kernel's argument types as `_launch` passes them (int32 page ids and token list,
+    int64 map)."""
     word = {8: "i64", 4: "i32", 2: "i16", 1: "u8"}[spec.word]
     sig = {"slot": f"*{word}", "desc": "*i64", "page_ids": "*i32",
            "token_map": "*i64" if spec.has_token_map else "*i32",
-           "num_rows": "i32", "rows_per_region": "i32", "region_words": "i32"}
+           "tokens": "*i32", "num_rows": "i32", "rows_per_region": "i32",
+           "region_words": "i32", "token_offset": "i32"}
     sig.update({name: "constexpr" for name in spec.constexprs()})
     return sig
 

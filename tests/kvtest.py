@@ -110,18 +110,28 @@ def oracle_unpack(src: PagedKVCache, src_ids, dst: PagedKVCache, dst_ids, num_to
                   want: dict | None = None) -> dict:
     """Expected destination bytes after moving tokens src -> dst one by one (on top of `want`,
     a snapshot of dst by default)."""
+    return oracle_move(src, src_ids, range(num_tokens), dst, dst_ids, range(num_tokens), layers,
+                       src_heads, dst_layers, dst_heads, want)
+
+
+def oracle_move(src: PagedKVCache, src_ids, src_tokens, dst: PagedKVCache, dst_ids, dst_tokens,
+                layers: range, src_heads: range, dst_layers: range, dst_heads: range,
+                want: dict | None = None) -> dict:
+    """Expected destination bytes after request-local token ``src_tokens[j]`` of src moves to
+    token ``dst_tokens[j]`` of dst, one by one (on top of `want`, a snapshot of dst by default)."""
     want = snapshot(dst) if want is None else want
     s_ids, d_ids = [int(i) for i in src_ids], [int(i) for i in dst_ids]
+    pairs = list(zip([int(t) for t in src_tokens], [int(t) for t in dst_tokens], strict=True))
     for sl, dl in zip(layers, dst_layers, strict=True):
         for spec in src.components:
             s_pool = as_bytes(src.nhd_view(spec.name, sl))
             d_pool = want[spec.name][dl]
             if dst.layout == "HND":
                 d_pool = d_pool.transpose(1, 2)
-            for t in range(num_tokens):
-                row = s_pool[s_ids[t // src.page_size], t % src.page_size,
+            for s, d in pairs:
+                row = s_pool[s_ids[s // src.page_size], s % src.page_size,
                              src_heads.start:src_heads.stop]
-                d_pool[d_ids[t // dst.page_size], t % dst.page_size,
+                d_pool[d_ids[d // dst.page_size], d % dst.page_size,
                        dst_heads.start:dst_heads.stop] = row
     return want
 

@@ -27,9 +27,12 @@ from .words import WORD_DTYPES, word_bytes
 __all__ = ["pack_pages_torch", "reorganize_torch", "token_slots", "unpack_pages_torch"]
 
 
-def token_slots(page_ids: torch.Tensor, num_tokens: int, page_size: int):
-    """(page, slot) of request-local tokens [0, num_tokens), as int64 tensors."""
-    t = torch.arange(num_tokens, device=page_ids.device)
+def token_slots(page_ids: torch.Tensor, num_tokens: int, page_size: int, *,
+                token_offset: int = 0, tokens: torch.Tensor | None = None):
+    """(page, slot) of packed rows [0, num_tokens) as int64 tensors: row j is request-local
+    token ``token_offset + j``, or ``tokens[j]``."""
+    t = torch.arange(token_offset, token_offset + num_tokens, device=page_ids.device) \
+        if tokens is None else tokens.to(torch.int64)
     pages = page_ids.to(torch.int64)[t // page_size]
     return pages, t % page_size
 
@@ -90,15 +93,19 @@ def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> No
 
 
 def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num_tokens: int,
-          layers: range, heads: range, *, unpack: bool, region_tokens: int | None = None) -> None:
+          layers: range, heads: range, *, unpack: bool, region_tokens: int | None = None,
+          token_offset: int = 0, tokens: torch.Tensor | None = None) -> None:
     ps = cache.page_size
     ids = page_ids.to(torch.int64)
+    whole_pages = tokens is None and token_offset % ps == 0  # rows start on a page
+    if whole_pages:
+        ids = ids[token_offset // ps:]
     rows = num_tokens if region_tokens is None else region_tokens
     n_regions = 1 if region_tokens is None else num_tokens // region_tokens
     full, tail = divmod(num_tokens, ps)
     flat_idx = None
     for pool, blocks in _blocks(cache, packed, rows, n_regions, layers, heads):
-        pages = _page_rows(pool)
+        pages = _page_rows(pool) if whole_pages else None
         if pages is not None and (n_regions == 1 or rows % ps == 0):
             k = rows // ps  # whole pages per value
             whole = blocks[:, :k * ps].view(n_regions, k, pages.shape[1])
@@ -115,7 +122,8 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
                     tail_rows.copy_(pool[tail_ids, :tail])
             continue
         if flat_idx is None:
-            p, s = token_slots(page_ids, num_tokens, ps)
+            p, s = token_slots(page_ids, num_tokens, ps, token_offset=token_offset,
+                               tokens=tokens)
             flat_idx = (p * ps + s).view(n_regions, rows)
         tokens = _token_rows(pool)
         if tokens is not None:
@@ -137,19 +145,17 @@ def _scatter_tokens(pool: torch.Tensor, flat_idx: torch.Tensor, rows: torch.Tens
 
 
 def pack_pages_torch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int,
-                     layers: range, heads: range, out: torch.Tensor, *,
-                     region_tokens: int | None = None) -> None:
-    """Gather into ``out`` (uint8, exactly the packed size). Inputs are trusted."""
-    _copy(cache, out, page_ids, num_tokens, layers, heads, unpack=False,
-          region_tokens=region_tokens)
+                     layers: range, heads: range, out: torch.Tensor, **where) -> None:
+    """Gather into ``out`` (uint8, exactly the packed size). Inputs are trusted; ``where``:
+    ``region_tokens``, ``token_offset``, ``tokens`` as in `cpkv.kernels.pack_pages`."""
+    _copy(cache, out, page_ids, num_tokens, layers, heads, unpack=False, **where)
 
 
 def unpack_pages_torch(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
-                       num_tokens: int, layers: range, heads: range, *,
-                       region_tokens: int | None = None) -> None:
-    """Scatter ``packed`` (uint8, exactly the packed size) into ``cache``. Inputs are trusted."""
-    _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True,
-          region_tokens=region_tokens)
+                       num_tokens: int, layers: range, heads: range, **where) -> None:
+    """Scatter ``packed`` (uint8, exactly the packed size) into ``cache``. Inputs are trusted;
+    ``where`` as in `pack_pages_torch`."""
+    _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True, **where)
 
 
 def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
