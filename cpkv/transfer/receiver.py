@@ -678,10 +678,10 @@ class KVReceiver(Endpoint):
                     torch.cuda.current_stream(part.device).wait_event(req.ready)
                 ps, d0 = self.cache.page_size, route.dst_layers.start
                 started = time.perf_counter()
+                # the sender's share may start mid-page here (its page size may differ)
                 unpack_pages(part, self.cache, req.page_ids[t0 // ps:-(-t1 // ps)],
-                             num_tokens=t1 - t0, heads=route.dst_heads,
-                             layers=(d0 + l0, d0 + l1), validate=False,
-                             **({"token_offset": t0 % ps} if t0 % ps else {}))
+                             num_tokens=t1 - t0, token_offset=t0 % ps, heads=route.dst_heads,
+                             layers=(d0 + l0, d0 + l1), validate=False)
             except Exception as e:
                 with self._lock:
                     req.unpacking = False
