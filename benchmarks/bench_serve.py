@@ -92,21 +92,10 @@ def _decode(conn, instance: str, tokens_list: list[int], sources: dict):
             break
         phase, tokens, plan = cmd  # plan: [(rid, source)] this rank expects, in order
         n_pages, ahead = _pages(tokens), window(tokens)
-        done, pending = {}, list(plan)
-        expected = []
-
-        def expect_next():
-            rid, source = pending.pop(0)
-            k = rid_slot[rid]
-            recv.expect(rid, torch.arange(k * n_pages, (k + 1) * n_pages), source=source,
-                        num_tokens=tokens)
-            expected.append(rid)
-
-        rid_slot = {rid: i % ahead for i, (rid, _) in enumerate(plan)}
+        done, pending, expected, failed = {}, list(enumerate(plan)), [], []
         while pending and len(expected) < ahead:
-            expect_next()
+            expected.append(_expect(recv, pending.pop(0), n_pages, ahead, tokens))
         conn.send("ready")
-        failed = []
         while expected:
             rid = expected.pop(0)
             status = recv.wait(rid, 120)
@@ -115,12 +104,21 @@ def _decode(conn, instance: str, tokens_list: list[int], sources: dict):
                 failed.append((rid, recv.reason(rid)))
             recv.forget(rid)
             if pending:
-                expect_next()
+                expected.append(_expect(recv, pending.pop(0), n_pages, ahead, tokens))
         conn.send((done, failed))
     recv.close()
     engine.unregister(raw.data_ptr())
     arena.close()
     engine.close()
+
+
+def _expect(recv, item, n_pages: int, ahead: int, tokens: int):
+    """Expect the i-th request of a phase on block i % ahead of the pool's pages."""
+    i, (rid, source) = item
+    k = i % ahead
+    recv.expect(rid, torch.arange(k * n_pages, (k + 1) * n_pages), source=source,
+                num_tokens=tokens)
+    return rid
 
 
 def _prefill(conn, instance: str, tokens_list: list[int]):
@@ -280,10 +278,11 @@ def run(quick: bool, rounds: int | None, out) -> list[dict]:
         emit("cpkv", tokens, pattern, "ratio_to_raw", "x", ratios)
         c50 = statistics.median(r[1] for r in per["cpkv"])
         w50 = statistics.median(r[1] for r in per["raw"])
-        print(f"  {pattern:10} {tokens:5} tokens: cpkv {statistics.median(r[0] for r in per['cpkv']):7.1f} req/s "
-              f"p50 {c50:7.2f} ms p99 {statistics.median(r[2] for r in per['cpkv']):7.2f} ms | raw "
-              f"{statistics.median(r[0] for r in per['raw']):7.1f} req/s p50 {w50:7.2f} ms | "
-              f"rate ratio {statistics.median(ratios):.2f}", flush=True)
+        rate = {k: statistics.median(r[0] for r in v) for k, v in per.items()}
+        c99 = statistics.median(r[2] for r in per["cpkv"])
+        print(f"  {pattern:10} {tokens:5} tokens: cpkv {rate['cpkv']:7.1f} req/s p50 {c50:7.2f} "
+              f"ms p99 {c99:7.2f} ms | raw {rate['raw']:7.1f} req/s p50 {w50:7.2f} ms | rate "
+              f"ratio {statistics.median(ratios):.2f}", flush=True)
 
     dep = Deployment(["prefill"], ["decode"], tokens_all)
     try:
@@ -305,8 +304,8 @@ def run(quick: bool, rounds: int | None, out) -> list[dict]:
     mesh = Deployment(["prefill-a", "prefill-b"], ["decode-0", "decode-1"], tokens_all)
     try:
         phase(mesh, min(cfg["rate_tokens"]), 16, cfg["mesh_requests"],
-              lambda: (rng.choice(["prefill-a", "prefill-b"]), rng.choice(["decode-0", "decode-1"])),
-              "mesh16")
+              lambda: (rng.choice(["prefill-a", "prefill-b"]),
+                       rng.choice(["decode-0", "decode-1"])), "mesh16")
     finally:
         mesh.close()
     return rows

@@ -300,9 +300,15 @@ def _check_index(value, size: int, what: str) -> None:
         raise ValueError(f"{what}: expected an int in [0, {size}), got {value!r}")
 
 
+MAX_FIELD = (1 << 31) - 1  # token, layer, head and row counts: kernels index them in 32 bits
+
+
 def _field_int(value, what: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"packed format: {what} expected an int >= {minimum}, got {value!r}")
+    if value > MAX_FIELD:
+        raise ValueError(f"packed format: {what} expected an int <= {MAX_FIELD}, got "
+                         f"{str(value)[:40]}")
     return value
 
 

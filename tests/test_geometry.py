@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cpkv import ComponentSpec, PackedFormat, PagedKVCache
+from cpkv import ComponentSpec, PagedKVCache
 from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.transfer.endpoint import check_peer, identity, model_shape
 from cpkv.transfer.protocol import Hello, Message, ProtocolError, decode, encode

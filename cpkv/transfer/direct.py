@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import is_int
 from ..layout import PagedKVCache
 from .mapping import Route
 
@@ -32,6 +33,11 @@ def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
     if len(src) != len(dst):
         raise ValueError(f"contiguous_runs: expected equally many ids, got {len(src)} and "
                          f"{len(dst)}")
+    for what, ids in (("src_ids", src), ("dst_ids", dst)):
+        bad = next((v for v in ids if not is_int(v) or v < 0), None)
+        if bad is not None:
+            raise ValueError(f"contiguous_runs: {what}: expected non-negative int page ids, "
+                             f"got {bad!r}")
     runs = []
     for s, d in zip(src, dst, strict=True):
         if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:

@@ -117,7 +117,8 @@ def _check(value, hint, what: str):
         args = typing.get_args(hint)
         if not isinstance(value, list) or len(value) != len(args):
             raise ProtocolError(f"{what}: expected {len(args)} values, got {_show(value)}")
-        return tuple(_check(v, a, f"{what}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_check(v, a, f"{what}[{i}]") for i, (v, a) in pairs)
     if origin is list:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, list):

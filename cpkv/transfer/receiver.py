@@ -49,9 +49,19 @@ from .direct import direct_nbytes, pool_addresses, whole_pages
 from .endpoint import Endpoint, check_peer, check_ready, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link
-from .mapping import Route
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       SlotPlan, Verdict, Welcome, check_request_id)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+)
 from .sender import checksum as crc32c_of
 from .sender import route_spec
 from .status import KVStatus, StatusCell
@@ -369,7 +379,7 @@ class KVReceiver(Endpoint):
                     req.writers[sid] = _Writer(r.key)
             req.plan = SlotPlan.build(req.num_tokens, [
                 (r.key, self.route_bytes_per_token(r)) for r in routes])
-            for sid, (link, when) in self._announced.pop(req.rid, {}).items():
+            for sid, (link, _) in self._announced.pop(req.rid, {}).items():
                 self._announce(req, sid, link, None)
                 if req.cell.done:
                     return
@@ -761,7 +771,7 @@ class KVReceiver(Endpoint):
         self._ended[req.rid] = verdict
         while len(self._ended) > MAX_ENDED:
             self._ended.popitem(last=False)
-        for sid, (link, _) in self._announced.pop(req.rid, {}).items():
+        for link, _ in self._announced.pop(req.rid, {}).values():
             link.send(verdict)
         for w in req.writers.values():
             if w.link is not None:

@@ -58,8 +58,20 @@ from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    RouteSpec,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]

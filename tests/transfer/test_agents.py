@@ -12,7 +12,7 @@ from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_u
 from txtest import wait_all, wait_for
 
 from cpkv.parallel import heads_of
-from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelSizes
 
 PS, HEADS, LAYERS = 4, 4, 2
 

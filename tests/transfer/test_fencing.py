@@ -12,8 +12,17 @@ import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
 from txtest import Group, Proxy, Rogue, wait_all, wait_for
 
+from cpkv import PackedFormat
+from cpkv.cp import interleave_split, page_share, zigzag_split
 from cpkv.staging import StagingArena
-from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes
+from cpkv.transfer import (
+    KVReceiver,
+    KVSender,
+    KVStatus,
+    ParallelRank,
+    ParallelSizes,
+    contiguous_runs,
+)
 from cpkv.transfer.protocol import Announce, End, Note
 
 PS = 4
@@ -320,5 +329,44 @@ def test_a_rogue_that_writes_no_more_after_end_releases_at_once(rig):
     assert len(recv.arena.live_slots) == 1
     liar.send(End(1, dest.use, True, "giving up"))
     assert recv.settle(2) and recv.arena.live_slots == []
+    liar.close()
+    recv.close()
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: contiguous_runs([0, -1], [1, 2]),
+     ValueError, "src_ids: expected non-negative int page ids, got -1"),
+    (lambda: contiguous_runs([0, 1], [1.0, 2]),
+     ValueError, "dst_ids: expected non-negative int page ids, got 1.0"),
+    (lambda: page_share(4, 2, True),
+     ValueError, "cp_rank: expected an int in [0, 2), got True"),
+    (lambda: PackedFormat.from_dict(
+        {"version": 1, "num_tokens": 10**30, "num_layers": 1,
+         "components": [["k", 1, 64, "bfloat16"]]}),
+     ValueError, "num_tokens expected an int <= 2147483647, got 1000000000000000000"),
+    (lambda: zigzag_split(2**40, 2),
+     ValueError, "seq_lens: expected at most 2147483647 tokens in a batch"),
+    (lambda: interleave_split([2**39, 2**39], 2),
+     ValueError, "seq_lens: expected at most 2147483647 tokens in a batch"),
+], ids=["runs-negative", "runs-float", "share-bool-rank", "format-huge", "zigzag-huge",
+        "interleave-huge"])
+def test_inputs_are_checked_by_name(call, error, message):
+    with pytest.raises(error) as e:
+        call()
+    assert message in str(e.value), str(e.value)
+
+
+def test_invalid_utf8_under_a_secret_is_an_authentication_failure(rig):
+    """Bytes that are not even text, on an authenticated connection, fail the MAC check
+    first: the request fails with the authentication reason (not a decoding TypeError)."""
+    _, dst = caches()
+    recv = KVReceiver(dst, timeout=5, grace=0.3, engine=rig[0], arena=rig[2], secret="s3cret")
+    liar = Rogue(recv.address, dst, secret="s3cret")
+    recv.expect(1, torch.tensor([1]), source="rogue", num_tokens=PS)
+    liar.send(Announce(1, PS, 1))
+    liar.recv()
+    liar.raw(b"\xff\xfe" * 40)
+    assert recv.wait(1) is KVStatus.Failed
+    assert "message authentication failed" in recv.reason(1), recv.reason(1)
     liar.close()
     recv.close()

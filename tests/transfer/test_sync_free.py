@@ -1,7 +1,8 @@
 """Zero device synchronisations on the send and receive paths once the entry has validated
 (issue 15): every host read of a tensor (`item`, `cpu`, `tolist`, `numpy`, `bool`, `int`,
-`torch.cuda.synchronize`, stream/event waits) is counted on the agents' threads (sender worker,
-landing and I/O; receiver worker and I/O) and in `wait`, on the CPU path where the same calls would be device syncs on a GPU."""
+`torch.cuda.synchronize`, stream/event waits) is counted on the agents' threads (sender
+worker, landing and I/O; receiver worker and I/O) and in `wait`, on the CPU path where the
+same calls would be device syncs on a GPU."""
 
 import threading
 
