@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,24 @@ def test_worked_example_10_tokens_d2_i2_b2():
     lay = DcpLayout(size=2, interleave=2, page_size=2)
     assert [lay.slot_of(t) for t in range(10)] == walk(10, 2, 2, 2)
     assert [r.count(10) for r in lay.ranks()] == [6, 4]
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "dcp.md"
+
+
+def test_docs_worked_example_table_and_first_block():
+    text = DOC.read_text()
+    rows = {}
+    for line in text.split("### Worked example")[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 11 and cells[0].split(" ")[0] in ("rank", "local", "page", "entry"):
+            rows[cells[0].split(" ")[0]] = [int(c) for c in cells[1:]]
+    want = walk(10, 2, 2, 2)
+    assert rows["rank"] == [w[0] for w in want] and rows["entry"] == [w[2] for w in want]
+    assert rows["page"] == [w[1] for w in want]
+    assert rows["local"] == [w[1] * 2 + w[2] for w in want]
+    block = text.split("```python\n")[1].split("```")[0]
+    exec(compile(block, "docs/dcp.md layout block", "exec"), {})
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
