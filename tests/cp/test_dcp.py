@@ -206,6 +206,40 @@ def test_tensors_subtract_bases_and_stay_on_the_device():
     assert empty.count == 0 and [x.numel() for x in empty.tensors()] == [0, 0]
 
 
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
+
+
+def test_tensors_read_nothing_back(monkeypatch):
+    """The device form never reads a tensor value on the host (what would synchronise a GPU):
+    every Tensor method that does raises while the selections build their index tensors."""
+    sels = [dcp_select(DcpLayout(4, 1, 2), 5, 90, prefix=7),
+            dcp_select(DcpLayout(2, 1), 0, 90, src=DcpLayout(4, 3)),
+            dcp_select(DcpLayout(1), 0, 90, src=DcpLayout(2, 0, 16))]
+    wants = [sel.src_positions() + sel.dst_positions() for sel in sels]
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a host read-back")
+
+    with monkeypatch.context() as m:
+        for name in SYNCING:
+            m.setattr(torch.Tensor, name, refuse)
+        m.setattr(torch, "nonzero", refuse)
+        got = [sel.tensors() for sel in sels]
+    assert [s.tolist() + d.tolist() for s, d in got] == wants
+
+
+@pytest.mark.gpu
+def test_tensors_do_not_synchronise_the_gpu():
+    sel = dcp_select(DcpLayout(2, 1), 0, 4096, src=DcpLayout(4, 3), prefix=100)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s, d = sel.tensors("cuda", src_base=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.is_cuda and s.tolist() == sel.src_positions() and d.tolist() == sel.dst_positions()
+
+
 @pytest.mark.parametrize("kw,err,message", [
     (dict(size=0), ValueError, "dcp size: expected a positive int, got 0"),
     (dict(size=2, rank=2), ValueError, "dcp rank: expected an int in [0, 2), got 2"),
