@@ -55,6 +55,12 @@ def _check_int(value, name: str, lowest: int) -> None:
         raise ValueError(f"{name}: expected a {what} int, got {value!r}")
 
 
+def _check_index(value, name: str, size: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool) in ``[0, size)``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
+        raise ValueError(f"{name}: expected an int in [0, {size}), got {value!r}")
+
+
 def _check_axes(obj, lowest: int) -> None:
     for a in AXES:
         _check_int(getattr(obj, a), a, lowest)
@@ -248,9 +254,7 @@ class DcpLayout:
     def __post_init__(self):
         _check_int(self.size, "dcp size", 1)
         _check_int(self.interleave, "interleave", 1)
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or \
-                not 0 <= self.rank < self.size:
-            raise ValueError(f"dcp rank: expected an int in [0, {self.size}), got {self.rank!r}")
+        _check_index(self.rank, "dcp rank", self.size)
         if self.page_size is not None:
             _check_int(self.page_size, "page_size", 1)
             if self.page_size % self.interleave:
@@ -270,9 +274,8 @@ class DcpLayout:
         """
         _check_int(pcp_size, "pcp size", 1)
         _check_int(dcp_size, "dcp size", 1)
-        for name, value, n in (("pcp rank", pcp_rank, pcp_size), ("dcp rank", dcp_rank, dcp_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
-                raise ValueError(f"{name}: expected an int in [0, {n}), got {value!r}")
+        _check_index(pcp_rank, "pcp rank", pcp_size)
+        _check_index(dcp_rank, "dcp rank", dcp_size)
         return cls(pcp_size * dcp_size, pcp_rank * dcp_size + dcp_rank, interleave, page_size)
 
     @property
@@ -490,8 +493,10 @@ def dcp_rank_of(tp_rank: int, dcp_size: int, *, pcp_size: int = 1, pcp_rank: int
     >>> [dcp_rank_of(t, 2) for t in range(4)], dcp_rank_of(1, 4, pcp_size=2, pcp_rank=1)
     ([0, 1, 0, 1], 3)
     """
+    _check_int(tp_rank, "tp rank", 0)
     _check_int(dcp_size, "dcp size", 1)
     _check_int(pcp_size, "pcp size", 1)
+    _check_index(pcp_rank, "pcp rank", pcp_size)
     return (tp_rank * pcp_size + pcp_rank) % dcp_size
 
 

@@ -102,6 +102,10 @@ def test_dcp_heads_refuse_groups_that_mix_heads():
         dcp_heads_of(5, 12, 4, 2)
     with pytest.raises(ValueError, match="dcp size: expected a divisor of tp 4, got 3"):
         dcp_heads_of(0, 4, 3, 1)
+    with pytest.raises(ValueError, match=r"pcp rank: expected an int in \[0, 2\), got 2"):
+        dcp_rank_of(0, 2, pcp_size=2, pcp_rank=2)
+    with pytest.raises(ValueError, match="dcp size: expected a positive int, got 0"):
+        dcp_rank_of(0, 0)
 
 
 def test_layer_groups_cover_and_reach_the_minimum():
