@@ -16,10 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvtest import SENTINEL, as_bytes, assert_cache_equals, fill_random, fill_sentinel, snapshot
+from kvtest import (
+    SENTINEL,
+    as_bytes,
+    assert_cache_equals,
+    copy_back,
+    fill_random,
+    fill_sentinel,
+    kernel_device,
+    on,
+    pool_on,
+    snapshot,
+)
 
 from cpkv import PagedKVCache
 from cpkv.cp import page_share
+from cpkv.kernels import pack_pages, unpack_pages
 from cpkv.parallel import DcpLayout, dcp_select, tokens_of_pages
 
 PREFIX_MARK = 0x5A  # bytes of the tokens the decode side already holds (must survive the move)
@@ -275,6 +287,11 @@ def test_bad_selections():
 
 
 # -- real bytes: prefill CP page shares -> DCP ranks' compact pools ----------------------------
+#
+# A "mover" carries one (source, DCP rank) selection: "index" gathers and scatters with torch
+# indexing; "torch" and "triton" pack the selected tokens with `pack_pages(tokens=)` and unpack
+# them with `unpack_pages(token_offset=dst_start)` (or `tokens=` where the destination indices
+# are not consecutive), on the kernel device (Triton: the interpreter without CUDA).
 
 
 def make_pool(kind: str, num_pages: int, page_size: int) -> PagedKVCache:
@@ -295,6 +312,26 @@ def put_rows(cache: PagedKVCache, ids: torch.Tensor, pos: torch.Tensor, rows: di
     ps, ids = cache.page_size, ids.long()
     for (c, layer), r in rows.items():
         as_bytes(cache.nhd_view(c, layer))[ids[pos // ps], pos % ps] = r
+
+
+def move(mover: str, src, src_ids, dst, dst_ids, sel, src_base: int = 0) -> None:
+    """Move selection ``sel`` from pool ``src`` (page list ``src_ids``, positions less
+    ``src_base``) into DCP rank pool ``dst``."""
+    if mover == "index":
+        s_pos, d_pos = sel.tensors(src_base=src_base)
+        put_rows(dst, dst_ids, d_pos, rows_at(src, src_ids, s_pos))
+        return
+    dev = kernel_device(mover)
+    s_pos, d_pos = sel.tensors(dev, src_base=src_base)
+    s_pool, d_pool = pool_on(src, dev), pool_on(dst, dev)
+    slot = pack_pages(s_pool, on(src_ids, dev), tokens=s_pos, backend=mover)
+    assert slot.numel() == src.packed_nbytes(sel.count)  # the selected tokens, compactly
+    if sel.dst_contiguous:
+        unpack_pages(slot, d_pool, on(dst_ids, dev), token_offset=sel.dst_start,
+                     num_tokens=sel.count, backend=mover)
+    else:
+        unpack_pages(slot, d_pool, on(dst_ids, dev), tokens=d_pos, backend=mover)
+    copy_back(d_pool, dst)
 
 
 def expected_pools(dst_pools, dst_ids, truth: dict, n: int, size: int, interleave: int,
@@ -336,24 +373,23 @@ def dcp_pools(kind, n, size, interleave, page_size, prefix, seed):
     return pools, ids, lay.ranks()
 
 
-def cases():
+def cases(movers=("index", "torch")):
     for page_size, cp, size in itertools.product((1, 16), (1, 2, 3), (1, 2, 4)):
         for interleave in sorted({1, 2, page_size}):
             if page_size % interleave == 0:
-                yield pytest.param(cp, size, interleave, page_size,
-                                   id=f"cp{cp}-dcp{size}-I{interleave}-B{page_size}")
+                for mover in movers:
+                    yield pytest.param(cp, size, interleave, page_size, mover,
+                                       id=f"cp{cp}-dcp{size}-I{interleave}-B{page_size}-{mover}")
 
 
-@pytest.mark.parametrize("kind", ["mha", "mla"])
-@pytest.mark.parametrize("cp,size,interleave,page_size", list(cases()))
-def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, kind):
+def prefill_into_dcp(cp, size, interleave, page_size, kind, mover, prefixes):
     n = 7 * page_size + 1 if page_size > 1 else 23  # the last page holds one token
     n_pages = -(-n // page_size)
     g = torch.Generator().manual_seed(cp * 100 + size * 10 + interleave)
     src = fill_random(make_pool(kind, n_pages + 3, page_size), seed=cp)
     src_ids = torch.randperm(n_pages + 3, generator=g)[:n_pages].to(torch.int64)
     truth = rows_at(src, src_ids, torch.arange(n))  # token t of the request, in order
-    for prefix in (0, page_size + 3):
+    for prefix in prefixes:
         pools, dst_ids, ranks = dcp_pools(kind, n, size, interleave, page_size, prefix, seed=cp)
         src_before = snapshot(src)
         for p in range(cp):
@@ -362,10 +398,8 @@ def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, kind):
             share_ids = src_ids[share.start:share.stop]  # the sender packs its own pages only
             for lay, pool in zip(ranks, pools, strict=True):
                 sel = dcp_select(lay, toks.start, toks.stop, prefix=prefix)
-                s_pos, d_pos = sel.tensors(src_base=toks.start)
-                assert sel.dst_contiguous and d_pos.tolist() == list(
-                    range(sel.dst_start, sel.dst_start + sel.count))
-                put_rows(pool, dst_ids, d_pos, rows_at(src, share_ids, s_pos))
+                assert sel.dst_contiguous
+                move(mover, src, share_ids, pool, dst_ids, sel, src_base=toks.start)
         wants = expected_pools(pools, dst_ids, truth, n, size, interleave, prefix)
         for r, (pool, want) in enumerate(zip(pools, wants, strict=True)):
             assert_cache_equals(pool, want, f"dcp rank {r} (prefix {prefix})")
@@ -373,11 +407,37 @@ def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, kind):
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla"])
-@pytest.mark.parametrize("src_size,src_il,dst_size,dst_il,page_size", [
-    (2, 1, 4, 1, 16), (4, 1, 2, 1, 16), (2, 1, 1, 1, 16), (4, 16, 1, 1, 16), (1, 1, 4, 2, 16),
-    (2, 16, 4, 1, 16), (4, 2, 2, 16, 16), (2, 1, 2, 16, 16), (2, 1, 4, 1, 1), (4, 1, 1, 1, 1),
-])
-def test_dcp_n_to_m(src_size, src_il, dst_size, dst_il, page_size, kind):
+@pytest.mark.parametrize("cp,size,interleave,page_size,mover", list(cases()))
+def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, mover, kind):
+    prefill_into_dcp(cp, size, interleave, page_size, kind, mover, (0, page_size + 3))
+
+
+TRITON_CASES = [(2, 4, 1, 16), (3, 2, 16, 16), (2, 2, 2, 16), (3, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+@pytest.mark.parametrize("cp,size,interleave,page_size", TRITON_CASES,
+                         ids=[f"cp{c}-dcp{d}-I{i}-B{b}" for c, d, i, b in TRITON_CASES])
+def test_prefill_shares_into_dcp_pools_triton(cp, size, interleave, page_size, kind):
+    prefill_into_dcp(cp, size, interleave, page_size, kind, "triton", (page_size + 3,))
+
+
+N_TO_M = [(2, 1, 4, 1, 16), (4, 1, 2, 1, 16), (2, 1, 1, 1, 16), (4, 16, 1, 1, 16),
+          (1, 1, 4, 2, 16), (2, 16, 4, 1, 16), (4, 2, 2, 16, 16), (2, 1, 2, 16, 16),
+          (2, 1, 4, 1, 1), (4, 1, 1, 1, 1)]
+
+
+def n_to_m_cases():
+    for (a, b, c, d, e), kind, mover in itertools.product(N_TO_M, ("mha", "mla"),
+                                                          ("index", "torch", "triton")):
+        if mover != "triton" or (kind == "mha" and e > 1):  # Triton: fewer (the interpreter)
+            yield pytest.param(a, b, c, d, e, kind, mover,
+                               id=f"dcp{a}-I{b}-to-dcp{c}-I{d}-B{e}-{kind}-{mover}")
+
+
+@pytest.mark.parametrize("src_size,src_il,dst_size,dst_il,page_size,kind,mover",
+                         list(n_to_m_cases()))
+def test_dcp_n_to_m(src_size, src_il, dst_size, dst_il, page_size, kind, mover):
     """A DCP group re-shards into another (N -> M, N -> 1): every (source rank, destination
     rank) pair moves the tokens both hold."""
     n = 5 * page_size * 4 + 1 if page_size > 1 else 37
@@ -400,9 +460,8 @@ def test_dcp_n_to_m(src_size, src_il, dst_size, dst_il, page_size, kind):
     pools, dst_ids, ranks = dcp_pools(kind, n, dst_size, dst_il, page_size, prefix, seed=5)
     for s_lay, s_pool in zip(src_lay.ranks(), srcs, strict=True):
         for d_lay, d_pool in zip(ranks, pools, strict=True):
-            sel = dcp_select(d_lay, 0, n, src=s_lay, prefix=prefix)
-            s_pos, d_pos = sel.tensors()
-            put_rows(d_pool, dst_ids, d_pos, rows_at(s_pool, src_ids, s_pos))
+            move(mover, s_pool, src_ids, d_pool, dst_ids,
+                 dcp_select(d_lay, 0, n, src=s_lay, prefix=prefix))
     wants = expected_pools(pools, dst_ids, truth, n, dst_size, dst_il, prefix)
     for r, (pool, want) in enumerate(zip(pools, wants, strict=True)):
         assert_cache_equals(pool, want, f"dcp rank {r}")
