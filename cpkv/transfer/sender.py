@@ -76,7 +76,9 @@ from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
 
-PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # groups of at least this size are packed in turn
+PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # a segment's layer groups need be no larger
+PIPELINE_GROUPS = 1  # a smaller segment is cut in about this many groups, so that the first is
+PIPELINE_MIN_BYTES = 256 << 10  # on the wire while the rest pack (but none under this size)
 COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
 
@@ -91,6 +93,15 @@ def checksum(buf: torch.Tensor, value: int = 0) -> int:
                           ) from e
     host = buf.cpu() if buf.is_cuda else buf
     return crc32c.crc32c(memoryview(host.numpy()), value=value)
+
+
+def group_bytes(nbytes: int) -> int:
+    """The least size of a layer group of a segment of ``nbytes`` (see PIPELINE_GROUPS).
+
+    >>> [group_bytes(n) >> 10 for n in (1 << 10, 2 << 20, 64 << 20, 1 << 30)]
+    [256, 2048, 16384, 16384]
+    """
+    return min(PIPELINE_CHUNK_BYTES, max(PIPELINE_MIN_BYTES, -(-nbytes // PIPELINE_GROUPS)))
 
 
 def request_key(rid) -> int:
@@ -720,7 +731,7 @@ class KVSender(Endpoint):
         if job.event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(self.cache.device).wait_event(job.event)
         integrity = leg.welcome.integrity
-        groups = layer_groups(range(a, b), per_layer, PIPELINE_CHUNK_BYTES)
+        groups = layer_groups(range(a, b), per_layer, group_bytes((b - a) * per_layer))
         for group in groups:
             g0, g1 = group.start, group.stop
             offset, nbytes = SlotPlan.segment(dest.region, bpt, n_layers,
