@@ -41,27 +41,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import as_page_ids, check_num_tokens
+from .._checks import as_page_ids, check_int, check_num_tokens
 from ..kernels import unpack_pages
-from ..parallel import ParallelRank, ParallelSizes
+from ..parallel import DcpLayout, ParallelRank, ParallelSizes
 from ..staging import ArenaFullError, Slot, StagingArena
 from .direct import direct_nbytes, pool_addresses, whole_pages
-from .endpoint import Endpoint, check_peer, check_ready, routes_between
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, route_senders, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link
-from .protocol import (
-    Announce,
-    Destination,
-    End,
-    Hello,
-    Note,
-    ProtocolError,
-    Refused,
-    SlotPlan,
-    Verdict,
-    Welcome,
-    check_request_id,
-)
+from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
+                       SlotPlan, Verdict, Welcome, check_request_id, region_rows, segment_rows)
 from .sender import checksum as crc32c_of
 from .sender import route_spec
 from .status import KVStatus, StatusCell
@@ -102,6 +91,7 @@ class _Request:
     page_ids: torch.Tensor
     host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
     num_tokens: int
+    prefix: int  # tokens already in the pages: not sent
     deadline: float
     use: int
     ready: object = None  # the runner's CUDA event (unpack is ordered after it)
@@ -110,8 +100,8 @@ class _Request:
     plan: SlotPlan | None = None
     writers: dict = field(default_factory=dict)  # sender id -> _Writer
     slot: Slot | None = None
-    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, l0, l1)]
-    landed: dict = field(default_factory=dict)  # route key -> [tokens in the pool per layer]
+    segments: dict = field(default_factory=dict)  # route key -> [(r0, r1, l0, l1)] rows
+    landed: dict = field(default_factory=dict)  # route key -> [rows in the pool per layer]
     queued: int = 0  # segments waiting for the worker's unpack
     unpacking: bool = False  # the worker is writing its pages (a failure waits for it)
     failure: str | None = None  # a failure that came while it was
@@ -161,6 +151,7 @@ class KVReceiver(Endpoint):
     def __init__(self, cache, *, instance: str = "decode", rank: ParallelRank | None = None,
                  sizes: ParallelSizes | None = None, kind: str = "mha",
                  num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
                  host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
                  arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum: bool = False,
@@ -173,9 +164,10 @@ class KVReceiver(Endpoint):
         if not isinstance(host, str) or not host:
             raise TypeError(f"host: expected a non-empty str, got {host!r}")
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
-                         num_kv_heads=num_kv_heads, num_layers=num_layers, engine=engine,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
                          arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
         self.direct, self.checksum = direct, checksum
+        self._layout = self.dcp or DcpLayout()  # where this rank keeps a request's tokens
         self.grace = self.timeout if grace is None else float(grace)
         self.hub = None
         try:
@@ -214,9 +206,13 @@ class KVReceiver(Endpoint):
     # -- public ----------------------------------------------------------------------------
 
     def expect(self, request_id, page_ids, *, source: str, num_tokens: int | None = None,
-               source_dp: int = 0, ready=None) -> None:
+               prefix: int = 0, source_dp: int = 0, ready=None) -> None:
         """Reserve a slot for a request from prefill instance ``source`` (its DP rank
         ``source_dp``) and tell its senders where to write it, as each announces it.
+
+        ``num_tokens`` is the request's length (default: every slot of ``page_ids``; with DCP,
+        required: the pages hold this rank's share). Its first ``prefix`` tokens are in the
+        pages already (a prefix-cache hit): senders send the rest.
 
         ``ready``: the runner's ``torch.cuda.Stream`` or ``torch.cuda.Event`` after which the
         request's pages may be written (the unpack is ordered after it; in direct mode this
@@ -230,7 +226,12 @@ class KVReceiver(Endpoint):
         if not isinstance(source_dp, int) or isinstance(source_dp, bool) or source_dp < 0:
             raise ValueError(f"source_dp: expected a non-negative int, got {source_dp!r}")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        else:
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), page_ids.numel(), self.cache.page_size)
+        check_int(prefix, "prefix", 0, num_tokens)
         event = check_ready(ready, self.cache.device)
         host_ids = page_ids.cpu().long()  # the entry's one read of the ids
         with self._lock:
@@ -247,7 +248,7 @@ class KVReceiver(Endpoint):
                                  f"flight must not share decode pages")
             if event is not None and self.direct:
                 event.synchronize()  # senders write the pages directly
-            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens,
+            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens, prefix,
                            time.monotonic() + self.timeout, self._next_use, event)
             self._next_use += 1
             self._requests[request_id] = req
@@ -290,8 +291,9 @@ class KVReceiver(Endpoint):
             self._land_events(req)
             done = [True] * self.cache.num_layers
             for key, route in req.routes.items():
+                rows = req.plan.region(key)[1]
                 for i, c in enumerate(self._counts(req, key)):
-                    if c != req.num_tokens:
+                    if c != rows:
                         done[route.dst_layers.start + i] = False
             return done.index(False) if False in done else self.cache.num_layers
 
@@ -374,11 +376,11 @@ class KVReceiver(Endpoint):
                 return
             req.routes = {r.key: r for r in routes}
             for r in routes:
-                for c in range(source.sizes.cp):
-                    sid = sender_id(req.source, ParallelRank(req.source_dp, c, r.tp, r.pp))
-                    req.writers[sid] = _Writer(r.key)
-            req.plan = SlotPlan.build(req.num_tokens, [
-                (r.key, self.route_bytes_per_token(r)) for r in routes])
+                for rank in route_senders(r, source, req.source_dp):
+                    req.writers[sender_id(req.source, rank)] = _Writer(r.key)
+            rows = region_rows(self._layout, req.num_tokens, req.prefix)
+            req.plan = SlotPlan.build([(r.key, rows, self.route_bytes_per_token(r))
+                                       for r in routes])
             for sid, (link, _) in self._announced.pop(req.rid, {}).items():
                 self._announce(req, sid, link, None)
                 if req.cell.done:
@@ -402,12 +404,13 @@ class KVReceiver(Endpoint):
                     self._send_dest(req, sid, w)
 
     def _send_dest(self, req: _Request, sid: str, w: _Writer) -> None:
-        region, _ = req.plan.region(w.route)
+        region, _, _ = req.plan.region(w.route)
         route = req.routes[w.route]
         w.holds = True  # from here on it may write into the slot
         w.link.send(Destination(req.rid, req.use, self.incarnation,
                                 self.arena_addr + req.slot.offset, req.slot.nbytes, region,
-                                route_spec(route), req.num_tokens, req.page_ids.numel(),
+                                route_spec(route), req.num_tokens, req.prefix,
+                                req.page_ids.numel(),
                                 req.host_ids.tolist() if self.direct else None))
 
     # -- messages (the I/O thread) ---------------------------------------------------------
@@ -564,23 +567,31 @@ class KVReceiver(Endpoint):
         hello = self._senders[sid][1]
         ps, n = hello.page_size, req.num_tokens
         (p0, p1), (t0, t1), (l0, l1) = note.pages, note.tokens, note.layers
-        if not (0 <= p0 <= p1 and t0 == min(p0 * ps, n) and t1 == min(p1 * ps, n)
-                and -(-n // ps) >= p1):
+        src = dcp_of(hello)
+        if src is None and not (0 <= p0 <= p1 and t0 == min(p0 * ps, n) and
+                                t1 == min(p1 * ps, n) and -(-n // ps) >= p1):
             raise ValueError(f"sender {sid}: pages [{p0}, {p1}) / tokens [{t0}, {t1}) lie "
                              f"outside request {req.rid!r} ({n} tokens in pages of {ps})")
+        if src is not None and (t0, t1) != (0, n):
+            raise ValueError(f"sender {sid}: a DCP-sharded sender sends the whole request "
+                             f"[0, {n}), its note says [{t0}, {t1})")
         route = req.routes[w.route]
-        _, bpt = req.plan.region(w.route)
+        _, _, bpr = req.plan.region(w.route)
         n_layers = len(route.dst_layers)
         if not 0 <= l0 <= l1 <= n_layers:
             raise ValueError(f"sender {sid}: layers [{l0}, {l1}) lie outside route "
                              f"{w.route}'s {n_layers} layers")
-        if note.mode == "packed":
-            want = (t1 - t0) * bpt
-        elif note.mode == "direct" and self.direct and ps == self.cache.page_size:
-            full = whole_pages(hello.num_heads, self.cache.num_heads, route)
-            want = direct_nbytes(bpt, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
-        else:
+        if note.mode not in ("packed", "direct") or note.mode == "direct" and not (
+                self.direct and ps == self.cache.page_size):
             raise ValueError(f"sender {sid}: mode {note.mode[:20]!r} is not accepted here")
+        sel, r0 = segment_rows(self._layout, src, (t0, t1), n, req.prefix)
+        r1 = r0 + sel.count
+        plain = src is None and self.dcp is None and req.prefix == 0
+        if note.mode == "direct" and plain:  # whole pages where both sides hold every head
+            full = whole_pages(hello.num_heads, self.cache.num_heads, route)
+            want = direct_nbytes(bpr, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
+        else:
+            want = sel.count * bpr
         want = want // n_layers * (l1 - l0)
         if note.nbytes != want:
             raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}) "
@@ -588,25 +599,25 @@ class KVReceiver(Endpoint):
                              f"{note.nbytes}")
         segments = req.segments.setdefault(w.route, [])
         for a, b, c, d in segments:
-            if t0 < b and a < t1 and l0 < d and c < l1:
+            if r0 < b and a < r1 and l0 < d and c < l1:
                 raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) were already received "
-                                 f"(layers [{l0}, {l1}) overlap tokens [{a}, {b}) layers "
+                                 f"(layers [{l0}, {l1}) overlap rows [{a}, {b}) layers "
                                  f"[{c}, {d}))")
         if note.metadata:
             try:
                 req.metadata[sid] = base64.b64decode(note.metadata, validate=True)
             except ValueError:
                 raise ValueError(f"sender {sid}: malformed metadata") from None
-        if t1 > t0 and l1 > l0:
-            segments.append((t0, t1, l0, l1))
+        if r1 > r0 and l1 > l0:
+            segments.append((r0, r1, l0, l1))
             if note.mode == "packed":
                 if self.checksum and note.check is None:
                     raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}): "
                                      f"no checksum")
                 req.queued += 1
-                self._unpacks.append((req, w.route, (t0, t1, l0, l1), note.check))
+                self._unpacks.append((req, w.route, (r0, r1, l0, l1), sel, note.check))
             else:  # a direct write landed in the pages before its notification
-                self._land(req, w.route, l0, l1, t1 - t0)
+                self._land(req, w.route, l0, l1, r1 - r0)
         req.cell.update(KVStatus.Transferring)
         if note.last:
             w.finished = True
@@ -667,31 +678,33 @@ class KVReceiver(Endpoint):
         if req.writers and not req.queued and all(w.finished for w in req.writers.values()):
             self._complete(req)
 
-    def _unpack(self, req: _Request, key: str, segment, check) -> None:
+    def _unpack(self, req: _Request, key: str, segment, sel, check) -> None:
         """Check and unpack one landed packed segment into the request's pages."""
-        t0, t1, l0, l1 = segment
+        r0, r1, l0, l1 = segment
         with self._unpack_lock:
             with self._lock:
                 req.queued -= 1
                 if req.cell.done or req.slot is None:
                     return
                 route, n_layers = req.routes[key], len(req.routes[key].dst_layers)
-                region, bpt = req.plan.region(key)
-                offset, nbytes = SlotPlan.segment(region, bpt, n_layers, (t0, t1), (l0, l1))
+                region, _, bpr = req.plan.region(key)
+                offset, nbytes = SlotPlan.segment(region, bpr, n_layers, (r0, r1), (l0, l1))
                 part = req.slot.tensor[offset:offset + nbytes]
                 req.unpacking = True
             try:
                 if self.checksum and crc32c_of(part) != check:
-                    raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): "
+                    raise ValueError(f"route {key} rows [{r0}, {r1}) layers [{l0}, {l1}): "
                                      f"checksum mismatch (the bytes changed on the way)")
                 if req.ready is not None:
                     torch.cuda.current_stream(part.device).wait_event(req.ready)
-                ps, d0 = self.cache.page_size, route.dst_layers.start
+                d0 = route.dst_layers.start
                 started = time.perf_counter()
-                # the sender's share may start mid-page here (its page size may differ)
-                unpack_pages(part, self.cache, req.page_ids[t0 // ps:-(-t1 // ps)],
-                             num_tokens=t1 - t0, token_offset=t0 % ps, heads=route.dst_heads,
-                             layers=(d0 + l0, d0 + l1), validate=False)
+                # rows land at consecutive local tokens from dst_start (mid-page where the
+                # sender's page size differs or a prefix is there), or where DCP puts them
+                place = dict(token_offset=sel.dst_start, num_tokens=sel.count) \
+                    if sel.dst_contiguous else dict(tokens=sel.tensors(part.device)[1])
+                unpack_pages(part, self.cache, req.page_ids, heads=route.dst_heads,
+                             layers=(d0 + l0, d0 + l1), validate=False, **place)
             except Exception as e:
                 with self._lock:
                     req.unpacking = False
@@ -706,9 +719,9 @@ class KVReceiver(Endpoint):
                     self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
                 if part.is_cuda:
                     event = torch.cuda.current_stream(part.device).record_event()
-                    req.inflight.append((event, key, l0, l1, t1 - t0))
+                    req.inflight.append((event, key, l0, l1, r1 - r0))
                 else:
-                    self._land(req, key, l0, l1, t1 - t0)
+                    self._land(req, key, l0, l1, r1 - r0)
                 self._advance(req, time.monotonic())
 
     def _land_events(self, req: _Request) -> None:
@@ -722,12 +735,13 @@ class KVReceiver(Endpoint):
 
     def _complete(self, req: _Request) -> None:
         for key, route in req.routes.items():
+            rows = req.plan.region(key)[1]
             counts = self._counts(req, key, landed_only=False)
-            if any(c != req.num_tokens for c in counts):
+            if any(c != rows for c in counts):
                 missing = [route.dst_layers.start + i for i, c in enumerate(counts)
-                           if c != req.num_tokens]
+                           if c != rows]
                 self._finish(req, f"every sender finished but only {min(counts)} of "
-                                  f"{req.num_tokens} tokens of route {key} arrived (in "
+                                  f"{rows} tokens of route {key} arrived (in "
                                   f"layers {missing[:8]})")
                 return
         if req.slot.tensor.is_cuda:  # Success once the pool holds the bytes (polled)

@@ -50,28 +50,17 @@ import torch
 from .._checks import as_page_ids, check_int, check_num_tokens, is_int
 from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
-from ..parallel import LAYER_GROUP_BYTES, ParallelRank, ParallelSizes, layer_groups
+from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
 from ..staging import StagingArena
 from .direct import direct_descriptors, direct_segments, whole_pages
-from .endpoint import Endpoint, check_peer, check_ready, routes_between
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, feeds, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
-from .protocol import (
-    Announce,
-    Destination,
-    End,
-    Hello,
-    Note,
-    ProtocolError,
-    Refused,
-    RouteSpec,
-    SlotPlan,
-    Verdict,
-    Welcome,
-    check_request_id,
-)
+from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
+                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id, region_rows,
+                       segment_rows)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
@@ -219,6 +208,7 @@ class KVSender(Endpoint):
     def __init__(self, cache, *, instance: str = "prefill", rank: ParallelRank | None = None,
                  sizes: ParallelSizes | None = None, kind: str = "mha",
                  num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
                  policy: SenderPolicy | str = "all", mode: str = "packed",
                  cost: CostModel | None = None, engine: TransferEngine | None = None,
                  arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
@@ -231,7 +221,7 @@ class KVSender(Endpoint):
             raise ValueError(f"idle: expected a positive number of seconds, got {idle!r}")
         policy = SenderPolicy(policy)
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
-                         num_kv_heads=num_kv_heads, num_layers=num_layers, engine=engine,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
                          arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
         self.policy, self.mode, self.coalesce, self.idle = policy, mode, coalesce, float(idle)
         self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
@@ -302,8 +292,15 @@ class KVSender(Endpoint):
         check_request_id(request_id)
         targets = self._check_to(to)
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, n_pages, self.cache.page_size)
+        else:  # the pages hold this rank's share of the request's tokens
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), n_pages, self.cache.page_size)
+            if chunk is not None and tuple(chunk) != (0, n_pages):
+                raise ValueError(f"chunk: a DCP-sharded sender sends whole requests, got "
+                                 f"{chunk!r}")
         check_int(upto, "upto", 0, self.cache.num_layers)
         if chunk is not None and (not isinstance(chunk, (tuple, list)) or len(chunk) != 2 or
                                   not all(is_int(v) for v in chunk)):
@@ -485,8 +482,7 @@ class KVSender(Endpoint):
     def _welcome_leg(self, leg: _Leg) -> None:
         """The receiver is known: find this rank's route to it and announce the request."""
         peer = leg.peer
-        mine = [r for r in routes_between(self.hello, peer.welcome)
-                if r.tp == self.rank.tp and r.pp == self.rank.pp]
+        mine = [r for r in routes_between(self.hello, peer.welcome) if feeds(r, self.hello)]
         if not mine:
             leg.no_route = leg.ended = True
             peer.legs.pop(leg.state.rid, None)
@@ -510,10 +506,12 @@ class KVSender(Endpoint):
                      f"connected to {peer.welcome.incarnation!r}"
         elif route_of(dest.route) != leg.route:
             reason = f"the receiver expects route {dest.route}, this rank sends {leg.route}"
-        elif dest.num_tokens != leg.state.num_tokens:
-            reason = f"the receiver expects {dest.num_tokens} tokens, this sender has " \
-                     f"{leg.state.num_tokens}"
-        elif dest.region + dest.num_tokens * self.route_bytes_per_token(leg.route) > dest.nbytes:
+        elif dest.num_tokens != leg.state.num_tokens or dest.prefix > dest.num_tokens:
+            reason = f"the receiver expects {dest.num_tokens} tokens (prefix {dest.prefix}), " \
+                     f"this sender has {leg.state.num_tokens}"
+        elif dest.region + region_rows(dcp_of(peer.welcome) or DcpLayout(), dest.num_tokens,
+                                       dest.prefix) * self.route_bytes_per_token(leg.route) \
+                > dest.nbytes:
             reason = f"route region {dest.region} + {dest.num_tokens} tokens overruns the " \
                      f"receiver's {dest.nbytes}-byte slot"
         if reason is not None:
@@ -691,36 +689,52 @@ class KVSender(Endpoint):
             with self._lock:
                 state.jobs -= 1
 
+    def _selection(self, leg: _Leg, job: _Job):
+        """This rank's part of the job's chunk for the leg's receiver: its share (pages of
+        this pool, and request tokens), the tokens of it the receiver takes (past its prefix,
+        of its DCP share: `protocol.segment_rows`) and their first row in the route region."""
+        state, n, ps = job.state, job.state.num_tokens, self.cache.page_size
+        if self.dcp is None:
+            share = chunk_share(state.num_pages, self.sizes.cp, self.rank.cp, *job.chunk,
+                                policy=self.policy, request_id=request_key(state.rid))
+            tokens = (min(share.start * ps, n), min(share.stop * ps, n))
+        else:  # a DCP-sharded pool sends every token it holds, in one call
+            share, tokens = range(state.num_pages), (0, n)
+        sel, row = segment_rows(dcp_of(leg.welcome) or DcpLayout(), self.dcp, tokens, n,
+                                leg.dest.prefix)
+        return share, tokens, sel, row
+
     def _ship(self, leg: _Leg, job: _Job) -> None:
         """Ship this leg's new layers of the job's chunk (worker thread)."""
-        state, route, ps = job.state, leg.route, self.cache.page_size
-        n = state.num_tokens
-        share = chunk_share(state.num_pages, self.sizes.cp, self.rank.cp, *job.chunk,
-                            policy=self.policy, request_id=request_key(state.rid))
-        tokens = range(min(share.start * ps, n), min(share.stop * ps, n))
+        state, route = job.state, leg.route
+        share, tokens, sel, row = self._selection(leg, job)
+        rows = (row, row + sel.count)
         n_layers = len(route.src_layers)
         a = leg.sent.get(job.chunk, 0)
         b = min(max(job.upto - route.src_layers.start, 0), n_layers)
-        bpt = self.route_bytes_per_token(route)
-        per_layer = len(tokens) * bpt // n_layers
+        bpr = self.route_bytes_per_token(route)
+        per_layer = sel.count * bpr // n_layers
         if job.metadata:
             leg.metadata = job.metadata  # goes with the next note of this leg
-        base = dict(pages=(share.start, share.stop), tokens=(tokens.start, tokens.stop))
-        if not len(tokens) or b <= a or not (
+        base = dict(pages=(share.start, share.stop), tokens=tokens)
+        if not sel.count or b <= a or not (
                 job.last or b == n_layers or (b - a) * per_layer >= self.coalesce):
             if job.last:  # nothing (new) of ours, but the receiver must hear we are done
                 self._queue_note(leg, None, None, dict(base, layers=(b, b), nbytes=0,
                                                        mode=leg.mode or "packed", last=True))
             return  # else coalesce: these layers go with a later call
         dest = leg.dest
-        mode = leg.mode = self._choose_mode(leg, job.page_ids, share, tokens)
+        plain = sel.src is None and sel.dst.size == 1 and dest.prefix == 0  # whole share
+        mode = leg.mode = self._choose_mode(leg, job.page_ids, share, sel, plain)
         if mode == "direct":
             part = dataclasses.replace(
                 route, src_layers=route.src_layers[a:b],
                 dst_layers=range(route.dst_layers.start + a, route.dst_layers.start + b))
             w = leg.welcome
+            pairs = None if plain else list(zip(sel.src_positions(), sel.dst_positions(),
+                                                strict=True))
             segments = direct_segments(self.cache, job.page_ids, w.pool, w.num_heads,
-                                       dest.page_ids, share, tokens, part)
+                                       dest.page_ids, share, range(*tokens), part, pairs)
             if job.event is not None:
                 job.event.synchronize()  # the engine reads the pool: the runner's writes first
             self._submit(leg, segments, None, None,
@@ -730,20 +744,23 @@ class KVSender(Endpoint):
             return
         if job.event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(self.cache.device).wait_event(job.event)
+        if sel.src is None:  # the receiver's tokens of the share are consecutive here...
+            place = dict(token_offset=sel.start, num_tokens=sel.count) if sel.dst.size == 1 \
+                else dict(tokens=sel.tensors(self.cache.device)[0])  # ...or every D-th
+        else:
+            place = dict(tokens=sel.tensors(self.cache.device)[0])
         integrity = leg.welcome.integrity
         groups = layer_groups(range(a, b), per_layer, group_bytes((b - a) * per_layer))
         for group in groups:
             g0, g1 = group.start, group.stop
-            offset, nbytes = SlotPlan.segment(dest.region, bpt, n_layers,
-                                              (tokens.start, tokens.stop), (g0, g1))
+            offset, nbytes = SlotPlan.segment(dest.region, bpr, n_layers, rows, (g0, g1))
             slot = self.arena.alloc(nbytes, timeout=self.timeout)
             submitted = False
             try:
                 t0 = time.perf_counter()
-                pack_pages(self.cache, job.page_ids[share.start:share.stop],
-                           num_tokens=len(tokens), heads=route.src_heads,
+                pack_pages(self.cache, job.page_ids, heads=route.src_heads,
                            layers=(route.src_layers.start + g0, route.src_layers.start + g1),
-                           out=slot.tensor, validate=False)
+                           out=slot.tensor, validate=False, **place)
                 if slot.tensor.is_cuda:  # the engine reads the bytes: the pack must be done
                     torch.cuda.current_stream(slot.tensor.device).synchronize()
                 check = checksum(slot.tensor) if integrity == "crc32c" else None
@@ -817,7 +834,7 @@ class KVSender(Endpoint):
                 self._maybe_end(leg)
             self._work.set()
 
-    def _choose_mode(self, leg: _Leg, page_ids, pages: range, tokens: range) -> str:
+    def _choose_mode(self, leg: _Leg, page_ids, pages: range, sel, plain: bool) -> str:
         if self.mode == "packed":
             return "packed"
         w = leg.welcome
@@ -828,13 +845,12 @@ class KVSender(Endpoint):
                 raise ValueError("direct mode: the receiver does not accept direct writes "
                                  "(start it with direct=True, same layout and page size)")
             return "direct"
-        if not allowed or not len(tokens):
+        if not allowed or not sel.count:
             return "packed"
         dst = leg.dest.page_ids
-        descriptors = direct_descriptors(
-            page_ids[pages.start:pages.stop], dst[pages.start:pages.stop], len(tokens),
-            len(leg.route.src_layers) * len(self.cache.components),
-            whole_pages(self.cache.num_heads, w.num_heads, leg.route))
-        return self.cost.choose(descriptors, len(tokens) * self.route_bytes_per_token(
+        blocks = len(leg.route.src_layers) * len(self.cache.components)
+        full = plain and whole_pages(self.cache.num_heads, w.num_heads, leg.route)
+        descriptors = direct_descriptors(page_ids[pages.start:pages.stop],
+                                         dst[pages.start:pages.stop], sel.count, blocks, full)
+        return self.cost.choose(descriptors, sel.count * self.route_bytes_per_token(
             leg.route))
-

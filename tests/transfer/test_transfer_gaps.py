@@ -35,7 +35,7 @@ def pools():
 LIES = {
     # [0, 8) then [4, 8) as last of 12 tokens: 12 tokens counted, [8, 12) never arrived
     "overlap-plus-gap": ([((0, 2), (0, 8), 0, False), ((1, 2), (4, 8), 0, True)], 12,
-                         "tokens [4, 8) were already received (layers [0, 2) overlap tokens "
+                         "tokens [4, 8) were already received (layers [0, 2) overlap rows "
                          "[0, 8) layers [0, 2))"),
     "fewer-bytes": ([((0, 2), (0, 8), 1, True)], 8,
                     "packed move {want} bytes, the notification says {got}"),
