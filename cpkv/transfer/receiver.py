@@ -49,8 +49,21 @@ from .direct import direct_nbytes, pool_addresses, whole_pages
 from .endpoint import Endpoint, check_peer, check_ready, dcp_of, route_senders, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       SlotPlan, Verdict, Welcome, check_request_id, region_rows, segment_rows)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .sender import checksum as crc32c_of
 from .sender import route_spec
 from .status import KVStatus, StatusCell

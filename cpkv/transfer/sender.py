@@ -58,9 +58,22 @@ from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id, region_rows,
-                       segment_rows)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    RouteSpec,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
