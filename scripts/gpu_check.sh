@@ -128,7 +128,8 @@ if [ $QUICK = 1 ]; then
   step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --arch sm_90a \
     --shapes B --page-sizes 16 --out "$OUT/codegen.csv"
 else
-  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
+  # 13 ops x 3 shapes x 3 page sizes x 2 archs: ~100 s of compiles on 2 cores
+  step codegen 150 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
 fi
 
 cat "$SUMMARY"
