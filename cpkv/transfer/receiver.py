@@ -65,6 +65,7 @@ from .protocol import (
     segment_rows,
 )
 from .sender import checksum as crc32c_of
+from .sender import digest_value, new_digest
 from .sender import route_spec
 from .status import KVStatus, StatusCell
 
@@ -73,6 +74,17 @@ __all__ = ["KVReceiver"]
 DRAIN = 0.5  # seconds a slot stays fenced after its sender's process is gone (bytes in flight)
 CLOSE_WAIT = 2.0  # seconds `close` waits for senders to acknowledge verdicts
 MAX_ENDED = 1 << 16  # verdicts remembered for senders that announce an ended request late
+
+
+INTEGRITY = {"auto": None, False: "", None: "", True: "crc32c", "crc32c": "crc32c",
+             "digest": "digest"}
+
+
+def _check_digest(where: str, digest: torch.Tensor, check) -> None:
+    if check is None:
+        raise ValueError(f"{where}: no digest")
+    if digest_value(digest) != check:
+        raise ValueError(f"{where}: digest mismatch (the bytes changed on the way)")
 
 
 def sender_id(instance: str, rank: ParallelRank) -> str:
@@ -151,8 +163,13 @@ class KVReceiver(Endpoint):
             access; the baseline, off by default).
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds a request may wait for every sender (and for staging space).
-        checksum: ask senders for a CRC32C of every packed segment and verify it before
-            unpacking it (costs a pass over the bytes on both sides; needs ``crc32c``).
+        checksum: what senders attach to every packed segment and the receiver checks before
+            Success: "digest" (`cpkv.kernels.packed_digest`, computed inside the pack and
+            unpack kernels as the bytes pass: no second pass on the GPU), "crc32c" (True:
+            verified before the unpack, a pass over the bytes on both sides, on the host;
+            needs ``crc32c``), or False. Default "auto": the digest for CUDA pools, none for
+            CPU pools, where the torch path pays the digest as extra passes (1.4-7x a pack,
+            `benchmarks/results/digest.csv`) and CRC32C is both cheaper and stronger.
         grace: seconds after which a slot still fenced by a silent sender is counted as
             quarantined past grace (it is never reused before that sender stops; default
             ``timeout``).
@@ -167,11 +184,12 @@ class KVReceiver(Endpoint):
                  dcp: DcpLayout | None = None,
                  host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
-                 arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum: bool = False,
+                 arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum="auto",
                  grace: float | None = None, secret: str | bytes | None = None):
-        for name, flag in (("direct", direct), ("checksum", checksum)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected bool, got {type(flag).__name__}")
+        if not isinstance(direct, bool):
+            raise TypeError(f"direct: expected bool, got {type(direct).__name__}")
+        if checksum not in INTEGRITY:
+            raise ValueError(f"checksum: expected one of {list(INTEGRITY)}, got {checksum!r}")
         if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
             raise ValueError(f"grace: expected a non-negative number of seconds, got {grace!r}")
         if not isinstance(host, str) or not host:
@@ -179,7 +197,9 @@ class KVReceiver(Endpoint):
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
                          num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
                          arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
-        self.direct, self.checksum = direct, checksum
+        self.direct = direct
+        self.checksum = INTEGRITY[checksum] if checksum != "auto" else \
+            "digest" if cache.device.type == "cuda" else ""  # measured: see the module doc
         self._layout = self.dcp or DcpLayout()  # where this rank keeps a request's tokens
         self.grace = self.timeout if grace is None else float(grace)
         self.hub = None
@@ -188,7 +208,7 @@ class KVReceiver(Endpoint):
                 self.register_pool()
             self.welcome = Welcome(**self._identity(),
                                    pool=pool_addresses(cache) if direct else None,
-                                   integrity="crc32c" if checksum else "")
+                                   integrity=self.checksum)
             self._requests: dict = {}
             self._senders: dict[str, tuple[Link, Hello]] = {}  # sender id -> its connection
             self._sources: dict[str, Hello] = {}  # instance -> a Hello of it (its sizes)
@@ -718,9 +738,10 @@ class KVReceiver(Endpoint):
                 part = req.slot.tensor[offset:offset + nbytes]
                 req.unpacking = True
             try:
-                if self.checksum and crc32c_of(part) != check:
-                    raise ValueError(f"route {key} rows [{r0}, {r1}) layers [{l0}, {l1}): "
-                                     f"checksum mismatch (the bytes changed on the way)")
+                where = f"route {key} rows [{r0}, {r1}) layers [{l0}, {l1})"
+                if self.checksum == "crc32c" and crc32c_of(part) != check:
+                    raise ValueError(f"{where}: checksum mismatch (the bytes changed on the way)")
+                digest = new_digest(part.device) if self.checksum == "digest" else None
                 if req.ready is not None:
                     torch.cuda.current_stream(part.device).wait_event(req.ready)
                 d0 = route.dst_layers.start
@@ -730,7 +751,14 @@ class KVReceiver(Endpoint):
                 place = dict(token_offset=sel.dst_start, num_tokens=sel.count) \
                     if sel.dst_contiguous else dict(tokens=sel.tensors(part.device)[1])
                 unpack_pages(part, self.cache, req.page_ids, heads=route.dst_heads,
-                             layers=(d0 + l0, d0 + l1), validate=False, **place)
+                             layers=(d0 + l0, d0 + l1), digest=digest, validate=False, **place)
+                if digest is not None:  # computed as the bytes passed: checked before Success
+                    if part.is_cuda:  # read once the unpack has run (no wait here)
+                        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                        digest = host.copy_(digest, non_blocking=True)
+                    else:
+                        _check_digest(where, digest, check)
+                        digest = None
             except Exception as e:
                 with self._lock:
                     req.unpacking = False
@@ -745,7 +773,7 @@ class KVReceiver(Endpoint):
                     self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
                 if part.is_cuda:
                     event = torch.cuda.current_stream(part.device).record_event()
-                    req.inflight.append((event, key, l0, l1, r1 - r0))
+                    req.inflight.append((event, key, l0, l1, r1 - r0, digest, check, where))
                 else:
                     self._land(req, key, l0, l1, r1 - r0)
                 self._advance(req, time.monotonic())
@@ -753,8 +781,15 @@ class KVReceiver(Endpoint):
     def _land_events(self, req: _Request) -> None:
         still = []
         for item in req.inflight:
-            if item[0].query():
-                self._land(req, *item[1:])
+            event, key, l0, l1, rows, digest, check, where = item
+            if event.query():
+                if digest is not None:
+                    try:
+                        _check_digest(where, digest, check)
+                    except ValueError as e:
+                        self._finish(req, f"refused notification: {e}")
+                        return
+                self._land(req, key, l0, l1, rows)
             else:
                 still.append(item)
         req.inflight = still
@@ -778,7 +813,7 @@ class KVReceiver(Endpoint):
     def _counts(self, req: _Request, key: str, landed_only: bool = True) -> list[int]:
         counts = list(req.landed.setdefault(key, [0] * len(req.routes[key].dst_layers)))
         if not landed_only:
-            for _, k, l0, l1, n in req.inflight:
+            for _, k, l0, l1, n, *_ in req.inflight:
                 if k == key:
                     for i in range(l0, l1):
                         counts[i] += n

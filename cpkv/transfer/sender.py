@@ -97,6 +97,16 @@ def checksum(buf: torch.Tensor, value: int = 0) -> int:
     return crc32c.crc32c(memoryview(host.numpy()), value=value)
 
 
+def new_digest(device) -> torch.Tensor:
+    """A [1] int64 counter the pack or unpack adds a segment's digest to."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def digest_value(digest: torch.Tensor) -> int:
+    """The digest as the wire carries it, in [0, 2**64) (read once the kernel is done)."""
+    return int(digest.cpu()[0]) & 0xFFFFFFFFFFFFFFFF
+
+
 def group_bytes(nbytes: int) -> int:
     """The least size of a layer group of a segment of ``nbytes`` (see PIPELINE_GROUPS).
 
@@ -799,12 +809,14 @@ class KVSender(Endpoint):
             submitted = False
             try:
                 t0 = time.perf_counter()
+                digest = new_digest(self.cache.device) if integrity == "digest" else None
                 pack_pages(self.cache, job.page_ids, heads=route.src_heads,
                            layers=(route.src_layers.start + g0, route.src_layers.start + g1),
-                           out=slot.tensor, validate=False, **place)
+                           out=slot.tensor, digest=digest, validate=False, **place)
                 if slot.tensor.is_cuda:  # the engine reads the bytes: the pack must be done
                     torch.cuda.current_stream(slot.tensor.device).synchronize()
-                check = checksum(slot.tensor) if integrity == "crc32c" else None
+                check = checksum(slot.tensor) if integrity == "crc32c" else \
+                    None if digest is None else digest_value(digest)
                 if self.trace is not None:
                     self.trace.append(("pack", state.rid, g0, g1, t0, time.perf_counter()))
                 self._submit(leg, [(slot.tensor.data_ptr(), dest.addr + offset, nbytes)],
