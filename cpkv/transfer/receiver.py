@@ -731,7 +731,7 @@ class KVReceiver(Endpoint):
                 req.queued -= 1
                 if req.cell.done or req.slot is None:
                     return
-                route, n_layers = req.routes[key], len(req.routes[key].dst_layers)
+                route = req.routes[key]
                 region, fmt = req.plan.region(key)
                 offset, nbytes = SlotPlan.segment(region, fmt, (r0, r1), (l0, l1))
                 part = req.slot.tensor[offset:offset + nbytes]
