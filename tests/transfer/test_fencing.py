@@ -417,7 +417,7 @@ def test_cached_prefix_pages_are_shared_by_requests_in_flight(rig):
     share them (a common cached prefix), and both land."""
     src, dst = caches()
     g = Group(src, dst, rig, cp=1)
-    for rid, (tail, s_tail) in enumerate(((1, 2), (3, 4))):
+    for rid, tail in enumerate((1, 3)):
         g.expect(rid, torch.tensor([0, tail]), 2 * PS, prefix=PS)
     want = snapshot(dst)
     for rid, (tail, s_tail) in enumerate(((1, 2), (3, 4))):
