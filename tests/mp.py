@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -20,9 +22,10 @@ def spawn_group(target, world: int, *args, timeout: float = 300.0,
                 port: int | None = None) -> list[dict]:
     """Run target(rank, world, port, out_path, *args) in `world` spawned processes.
 
-    Each rank writes a JSON dict {scenario: "ok" | error text} to out_path. Every process is
-    joined (or killed at the deadline); returns the ranks' dicts. ``port`` defaults to a free
-    one (for the ranks' own rendezvous).
+    Each rank writes a JSON dict {scenario: "ok" | error text} to out_path; out_path's folder
+    is shared by the group (`publish` / `lookup` there to meet). Every process is joined (or
+    killed at the deadline); returns the ranks' dicts. ``port`` defaults to a free one (for the
+    ranks' own rendezvous).
     """
     ctx = multiprocessing.get_context("spawn")
     port = free_port() if port is None else port
@@ -48,6 +51,25 @@ def spawn_group(target, world: int, *args, timeout: float = 300.0,
                                    f"and wrote no results")
             results.append(json.loads(path.read_text()))
         return results
+
+
+def publish(path, value) -> None:
+    """Write ``value`` (JSON) to ``path`` at once: a `lookup` never reads half of it."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def lookup(path, timeout: float = 120.0):
+    """The value another process `publish`-ed at ``path``, waiting for it up to ``timeout``
+    seconds (TimeoutError naming the path after that)."""
+    deadline = time.monotonic() + timeout
+    path = Path(path)
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing published at {path} within {timeout} s")
+        time.sleep(0.005)
+    return json.loads(path.read_text())
 
 
 class Recorder:
