@@ -6,14 +6,16 @@ for a GPU target this machine does not have, and read its code quality from the 
 No GPU is needed: Triton lowers the kernel to PTX for the target, and the ``ptxas`` / ``cuobjdump``
 bundled with Triton's wheel give registers, spills and SASS. The specialisations come from
 `cpkv.kernels.paged_copy.plan_launch` (the launcher's own planning code) on shapes A, B, C
-(../shared/BENCHMARKS.md) at page sizes 1, 16, 64 with fragmented page ids, for pack, unpack and
-reorganize. One row per specialisation:
+(../shared/BENCHMARKS.md) at page sizes 1, 16, 64 with fragmented page ids, for every op of `OPS`
+(pack, unpack, reorganize, and the variants of pack / unpack: a slot cut into values). One row
+per specialisation:
 
 - ``vector_bits``: the narrowest of the widest global load and widest global store in SASS
   (128 = ``LDG.E.128`` and ``STG.E.128``);
 - ``registers``, ``spills`` (spill stores + loads, bytes) from ``ptxas -v``;
 - ``div_rem``: 64-bit integer div/rem in the PTX (each becomes a long SASS sequence);
-- ``sass_instructions``: instructions in the kernel's SASS.
+- ``sass_instructions``: instructions in the kernel's SASS (per thread, static: a launch with
+  ``num_warps`` 8 runs half the words per thread of one with 4).
 
 Targets on sm_90a: 128-bit accesses, <= 64 registers, no spills, no 64-bit div/rem.
 """
@@ -34,10 +36,19 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 
 
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
 TARGETS = {"vector_bits": 128, "registers": 64, "spills": 0, "div_rem": 0}
-OPS = ("pack", "unpack", "reorganize")
+# op -> the plan_launch flags the launcher uses for it: pack and unpack of an uncut slot, of a
+# slot cut into values (-regions), of a token list (-tokens), each also with the fused digest
+# (-digest), and the reorganize kernel.
+_VARIANTS = {"": {}, "-regions": dict(regions=True), "-tokens": dict(token_list=True)}
+OPS = {f"{op}{name}": dict(unpack=op == "unpack", **flags)
+       for name, flags in _VARIANTS.items() for op in ("pack", "unpack")}
+OPS["reorganize"] = dict(unpack=True, token_map=True)
+OPS.update({f"{op}-digest": dict(flags, digest=True) for op, flags in list(OPS.items())
+            if op != "reorganize"})
 COLUMNS = ["op", "shape", "page_size", "arch", "vector_bits", "registers", "spills", "div_rem",
            "sass_instructions", "word_bytes", "vec", "head_words", "row_words", "contig_heads",
-           "block_t", "block_r", "chunk_words", "blocks", "triton", "ptxas", "git_sha",
+           "block_t", "block_r", "chunk_words", "num_warps", "blocks", "triton", "ptxas",
+           "git_sha",
            "timestamp"]
 
 
@@ -57,7 +68,7 @@ def arch_supported(arch: str) -> bool:
     return arch in out
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: str) -> dict:
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: int = 4) -> dict:
     """Compile a ``@triton.jit`` function for ``arch`` (no GPU needed); measure its code.
 
     Pointer arguments are assumed 16-byte aligned (as Triton specialises real tensors)."""
@@ -69,7 +80,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str) -> dict:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*")}
     src = ASTSource(fn, signature, constexprs, attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32))
+    kernel = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+                            options={"num_warps": num_warps})
     ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         p_ptx, p_cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
@@ -112,16 +124,18 @@ def launch_specs(shape: str, page_size: int, op: str):
 
     cache = SHAPES[shape].cache(num_pages=2, page_size=page_size)  # only shapes/strides matter
     plan = plan_launch(cache, range(cache.num_layers), range(cache.num_heads), 16,
-                       unpack=op != "pack", token_map=op == "reorganize", interpret=False)
+                       interpret=False, **OPS[op])
     return [(g.spec, len(g.rows)) for g in plan]
 
 
 def signature(spec) -> dict:
-    """The kernel's argument types as `_launch` passes them (int32 page ids, int64 map)."""
+    """The kernel's argument types as `_launch` passes them (int32 page ids and token list,
+    int64 map)."""
     word = {8: "i64", 4: "i32", 2: "i16", 1: "u8"}[spec.word]
     sig = {"slot": f"*{word}", "desc": "*i64", "page_ids": "*i32",
            "token_map": "*i64" if spec.has_token_map else "*i32",
-           "num_tokens": "i32", "rows_per_rank": "i32", "rank_words": "i32"}
+           "tokens": "*i32", "digest": "*i64", "num_rows": "i32", "rows_per_region": "i32",
+           "region_words": "i32", "token_offset": "i32"}
     sig.update({name: "constexpr" for name in spec.constexprs()})
     return sig
 
@@ -139,13 +153,14 @@ def report(archs, shapes=("A", "B", "C"), page_sizes=(1, 16, 64), ops=OPS):
                         key = (arch, spec)
                         if key not in seen:
                             seen[key] = compile_kernel(_paged_copy_kernel, signature(spec),
-                                                       spec.constexprs(), arch)
+                                                       spec.constexprs(), arch, spec.num_warps)
                         rows.append(dict(
                             op=op, shape=shape, page_size=ps, arch=arch, **seen[key],
                             word_bytes=spec.word, vec=spec.vec, head_words=spec.head_words,
                             row_words=spec.row_words, contig_heads=int(spec.contig_heads),
                             block_t=spec.block_t, block_r=spec.block_r,
-                            chunk_words=spec.chunk_words, blocks=n_blocks))
+                            chunk_words=spec.chunk_words, num_warps=spec.num_warps,
+                            blocks=n_blocks))
     return rows
 
 

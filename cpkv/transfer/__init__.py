@@ -10,11 +10,11 @@ from .direct import contiguous_runs
 from .engine import TransferEngine, TransferError
 from .mapping import Route, map_ranks
 from .policy import CostModel
-from .protocol import ModelShape, ProtocolError
+from .protocol import ModelSpec, ProtocolError
 from .receiver import KVReceiver
 from .sender import KVSender
 from .status import KVStatus, StatusCell, agree
 
-__all__ = ["CostModel", "KVReceiver", "KVSender", "KVStatus", "ModelShape", "ParallelRank",
+__all__ = ["CostModel", "KVReceiver", "KVSender", "KVStatus", "ModelSpec", "ParallelRank",
            "ParallelSizes", "ProtocolError", "Route", "StatusCell", "TransferEngine",
            "TransferError", "agree", "contiguous_runs", "map_ranks"]

@@ -9,17 +9,18 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import torch
 
 from .._checks import check_int
 from .._closing import Closing
 from ..layout import PagedKVCache
-from ..parallel import ParallelRank, ParallelSizes, heads_of, layers_of
+from ..parallel import DcpLayout, ParallelRank, ParallelSizes, dcp_heads_of, layers_of
 from ..staging import StagingArena
 from .engine import TransferEngine
 from .mapping import Route, map_ranks
-from .protocol import Hello, ModelShape, ProtocolError, Welcome, check_request_id
+from .protocol import Hello, ModelSpec, ProtocolError, Welcome, check_request_id
 from .status import KVStatus
 
 SECRET_ENV = "CPKV_SECRET"
@@ -51,52 +52,104 @@ def resolve_secret(secret) -> bytes | None:
     return (secret.encode() if isinstance(secret, str) else secret) or None
 
 
+def check_dcp(dcp, rank: ParallelRank, sizes: ParallelSizes) -> DcpLayout | None:
+    """A decode context-parallel layout as the agents use it: None for no DCP (size 1); the
+    DCP groups are runs of ``dcp.size`` consecutive TP ranks (vLLM and SGLang without PCP), so
+    ``dcp.rank`` is ``rank.tp % dcp.size``, and a DCP-sharded instance has no CP."""
+    if dcp is None:
+        return None
+    if not isinstance(dcp, DcpLayout):
+        raise TypeError(f"dcp: expected a cpkv.parallel.DcpLayout or None, got "
+                        f"{type(dcp).__name__}")
+    if dcp.size == 1:
+        return None
+    if sizes.tp % dcp.size or dcp.rank != rank.tp % dcp.size:
+        raise ValueError(f"dcp: expected a group of consecutive TP ranks (size dividing tp "
+                         f"{sizes.tp}, rank tp % size = {rank.tp % dcp.size}), got size "
+                         f"{dcp.size}, rank {dcp.rank}")
+    if sizes.cp > 1:
+        raise ValueError(f"dcp: a DCP-sharded instance has no CP ranks, got cp {sizes.cp}")
+    return DcpLayout(dcp.size, dcp.rank, dcp.interleave)
+
+
 def model_shape(cache: PagedKVCache, rank: ParallelRank, sizes: ParallelSizes, kind: str,
-                num_kv_heads: int | None, num_layers: int | None) -> ModelShape:
+                num_kv_heads: int | None, num_layers: int | None,
+                dcp: DcpLayout | None = None) -> ModelSpec:
     """The whole model from this rank's pool, checked against it: ``num_kv_heads`` defaults to
-    the pool's heads times TP (MHA; one latent for MLA), ``num_layers`` to the pool's layers
-    (required with PP > 1, where stages may be uneven)."""
+    the pool's heads times TP (MHA; divided by the DCP size with DCP; one latent for MLA),
+    ``num_layers`` to the pool's layers (required with PP > 1, where stages may be uneven)."""
     if kind not in ("mha", "mla"):
         raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
+    groups = 1 if dcp is None else dcp.size
     if kind == "mla":
         if cache.num_heads != 1:
             raise ValueError(f"kind='mla': expected a pool of one latent head, got "
                              f"{cache.num_heads} heads")
         num_kv_heads = 1
     elif num_kv_heads is None:
-        num_kv_heads = cache.num_heads * sizes.tp
+        num_kv_heads = cache.num_heads * (sizes.tp // groups)
     if num_layers is None:
         if sizes.pp > 1:
             raise ValueError("num_layers: required with pp > 1 (the model's layer count)")
         num_layers = cache.num_layers
     check_int(num_kv_heads, "num_kv_heads", 1)
     check_int(num_layers, "num_layers", 1)
-    if kind == "mha" and len(heads_of(rank.tp, sizes.tp, num_kv_heads)) != cache.num_heads:
-        raise ValueError(f"this pool holds {cache.num_heads} heads; tp rank {rank.tp} of "
-                         f"{sizes.tp} holds {len(heads_of(rank.tp, sizes.tp, num_kv_heads))} of "
-                         f"{num_kv_heads} KV heads")
+    if kind == "mha":
+        held = len(dcp_heads_of(rank.tp, sizes.tp, groups, num_kv_heads))
+        if held != cache.num_heads:
+            raise ValueError(f"this pool holds {cache.num_heads} heads; tp rank {rank.tp} of "
+                             f"{sizes.tp} (DCP {groups}) holds {held} of {num_kv_heads} KV heads")
     if len(layers_of(rank.pp, sizes.pp, num_layers)) != cache.num_layers:
         raise ValueError(f"this pool holds {cache.num_layers} layers; pp rank {rank.pp} of "
                          f"{sizes.pp} holds {len(layers_of(rank.pp, sizes.pp, num_layers))} of "
                          f"{num_layers} layers")
-    return ModelShape(kind, num_kv_heads, num_layers)
+    return ModelSpec(kind, num_kv_heads, num_layers)
+
+
+def dcp_of(peer: Hello | Welcome) -> DcpLayout | None:
+    """A peer's DCP layout (None: its pool holds requests contiguously)."""
+    return None if peer.dcp is None else DcpLayout(*peer.dcp)
 
 
 def identity(cache: PagedKVCache, instance: str, rank: ParallelRank, sizes: ParallelSizes,
-             model: ModelShape, incarnation: str, session: str) -> dict:
+             model: ModelSpec, incarnation: str, session: str,
+             dcp: DcpLayout | None = None) -> dict:
     """The fields a Hello and a Welcome share: who an agent is and what its pool holds."""
     return dict(instance=instance, rank=rank, sizes=sizes, model=model,
                 incarnation=incarnation, session=session,
                 unit=cache.packed_format(1, layers=(0, 1), heads=(0, 1)),
                 page_size=cache.page_size, num_heads=cache.num_heads,
-                num_layers=cache.num_layers, layout=cache.layout)
+                num_layers=cache.num_layers, layout=cache.layout,
+                dcp=None if dcp is None else (dcp.size, dcp.rank, dcp.interleave))
 
 
 def routes_between(source: Hello | Welcome, dest: Hello | Welcome) -> list[Route]:
-    """The routes that fill decode rank ``dest`` from prefill instance ``source``'s ranks."""
-    return map_ranks(source.sizes, dest.sizes, num_kv_heads=dest.model.num_kv_heads,
-                     num_layers=dest.model.num_layers,
-                     kind=dest.model.kind)[(dest.rank.tp, dest.rank.pp)]
+    """The routes that fill decode rank ``dest`` from prefill instance ``source``'s ranks.
+
+    With DCP, the ranks of a DCP group hold the same heads (`dcp_heads_of`): heads are
+    mapped between the groups (TP / DCP of them on each side), and a route's ``tp`` names the
+    source's DCP group, every rank of which sends its tokens (`route_senders`)."""
+    def groups(peer):
+        d = 1 if peer.dcp is None else peer.dcp[0]
+        return replace(peer.sizes, tp=peer.sizes.tp // d), peer.rank.tp // d
+    src_sizes, _ = groups(source)
+    dst_sizes, dst_tp = groups(dest)
+    return map_ranks(src_sizes, dst_sizes, num_kv_heads=dest.model.num_kv_heads,
+                     num_layers=dest.model.num_layers, kind=dest.model.kind)[(dst_tp, dest.rank.pp)]
+
+
+def route_senders(route: Route, source: Hello | Welcome, dp: int) -> list[ParallelRank]:
+    """The source instance's ranks that send a route: every CP rank, and every rank of the
+    DCP group the route's ``tp`` names."""
+    d = 1 if source.dcp is None else source.dcp[0]
+    return [ParallelRank(dp, c, route.tp * d + k, route.pp)
+            for c in range(source.sizes.cp) for k in range(d)]
+
+
+def feeds(route: Route, peer: Hello | Welcome) -> bool:
+    """Whether rank ``peer`` (a sender) is one of those that send ``route``."""
+    d = 1 if peer.dcp is None else peer.dcp[0]
+    return route.tp == peer.rank.tp // d and route.pp == peer.rank.pp
 
 
 def check_peer(mine: Hello | Welcome, theirs: Hello | Welcome, who: str) -> None:
@@ -116,7 +169,7 @@ class Endpoint(Closing):
 
     def __init__(self, cache: PagedKVCache, *, instance: str, rank: ParallelRank | None,
                  sizes: ParallelSizes | None, kind: str, num_kv_heads: int | None,
-                 num_layers: int | None, engine: TransferEngine | None,
+                 num_layers: int | None, dcp: DcpLayout | None, engine: TransferEngine | None,
                  arena: StagingArena | None, arena_bytes: int, timeout: float, secret):
         self._owns_engine = self._owns_arena = False
         self._pool_regs: list[int] = []
@@ -134,7 +187,8 @@ class Endpoint(Closing):
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
         self.cache, self.instance, self.rank, self.sizes = cache, instance, rank, sizes
-        self.model = model_shape(cache, rank, sizes, kind, num_kv_heads, num_layers)
+        self.dcp = check_dcp(dcp, rank, sizes)
+        self.model = model_shape(cache, rank, sizes, kind, num_kv_heads, num_layers, self.dcp)
         self.timeout = float(timeout)
         self.secret = resolve_secret(secret)
         self.incarnation = uuid.uuid4().hex[:16]
@@ -153,7 +207,7 @@ class Endpoint(Closing):
     def _identity(self) -> dict:
         """This agent's Hello or Welcome fields (the same for both)."""
         return identity(self.cache, self.instance, self.rank, self.sizes, self.model,
-                        self.incarnation, self.engine.session_id)
+                        self.incarnation, self.engine.session_id, self.dcp)
 
     def register_pool(self) -> None:
         """Register the pool's storages with the engine (direct mode reads/writes them);

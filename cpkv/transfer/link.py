@@ -154,7 +154,8 @@ class Hub:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
-                self._call(lambda: self._drop(link, f"send failed: {e}", by_peer=True))
+                reason = f"send failed: {e}"
+                self._call(lambda: self._drop(link, reason, by_peer=True))
                 return True  # the close reports it
             if sent < len(frame):
                 link._out.append(memoryview(frame)[sent:])
@@ -265,8 +266,8 @@ class Hub:
         if link.connecting:
             err = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._drop(link, f"cannot connect to {link.address}: {errno.errorcode.get(err, err)}",
-                           by_peer=False)
+                why = errno.errorcode.get(err, err)
+                self._drop(link, f"cannot connect to {link.address}: {why}", by_peer=False)
                 return
             link.connecting = False
             self._raw_send(link, link.codec.hello())

@@ -30,11 +30,13 @@ authenticated (the network is trusted) and the frames carry no mac.
 A *use* is one `expect` of one receiver incarnation: every Destination, Note, Verdict and End
 names it, and each side drops what is not for the use it serves.
 
-**Where a segment lives in a slot.** A request's slot holds one *region* per route (`SlotPlan`).
-A sender owns a token share ``[t0, t1)`` of its route; inside the region that share's bytes
-start at ``t0 * bytes_per_token`` and are layer-major over the route's layers (the packed format
-of the share), so CP shares tile the region without coordination and route-local layers
-``[l0, l1)`` of a share are one contiguous span: `SlotPlan.segment`.
+**Where a segment lives in a slot.** A request's slot holds one *region* per route (`SlotPlan`),
+one row per token the receiving rank takes from that route (every token past the prefix; with
+decode context parallelism, the rank's share of them: `cpkv.parallel.DcpLayout`). A sender's
+token range fills consecutive rows of its route's region (`segment_rows`): the destination's
+local order for a prefill pool, or one block per source rank for a DCP-sharded source. Its
+route-local layers ``[l0, l1)`` of those rows are one contiguous span, layer-major inside
+(`SlotPlan.segment`), so CP shares and source ranks tile a region without coordination.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ import typing
 from dataclasses import dataclass
 
 from ..layout import PackedFormat
-from ..parallel import ParallelRank, ParallelSizes
+from ..parallel import DcpLayout, DcpSelection, ParallelRank, ParallelSizes, dcp_select
 
 __all__ = ["Announce", "Destination", "End", "FrameCodec", "Hello", "MAX_FRAME", "Message",
-           "ModelShape", "Nonce", "Note", "PROTOCOL_VERSION", "ProtocolError", "Refused",
+           "ModelSpec", "Nonce", "Note", "PROTOCOL_VERSION", "ProtocolError", "Refused",
            "RouteSpec", "SlotPlan", "Verdict", "Welcome", "check_request_id", "decode",
-           "encode"]
+           "encode", "region_rows", "segment_rows"]
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 64 << 20  # a direct-mode Destination lists every page id of a request
@@ -117,7 +119,8 @@ def _check(value, hint, what: str):
         args = typing.get_args(hint)
         if not isinstance(value, list) or len(value) != len(args):
             raise ProtocolError(f"{what}: expected {len(args)} values, got {_show(value)}")
-        return tuple(_check(v, a, f"{what}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_check(v, a, f"{what}[{i}]") for i, (v, a) in pairs)
     if origin is list:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -172,8 +175,9 @@ def _from_fields(cls, data, what: str):
     if extra or missing:
         raise ProtocolError(f"{what}: fields {sorted(missing)} missing, {sorted(extra)} "
                             f"unknown")
+    values = {n: _check(data[n], hints[n], f"{what}.{n}") for n in names}
     try:
-        return cls(**{n: _check(data[n], hints[n], f"{what}.{n}") for n in names})
+        return cls(**values)
     except (TypeError, ValueError) as e:  # __post_init__ checks
         raise ProtocolError(f"{what}: {e}") from None
 
@@ -207,7 +211,7 @@ class Message:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelSpec:
     """The whole model as rank mapping needs it (the pool only shows one rank's part)."""
 
     kind: str  # "mha" (K/V heads, split over TP) or "mla" (one latent, replicated over TP)
@@ -237,7 +241,7 @@ class Hello(Message):
     instance: str
     rank: ParallelRank
     sizes: ParallelSizes
-    model: ModelShape
+    model: ModelSpec
     incarnation: str
     session: str  # the sender engine's Mooncake session
     unit: PackedFormat  # one token, head and layer: format version, components, dtypes
@@ -245,6 +249,7 @@ class Hello(Message):
     num_heads: int  # this pool's local heads and layers
     num_layers: int
     layout: str
+    dcp: tuple[int, int, int] | None  # a DCP-sharded pool: (size, rank, interleave)
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ class Welcome(Message):
     instance: str
     rank: ParallelRank
     sizes: ParallelSizes
-    model: ModelShape
+    model: ModelSpec
     incarnation: str
     session: str
     unit: PackedFormat
@@ -261,6 +266,7 @@ class Welcome(Message):
     num_heads: int
     num_layers: int
     layout: str
+    dcp: tuple[int, int, int] | None
     pool: list[dict] | None  # direct mode: per (layer, component) address and strides
     integrity: str  # "" | "crc32c" | "digest": what every packed segment's note must carry
 
@@ -302,6 +308,7 @@ class Destination(Message):
     region: int  # this sender's route region, bytes from addr
     route: RouteSpec
     num_tokens: int
+    prefix: int  # the request's first tokens already in the receiver's pages: not sent
     num_pages: int
     page_ids: list[int] | None  # direct mode: the receiver's page ids of the request
 
@@ -311,8 +318,8 @@ class Note(Message):
     TAG = "note"
     rid: RequestId
     use: int
-    pages: tuple[int, int]  # the sender's share, request-local pages
-    tokens: tuple[int, int]  # and tokens
+    pages: tuple[int, int]  # the sender's share of this call, request-local pages of its pool
+    tokens: tuple[int, int]  # and request tokens (a DCP-sharded sender: the whole request)
     layers: tuple[int, int]  # route-local layers of this segment
     nbytes: int
     mode: str  # "packed" | "direct"
@@ -413,43 +420,73 @@ class FrameCodec:
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """Where each route's bytes live in one request's staging slot: the receiver lays regions
-    out back to back (route order), each ``num_tokens * bytes_per_token`` of its route; a
-    sender's share and layers are one span of its region (see the module doc)."""
+    """Where each route's rows live in one request's staging slot: the receiver lays regions
+    out back to back (route order), each ``rows * bytes_per_row`` of its route (a row: one
+    token, every layer and head of the route); a sender's rows and layers are one span of its
+    region (see the module doc)."""
 
-    num_tokens: int
-    regions: tuple[tuple[str, int, int], ...]  # (route key, offset, bytes per token)
+    regions: tuple[tuple[str, int, int, int], ...]  # (route key, offset, rows, bytes per row)
 
     @classmethod
-    def build(cls, num_tokens: int, routes: list[tuple[str, int]]) -> SlotPlan:
-        """``routes``: (route key, bytes one token of it packs to), in route order."""
+    def build(cls, routes: list[tuple[str, int, int]]) -> SlotPlan:
+        """``routes``: (route key, rows, bytes one row packs to), in route order."""
         out, pos = [], 0
-        for key, bpt in routes:
-            out.append((key, pos, bpt))
-            pos += num_tokens * bpt
-        return cls(num_tokens, tuple(out))
+        for key, rows, bpr in routes:
+            out.append((key, pos, rows, bpr))
+            pos += rows * bpr
+        return cls(tuple(out))
 
     @property
     def nbytes(self) -> int:
-        return sum(self.num_tokens * bpt for _, _, bpt in self.regions)
+        return sum(rows * bpr for _, _, rows, bpr in self.regions)
 
-    def region(self, key: str) -> tuple[int, int]:
-        """(offset, bytes per token) of a route's region."""
-        for k, off, bpt in self.regions:
+    def region(self, key: str) -> tuple[int, int, int]:
+        """(offset, rows, bytes per row) of a route's region."""
+        for k, off, rows, bpr in self.regions:
             if k == key:
-                return off, bpt
+                return off, rows, bpr
         raise KeyError(key)
 
     @staticmethod
-    def segment(region: int, bytes_per_token: int, num_layers: int, tokens: tuple[int, int],
+    def segment(region: int, bytes_per_row: int, num_layers: int, rows: tuple[int, int],
                 layers: tuple[int, int]) -> tuple[int, int]:
-        """(offset, nbytes) in the slot of route-local layers ``[l0, l1)`` of the share
-        ``tokens = [t0, t1)`` of a route whose region starts at ``region`` and has
-        ``num_layers`` layers.
+        """(offset, nbytes) in the slot of route-local layers ``[l0, l1)`` of the rows
+        ``[r0, r1)`` a sender fills in a route region starting at ``region`` with
+        ``num_layers`` layers (its rows are layer-major: the packed format of r1 - r0 tokens).
 
-        >>> SlotPlan.segment(1000, 64, 4, (10, 20), (1, 3))  # 16 B per token and layer
+        >>> SlotPlan.segment(1000, 64, 4, (10, 20), (1, 3))  # 16 B per row and layer
         (1800, 320)
         """
-        (t0, t1), (l0, l1) = tokens, layers
-        per_layer = (t1 - t0) * (bytes_per_token // num_layers)
-        return region + t0 * bytes_per_token + l0 * per_layer, (l1 - l0) * per_layer
+        (r0, r1), (l0, l1) = rows, layers
+        per_layer = (r1 - r0) * (bytes_per_row // num_layers)
+        return region + r0 * bytes_per_row + l0 * per_layer, (l1 - l0) * per_layer
+
+
+def region_rows(dst: DcpLayout, num_tokens: int, prefix: int) -> int:
+    """Rows of a route region: the tokens past the prefix that rank ``dst`` holds."""
+    return dst.count(num_tokens) - dst.count(prefix)
+
+
+def segment_rows(dst: DcpLayout, src: DcpLayout | None, tokens: tuple[int, int],
+                 num_tokens: int, prefix: int) -> tuple[DcpSelection, int]:
+    """The tokens a sender's range fills on rank ``dst`` and the region row of the first.
+
+    ``src`` is None for a pool holding the request contiguously (a prefill rank: ``tokens``
+    is its share of a call, and the rows follow the destination's local order: row of token t
+    is ``dst.local_of(t) - dst.count(prefix)``), or the sending rank of a DCP-sharded pool
+    (``tokens`` is the whole request; source rank k's rows follow those of ranks ``< k``).
+
+    >>> sel, row = segment_rows(DcpLayout(2, 1), None, (4, 10), 10, 2)  # odd tokens from 4
+    >>> sel.count, sel.dst_start, row
+    (3, 2, 1)
+    >>> sel, row = segment_rows(DcpLayout(), DcpLayout(2, 1), (0, 6), 6, 0)  # DCP 2 -> 1
+    >>> sel.count, row
+    (3, 3)
+    """
+    start, stop = tokens
+    if src is None:
+        sel = dcp_select(dst, start, stop, prefix=prefix)
+        return sel, sel.dst_start - dst.count(prefix)
+    before = sum(dcp_select(dst, 0, num_tokens, src=src.with_rank(k), prefix=prefix).count
+                 for k in range(src.rank))
+    return dcp_select(dst, start, stop, src=src, prefix=prefix), before

@@ -41,18 +41,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import as_page_ids, check_num_tokens
+from .._checks import as_page_ids, check_int, check_num_tokens
 from ..kernels import unpack_pages
-from ..parallel import ParallelRank, ParallelSizes
+from ..parallel import DcpLayout, ParallelRank, ParallelSizes
 from ..staging import ArenaFullError, Slot, StagingArena
 from .direct import direct_nbytes, pool_addresses, whole_pages
-from .endpoint import Endpoint, check_peer, check_ready, routes_between
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, route_senders, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link
-from .mapping import Route
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       SlotPlan, Verdict, Welcome, check_request_id)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .sender import checksum as crc32c_of
+from .sender import digest_value, new_digest
 from .sender import route_spec
 from .status import KVStatus, StatusCell
 
@@ -61,6 +74,17 @@ __all__ = ["KVReceiver"]
 DRAIN = 0.5  # seconds a slot stays fenced after its sender's process is gone (bytes in flight)
 CLOSE_WAIT = 2.0  # seconds `close` waits for senders to acknowledge verdicts
 MAX_ENDED = 1 << 16  # verdicts remembered for senders that announce an ended request late
+
+
+INTEGRITY = {"auto": None, False: "", None: "", True: "crc32c", "crc32c": "crc32c",
+             "digest": "digest"}
+
+
+def _check_digest(where: str, digest: torch.Tensor, check) -> None:
+    if check is None:
+        raise ValueError(f"{where}: no digest")
+    if digest_value(digest) != check:
+        raise ValueError(f"{where}: digest mismatch (the bytes changed on the way)")
 
 
 def sender_id(instance: str, rank: ParallelRank) -> str:
@@ -92,6 +116,7 @@ class _Request:
     page_ids: torch.Tensor
     host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
     num_tokens: int
+    prefix: int  # tokens already in the pages: not sent
     deadline: float
     use: int
     ready: object = None  # the runner's CUDA event (unpack is ordered after it)
@@ -100,8 +125,8 @@ class _Request:
     plan: SlotPlan | None = None
     writers: dict = field(default_factory=dict)  # sender id -> _Writer
     slot: Slot | None = None
-    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, l0, l1)]
-    landed: dict = field(default_factory=dict)  # route key -> [tokens in the pool per layer]
+    segments: dict = field(default_factory=dict)  # route key -> [(r0, r1, l0, l1)] rows
+    landed: dict = field(default_factory=dict)  # route key -> [rows in the pool per layer]
     queued: int = 0  # segments waiting for the worker's unpack
     unpacking: bool = False  # the worker is writing its pages (a failure waits for it)
     failure: str | None = None  # a failure that came while it was
@@ -138,8 +163,13 @@ class KVReceiver(Endpoint):
             access; the baseline, off by default).
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds a request may wait for every sender (and for staging space).
-        checksum: ask senders for a CRC32C of every packed segment and verify it before
-            unpacking it (costs a pass over the bytes on both sides; needs ``crc32c``).
+        checksum: what senders attach to every packed segment and the receiver checks before
+            Success: "digest" (`cpkv.kernels.packed_digest`, computed inside the pack and
+            unpack kernels as the bytes pass: no second pass on the GPU), "crc32c" (True:
+            verified before the unpack, a pass over the bytes on both sides, on the host;
+            needs ``crc32c``), or False. Default "auto": the digest for CUDA pools, none for
+            CPU pools, where the torch path pays the digest as extra passes (1.4-7x a pack,
+            `benchmarks/results/digest.csv`) and CRC32C is both cheaper and stronger.
         grace: seconds after which a slot still fenced by a silent sender is counted as
             quarantined past grace (it is never reused before that sender stops; default
             ``timeout``).
@@ -151,21 +181,26 @@ class KVReceiver(Endpoint):
     def __init__(self, cache, *, instance: str = "decode", rank: ParallelRank | None = None,
                  sizes: ParallelSizes | None = None, kind: str = "mha",
                  num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
                  host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
-                 arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum: bool = False,
+                 arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum="auto",
                  grace: float | None = None, secret: str | bytes | None = None):
-        for name, flag in (("direct", direct), ("checksum", checksum)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected bool, got {type(flag).__name__}")
+        if not isinstance(direct, bool):
+            raise TypeError(f"direct: expected bool, got {type(direct).__name__}")
+        if checksum not in INTEGRITY:
+            raise ValueError(f"checksum: expected one of {list(INTEGRITY)}, got {checksum!r}")
         if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
             raise ValueError(f"grace: expected a non-negative number of seconds, got {grace!r}")
         if not isinstance(host, str) or not host:
             raise TypeError(f"host: expected a non-empty str, got {host!r}")
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
-                         num_kv_heads=num_kv_heads, num_layers=num_layers, engine=engine,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
                          arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
-        self.direct, self.checksum = direct, checksum
+        self.direct = direct
+        self.checksum = INTEGRITY[checksum] if checksum != "auto" else \
+            "digest" if cache.device.type == "cuda" else ""  # measured: see the module doc
+        self._layout = self.dcp or DcpLayout()  # where this rank keeps a request's tokens
         self.grace = self.timeout if grace is None else float(grace)
         self.hub = None
         try:
@@ -173,7 +208,7 @@ class KVReceiver(Endpoint):
                 self.register_pool()
             self.welcome = Welcome(**self._identity(),
                                    pool=pool_addresses(cache) if direct else None,
-                                   integrity="crc32c" if checksum else "")
+                                   integrity=self.checksum)
             self._requests: dict = {}
             self._senders: dict[str, tuple[Link, Hello]] = {}  # sender id -> its connection
             self._sources: dict[str, Hello] = {}  # instance -> a Hello of it (its sizes)
@@ -204,9 +239,13 @@ class KVReceiver(Endpoint):
     # -- public ----------------------------------------------------------------------------
 
     def expect(self, request_id, page_ids, *, source: str, num_tokens: int | None = None,
-               source_dp: int = 0, ready=None) -> None:
+               prefix: int = 0, source_dp: int = 0, ready=None) -> None:
         """Reserve a slot for a request from prefill instance ``source`` (its DP rank
         ``source_dp``) and tell its senders where to write it, as each announces it.
+
+        ``num_tokens`` is the request's length (default: every slot of ``page_ids``; with DCP,
+        required: the pages hold this rank's share). Its first ``prefix`` tokens are in the
+        pages already (a prefix-cache hit): senders send the rest.
 
         ``ready``: the runner's ``torch.cuda.Stream`` or ``torch.cuda.Event`` after which the
         request's pages may be written (the unpack is ordered after it; in direct mode this
@@ -220,7 +259,12 @@ class KVReceiver(Endpoint):
         if not isinstance(source_dp, int) or isinstance(source_dp, bool) or source_dp < 0:
             raise ValueError(f"source_dp: expected a non-negative int, got {source_dp!r}")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        else:
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), page_ids.numel(), self.cache.page_size)
+        check_int(prefix, "prefix", 0, num_tokens)
         event = check_ready(ready, self.cache.device)
         host_ids = page_ids.cpu().long()  # the entry's one read of the ids
         with self._lock:
@@ -237,7 +281,7 @@ class KVReceiver(Endpoint):
                                  f"flight must not share decode pages")
             if event is not None and self.direct:
                 event.synchronize()  # senders write the pages directly
-            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens,
+            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens, prefix,
                            time.monotonic() + self.timeout, self._next_use, event)
             self._next_use += 1
             self._requests[request_id] = req
@@ -280,8 +324,9 @@ class KVReceiver(Endpoint):
             self._land_events(req)
             done = [True] * self.cache.num_layers
             for key, route in req.routes.items():
+                rows = req.plan.region(key)[1]
                 for i, c in enumerate(self._counts(req, key)):
-                    if c != req.num_tokens:
+                    if c != rows:
                         done[route.dst_layers.start + i] = False
             return done.index(False) if False in done else self.cache.num_layers
 
@@ -364,12 +409,12 @@ class KVReceiver(Endpoint):
                 return
             req.routes = {r.key: r for r in routes}
             for r in routes:
-                for c in range(source.sizes.cp):
-                    sid = sender_id(req.source, ParallelRank(req.source_dp, c, r.tp, r.pp))
-                    req.writers[sid] = _Writer(r.key)
-            req.plan = SlotPlan.build(req.num_tokens, [
-                (r.key, self.route_bytes_per_token(r)) for r in routes])
-            for sid, (link, when) in self._announced.pop(req.rid, {}).items():
+                for rank in route_senders(r, source, req.source_dp):
+                    req.writers[sender_id(req.source, rank)] = _Writer(r.key)
+            rows = region_rows(self._layout, req.num_tokens, req.prefix)
+            req.plan = SlotPlan.build([(r.key, rows, self.route_bytes_per_token(r))
+                                       for r in routes])
+            for sid, (link, _) in self._announced.pop(req.rid, {}).items():
                 self._announce(req, sid, link, None)
                 if req.cell.done:
                     return
@@ -388,16 +433,27 @@ class KVReceiver(Endpoint):
                 self._waiting.remove(req)
             req.cell.update(KVStatus.WaitingForInput)
             for sid, w in req.writers.items():
-                if w.link is not None:
-                    self._send_dest(req, sid, w)
+                self._push_dest(req, sid, w)
+
+    def _push_dest(self, req: _Request, sid: str, w: _Writer) -> None:
+        """Send the destination to an expected sender that announced the request, or is
+        connected already (pushed: it need not ask, and holds the slot until it ends)."""
+        if w.link is None:
+            connected = self._senders.get(sid)
+            if connected is None or not connected[0].open:
+                return
+            w.link = connected[0]
+        if not w.holds:
+            self._send_dest(req, sid, w)
 
     def _send_dest(self, req: _Request, sid: str, w: _Writer) -> None:
-        region, _ = req.plan.region(w.route)
+        region, _, _ = req.plan.region(w.route)
         route = req.routes[w.route]
         w.holds = True  # from here on it may write into the slot
         w.link.send(Destination(req.rid, req.use, self.incarnation,
                                 self.arena_addr + req.slot.offset, req.slot.nbytes, region,
-                                route_spec(route), req.num_tokens, req.page_ids.numel(),
+                                route_spec(route), req.num_tokens, req.prefix,
+                                req.page_ids.numel(),
                                 req.host_ids.tolist() if self.direct else None))
 
     # -- messages (the I/O thread) ---------------------------------------------------------
@@ -447,8 +503,11 @@ class KVReceiver(Endpoint):
         self._sources[hello.instance] = hello
         link.send(self.welcome)
         for req in list(self._requests.values()):
-            if req.source == hello.instance and req.routes is None:
-                self._plan(req)
+            if req.source == hello.instance and not req.cell.done:
+                if req.routes is None:
+                    self._plan(req)
+                elif sid in req.writers and req.slot is not None:
+                    self._push_dest(req, sid, req.writers[sid])
 
     def _on_announce(self, link: Link, msg: Announce) -> None:
         sid = link.peer
@@ -473,14 +532,14 @@ class KVReceiver(Endpoint):
                               f"disagree on sizes, routes or DP rank)")
             link.send(self._ended[req.rid])
             return
-        if w.link is not None:
-            return  # announced already (a duplicate is harmless)
+        if w.link is link and w.holds:
+            return  # it has the destination already (pushed, or a duplicate announcement)
         w.link = link  # from here on it hears the verdict
         if msg is not None and msg.num_tokens != req.num_tokens:
             self._finish(req, f"sender {sid} has {msg.num_tokens} tokens, this receiver "
                               f"expects {req.num_tokens}")
             return
-        if req.slot is not None:
+        if req.slot is not None and not w.holds:
             self._send_dest(req, sid, w)
 
     def _on_note(self, link: Link, note: Note) -> None:
@@ -538,7 +597,7 @@ class KVReceiver(Endpoint):
                     continue
                 if by_peer:
                     w.gone_at = now
-                if req is not None and not req.cell.done and not w.finished:
+                if req is not None and not req.cell.done:  # it can hear no verdict
                     self._finish(req, f"sender {sid} disconnected: {reason}")
         self._work.set()
 
@@ -554,23 +613,31 @@ class KVReceiver(Endpoint):
         hello = self._senders[sid][1]
         ps, n = hello.page_size, req.num_tokens
         (p0, p1), (t0, t1), (l0, l1) = note.pages, note.tokens, note.layers
-        if not (0 <= p0 <= p1 and t0 == min(p0 * ps, n) and t1 == min(p1 * ps, n)
-                and -(-n // ps) >= p1):
+        src = dcp_of(hello)
+        if src is None and not (0 <= p0 <= p1 and t0 == min(p0 * ps, n) and
+                                t1 == min(p1 * ps, n) and -(-n // ps) >= p1):
             raise ValueError(f"sender {sid}: pages [{p0}, {p1}) / tokens [{t0}, {t1}) lie "
                              f"outside request {req.rid!r} ({n} tokens in pages of {ps})")
+        if src is not None and (t0, t1) != (0, n):
+            raise ValueError(f"sender {sid}: a DCP-sharded sender sends the whole request "
+                             f"[0, {n}), its note says [{t0}, {t1})")
         route = req.routes[w.route]
-        _, bpt = req.plan.region(w.route)
+        _, _, bpr = req.plan.region(w.route)
         n_layers = len(route.dst_layers)
         if not 0 <= l0 <= l1 <= n_layers:
             raise ValueError(f"sender {sid}: layers [{l0}, {l1}) lie outside route "
                              f"{w.route}'s {n_layers} layers")
-        if note.mode == "packed":
-            want = (t1 - t0) * bpt
-        elif note.mode == "direct" and self.direct and ps == self.cache.page_size:
-            full = whole_pages(hello.num_heads, self.cache.num_heads, route)
-            want = direct_nbytes(bpt, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
-        else:
+        if note.mode not in ("packed", "direct") or note.mode == "direct" and not (
+                self.direct and ps == self.cache.page_size):
             raise ValueError(f"sender {sid}: mode {note.mode[:20]!r} is not accepted here")
+        sel, r0 = segment_rows(self._layout, src, (t0, t1), n, req.prefix)
+        r1 = r0 + sel.count
+        plain = src is None and self.dcp is None and req.prefix == 0
+        if note.mode == "direct" and plain:  # whole pages where both sides hold every head
+            full = whole_pages(hello.num_heads, self.cache.num_heads, route)
+            want = direct_nbytes(bpr, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
+        else:
+            want = sel.count * bpr
         want = want // n_layers * (l1 - l0)
         if note.nbytes != want:
             raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}) "
@@ -578,25 +645,25 @@ class KVReceiver(Endpoint):
                              f"{note.nbytes}")
         segments = req.segments.setdefault(w.route, [])
         for a, b, c, d in segments:
-            if t0 < b and a < t1 and l0 < d and c < l1:
+            if r0 < b and a < r1 and l0 < d and c < l1:
                 raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) were already received "
-                                 f"(layers [{l0}, {l1}) overlap tokens [{a}, {b}) layers "
+                                 f"(layers [{l0}, {l1}) overlap rows [{a}, {b}) layers "
                                  f"[{c}, {d}))")
         if note.metadata:
             try:
                 req.metadata[sid] = base64.b64decode(note.metadata, validate=True)
             except ValueError:
                 raise ValueError(f"sender {sid}: malformed metadata") from None
-        if t1 > t0 and l1 > l0:
-            segments.append((t0, t1, l0, l1))
+        if r1 > r0 and l1 > l0:
+            segments.append((r0, r1, l0, l1))
             if note.mode == "packed":
                 if self.checksum and note.check is None:
                     raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}): "
                                      f"no checksum")
                 req.queued += 1
-                self._unpacks.append((req, w.route, (t0, t1, l0, l1), note.check))
+                self._unpacks.append((req, w.route, (r0, r1, l0, l1), sel, note.check))
             else:  # a direct write landed in the pages before its notification
-                self._land(req, w.route, l0, l1, t1 - t0)
+                self._land(req, w.route, l0, l1, r1 - r0)
         req.cell.update(KVStatus.Transferring)
         if note.last:
             w.finished = True
@@ -657,31 +724,41 @@ class KVReceiver(Endpoint):
         if req.writers and not req.queued and all(w.finished for w in req.writers.values()):
             self._complete(req)
 
-    def _unpack(self, req: _Request, key: str, segment, check) -> None:
+    def _unpack(self, req: _Request, key: str, segment, sel, check) -> None:
         """Check and unpack one landed packed segment into the request's pages."""
-        t0, t1, l0, l1 = segment
+        r0, r1, l0, l1 = segment
         with self._unpack_lock:
             with self._lock:
                 req.queued -= 1
                 if req.cell.done or req.slot is None:
                     return
                 route, n_layers = req.routes[key], len(req.routes[key].dst_layers)
-                region, bpt = req.plan.region(key)
-                offset, nbytes = SlotPlan.segment(region, bpt, n_layers, (t0, t1), (l0, l1))
+                region, _, bpr = req.plan.region(key)
+                offset, nbytes = SlotPlan.segment(region, bpr, n_layers, (r0, r1), (l0, l1))
                 part = req.slot.tensor[offset:offset + nbytes]
                 req.unpacking = True
             try:
-                if self.checksum and crc32c_of(part) != check:
-                    raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): "
-                                     f"checksum mismatch (the bytes changed on the way)")
+                where = f"route {key} rows [{r0}, {r1}) layers [{l0}, {l1})"
+                if self.checksum == "crc32c" and crc32c_of(part) != check:
+                    raise ValueError(f"{where}: checksum mismatch (the bytes changed on the way)")
+                digest = new_digest(part.device) if self.checksum == "digest" else None
                 if req.ready is not None:
                     torch.cuda.current_stream(part.device).wait_event(req.ready)
-                ps, d0 = self.cache.page_size, route.dst_layers.start
+                d0 = route.dst_layers.start
                 started = time.perf_counter()
-                unpack_pages(part, self.cache, req.page_ids[t0 // ps:-(-t1 // ps)],
-                             num_tokens=t1 - t0, heads=route.dst_heads,
-                             layers=(d0 + l0, d0 + l1), validate=False,
-                             **({"token_offset": t0 % ps} if t0 % ps else {}))
+                # rows land at consecutive local tokens from dst_start (mid-page where the
+                # sender's page size differs or a prefix is there), or where DCP puts them
+                place = dict(token_offset=sel.dst_start, num_tokens=sel.count) \
+                    if sel.dst_contiguous else dict(tokens=sel.tensors(part.device)[1])
+                unpack_pages(part, self.cache, req.page_ids, heads=route.dst_heads,
+                             layers=(d0 + l0, d0 + l1), digest=digest, validate=False, **place)
+                if digest is not None:  # computed as the bytes passed: checked before Success
+                    if part.is_cuda:  # read once the unpack has run (no wait here)
+                        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                        digest = host.copy_(digest, non_blocking=True)
+                    else:
+                        _check_digest(where, digest, check)
+                        digest = None
             except Exception as e:
                 with self._lock:
                     req.unpacking = False
@@ -696,28 +773,36 @@ class KVReceiver(Endpoint):
                     self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
                 if part.is_cuda:
                     event = torch.cuda.current_stream(part.device).record_event()
-                    req.inflight.append((event, key, l0, l1, t1 - t0))
+                    req.inflight.append((event, key, l0, l1, r1 - r0, digest, check, where))
                 else:
-                    self._land(req, key, l0, l1, t1 - t0)
+                    self._land(req, key, l0, l1, r1 - r0)
                 self._advance(req, time.monotonic())
 
     def _land_events(self, req: _Request) -> None:
         still = []
         for item in req.inflight:
-            if item[0].query():
-                self._land(req, *item[1:])
+            event, key, l0, l1, rows, digest, check, where = item
+            if event.query():
+                if digest is not None:
+                    try:
+                        _check_digest(where, digest, check)
+                    except ValueError as e:
+                        self._finish(req, f"refused notification: {e}")
+                        return
+                self._land(req, key, l0, l1, rows)
             else:
                 still.append(item)
         req.inflight = still
 
     def _complete(self, req: _Request) -> None:
         for key, route in req.routes.items():
+            rows = req.plan.region(key)[1]
             counts = self._counts(req, key, landed_only=False)
-            if any(c != req.num_tokens for c in counts):
+            if any(c != rows for c in counts):
                 missing = [route.dst_layers.start + i for i, c in enumerate(counts)
-                           if c != req.num_tokens]
+                           if c != rows]
                 self._finish(req, f"every sender finished but only {min(counts)} of "
-                                  f"{req.num_tokens} tokens of route {key} arrived (in "
+                                  f"{rows} tokens of route {key} arrived (in "
                                   f"layers {missing[:8]})")
                 return
         if req.slot.tensor.is_cuda:  # Success once the pool holds the bytes (polled)
@@ -728,7 +813,7 @@ class KVReceiver(Endpoint):
     def _counts(self, req: _Request, key: str, landed_only: bool = True) -> list[int]:
         counts = list(req.landed.setdefault(key, [0] * len(req.routes[key].dst_layers)))
         if not landed_only:
-            for _, k, l0, l1, n in req.inflight:
+            for _, k, l0, l1, n, *_ in req.inflight:
                 if k == key:
                     for i in range(l0, l1):
                         counts[i] += n
@@ -761,7 +846,7 @@ class KVReceiver(Endpoint):
         self._ended[req.rid] = verdict
         while len(self._ended) > MAX_ENDED:
             self._ended.popitem(last=False)
-        for sid, (link, _) in self._announced.pop(req.rid, {}).items():
+        for link, _ in self._announced.pop(req.rid, {}).values():
             link.send(verdict)
         for w in req.writers.values():
             if w.link is not None:

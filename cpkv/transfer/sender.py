@@ -50,21 +50,37 @@ import torch
 from .._checks import as_page_ids, check_int, check_num_tokens, is_int
 from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
-from ..parallel import LAYER_GROUP_BYTES, ParallelRank, ParallelSizes, layer_groups
+from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
 from ..staging import StagingArena
 from .direct import direct_descriptors, direct_segments, whole_pages
-from .endpoint import Endpoint, check_peer, check_ready, routes_between
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, feeds, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    RouteSpec,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
 
-PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # groups of at least this size are packed in turn
+PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # a segment's layer groups need be no larger
+PIPELINE_GROUPS = 1  # a smaller segment is cut in about this many groups, so that the first is
+PIPELINE_MIN_BYTES = 256 << 10  # on the wire while the rest pack (but none under this size)
 COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
 
@@ -79,6 +95,25 @@ def checksum(buf: torch.Tensor, value: int = 0) -> int:
                           ) from e
     host = buf.cpu() if buf.is_cuda else buf
     return crc32c.crc32c(memoryview(host.numpy()), value=value)
+
+
+def new_digest(device) -> torch.Tensor:
+    """A [1] int64 counter the pack or unpack adds a segment's digest to."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def digest_value(digest: torch.Tensor) -> int:
+    """The digest as the wire carries it, in [0, 2**64) (read once the kernel is done)."""
+    return int(digest.cpu()[0]) & 0xFFFFFFFFFFFFFFFF
+
+
+def group_bytes(nbytes: int) -> int:
+    """The least size of a layer group of a segment of ``nbytes`` (see PIPELINE_GROUPS).
+
+    >>> [group_bytes(n) >> 10 for n in (1 << 10, 2 << 20, 64 << 20, 1 << 30)]
+    [256, 2048, 16384, 16384]
+    """
+    return min(PIPELINE_CHUNK_BYTES, max(PIPELINE_MIN_BYTES, -(-nbytes // PIPELINE_GROUPS)))
 
 
 def request_key(rid) -> int:
@@ -114,6 +149,8 @@ class _Peer:
         self.welcome: Welcome | None = None
         self.error: str | None = None  # why the last connection failed or was refused
         self.legs: dict = {}  # rid -> _Leg not yet ended
+        self.pushed: dict = {}  # rid -> (Destination, deadline) pushed on `link` before this
+        # rank had the request (dropped with the connection: it was for that one only)
         self.used_at = time.monotonic()
 
 
@@ -153,6 +190,7 @@ class _Send:
         self.legs: dict[str, _Leg] = {}
         self.marks: dict = {}  # chunk -> layers below this are ready (caller's side)
         self.jobs = 0  # queued calls not yet run
+        self.last_called = False  # a later call is a new use of the id: refused
 
 
 @dataclasses.dataclass
@@ -195,6 +233,7 @@ class KVSender(Endpoint):
     def __init__(self, cache, *, instance: str = "prefill", rank: ParallelRank | None = None,
                  sizes: ParallelSizes | None = None, kind: str = "mha",
                  num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
                  policy: SenderPolicy | str = "all", mode: str = "packed",
                  cost: CostModel | None = None, engine: TransferEngine | None = None,
                  arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
@@ -207,7 +246,7 @@ class KVSender(Endpoint):
             raise ValueError(f"idle: expected a positive number of seconds, got {idle!r}")
         policy = SenderPolicy(policy)
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
-                         num_kv_heads=num_kv_heads, num_layers=num_layers, engine=engine,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
                          arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
         self.policy, self.mode, self.coalesce, self.idle = policy, mode, coalesce, float(idle)
         self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
@@ -278,8 +317,15 @@ class KVSender(Endpoint):
         check_request_id(request_id)
         targets = self._check_to(to)
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, n_pages, self.cache.page_size)
+        else:  # the pages hold this rank's share of the request's tokens
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), n_pages, self.cache.page_size)
+            if chunk is not None and tuple(chunk) != (0, n_pages):
+                raise ValueError(f"chunk: a DCP-sharded sender sends whole requests, got "
+                                 f"{chunk!r}")
         check_int(upto, "upto", 0, self.cache.num_layers)
         if chunk is not None and (not isinstance(chunk, (tuple, list)) or len(chunk) != 2 or
                                   not all(is_int(v) for v in chunk)):
@@ -298,8 +344,8 @@ class KVSender(Endpoint):
                 raise RuntimeError("send: the sender is closed")
             state = self._states.get(request_id)
             if state is not None:
-                if state.cell.done and not state.jobs:
-                    raise ValueError(f"request {request_id!r} already ended here "
+                if state.last_called:
+                    raise ValueError(f"request {request_id!r} already made its last call here "
                                      f"({state.cell.status.name}); forget it before sending "
                                      f"the id again")
                 if state.to != targets or state.num_tokens != num_tokens or \
@@ -322,6 +368,7 @@ class KVSender(Endpoint):
                 raise ValueError(f"last: chunks {short} have not reported every layer "
                                  f"(upto >= {end}) yet")
             state.marks = marks
+            state.last_called = last
             if fresh:
                 self._states[request_id] = state
                 deadline = time.monotonic() + self.timeout
@@ -414,8 +461,9 @@ class KVSender(Endpoint):
         peer = self._peers.get(address)
         if peer is None:
             peer = self._peers[address] = _Peer(address)
-        if peer.link is None:
+        if peer.link is None or not peer.link.open or peer.link.closing:  # (or ending now)
             peer.welcome = None
+            peer.pushed.clear()
             peer.link = self.hub.connect(address)
             peer.link.peer = peer
         return peer
@@ -460,8 +508,7 @@ class KVSender(Endpoint):
     def _welcome_leg(self, leg: _Leg) -> None:
         """The receiver is known: find this rank's route to it and announce the request."""
         peer = leg.peer
-        mine = [r for r in routes_between(self.hello, peer.welcome)
-                if r.tp == self.rank.tp and r.pp == self.rank.pp]
+        mine = [r for r in routes_between(self.hello, peer.welcome) if feeds(r, self.hello)]
         if not mine:
             leg.no_route = leg.ended = True
             peer.legs.pop(leg.state.rid, None)
@@ -471,12 +518,25 @@ class KVSender(Endpoint):
         if not leg.announced:
             leg.announced = True
             leg.link = peer.link
-            leg.link.send(Announce(leg.state.rid, leg.state.num_tokens, leg.state.num_pages))
+            pushed = peer.pushed.pop(leg.state.rid, None)
+            if pushed is not None:  # the receiver expected it first: no round trip
+                self._accept_destination(leg, peer, pushed[0])
+            else:
+                leg.link.send(Announce(leg.state.rid, leg.state.num_tokens,
+                                       leg.state.num_pages))
 
     def _on_destination(self, link: Link, peer: _Peer, dest: Destination) -> None:
         leg = peer.legs.get(dest.rid)
-        if leg is None or not leg.announced or leg.link is not link:
+        if leg is None:  # pushed ahead of this rank's request: kept until it comes (or not)
+            if dest.incarnation == peer.welcome.incarnation:
+                peer.pushed[dest.rid] = (dest, time.monotonic() + self.timeout)
+            return
+        if not leg.announced or leg.link is not link:
             return  # not a request this rank announced on this connection (or it ended)
+        self._accept_destination(leg, peer, dest)
+
+    def _accept_destination(self, leg: _Leg, peer: _Peer, dest: Destination) -> None:
+        """Check a destination against the request before any byte may go there."""
         reason = None
         if leg.dest is not None:
             reason = f"a second destination (use {dest.use}) for use {leg.dest.use}"
@@ -485,10 +545,12 @@ class KVSender(Endpoint):
                      f"connected to {peer.welcome.incarnation!r}"
         elif route_of(dest.route) != leg.route:
             reason = f"the receiver expects route {dest.route}, this rank sends {leg.route}"
-        elif dest.num_tokens != leg.state.num_tokens:
-            reason = f"the receiver expects {dest.num_tokens} tokens, this sender has " \
-                     f"{leg.state.num_tokens}"
-        elif dest.region + dest.num_tokens * self.route_bytes_per_token(leg.route) > dest.nbytes:
+        elif dest.num_tokens != leg.state.num_tokens or dest.prefix > dest.num_tokens:
+            reason = f"the receiver expects {dest.num_tokens} tokens (prefix {dest.prefix}), " \
+                     f"this sender has {leg.state.num_tokens}"
+        elif dest.region + region_rows(dcp_of(peer.welcome) or DcpLayout(), dest.num_tokens,
+                                       dest.prefix) * self.route_bytes_per_token(leg.route) \
+                > dest.nbytes:
             reason = f"route region {dest.region} + {dest.num_tokens} tokens overruns the " \
                      f"receiver's {dest.nbytes}-byte slot"
         if reason is not None:
@@ -500,6 +562,11 @@ class KVSender(Endpoint):
         self._notify()
 
     def _on_verdict(self, peer: _Peer, verdict: Verdict) -> None:
+        pushed = peer.pushed.get(verdict.rid)
+        if pushed is not None and pushed[0].use == verdict.use:  # it ended before we had it:
+            del peer.pushed[verdict.rid]  # we never wrote for it, and never will
+            peer.link.send(End(verdict.rid, verdict.use, False, None))
+            return
         leg = peer.legs.get(verdict.rid)
         if leg is None or (leg.dest is not None and verdict.use != leg.dest.use):
             return  # an ended leg, or another use of the id
@@ -517,6 +584,7 @@ class KVSender(Endpoint):
             if peer is None or peer.link is not link:
                 return
             peer.link, peer.welcome = None, None
+            peer.pushed.clear()
             if peer.error is None or not by_peer:
                 peer.error = reason
             for leg in list(peer.legs.values()):
@@ -627,6 +695,12 @@ class KVSender(Endpoint):
 
     def _expire(self, now: float) -> None:
         for peer in self._peers.values():
+            for rid, (dest, deadline) in list(peer.pushed.items()):
+                if now > deadline:  # never sent here: release the receiver's slot
+                    del peer.pushed[rid]
+                    if peer.link is not None and peer.link.open:
+                        peer.link.send(End(rid, dest.use, True, "this sender never had the "
+                                                                 "request"))
             for leg in list(peer.legs.values()):
                 if leg.terminal or now <= leg.deadline:
                     continue
@@ -641,7 +715,7 @@ class KVSender(Endpoint):
 
     def _close_idle(self, now: float) -> None:
         for address, peer in list(self._peers.items()):
-            if not peer.legs and now - peer.used_at > self.idle:
+            if not peer.legs and not peer.pushed and now - peer.used_at > self.idle:
                 if peer.link is not None:
                     peer.link.peer = None  # its close is not news to anyone
                     peer.link.close("idle")
@@ -666,36 +740,52 @@ class KVSender(Endpoint):
             with self._lock:
                 state.jobs -= 1
 
+    def _selection(self, leg: _Leg, job: _Job):
+        """This rank's part of the job's chunk for the leg's receiver: its share (pages of
+        this pool, and request tokens), the tokens of it the receiver takes (past its prefix,
+        of its DCP share: `protocol.segment_rows`) and their first row in the route region."""
+        state, n, ps = job.state, job.state.num_tokens, self.cache.page_size
+        if self.dcp is None:
+            share = chunk_share(state.num_pages, self.sizes.cp, self.rank.cp, *job.chunk,
+                                policy=self.policy, request_id=request_key(state.rid))
+            tokens = (min(share.start * ps, n), min(share.stop * ps, n))
+        else:  # a DCP-sharded pool sends every token it holds, in one call
+            share, tokens = range(state.num_pages), (0, n)
+        sel, row = segment_rows(dcp_of(leg.welcome) or DcpLayout(), self.dcp, tokens, n,
+                                leg.dest.prefix)
+        return share, tokens, sel, row
+
     def _ship(self, leg: _Leg, job: _Job) -> None:
         """Ship this leg's new layers of the job's chunk (worker thread)."""
-        state, route, ps = job.state, leg.route, self.cache.page_size
-        n = state.num_tokens
-        share = chunk_share(state.num_pages, self.sizes.cp, self.rank.cp, *job.chunk,
-                            policy=self.policy, request_id=request_key(state.rid))
-        tokens = range(min(share.start * ps, n), min(share.stop * ps, n))
+        state, route = job.state, leg.route
+        share, tokens, sel, row = self._selection(leg, job)
+        rows = (row, row + sel.count)
         n_layers = len(route.src_layers)
         a = leg.sent.get(job.chunk, 0)
         b = min(max(job.upto - route.src_layers.start, 0), n_layers)
-        bpt = self.route_bytes_per_token(route)
-        per_layer = len(tokens) * bpt // n_layers
+        bpr = self.route_bytes_per_token(route)
+        per_layer = sel.count * bpr // n_layers
         if job.metadata:
             leg.metadata = job.metadata  # goes with the next note of this leg
-        base = dict(pages=(share.start, share.stop), tokens=(tokens.start, tokens.stop))
-        if not len(tokens) or b <= a or not (
+        base = dict(pages=(share.start, share.stop), tokens=tokens)
+        if not sel.count or b <= a or not (
                 job.last or b == n_layers or (b - a) * per_layer >= self.coalesce):
             if job.last:  # nothing (new) of ours, but the receiver must hear we are done
                 self._queue_note(leg, None, None, dict(base, layers=(b, b), nbytes=0,
                                                        mode=leg.mode or "packed", last=True))
             return  # else coalesce: these layers go with a later call
         dest = leg.dest
-        mode = leg.mode = self._choose_mode(leg, job.page_ids, share, tokens)
+        plain = sel.src is None and sel.dst.size == 1 and dest.prefix == 0  # whole share
+        mode = leg.mode = self._choose_mode(leg, job.page_ids, share, sel, plain)
         if mode == "direct":
             part = dataclasses.replace(
                 route, src_layers=route.src_layers[a:b],
                 dst_layers=range(route.dst_layers.start + a, route.dst_layers.start + b))
             w = leg.welcome
+            pairs = None if plain else list(zip(sel.src_positions(), sel.dst_positions(),
+                                                strict=True))
             segments = direct_segments(self.cache, job.page_ids, w.pool, w.num_heads,
-                                       dest.page_ids, share, tokens, part)
+                                       dest.page_ids, share, range(*tokens), part, pairs)
             if job.event is not None:
                 job.event.synchronize()  # the engine reads the pool: the runner's writes first
             self._submit(leg, segments, None, None,
@@ -705,23 +795,28 @@ class KVSender(Endpoint):
             return
         if job.event is not None:  # pack after the runner's writes, without blocking the host
             torch.cuda.current_stream(self.cache.device).wait_event(job.event)
+        if sel.src is None:  # the receiver's tokens of the share are consecutive here...
+            place = dict(token_offset=sel.start, num_tokens=sel.count) if sel.dst.size == 1 \
+                else dict(tokens=sel.tensors(self.cache.device)[0])  # ...or every D-th
+        else:
+            place = dict(tokens=sel.tensors(self.cache.device)[0])
         integrity = leg.welcome.integrity
-        groups = layer_groups(range(a, b), per_layer, PIPELINE_CHUNK_BYTES)
+        groups = layer_groups(range(a, b), per_layer, group_bytes((b - a) * per_layer))
         for group in groups:
             g0, g1 = group.start, group.stop
-            offset, nbytes = SlotPlan.segment(dest.region, bpt, n_layers,
-                                              (tokens.start, tokens.stop), (g0, g1))
+            offset, nbytes = SlotPlan.segment(dest.region, bpr, n_layers, rows, (g0, g1))
             slot = self.arena.alloc(nbytes, timeout=self.timeout)
             submitted = False
             try:
                 t0 = time.perf_counter()
-                pack_pages(self.cache, job.page_ids[share.start:share.stop],
-                           num_tokens=len(tokens), heads=route.src_heads,
+                digest = new_digest(self.cache.device) if integrity == "digest" else None
+                pack_pages(self.cache, job.page_ids, heads=route.src_heads,
                            layers=(route.src_layers.start + g0, route.src_layers.start + g1),
-                           out=slot.tensor, validate=False)
+                           out=slot.tensor, digest=digest, validate=False, **place)
                 if slot.tensor.is_cuda:  # the engine reads the bytes: the pack must be done
                     torch.cuda.current_stream(slot.tensor.device).synchronize()
-                check = checksum(slot.tensor) if integrity == "crc32c" else None
+                check = checksum(slot.tensor) if integrity == "crc32c" else \
+                    None if digest is None else digest_value(digest)
                 if self.trace is not None:
                     self.trace.append(("pack", state.rid, g0, g1, t0, time.perf_counter()))
                 self._submit(leg, [(slot.tensor.data_ptr(), dest.addr + offset, nbytes)],
@@ -792,7 +887,7 @@ class KVSender(Endpoint):
                 self._maybe_end(leg)
             self._work.set()
 
-    def _choose_mode(self, leg: _Leg, page_ids, pages: range, tokens: range) -> str:
+    def _choose_mode(self, leg: _Leg, page_ids, pages: range, sel, plain: bool) -> str:
         if self.mode == "packed":
             return "packed"
         w = leg.welcome
@@ -803,13 +898,12 @@ class KVSender(Endpoint):
                 raise ValueError("direct mode: the receiver does not accept direct writes "
                                  "(start it with direct=True, same layout and page size)")
             return "direct"
-        if not allowed or not len(tokens):
+        if not allowed or not sel.count:
             return "packed"
         dst = leg.dest.page_ids
-        descriptors = direct_descriptors(
-            page_ids[pages.start:pages.stop], dst[pages.start:pages.stop], len(tokens),
-            len(leg.route.src_layers) * len(self.cache.components),
-            whole_pages(self.cache.num_heads, w.num_heads, leg.route))
-        return self.cost.choose(descriptors, len(tokens) * self.route_bytes_per_token(
+        blocks = len(leg.route.src_layers) * len(self.cache.components)
+        full = plain and whole_pages(self.cache.num_heads, w.num_heads, leg.route)
+        descriptors = direct_descriptors(page_ids[pages.start:pages.stop],
+                                         dst[pages.start:pages.stop], sel.count, blocks, full)
+        return self.cost.choose(descriptors, sel.count * self.route_bytes_per_token(
             leg.route))
-

@@ -266,3 +266,30 @@ def test_requests_in_flight_may_not_share_decode_pages(rig):
     assert wait_all([(g.recv, 1)]) == [KVStatus.Success]
     g.expect(2, torch.tensor([5, 6]), 8)  # request 1 finished: its pages are free
     g.close()
+
+
+@pytest.mark.parametrize("src_ps,dst_ps", [(16, 32), (32, 16), (4, 1), (3, 5)])
+def test_page_sizes_may_differ_between_the_sides(src_ps, dst_ps, rig):
+    """Packed transfers move tokens, not pages: a CP 2 prefill group with pages of
+    ``src_ps`` fills a decode pool with pages of ``dst_ps`` (shares start mid-page there),
+    bit-exact; direct mode, which moves pages, refuses the pair by name."""
+    n = 5 * src_ps - 1
+    src = make_cache(mha(), num_layers=2, num_pages=8, page_size=src_ps, seed=1)
+    dst_pages = -(-n // dst_ps)
+    dst = fill_sentinel(make_cache(mha(), num_layers=2, num_pages=dst_pages + 3,
+                                   page_size=dst_ps, seed=2))
+    s_ids = torch.randperm(8)[:5]
+    d_ids = torch.randperm(dst_pages + 3)[:dst_pages]
+    want = oracle_unpack(src, s_ids, dst, d_ids, n, range(2), range(2), range(2), range(2))
+    g = Group(src, dst, rig)
+    g.expect(1, d_ids, n)
+    g.send(1, s_ids, n)
+    assert g.wait(1) == [KVStatus.Success] * 3, g.recv.reason(1)
+    assert_cache_equals(dst, want)
+    g.close()
+    direct = Group(src, dst, rig, cp=1, direct=True, sender_kw={"mode": "direct"})
+    direct.expect(2, d_ids, n)
+    direct.send(2, s_ids, n)
+    assert direct.wait(2) == [KVStatus.Failed] * 2
+    assert "does not accept direct writes" in direct.senders[0].reason(2)
+    direct.close()

@@ -38,18 +38,24 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 
 
 class Group:
-    """cp senders of one prefill instance over ``src`` and a receiver into ``dst`` (one
-    process, the rig's engine and arenas). ``expect`` / ``send`` fill in the source and the
-    receiver's address."""
+    """The senders of one prefill instance over ``src`` (or ``srcs(rank)`` per rank) and a
+    receiver into ``dst`` (one process, the rig's engine and arenas). ``sizes`` are the
+    prefill instance's (default CP ``cp``), ``rank`` / ``dsizes`` the receiver's; senders
+    are listed route by route ((tp, pp) major, CP rank minor). ``expect`` / ``send`` fill in
+    the source and the receiver's address."""
 
-    def __init__(self, src, dst, rig, *, cp=2, policy="all", timeout=10.0, **recv_kw):
+    def __init__(self, src, dst, rig, *, cp=2, sizes=None, srcs=None, rank=None, dsizes=None,
+                 num_layers=None, policy="all", timeout=10.0, sender_kw=None, **recv_kw):
         engine, send_arena, recv_arena = rig
         self.instance = f"prefill-{uuid.uuid4().hex[:8]}"
-        self.senders = [KVSender(src, instance=self.instance, rank=ParallelRank(cp=r),
-                                 sizes=ParallelSizes(cp=cp), policy=policy, timeout=timeout,
-                                 engine=engine, arena=send_arena) for r in range(cp)]
-        self.recv = KVReceiver(dst, timeout=timeout, engine=engine, arena=recv_arena,
-                               **recv_kw)
+        sizes = sizes or ParallelSizes(cp=cp)
+        ranks = sorted((r for r in sizes.ranks() if r.dp == 0), key=lambda r: (r.tp, r.pp, r.cp))
+        self.senders = [KVSender(srcs(r) if srcs else src, instance=self.instance, rank=r,
+                                 sizes=sizes, policy=policy, timeout=timeout, engine=engine,
+                                 arena=send_arena, num_layers=num_layers, **(sender_kw or {}))
+                        for r in ranks]
+        self.recv = KVReceiver(dst, rank=rank, sizes=dsizes, num_layers=num_layers,
+                               timeout=timeout, engine=engine, arena=recv_arena, **recv_kw)
 
     def expect(self, rid, ids, n, **kw):
         self.recv.expect(rid, ids, source=self.instance, num_tokens=n, **kw)
@@ -114,8 +120,9 @@ class Rogue:
 
 
 class Proxy:
-    """An on-path attacker between a sender and a receiver: forwards every frame, keeps a
-    copy of each, and can inject a recorded frame into either direction later (a replay).
+    """An on-path attacker between senders and a receiver: forwards every frame of every
+    connection, keeps a copy of each (``sessions[k][direction]``, direction "to_receiver" or
+    "to_sender") and can `inject` any recorded frame into the latest connection (a replay).
     Senders are pointed at ``address`` instead of the receiver's."""
 
     def __init__(self, target: str):
@@ -124,24 +131,30 @@ class Proxy:
         self.target = parse_address(target)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
-        self.frames = {"to_receiver": [], "to_sender": []}
-        self._out = {}
+        self.sessions: list[dict] = []
+        self._ends: list[dict] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
         import threading
 
-        try:
-            client, _ = self.server.accept()
-        except OSError:
-            return
-        upstream = socket.create_connection(self.target)
-        self._out = {"to_receiver": upstream, "to_sender": client}
-        for src, direction in ((client, "to_receiver"), (upstream, "to_sender")):
-            threading.Thread(target=self._pump, args=(src, direction), daemon=True).start()
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            ends = {"to_receiver": upstream, "to_sender": client}
+            frames = {"to_receiver": [], "to_sender": []}
+            with self._lock:
+                self.sessions.append(frames)
+                self._ends.append(ends)
+            for src, direction in ((client, "to_receiver"), (upstream, "to_sender")):
+                threading.Thread(target=self._pump, args=(src, direction, ends, frames),
+                                 daemon=True).start()
 
-    def _pump(self, src, direction):
+    def _pump(self, src, direction, ends, frames):
         buf = b""
         while True:
             try:
@@ -149,7 +162,7 @@ class Proxy:
             except OSError:
                 data = b""
             if not data:
-                for s in self._out.values():
+                for s in ends.values():
                     try:
                         s.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -159,21 +172,22 @@ class Proxy:
             while len(buf) >= 4 and len(buf) - 4 >= _LEN.unpack_from(buf)[0]:
                 n = _LEN.unpack_from(buf)[0]
                 frame, buf = buf[:4 + n], buf[4 + n:]
-                self.frames[direction].append(frame)
-                self._forward(direction, frame)
+                frames[direction].append(frame)
+                self._send(ends[direction], frame)
 
-    def _forward(self, direction, frame):
+    def _send(self, sock, frame):
         with self._lock:
             try:
-                self._out[direction].sendall(frame)
+                sock.sendall(frame)
             except OSError:
                 pass
 
-    def replay(self, direction: str, index: int) -> None:
-        """Send recorded frame ``index`` of ``direction`` again, between two frames."""
-        self._forward(direction, self.frames[direction][index])
+    def inject(self, direction: str, frame: bytes) -> None:
+        """Send ``frame`` (e.g. a recorded one) into the latest connection, between frames."""
+        self._send(self._ends[-1][direction], frame)
 
     def close(self):
         self.server.close()
-        for s in self._out.values():
-            s.close()
+        for ends in self._ends:
+            for s in ends.values():
+                s.close()
