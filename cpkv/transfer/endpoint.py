@@ -15,7 +15,7 @@ import torch
 
 from .._checks import check_int
 from .._closing import Closing
-from ..layout import PagedKVCache
+from ..layout import PackedFormat, PagedKVCache
 from ..parallel import DcpLayout, ParallelRank, ParallelSizes, dcp_heads_of, layers_of
 from ..staging import StagingArena
 from .engine import TransferEngine
@@ -219,10 +219,12 @@ class Endpoint(Closing):
                     self._pool_regs.append(self.engine.register_range(st.data_ptr(),
                                                                       st.nbytes(), t.device))
 
-    def route_bytes_per_token(self, route: Route) -> int:
-        """Bytes one token of a route packs to (its heads and layers, every component)."""
-        return len(route.src_layers) * len(route.src_heads) * sum(
-            c.head_nbytes for c in self.cache.components)
+    def route_format(self, route: Route, rows: int, *, source: bool) -> PackedFormat:
+        """The packed format of ``rows`` tokens of a route (its heads and layers of this
+        pool: the source ranges on a sender, the destination ones on a receiver)."""
+        heads = route.src_heads if source else route.dst_heads
+        layers = route.src_layers if source else route.dst_layers
+        return self.cache.packed_format(rows, layers=layers, heads=heads)
 
     def _status(self, request_id):  # pragma: no cover - each agent defines it
         raise NotImplementedError

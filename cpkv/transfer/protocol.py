@@ -421,45 +421,47 @@ class FrameCodec:
 @dataclass(frozen=True)
 class SlotPlan:
     """Where each route's rows live in one request's staging slot: the receiver lays regions
-    out back to back (route order), each ``rows * bytes_per_row`` of its route (a row: one
-    token, every layer and head of the route); a sender's rows and layers are one span of its
-    region (see the module doc)."""
+    out back to back (route order), each the packed format of its rows (a row: one token,
+    every layer and head of the route); a sender's rows and layers are one span of its region
+    (see the module doc). Byte arithmetic is `PackedFormat`'s."""
 
-    regions: tuple[tuple[str, int, int, int], ...]  # (route key, offset, rows, bytes per row)
+    regions: tuple[tuple[str, int, PackedFormat], ...]  # (route key, offset, its rows' format)
 
     @classmethod
-    def build(cls, routes: list[tuple[str, int, int]]) -> SlotPlan:
-        """``routes``: (route key, rows, bytes one row packs to), in route order."""
+    def build(cls, routes: list[tuple[str, PackedFormat]]) -> SlotPlan:
+        """``routes``: (route key, the packed format of its region's rows), in route order."""
         out, pos = [], 0
-        for key, rows, bpr in routes:
-            out.append((key, pos, rows, bpr))
-            pos += rows * bpr
+        for key, fmt in routes:
+            out.append((key, pos, fmt))
+            pos += fmt.nbytes
         return cls(tuple(out))
 
     @property
     def nbytes(self) -> int:
-        return sum(rows * bpr for _, _, rows, bpr in self.regions)
+        return sum(fmt.nbytes for _, _, fmt in self.regions)
 
-    def region(self, key: str) -> tuple[int, int, int]:
-        """(offset, rows, bytes per row) of a route's region."""
-        for k, off, rows, bpr in self.regions:
+    def region(self, key: str) -> tuple[int, PackedFormat]:
+        """(offset, format) of a route's region."""
+        for k, off, fmt in self.regions:
             if k == key:
-                return off, rows, bpr
+                return off, fmt
         raise KeyError(key)
 
     @staticmethod
-    def segment(region: int, bytes_per_row: int, num_layers: int, rows: tuple[int, int],
+    def segment(region: int, fmt: PackedFormat, rows: tuple[int, int],
                 layers: tuple[int, int]) -> tuple[int, int]:
         """(offset, nbytes) in the slot of route-local layers ``[l0, l1)`` of the rows
-        ``[r0, r1)`` a sender fills in a route region starting at ``region`` with
-        ``num_layers`` layers (its rows are layer-major: the packed format of r1 - r0 tokens).
+        ``[r0, r1)`` a sender fills in a route region at ``region`` whose rows have the packed
+        format ``fmt`` (each sender's rows are packed on their own: `PackedFormat.segment`).
 
-        >>> SlotPlan.segment(1000, 64, 4, (10, 20), (1, 3))  # 16 B per row and layer
+        >>> from cpkv.layout import ComponentSpec
+        >>> import torch
+        >>> fmt = PackedFormat(20, 4, (ComponentSpec("k", 1, 8, torch.bfloat16),))
+        >>> SlotPlan.segment(1000, fmt, (10, 20), (1, 3))  # 16 B a row and layer
         (1800, 320)
         """
-        (r0, r1), (l0, l1) = rows, layers
-        per_layer = (r1 - r0) * (bytes_per_row // num_layers)
-        return region + r0 * bytes_per_row + l0 * per_layer, (l1 - l0) * per_layer
+        span = fmt.segment(*rows, *layers)
+        return region + span.offset, span.nbytes
 
 
 def region_rows(dst: DcpLayout, num_tokens: int, prefix: int) -> int:

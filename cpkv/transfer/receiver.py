@@ -65,8 +65,7 @@ from .protocol import (
     segment_rows,
 )
 from .sender import checksum as crc32c_of
-from .sender import digest_value, new_digest
-from .sender import route_spec
+from .sender import digest_value, new_digest, route_spec
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVReceiver"]
@@ -324,7 +323,7 @@ class KVReceiver(Endpoint):
             self._land_events(req)
             done = [True] * self.cache.num_layers
             for key, route in req.routes.items():
-                rows = req.plan.region(key)[1]
+                rows = req.plan.region(key)[1].num_tokens
                 for i, c in enumerate(self._counts(req, key)):
                     if c != rows:
                         done[route.dst_layers.start + i] = False
@@ -412,7 +411,7 @@ class KVReceiver(Endpoint):
                 for rank in route_senders(r, source, req.source_dp):
                     req.writers[sender_id(req.source, rank)] = _Writer(r.key)
             rows = region_rows(self._layout, req.num_tokens, req.prefix)
-            req.plan = SlotPlan.build([(r.key, rows, self.route_bytes_per_token(r))
+            req.plan = SlotPlan.build([(r.key, self.route_format(r, rows, source=False))
                                        for r in routes])
             for sid, (link, _) in self._announced.pop(req.rid, {}).items():
                 self._announce(req, sid, link, None)
@@ -447,7 +446,7 @@ class KVReceiver(Endpoint):
             self._send_dest(req, sid, w)
 
     def _send_dest(self, req: _Request, sid: str, w: _Writer) -> None:
-        region, _, _ = req.plan.region(w.route)
+        region, _ = req.plan.region(w.route)
         route = req.routes[w.route]
         w.holds = True  # from here on it may write into the slot
         w.link.send(Destination(req.rid, req.use, self.incarnation,
@@ -622,7 +621,7 @@ class KVReceiver(Endpoint):
             raise ValueError(f"sender {sid}: a DCP-sharded sender sends the whole request "
                              f"[0, {n}), its note says [{t0}, {t1})")
         route = req.routes[w.route]
-        _, _, bpr = req.plan.region(w.route)
+        bpr = req.plan.region(w.route)[1].token_nbytes
         n_layers = len(route.dst_layers)
         if not 0 <= l0 <= l1 <= n_layers:
             raise ValueError(f"sender {sid}: layers [{l0}, {l1}) lie outside route "
@@ -732,9 +731,9 @@ class KVReceiver(Endpoint):
                 req.queued -= 1
                 if req.cell.done or req.slot is None:
                     return
-                route, n_layers = req.routes[key], len(req.routes[key].dst_layers)
-                region, _, bpr = req.plan.region(key)
-                offset, nbytes = SlotPlan.segment(region, bpr, n_layers, (r0, r1), (l0, l1))
+                route = req.routes[key]
+                region, fmt = req.plan.region(key)
+                offset, nbytes = SlotPlan.segment(region, fmt, (r0, r1), (l0, l1))
                 part = req.slot.tensor[offset:offset + nbytes]
                 req.unpacking = True
             try:
@@ -796,7 +795,7 @@ class KVReceiver(Endpoint):
 
     def _complete(self, req: _Request) -> None:
         for key, route in req.routes.items():
-            rows = req.plan.region(key)[1]
+            rows = req.plan.region(key)[1].num_tokens
             counts = self._counts(req, key, landed_only=False)
             if any(c != rows for c in counts):
                 missing = [route.dst_layers.start + i for i, c in enumerate(counts)

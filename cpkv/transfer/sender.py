@@ -548,9 +548,9 @@ class KVSender(Endpoint):
         elif dest.num_tokens != leg.state.num_tokens or dest.prefix > dest.num_tokens:
             reason = f"the receiver expects {dest.num_tokens} tokens (prefix {dest.prefix}), " \
                      f"this sender has {leg.state.num_tokens}"
-        elif dest.region + region_rows(dcp_of(peer.welcome) or DcpLayout(), dest.num_tokens,
-                                       dest.prefix) * self.route_bytes_per_token(leg.route) \
-                > dest.nbytes:
+        elif dest.region + self.route_format(leg.route, region_rows(
+                dcp_of(peer.welcome) or DcpLayout(), dest.num_tokens, dest.prefix),
+                source=True).nbytes > dest.nbytes:
             reason = f"route region {dest.region} + {dest.num_tokens} tokens overruns the " \
                      f"receiver's {dest.nbytes}-byte slot"
         if reason is not None:
@@ -763,8 +763,9 @@ class KVSender(Endpoint):
         n_layers = len(route.src_layers)
         a = leg.sent.get(job.chunk, 0)
         b = min(max(job.upto - route.src_layers.start, 0), n_layers)
-        bpr = self.route_bytes_per_token(route)
-        per_layer = sel.count * bpr // n_layers
+        fmt = self.route_format(route, region_rows(sel.dst, state.num_tokens, leg.dest.prefix),
+                                source=True)
+        per_layer = sel.count * fmt.layer_row_nbytes
         if job.metadata:
             leg.metadata = job.metadata  # goes with the next note of this leg
         base = dict(pages=(share.start, share.stop), tokens=tokens)
@@ -804,7 +805,7 @@ class KVSender(Endpoint):
         groups = layer_groups(range(a, b), per_layer, group_bytes((b - a) * per_layer))
         for group in groups:
             g0, g1 = group.start, group.stop
-            offset, nbytes = SlotPlan.segment(dest.region, bpr, n_layers, rows, (g0, g1))
+            offset, nbytes = SlotPlan.segment(dest.region, fmt, rows, (g0, g1))
             slot = self.arena.alloc(nbytes, timeout=self.timeout)
             submitted = False
             try:
@@ -905,5 +906,5 @@ class KVSender(Endpoint):
         full = plain and whole_pages(self.cache.num_heads, w.num_heads, leg.route)
         descriptors = direct_descriptors(page_ids[pages.start:pages.stop],
                                          dst[pages.start:pages.stop], sel.count, blocks, full)
-        return self.cost.choose(descriptors, sel.count * self.route_bytes_per_token(
-            leg.route))
+        return self.cost.choose(descriptors, self.route_format(leg.route, sel.count,
+                                                               source=True).nbytes)
