@@ -120,7 +120,7 @@ class _Mail:
     what arrives meanwhile under its own key."""
 
     def __init__(self, outbox, inbox):
-        self.outbox, self.inbox, self.kept = outbox, inbox, {}
+        self.outbox, self.inbox, self.kept = outbox, inbox, {}  # a queue; a pipe's read end
 
     def post(self, to, key: tuple, value=True) -> None:
         self.outbox.put(("post", list(to), key, value))
@@ -135,11 +135,9 @@ class _Mail:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {key} from the other ranks within {timeout} s")
-            try:
-                got, value = self.inbox.get(timeout=left)
-            except queue.Empty:
-                continue
-            self.kept[got] = value
+            if self.inbox.poll(left):
+                got, value = self.inbox.recv()
+                self.kept[got] = value
         return self.kept.pop(key)
 
 
@@ -389,8 +387,10 @@ def run(cfg: DemoConfig) -> int:
     q = ctx.Queue()  # every child -> this process: progress, results, errors, posts to relay
     gloo_port = _free_port()
     roles = list(range(cfg.cp)) + ["decode"]
-    inboxes = {role: ctx.Queue() for role in roles}
-    procs = [ctx.Process(target=_child, args=(role, asdict(cfg), gloo_port, q, inboxes[role]),
+    # To each child a pipe of its own (no semaphores: nothing for the resource tracker to race
+    # on at exit): the messages the others post to it.
+    pipes = {role: ctx.Pipe(duplex=False) for role in roles}
+    procs = [ctx.Process(target=_child, args=(role, asdict(cfg), gloo_port, q, pipes[role][0]),
                          daemon=True) for role in roles]
     results, errors = {}, []
     t_start = time.perf_counter()
@@ -415,7 +415,7 @@ def run(cfg: DemoConfig) -> int:
                 continue
             if msg[0] == "post":
                 for to in msg[1]:
-                    inboxes[to].put(msg[2:])
+                    pipes[to][1].send(msg[2:])
             elif msg[0] == "progress":
                 print(f"  [{time.perf_counter() - t_start:6.1f} s] {msg[1]}", flush=True)
             elif msg[0] == "result":
@@ -428,8 +428,9 @@ def run(cfg: DemoConfig) -> int:
                 p.terminate()
         for p in procs:
             p.join(10)
-        for inbox in inboxes.values():
-            inbox.cancel_join_thread()  # what a gone child did not read is not waited for
+        for ends in pipes.values():
+            for end in ends:
+                end.close()
     if errors:
         who, text, tb = errors[0]
         print(f"cpkv demo: FAILED in {who}: {text}", file=sys.stderr)
