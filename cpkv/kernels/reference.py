@@ -113,9 +113,10 @@ def _stacked_pools(cache: PagedKVCache, layers: range, heads: range, word: int):
                      .view(torch.uint8).view(WORD_DTYPES[word]) for layer in layers]
             first = views[0]
             step = views[1].data_ptr() - first.data_ptr()
+            storage = first.untyped_storage().data_ptr()  # one allocation, not equal gaps
             if step <= 0 or step % word or any(
                     v.stride() != first.stride() or v.data_ptr() - first.data_ptr() != i * step
-                    for i, v in enumerate(views)):
+                    or v.untyped_storage().data_ptr() != storage for i, v in enumerate(views)):
                 pools = None
                 break
             pools.append(first.as_strided((len(layers), *first.shape),

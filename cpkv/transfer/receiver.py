@@ -113,7 +113,8 @@ class _Request:
     source: str
     source_dp: int
     page_ids: torch.Tensor
-    host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
+    host_ids: torch.Tensor  # the same ids on the host (no device sync after the entry)
+    busy: torch.Tensor  # those it writes (past the prefix): busy while it may write them
     num_tokens: int
     prefix: int  # tokens already in the pages: not sent
     deadline: float
@@ -266,26 +267,29 @@ class KVReceiver(Endpoint):
         check_int(prefix, "prefix", 0, num_tokens)
         event = check_ready(ready, self.cache.device)
         host_ids = page_ids.cpu().long()  # the entry's one read of the ids
+        # pages wholly inside the prefix are never written: they stay free for others
+        written = host_ids[self._layout.count(prefix) // self.cache.page_size:]
         with self._lock:
             if self._closed:
                 raise RuntimeError("expect: the receiver is closed")
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} is already expected (forget it "
                                  f"first)")
-            if host_ids.numel() and bool(self._busy[host_ids].any()):
+            if written.numel() and bool(self._busy[written].any()):
                 others = [r for r, q in self._requests.items() if not q.cell.done and bool(
-                    torch.isin(q.host_ids, host_ids).any())]
+                    torch.isin(q.busy, written).any())]
                 raise ValueError(f"page_ids: some pages are still receiving request(s) "
                                  f"{others} (or a failed one's late writers); two requests in "
                                  f"flight must not share decode pages")
             if event is not None and self.direct:
                 event.synchronize()  # senders write the pages directly
-            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens, prefix,
-                           time.monotonic() + self.timeout, self._next_use, event)
+            req = _Request(request_id, source, source_dp, page_ids, host_ids, written,
+                           num_tokens, prefix, time.monotonic() + self.timeout,
+                           self._next_use, event)
             self._next_use += 1
             self._requests[request_id] = req
             self._ended.pop(request_id, None)
-            self._busy[host_ids] = True
+            self._busy[written] = True
             self._plan(req)
         self._work.set()
 
@@ -329,10 +333,34 @@ class KVReceiver(Endpoint):
                         done[route.dst_layers.start + i] = False
             return done.index(False) if False in done else self.cache.num_layers
 
+    def reject(self, request_id, reason: str) -> None:
+        """This rank will not receive the request (the runner could not expect it, e.g. no
+        pages for it): its senders hear a Failed verdict with ``reason`` at once, those that
+        announced it and any that do until it is forgotten. An expected request is failed."""
+        check_request_id(request_id)
+        if not isinstance(reason, str):
+            raise TypeError(f"reason: expected a str, got {type(reason).__name__}")
+        with self._unpack_lock, self._lock:
+            req = self._requests.get(request_id)
+            if req is not None:
+                self._finish(req, reason)
+                return
+            verdict = Verdict(request_id, self._next_use, int(KVStatus.Failed), reason)
+            self._next_use += 1
+            self._ended[request_id] = verdict
+            for link, _ in self._announced.pop(request_id, {}).values():
+                link.send(verdict)
+
+    def connected(self) -> list[str]:
+        """The senders connected now (``instance/dp.cp.tp.pp`` each)."""
+        with self._lock:
+            return sorted(s for s, (link, _) in self._senders.items() if link.open)
+
     def forget(self, request_id) -> None:
         """Drop a request's state; safe at any time (an open request fails first, its slot
         fenced as for any failure). After it returns, nothing writes the request's pages."""
         with self._unpack_lock, self._lock:
+            self._ended.pop(request_id, None)
             req = self._requests.get(request_id)
             if req is None:
                 return
@@ -496,6 +524,11 @@ class KVReceiver(Endpoint):
                                     f"{hello.incarnation})")
         except ProtocolError as e:
             link.send(Refused(str(e)))
+            if not str(e).startswith("duplicate sender"):  # requests it was to feed cannot
+                for req in list(self._requests.values()):  # complete: end them now
+                    if req.source == hello.instance and not req.cell.done and (
+                            req.routes is None or sid in req.writers):
+                        self._finish(req, f"sender {sid} was refused: {e}")
             raise
         link.peer = sid
         self._senders[sid] = (link, hello)
@@ -854,14 +887,14 @@ class KVReceiver(Endpoint):
         now = time.monotonic()
         if any(not w.stopped(now) for w in req.writers.values()):
             self._fenced.append(_Fenced(req.rid, req.use, slot,
-                                        req.host_ids if self.direct else None,
+                                        req.busy if self.direct else None,
                                         dict(req.writers), now + self.grace))
             if not self.direct:
-                self._busy[req.host_ids] = False
+                self._busy[req.busy] = False
         else:
             if slot is not None:
                 slot.release()
-            self._busy[req.host_ids] = False
+            self._busy[req.busy] = False
         self._notify()
         self._work.set()
 

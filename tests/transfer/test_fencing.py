@@ -377,3 +377,55 @@ def test_invalid_utf8_under_a_secret_is_an_authentication_failure(rig):
     assert "message authentication failed" in recv.reason(1), recv.reason(1)
     liar.close()
     recv.close()
+
+
+def test_a_request_the_runner_rejects_ends_its_senders_at_once(rig):
+    """`reject`: the decode runner could not take the request; the sender (30 s timeout),
+    before or after it announced, hears the reason at once."""
+    src, dst = caches()
+    recv = KVReceiver(dst, timeout=30, engine=rig[0], arena=rig[2])
+    sender = KVSender(src, instance="p", timeout=30, engine=rig[0], arena=rig[1])
+    sender.send(1, torch.tensor([0]), to=recv.address, num_tokens=PS)
+    wait_for(lambda: recv.stats()["announced"] == 1, what="the announcement")
+    t0 = time.monotonic()
+    recv.reject(1, "no pages for it")
+    recv.reject(2, "no pages for it either")
+    sender.send(2, torch.tensor([0]), to=recv.address, num_tokens=PS)
+    assert wait_all([(sender, 1), (sender, 2)]) == [KVStatus.Failed] * 2
+    assert time.monotonic() - t0 < 5
+    assert "no pages for it" in sender.reason(1) and "either" in sender.reason(2)
+    sender.close()
+    recv.close()
+
+
+def test_a_refused_sender_ends_the_requests_it_was_to_feed(rig):
+    """A sender of the request's source instance that does not fit is refused, and the
+    request expecting it fails at once with that reason (not after its 30 s timeout)."""
+    _, dst = caches()
+    other, _ = caches(head_dim=32)
+    recv = KVReceiver(dst, timeout=30, engine=rig[0], arena=rig[2])
+    recv.expect(1, torch.tensor([1]), source="p", num_tokens=PS)
+    with KVSender(other, instance="p", engine=rig[0], arena=rig[1], timeout=30) as bad:
+        bad.send(1, torch.tensor([0]), to=recv.address, num_tokens=PS)
+        assert wait_all([(recv, 1), (bad, 1)], timeout=10) == [KVStatus.Failed] * 2
+    assert "was refused" in recv.reason(1) and "head_dim" in recv.reason(1)
+    recv.close()
+
+
+def test_cached_prefix_pages_are_shared_by_requests_in_flight(rig):
+    """Pages wholly inside a request's prefix are never written: two requests in flight may
+    share them (a common cached prefix), and both land."""
+    src, dst = caches()
+    g = Group(src, dst, rig, cp=1)
+    for rid, (tail, s_tail) in enumerate(((1, 2), (3, 4))):
+        g.expect(rid, torch.tensor([0, tail]), 2 * PS, prefix=PS)
+    want = snapshot(dst)
+    for rid, (tail, s_tail) in enumerate(((1, 2), (3, 4))):
+        want = expected(src, dst, torch.tensor([s_tail]), torch.tensor([tail]), PS, want)
+        g.send(rid, torch.tensor([9, s_tail]), 2 * PS)
+    assert g.wait(0) == g.wait(1) == [KVStatus.Success] * 2
+    assert_cache_equals(dst, want)
+    with pytest.raises(ValueError, match="still receiving"):  # a written page is not shared
+        g.expect(5, torch.tensor([2, 6]), 2 * PS, prefix=PS) or g.expect(
+            6, torch.tensor([7, 6]), 2 * PS, prefix=PS)
+    g.close()
