@@ -35,7 +35,7 @@ from benchmarks.common import RESULTS, page_ids, random_fill
 from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
-from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
 
 RATIOS = (0.5, 1, 2)
 FULL = dict(tokens=1024, layers=None, repeats=5)
@@ -45,19 +45,17 @@ _rid = itertools.count()
 
 
 class Rig:
-    """A sender and a receiver with their own engines and arenas, one control plane."""
+    """A sender and a receiver with their own engines and arenas; the sender ships every
+    request to the receiver's address."""
 
     def __init__(self, src, dst, arena_bytes: int, name: str):
-        self.server = ControlPlane(serve=True, timeout=60)
         self.engines = (TransferEngine("127.0.0.1"), TransferEngine("127.0.0.1"))
         self.arenas = (StagingArena(arena_bytes), StagingArena(arena_bytes))
         for e, a in zip(self.engines, self.arenas, strict=True):
             e.register_arena(a)
-        ns = self.server.scoped(name)
-        self.sender = KVSender(src, ns, engine=self.engines[0], arena=self.arenas[0],
-                               timeout=120)
-        self.recv = KVReceiver(dst, ns, engine=self.engines[1], arena=self.arenas[1],
-                               timeout=120)
+        self.sender = KVSender(src, instance=name, engine=self.engines[0],
+                               arena=self.arenas[0], timeout=120)
+        self.recv = KVReceiver(dst, engine=self.engines[1], arena=self.arenas[1], timeout=120)
 
     def raw_write(self, nbytes: int) -> float:
         """Seconds for one descriptor of ``nbytes`` arena to arena (the wire ceiling)."""
@@ -86,7 +84,7 @@ def one_request(rig, src_ids, dst_ids, tokens, layers, compute_s, layerwise):
     success, compute spans) with perf_counter times."""
     rid = next(_rid)
     recv, sender = rig.recv, rig.sender
-    recv.expect(rid, dst_ids, num_tokens=tokens)
+    recv.expect(rid, dst_ids, source=sender.instance, num_tokens=tokens)
     done = {}
 
     def decode_side():  # a decode scheduler polling its receiver
@@ -104,11 +102,11 @@ def one_request(rig, src_ids, dst_ids, tokens, layers, compute_s, layerwise):
             time.sleep(compute_s)
         spans.append((layer, t0, time.perf_counter()))
         if layerwise:
-            sender.send_layers(rid, src_ids, layer + 1, num_tokens=tokens,
+            sender.send_layers(rid, src_ids, layer + 1, to=recv.address, num_tokens=tokens,
                                last=layer == layers - 1)
     computed = time.perf_counter()
     if not layerwise:
-        sender.send(rid, src_ids, num_tokens=tokens)
+        sender.send(rid, src_ids, to=recv.address, num_tokens=tokens)
     poller.join(timeout=120)
     if done.get("status") is not KVStatus.Success:
         raise RuntimeError(f"transfer failed: {recv.reason(rid)}")

@@ -6,6 +6,10 @@
                 a head slice, straight into the receiver's pool (the SGLang-style baseline)
 * cpkv-auto:    the cost-model policy choosing per request
 
+``-tp2to1`` rows (shape A): a TP 2 prefill instance (two ranks of half the KV heads each, in
+this process) feeds a TP 1 decode rank, each rank its half into the full pool (per token, for
+a head slice, in direct mode).
+
 Time runs from "sender has the page ids" to "receiver pool holds the bytes". Descriptors per
 request are reported for every mode. ``--calibrate`` measures the cost model's constants on
 this machine and writes them where `CostModel.load` finds them.
@@ -17,6 +21,7 @@ this machine and writes them where `CostModel.load` finds them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -26,13 +31,12 @@ import torch
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
 from cpkv.demo import descriptors_per_request
 from cpkv.kernels import pack_pages, unpack_pages
-from cpkv.layout import PackedFormat
-from cpkv.parallel import ParallelRank
+from cpkv.layout import PackedFormat, PagedKVCache
+from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
-from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
-from cpkv.transfer.mapping import Route
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
 from cpkv.transfer.policy import CostModel
 
 FULL_TOKENS = [1024, 4096]
@@ -43,26 +47,26 @@ _rid = itertools.count()
 
 
 class Pair:
-    """A sender side and a receiver side: their own engines and arenas, one control plane."""
+    """A sender side and a receiver side: their own engines and arenas."""
 
     def __init__(self, arena_bytes: int, *, checksum: bool = False):
         self.checksum = checksum  # receivers verify a CRC32C of every packed segment
-        self.server = ControlPlane(serve=True, timeout=60)
         self.engines = (TransferEngine("127.0.0.1"), TransferEngine("127.0.0.1"))
         self.arenas = (StagingArena(arena_bytes), StagingArena(arena_bytes))
         for e, a in zip(self.engines, self.arenas, strict=True):
             e.register_arena(a)
 
-    def endpoints(self, src, dst, name, mode, route=None, routes=None, cp=1):
-        """``cp`` CP senders (each its page share, sharing the sender side's engine and arena)
-        and one receiver."""
-        ns = self.server.scoped(f"{name}-{mode}")
-        senders = [KVSender(src, ns, rank=ParallelRank(cp=r), cp_size=cp, route=route,
-                            mode=mode, engine=self.engines[0], arena=self.arenas[0],
-                            timeout=120) for r in range(cp)]
-        recv = KVReceiver(dst, ns, cp_size=cp, routes=routes, direct=mode != "packed",
-                          engine=self.engines[1], arena=self.arenas[1], timeout=120,
-                          checksum=self.checksum)
+    def endpoints(self, srcs, dst, name, mode, cp=1):
+        """One prefill instance of ``cp`` CP ranks per pool in ``srcs`` (its TP ranks; each
+        CP rank sends its page share), sharing the sender side's engine and arena, and one
+        receiver."""
+        sizes = ParallelSizes(cp=cp, tp=len(srcs))
+        senders = [KVSender(src, instance=f"{name}-{mode}", rank=ParallelRank(cp=r, tp=t),
+                            sizes=sizes, mode=mode, engine=self.engines[0],
+                            arena=self.arenas[0], timeout=120)
+                   for t, src in enumerate(srcs) for r in range(cp)]
+        recv = KVReceiver(dst, direct=mode != "packed", engine=self.engines[1],
+                          arena=self.arenas[1], timeout=120, checksum=self.checksum)
         return senders, recv
 
     def close(self):
@@ -75,9 +79,9 @@ class Pair:
 def transfer_once(senders, recv, src_ids, dst_ids, tokens, modes=None):
     """One request end to end; appends the mode the first sender used to ``modes``."""
     rid = next(_rid)
-    recv.expect(rid, dst_ids, num_tokens=tokens)
+    recv.expect(rid, dst_ids, source=senders[0].instance, num_tokens=tokens)
     for sender in senders:
-        sender.send(rid, src_ids, num_tokens=tokens)
+        sender.send(rid, src_ids, to=recv.address, num_tokens=tokens)
     if recv.wait(rid, 600) is not KVStatus.Success:
         raise RuntimeError(f"transfer failed: {recv.reason(rid)}")
     if modes is not None:
@@ -91,23 +95,23 @@ def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=
                  cp=1) -> str:
     shape = SHAPES[name]
     n_pages = -(-tokens // ps)
-    heads = shape.components[0].num_heads
-    src = shape.cache(num_pages=2 * n_pages, page_size=ps, num_layers=layers)
     dst = shape.cache(num_pages=2 * n_pages, page_size=ps, num_layers=layers)
-    random_fill(src)
+    # tp 2 -> tp 1: two prefill ranks of half the heads each, each its half into the full pool
+    tp = 2 if head_slice else 1
+    specs = tuple(dataclasses.replace(c, num_heads=c.num_heads // tp) for c in shape.components)
+    srcs = [PagedKVCache.empty(specs, num_layers=dst.num_layers, num_pages=2 * n_pages,
+                               page_size=ps) for _ in range(tp)]
+    for src in srcs:
+        random_fill(src)
     src_ids = page_ids("fragmented", n_pages, 2 * n_pages, "cpu")
     dst_ids = page_ids("fragmented", n_pages, 2 * n_pages, "cpu", seed=1)
-    all_layers = range(src.num_layers)
-    # tp 2 -> tp 1: this prefill rank sends its half of the heads into the full decode pool
-    half = range(heads // 2) if head_slice else range(heads)
-    route = Route(0, 0, half, half, all_layers, all_layers)
-    fmt = src.packed_format(tokens, heads=half)
-    nbytes = fmt.nbytes
+    fmt = srcs[0].packed_format(tokens)  # one TP rank's part
+    nbytes = fmt.nbytes * tp
     label = (f"{name}-tp2to1" if head_slice else name) + (f"-cp{cp}" if cp > 1 else "")
 
     def descriptors(mode):
-        return descriptors_per_request(mode, src_ids, dst_ids, fmt, ps, cp,
-                                       full_pages=len(half) == heads)
+        return tp * descriptors_per_request(mode, src_ids, dst_ids, fmt, ps, cp,
+                                            full_pages=not head_slice)
 
     cpu = torch.device("cpu")
     raw_src, raw_dst = pair.arenas[0].alloc(nbytes), pair.arenas[1].alloc(nbytes)
@@ -121,8 +125,7 @@ def bench_config(pair, writer, name, ps, tokens, *, layers, repeats, head_slice=
         n_desc = descriptors(mode)
         if mode == "direct" and n_desc > DIRECT_MAX_DESCRIPTORS:
             continue
-        senders, recv = pair.endpoints(src, dst, f"{label}-{ps}-{tokens}", mode, route=route,
-                                       routes=[route], cp=cp)
+        senders, recv = pair.endpoints(srcs, dst, f"{label}-{ps}-{tokens}", mode, cp=cp)
         reps = repeats if mode != "direct" else max(1, min(repeats, 3))
         used = []
         t = measure(lambda s=senders, r=recv, u=used: transfer_once(s, r, src_ids, dst_ids,
@@ -187,7 +190,7 @@ def calibrate(pair) -> CostModel:
                                    repeats=3)[0]
     tiny_src = shape.cache(num_pages=4, page_size=16, num_layers=1)
     tiny_dst = shape.cache(num_pages=4, page_size=16, num_layers=1)
-    senders, recv = pair.endpoints(tiny_src, tiny_dst, "calibrate", "packed")
+    senders, recv = pair.endpoints([tiny_src], tiny_dst, "calibrate", "packed")
     ids4 = torch.arange(1)
     fixed = measure(lambda: transfer_once(senders, recv, ids4, ids4, 16), cpu, repeats=5)[0]
     senders[0].close()

@@ -1,12 +1,13 @@
 """`cpkv demo`: a CP prefill group hands a batch of requests to a decode rank, end to end.
 
-Processes (all local): ``cp`` prefill ranks (a gloo group) and one decode rank; the control
-plane (a TCPStore) is served by this parent process, which also relays progress. For each
+Processes (all local): ``cp`` prefill ranks (a gloo group) and one decode rank; this parent
+process relays progress and the ranks' messages (`_Mail`): as a router would, it hands the
+decode rank's receiver addresses to the prefill ranks, which name them in every send. For each
 request every prefill rank computes K/V for its zigzag share of the tokens, all-gathers the KV
 into its paged pool (`cpkv.cp.all_gather_kv`), and sends its page share packed, in one
-Mooncake write (`cpkv.transfer.KVSender`); the decode rank receives, unpacks and checks every
-byte against the reference. Then prefill rank 0 writes the same bytes as one raw descriptor:
-the wire ceiling.
+Mooncake write per layer group (`cpkv.transfer.KVSender`); the decode rank receives, unpacks
+and checks every byte against the reference. Then prefill rank 0 writes the same bytes as one
+raw descriptor: the wire ceiling.
 
 A request's time runs from "both sides ready" (every prefill pool holds the request and the
 decode rank expects it) to "the decode pool holds the bytes", as in `cpkv bench transfer`;
@@ -32,8 +33,9 @@ from .layout import PackedFormat
 from .shapes import SHAPES
 
 RESULT_TIMEOUT = 600.0
-SETUP_TIMEOUT = 120.0  # for every prefill sender to register with the decode rank
+SETUP_TIMEOUT = 120.0  # for the decode rank's receiver addresses to reach the prefill ranks
 DEAD_GRACE_S = 5.0  # a finished child's queued messages may still be in flight
+PREFILL = "prefill"  # the prefill instance's name: its senders' and the receivers' source
 
 
 @dataclass
@@ -112,20 +114,46 @@ def _quiet_native_logs() -> None:
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 
 
-def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> None:
+class _Mail:
+    """Messages between the demo's processes, relayed by the parent: `post` a value under a
+    key to some roles (prefill ranks by number, "decode"); `get` waits for a key, keeping
+    what arrives meanwhile under its own key."""
+
+    def __init__(self, outbox, inbox):
+        self.outbox, self.inbox, self.kept = outbox, inbox, {}  # a queue; a pipe's read end
+
+    def post(self, to, key: tuple, value=True) -> None:
+        self.outbox.put(("post", list(to), key, value))
+
+    def tell_parent(self, *msg) -> None:
+        """("progress", text) or ("result", role, figures)."""
+        self.outbox.put(msg)
+
+    def get(self, key: tuple, timeout: float):
+        deadline = time.monotonic() + timeout
+        while key not in self.kept:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {key} from the other ranks within {timeout} s")
+            if self.inbox.poll(left):
+                got, value = self.inbox.recv()
+                self.kept[got] = value
+        return self.kept.pop(key)
+
+
+def _prefill(rank: int, cfg: DemoConfig, gloo_port: int, mail: _Mail) -> None:
     import datetime
     import json
 
     import torch.distributed as dist
 
     from .cp import all_gather_kv, gather_nbytes, zigzag_split
-    from .parallel import ParallelRank
+    from .parallel import ParallelRank, ParallelSizes
     from .staging import StagingArena
-    from .transfer import ControlPlane, KVSender, KVStatus, TransferEngine, agree
+    from .transfer import KVSender, KVStatus, TransferEngine, agree
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank,
                             world_size=cfg.cp, timeout=datetime.timedelta(seconds=120))
-    control = ControlPlane(port=store_port, namespace="demo", timeout=120)
     cache = _pool(cfg)
     plan = zigzag_split(cfg.tokens, cfg.cp)
     request_nbytes = packed_format(cfg).nbytes
@@ -133,9 +161,10 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
     arena = StagingArena(gather_nbytes(cache, plan) + request_nbytes + (1 << 20),
                          device=cfg.device)
     engine.register_arena(arena)
-    senders = {m: KVSender(cache, control.scoped(f"demo-{m}"), rank=ParallelRank(cp=rank),
-                           cp_size=cfg.cp, mode=m, engine=engine, arena=arena, timeout=120)
-               for m in cfg.modes}
+    senders = {m: KVSender(cache, instance=PREFILL, rank=ParallelRank(cp=rank),
+                           sizes=ParallelSizes(cp=cfg.cp), mode=m, engine=engine, arena=arena,
+                           timeout=120) for m in cfg.modes}
+    receivers = mail.get(("addresses",), SETUP_TIMEOUT)  # mode -> the decode rank's receiver
     ids = page_ids(cfg, "prefill")
     gather_s = []
     for rid in range(cfg.requests):
@@ -148,10 +177,10 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
             gather_s.append(time.perf_counter() - t0)
         for mode, sender in senders.items():
             # Both sides ready: every pool holds the request and the decode rank expects it.
-            control.wait_get(control.key("ready", mode, rid), 120)
+            mail.get(("ready", mode, rid), 120)
             dist.barrier()
             start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every local process
-            sender.send(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens,
+            sender.send(rid, ids[rid].to(cfg.device), to=receivers[mode], num_tokens=cfg.tokens,
                         metadata=json.dumps({"start": start}).encode() if rank == 0 else None)
             # The decode rank's clock stops at its Success: poll ours gently meanwhile.
             mine = sender.wait(rid, RESULT_TIMEOUT)
@@ -159,24 +188,25 @@ def _prefill(rank: int, cfg: DemoConfig, store_port: int, gloo_port: int, q) -> 
             if agree([mine], [None])[0] is not KVStatus.Success:
                 raise RuntimeError(f"request {rid} ({mode}) failed on this CP group: "
                                    f"{sender.reason(rid) or 'another CP rank failed'}")
-            control.put(control.key("mode", mode, rid, rank), sender.mode_of(rid))
+            if rank == 0:
+                mail.post(["decode"], ("mode", mode, rid), sender.mode_of(rid))
             sender.forget(rid)
-            q.put(("progress", f"prefill rank {rank}: request {rid} sent {mode}"))
+            mail.tell_parent("progress", f"prefill rank {rank}: request {rid} sent {mode}")
         # Start the next request only once the decode rank has checked this one: its
         # verification must not take the cores a timed transfer needs, nor ours its cores.
-        control.wait_get(control.key("checked", rid), RESULT_TIMEOUT)
+        mail.get(("checked", rid), RESULT_TIMEOUT)
     raw_s = None
     if rank == 0:  # the wire ceiling: the same bytes as one descriptor
-        dest = control.wait_get(control.key("raw", "dest"), 120)
-        peer = control.wait_get(control.key("raw", "session"), 120)
+        dest = mail.get(("raw",), 120)
+        peer = dest["session"]
         with arena.alloc(request_nbytes) as slot:
             engine.write(peer, [(slot.tensor.data_ptr(), dest["addr"], slot.nbytes)])  # warm
             t0 = time.perf_counter()
             engine.write(peer, [(slot.tensor.data_ptr(), dest["addr"], slot.nbytes)])
             raw_s = time.perf_counter() - t0
-        control.put(control.key("raw", "done"), True)
-    q.put(("result", rank, {"gather_s": _quantiles(gather_s[1:] or gather_s)[0],
-                            "raw_s": raw_s}))
+        mail.post(["decode"], ("raw", "done"))
+    mail.tell_parent("result", rank, {"gather_s": _quantiles(gather_s[1:] or gather_s)[0],
+                                      "raw_s": raw_s})
     for sender in senders.values():
         sender.close()
     arena.close()
@@ -231,25 +261,22 @@ def descriptors_per_request(mode: str, src_ids, dst_ids, fmt: PackedFormat, page
     return total
 
 
-def _decode(cfg: DemoConfig, store_port: int, q) -> None:
+def _decode(cfg: DemoConfig, mail: _Mail) -> None:
     import json
 
     from .staging import StagingArena
-    from .transfer import ControlPlane, KVReceiver, KVStatus, TransferEngine
+    from .transfer import KVReceiver, KVStatus, TransferEngine
 
-    control = ControlPlane(port=store_port, namespace="demo", timeout=120)
     cache = _pool(cfg)
     request_nbytes = packed_format(cfg).nbytes
     engine = TransferEngine("127.0.0.1", cfg.protocol)
     arena = StagingArena(2 * request_nbytes + (1 << 20), device=cfg.device)
-    receivers = {m: KVReceiver(cache, control.scoped(f"demo-{m}"), cp_size=cfg.cp,
-                               direct=m != "packed", engine=engine, arena=arena, timeout=120,
-                               checksum=cfg.checksum)
+    # One receiver per mode on the same pool: the packed one never registers the pool.
+    receivers = {m: KVReceiver(cache, direct=m != "packed", engine=engine, arena=arena,
+                               timeout=120, checksum=cfg.checksum)
                  for m in cfg.modes}
-    for recv in receivers.values():
-        if not recv.wait_ready(SETUP_TIMEOUT):
-            raise RuntimeError(recv.setup_error or f"the prefill senders did not register "
-                                                   f"within {SETUP_TIMEOUT} s")
+    prefill = range(cfg.cp)
+    mail.post(prefill, ("addresses",), {m: r.address for m, r in receivers.items()})
     ids = page_ids(cfg, "decode")
     latencies = {m: [] for m in cfg.modes}
     used = {m: [] for m in cfg.modes}
@@ -257,34 +284,34 @@ def _decode(cfg: DemoConfig, store_port: int, q) -> None:
     for rid in range(cfg.requests):
         for mode, recv in receivers.items():
             _clear_pages(cache, ids[rid])  # every mode must fill the pages itself
-            recv.expect(rid, ids[rid].to(cfg.device), num_tokens=cfg.tokens)
-            control.put(control.key("ready", mode, rid), True)
+            recv.expect(rid, ids[rid].to(cfg.device), source=PREFILL, num_tokens=cfg.tokens)
+            mail.post(prefill, ("ready", mode, rid))
             if recv.wait(rid, RESULT_TIMEOUT) is not KVStatus.Success:
                 raise RuntimeError(f"request {rid} ({mode}): {recv.reason(rid)}")
             latencies[mode].append(time.monotonic() - json.loads(recv.metadata(rid))["start"])
             # Outside the timed region: which mode the sender used, and every byte checked.
-            used[mode].append(control.wait_get(control.key("mode", mode, rid, 0), 120))
+            used[mode].append(mail.get(("mode", mode, rid), 120))
             recv.forget(rid)
             if cfg.corrupt_byte and rid == 0:  # test hook: a flipped bit must be named
                 name = cache.component_names[-1]
                 row = cache.nhd_view(name, cfg.num_layers - 1)[int(ids[0][0]), 0]
                 row.view(torch.uint8)[0, 5] ^= 1
             mismatch = mismatch or _verify(cfg, cache, ids[rid].to(cfg.device), rid)
-            q.put(("progress", f"decode: request {rid} received {mode} in "
-                               f"{latencies[mode][-1] * 1e3:.1f} ms, every byte checked"))
-        control.put(control.key("checked", rid), True)
+            mail.tell_parent("progress", f"decode: request {rid} received {mode} in "
+                                         f"{latencies[mode][-1] * 1e3:.1f} ms, every byte checked")
+        mail.post(prefill, ("checked", rid))
     slot = arena.alloc(request_nbytes)
-    control.put(control.key("raw", "session"), engine.session_id)
-    control.put(control.key("raw", "dest"), {"addr": arena.buffer.data_ptr() + slot.offset})
-    control.wait_get(control.key("raw", "done"), 120)
+    mail.post([0], ("raw",), {"session": engine.session_id,
+                              "addr": arena.buffer.data_ptr() + slot.offset})
+    mail.get(("raw", "done"), 120)
     slot.release()
     # Request 0 pays first use (connections, first touch of the staging memory), as the
     # sweep's warm-up run does: the figures are the quantiles of the warm requests after it.
     per_mode = {m: {"latency_s": _quantiles(v[1:] or v), "cold_s": v[0],
                     "descriptors": descriptors(cfg, used[m][0], 0), "used": used[m][0]}
                 for m, v in latencies.items()}
-    q.put(("result", cfg.cp, {"modes": per_mode, "mismatch": mismatch,
-                              "bytes": request_nbytes}))
+    mail.tell_parent("result", cfg.cp, {"modes": per_mode, "mismatch": mismatch,
+                                        "bytes": request_nbytes})
     for recv in receivers.values():
         recv.close()
     arena.close()
@@ -315,18 +342,19 @@ def _locate(cfg: DemoConfig, rid: int, offset: int, got: int, want: int) -> str:
             f"{token}, byte {byte}: got {got}, expected {want}")
 
 
-def _child(role, cfg_dict, store_port, gloo_port, q) -> None:
+def _child(role, cfg_dict, gloo_port, q, inbox) -> None:
     _quiet_native_logs()
     cfg = DemoConfig(**cfg_dict)
     # cp + 1 processes share this machine: oversubscribed torch thread pools thrash (a parallel
     # region waits for its slowest thread; measured: the decode rank's unpack with every core's
     # worth of threads took 1.5-2x as long on a loaded 2-core machine as with its share).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
+    mail = _Mail(q, inbox)
     try:
         if role == "decode":
-            _decode(cfg, store_port, q)
+            _decode(cfg, mail)
         else:
-            _prefill(role, cfg, store_port, gloo_port, q)
+            _prefill(role, cfg, gloo_port, mail)
     except BaseException as e:  # reported to the parent, which prints one line and exits 1
         q.put(("error", role, f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
@@ -345,7 +373,6 @@ def _free_port() -> int:
 def run(cfg: DemoConfig) -> int:
     """Run the demo; print progress and a table; write CSV and PNG. 0 if every byte matched."""
     from .report import CsvWriter, provenance
-    from .transfer import ControlPlane
 
     _quiet_native_logs()
     out = Path(cfg.out)
@@ -356,12 +383,14 @@ def run(cfg: DemoConfig) -> int:
           f"({shape.model}, {cfg.num_layers} layers), {cfg.requests} requests x {cfg.tokens} "
           f"tokens ({mib:.1f} MiB each), page_size {cfg.page_size}, Mooncake {cfg.protocol} "
           f"on loopback, {cfg.device}", flush=True)
-    server = ControlPlane(serve=True, namespace="demo", timeout=120)
     ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
+    q = ctx.Queue()  # every child -> this process: progress, results, errors, posts to relay
     gloo_port = _free_port()
     roles = list(range(cfg.cp)) + ["decode"]
-    procs = [ctx.Process(target=_child, args=(role, asdict(cfg), server.port, gloo_port, q),
+    # To each child a pipe of its own (no semaphores: nothing for the resource tracker to race
+    # on at exit): the messages the others post to it.
+    pipes = {role: ctx.Pipe(duplex=False) for role in roles}
+    procs = [ctx.Process(target=_child, args=(role, asdict(cfg), gloo_port, q, pipes[role][0]),
                          daemon=True) for role in roles]
     results, errors = {}, []
     t_start = time.perf_counter()
@@ -384,7 +413,10 @@ def run(cfg: DemoConfig) -> int:
                             errors.append(("demo", f"process {r} exited without a result", ""))
                             break
                 continue
-            if msg[0] == "progress":
+            if msg[0] == "post":
+                for to in msg[1]:
+                    pipes[to][1].send(msg[2:])
+            elif msg[0] == "progress":
                 print(f"  [{time.perf_counter() - t_start:6.1f} s] {msg[1]}", flush=True)
             elif msg[0] == "result":
                 results[msg[1]] = msg[2]
@@ -396,6 +428,9 @@ def run(cfg: DemoConfig) -> int:
                 p.terminate()
         for p in procs:
             p.join(10)
+        for ends in pipes.values():
+            for end in ends:
+                end.close()
     if errors:
         who, text, tb = errors[0]
         print(f"cpkv demo: FAILED in {who}: {text}", file=sys.stderr)

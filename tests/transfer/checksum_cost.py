@@ -7,13 +7,12 @@ layers, 8 KV heads x 128, bf16, 1,024 tokens) with and without it.
 
 import statistics
 import time
-import uuid
 
 import torch
 from kvtest import make_cache, mha
 
 from cpkv.staging import StagingArena
-from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, TransferEngine
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
 from cpkv.transfer.sender import checksum
 
 
@@ -31,7 +30,6 @@ def _timed(fn) -> float:
 
 
 def end_to_end(repeats: int = 12) -> None:
-    server = ControlPlane(serve=True)
     engine = TransferEngine("127.0.0.1")
     send_arena, recv_arena = StagingArena(64 << 20), StagingArena(64 << 20)
     engine.register_arena(send_arena)
@@ -41,13 +39,12 @@ def end_to_end(repeats: int = 12) -> None:
     dst = make_cache(mha(num_heads=8, head_dim=128), seed=2, **shape)
     ids, times = torch.arange(64), {}
     for crc in (False, True, False, True):
-        ns = server.scoped(uuid.uuid4().hex)
-        with KVReceiver(dst, ns, engine=engine, arena=recv_arena, checksum=crc) as recv, \
-                KVSender(src, ns, engine=engine, arena=send_arena) as sender:
+        with KVReceiver(dst, engine=engine, arena=recv_arena, checksum=crc) as recv, \
+                KVSender(src, engine=engine, arena=send_arena) as sender:
             for rid in range(repeats):
                 t0 = time.perf_counter()
-                recv.expect(rid, ids)
-                sender.send(rid, ids)
+                recv.expect(rid, ids, source=sender.instance)
+                sender.send(rid, ids, to=recv.address)
                 assert recv.wait(rid) is KVStatus.Success, recv.reason(rid)
                 if rid >= 2:  # warm-up excluded
                     times.setdefault(crc, []).append(time.perf_counter() - t0)

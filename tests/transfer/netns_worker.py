@@ -1,5 +1,6 @@
 """One process of test_netns.py, run inside its own network namespace with `ip netns exec`:
-the decode receiver (serving the control plane on its namespace address) or a CP sender."""
+the decode receiver (listening on its namespace address, which it publishes in a file the test
+gives every process: namespaces share the file system, not the network) or a CP sender."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import torch
 from kvtest import fill_sentinel, make_cache, mha
+from mp import lookup, publish
 
 from cpkv.kernels import pack_pages
-from cpkv.transfer import ControlPlane, KVReceiver, KVSender, KVStatus, ParallelRank
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes
 
 REQUESTS = {1: (torch.tensor([3, 0, 7, 5, 2]), torch.tensor([9, 1, 4, 12, 6]), 18),
             2: (torch.tensor([1, 6, 4]), torch.tensor([2, 3, 5]), 12),
@@ -28,16 +30,14 @@ def pools():
     return src, dst
 
 
-def receiver(addr: str, port: int) -> dict:
+def receiver(addr: str, meet: str) -> dict:
     from cpkv.transfer import TransferEngine
     src, dst = pools()
-    control = ControlPlane(addr, port, serve=True, namespace="netns", timeout=60)
     engine = TransferEngine(addr)
-    with KVReceiver(dst, control, cp_size=2, engine=engine, timeout=60,
-                    checksum=True) as recv:
-        assert recv.wait_ready(60), recv.setup_error
+    with KVReceiver(dst, host=addr, engine=engine, timeout=60, checksum=True) as recv:
+        publish(meet, recv.address)
         for rid, (_, d_ids, n) in REQUESTS.items():
-            recv.expect(rid, d_ids, num_tokens=n)
+            recv.expect(rid, d_ids, source="prefill", num_tokens=n)
         statuses = {rid: recv.wait(rid) for rid in REQUESTS}
         bad = {r: recv.reason(r) for r, s in statuses.items() if s is not KVStatus.Success}
         assert not bad, bad
@@ -45,20 +45,20 @@ def receiver(addr: str, port: int) -> dict:
             assert torch.equal(pack_pages(dst, d_ids, num_tokens=n),
                                pack_pages(src, s_ids, num_tokens=n)), f"request {rid} bytes"
         recv.settle(10)
-        session = engine.session_id
+        session, address = engine.session_id, recv.address
     engine.close()
-    return {"session": session}
+    return {"session": session, "address": address}
 
 
-def sender(rank: int, addr: str, store_addr: str, port: int) -> dict:
+def sender(rank: int, addr: str, meet: str) -> dict:
     from cpkv.transfer import TransferEngine
     src, _ = pools()
-    control = ControlPlane(store_addr, port, namespace="netns", timeout=60)
     engine = TransferEngine(addr)
-    with KVSender(src, control, rank=ParallelRank(cp=rank), cp_size=2, engine=engine,
-                  timeout=60) as s:
+    with KVSender(src, instance="prefill", rank=ParallelRank(cp=rank),
+                  sizes=ParallelSizes(cp=2), engine=engine, timeout=60) as s:
+        to = lookup(meet, 120)
         for rid, (s_ids, _, n) in REQUESTS.items():
-            s.send(rid, s_ids, num_tokens=n)
+            s.send(rid, s_ids, to=to, num_tokens=n)
         statuses = {rid: s.wait(rid) for rid in REQUESTS}
         assert all(v is KVStatus.Success for v in statuses.values()), (
             statuses, [s.reason(r) for r in REQUESTS])
@@ -71,9 +71,9 @@ if __name__ == "__main__":
     role, out = sys.argv[1], Path(sys.argv[-1])
     try:
         if role == "receiver":
-            result = receiver(sys.argv[2], int(sys.argv[3]))
+            result = receiver(sys.argv[2], sys.argv[3])
         else:
-            result = sender(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+            result = sender(int(sys.argv[2]), sys.argv[3], sys.argv[4])
         result["ok"] = True
     except Exception as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}

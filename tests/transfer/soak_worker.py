@@ -1,5 +1,7 @@
 """A CP prefill rank of the soak (test_soak.py), in its own process: sends requests in order,
-a bounded window ahead, and can be told to stall once at given requests or to die at one."""
+a bounded window ahead, to the receiver at the address it was given, starting where the
+receiver is now (published by the test, `mp.publish`); it can be told to stall once at given
+requests or to die at one."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 
 import torch
 from kvtest import make_cache, mha
+from mp import lookup, publish
 
 from cpkv.staging import StagingArena
-from cpkv.transfer import ControlPlane, KVSender, ParallelRank, TransferEngine
+from cpkv.transfer import KVSender, ParallelRank, ParallelSizes, TransferEngine
 
-NAMESPACE = "soak"
+INSTANCE = "prefill"
 SRC_PAGES, DST_PAGES, PS, LAYERS, MAX_PAGES = 48, 96, 4, 2, 8
 WINDOW = 8  # requests the receiver has in flight
 SENDER_WINDOW = WINDOW + 2
@@ -67,34 +70,41 @@ def _wait(sender, rid):
     status = sender.wait(rid, 60)
     if status.name not in ("Success", "Failed"):
         st = sender._states.get(rid)
-        info = {k: str(getattr(st, k, None))[:200] for k in (
-            "dest", "note_key", "lines", "finished", "ended", "busy", "checked", "error",
-            "deadline", "next_try")} if st else None
-        raise RuntimeError(f"request {rid} still {status.name} after 60 s: {info}, now "
-                           f"{time.monotonic()}, watch {len(sender._watch)}, "
+        legs = {address: {k: str(v)[:200] for k, v in vars(leg).items()
+                          if k not in ("state", "peer")} for address, leg in st.legs.items()
+                } if st else None
+        raise RuntimeError(f"request {rid} still {status.name} after 60 s: legs {legs}, now "
+                           f"{time.monotonic()}, stats {sender.stats()}, "
                            f"worker alive {sender._worker.is_alive()}")
 
 
-def sender_main(rank: int, port: int, total: int, out_path: str, stall_at: list,
-                stall_s: float, die_at: int | None, timeout: float) -> None:
-    """Send requests [next .. total): `next` is where the receiver is now (0 at first).
-    Writes {"rss_mb": [...]} or {"error": ...} to out_path."""
+def sender_main(rank: int, address: str, total: int, out_path: str, next_path: str,
+                resume: bool, stall_at: list, stall_s: float, die_at: int | None,
+                timeout: float) -> None:
+    """Send requests [next .. total) to the receiver at ``address``. Publishes
+    ``out_path + ".ready"`` once set up, then waits for ``next_path`` (the test writes it once
+    every sender is up, then after every request it expects): `next` is 0 at first, or, with
+    ``resume`` (a restart), where the receiver is now. Writes {"rss_mb": [...], "stats": ...}
+    or {"error": ...} to out_path."""
     try:
-        _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout)
+        _send_all(rank, address, total, out_path, next_path, resume, stall_at, stall_s,
+                  die_at, timeout)
     except Exception as e:
         Path(out_path).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         os._exit(1)
 
 
-def _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout) -> None:
-    control = ControlPlane(port=port, namespace=NAMESPACE, timeout=60)
+def _send_all(rank, address, total, out_path, next_path, resume, stall_at, stall_s, die_at,
+              timeout) -> None:
     engine = TransferEngine("127.0.0.1")
     arena = StagingArena(4 << 20)
     engine.register_arena(arena)
     staller = Staller(engine)
-    sender = KVSender(source_pool(), control, rank=ParallelRank(cp=rank), cp_size=2,
-                      engine=staller, arena=arena, timeout=timeout, lease=0.5)
-    rid = control.get_or_none(control.key("next")) or 0
+    sender = KVSender(source_pool(), instance=INSTANCE, rank=ParallelRank(cp=rank),
+                      sizes=ParallelSizes(cp=2), engine=staller, arena=arena, timeout=timeout)
+    publish(out_path + ".ready", True)
+    where = lookup(next_path, 120)  # there once every sender is up
+    rid = where if resume else 0
     pending, rss = deque(), []
     faulthandler.dump_traceback_later(60, repeat=True, file=open(out_path + ".stuck", "w"))
     while rid < total:
@@ -103,7 +113,7 @@ def _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout) -
         if rid in stall_at:
             staller.arm(stall_s)
         s_ids, n = plan(rid)
-        sender.send(rid, s_ids, num_tokens=n)
+        sender.send(rid, s_ids, to=address, num_tokens=n)
         pending.append(rid)
         while len(pending) >= SENDER_WINDOW:
             done = pending.popleft()
@@ -114,9 +124,11 @@ def _send_all(rank, port, total, out_path, stall_at, stall_s, die_at, timeout) -
         rid += 1
     for done in pending:
         _wait(sender, done)
+        sender.forget(done)
+    stats = sender.stats()  # every request ended and forgotten: nothing left open
     sender.close()
     arena.close()
     engine.close()
     rss.append(rss_mb())
-    Path(out_path).write_text(json.dumps({"rss_mb": rss}))
+    Path(out_path).write_text(json.dumps({"rss_mb": rss, "stats": stats}))
     os._exit(0)

@@ -1,26 +1,20 @@
-"""Real processes: 2 CP prefill ranks -> 1 decode rank, Mooncake over TCP loopback, a TCPStore
-control plane served by this (test) process. Ranks are spawned once per group."""
+"""Real processes: 2 CP prefill ranks -> 1 decode rank, Mooncake over TCP loopback; the
+decode rank's receiver address reaches the prefill ranks through the group's folder. Ranks are
+spawned once per group."""
 
 import pytest
 from mp import spawn_group
 from tx_worker import CP, fault_rank, hetero_rank, main_rank, scenarios
 
-from cpkv.transfer import ControlPlane
+
+@pytest.fixture(scope="module")
+def main_results():
+    return spawn_group(main_rank, CP + 1, timeout=240)
 
 
 @pytest.fixture(scope="module")
-def server():
-    return ControlPlane(serve=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def main_results(server):
-    return spawn_group(main_rank, CP + 1, timeout=240, port=server.port)
-
-
-@pytest.fixture(scope="module")
-def fault_results(server):
-    return spawn_group(fault_rank, CP + 1, timeout=120, port=server.port)
+def fault_results():
+    return spawn_group(fault_rank, CP + 1, timeout=120)
 
 
 def check(results, name, ranks):
@@ -44,8 +38,8 @@ def test_receiver_killed_sender_fails_within_timeout(fault_results):
 
 
 @pytest.fixture(scope="module")
-def hetero_results(server):
-    return spawn_group(hetero_rank, 5, timeout=240, port=server.port)
+def hetero_results():
+    return spawn_group(hetero_rank, 5, timeout=240)
 
 
 @pytest.mark.parametrize("mode", ["packed", "direct"])
