@@ -336,7 +336,8 @@ class KVReceiver(Endpoint):
     def reject(self, request_id, reason: str) -> None:
         """This rank will not receive the request (the runner could not expect it, e.g. no
         pages for it): its senders hear a Failed verdict with ``reason`` at once, those that
-        announced it and any that do until it is forgotten. An expected request is failed."""
+        announced it and any that do later (the verdict is kept, bounded, until the id is expected
+        again). An expected request is failed."""
         check_request_id(request_id)
         if not isinstance(reason, str):
             raise TypeError(f"reason: expected a str, got {type(reason).__name__}")
@@ -360,14 +361,14 @@ class KVReceiver(Endpoint):
         """Drop a request's state; safe at any time (an open request fails first, its slot
         fenced as for any failure). After it returns, nothing writes the request's pages."""
         with self._unpack_lock, self._lock:
-            self._ended.pop(request_id, None)
             req = self._requests.get(request_id)
             if req is None:
                 return
             if not req.cell.done:
                 self._finish(req, "forgotten by the receiver")
             del self._requests[request_id]
-            self._ended.pop(request_id, None)
+            # its verdict stays (bounded, MAX_ENDED): a sender that announces it late still
+            # hears it at once; a new expect of the id clears it
 
     def stats(self) -> dict:
         """Resources in use: connections, connected senders, requests, fenced slots (and how
@@ -547,7 +548,7 @@ class KVReceiver(Endpoint):
         if req is not None and not req.cell.done:
             self._announce(req, sid, link, msg)
         elif msg.rid in self._ended:
-            link.send(self._ended[msg.rid])  # it ended already (until forgotten): say so
+            link.send(self._ended[msg.rid])  # it ended already: say so at once
         elif req is None:  # not expected yet: the Destination follows the expect
             self._announced.setdefault(msg.rid, {})[sid] = (link, time.monotonic())
 

@@ -429,3 +429,20 @@ def test_cached_prefix_pages_are_shared_by_requests_in_flight(rig):
         g.expect(5, torch.tensor([2, 6]), 2 * PS, prefix=PS) or g.expect(
             6, torch.tensor([7, 6]), 2 * PS, prefix=PS)
     g.close()
+
+
+def test_a_sender_late_for_a_failed_and_forgotten_request_hears_at_once(rig):
+    """The receiver failed a request and the runner forgot it; a sender that announces it
+    only now hears the verdict at once, not after its own timeout."""
+    src, dst = caches()
+    recv = KVReceiver(dst, timeout=0.5, engine=rig[0], arena=rig[2])
+    sender = KVSender(src, instance="p", timeout=30, engine=rig[0], arena=rig[1])
+    recv.expect(1, torch.tensor([0]), source="p", num_tokens=PS)
+    assert recv.wait(1) is KVStatus.Failed
+    recv.forget(1)
+    t0 = time.monotonic()
+    sender.send(1, torch.tensor([1]), to=recv.address, num_tokens=PS)
+    assert sender.wait(1) is KVStatus.Failed and time.monotonic() - t0 < 5
+    assert "timed out" in sender.reason(1), sender.reason(1)
+    sender.close()
+    recv.close()
