@@ -150,6 +150,133 @@ def test_vllm_extras_follow_the_stride_order(hnd):
                                 for r in raw]})
 
 
+# vLLM >= 0.29 (vllm/v1/kv_cache_layout.py): stride orders over the logical [L, B, H, N, C]
+KV_CACHE_LAYOUTS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4), "LHBNC": (0, 2, 1, 3, 4),
+                    "BLHNC": (1, 0, 2, 3, 4), "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}
+
+
+def _vllm_views(order, heads=2, content=16, dtype=torch.bfloat16, seed=0):
+    """Per-layer [B, H, N, C] views of one buffer, laid out in ``order`` as
+    create_kv_cache_views (vllm/v1/kv_cache_interface.py, 0.29+) does."""
+    shape = (LAYERS, PAGES, heads, PS, content)
+    strides, step = [0] * 5, 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= shape[dim]
+    raw = _rand(step, dtype=dtype, seed=seed)
+    return list(raw.as_strided(shape, strides).unbind(0))
+
+
+@pytest.mark.parametrize("order", list(KV_CACHE_LAYOUTS), ids=list(KV_CACHE_LAYOUTS))
+def test_vllm_fused_per_head_kv(order):
+    """vLLM 0.26+ GPU backends: [blocks, heads, block_size, K | V], read with
+    kv_cache.transpose(1, 2).split(head_size, -1) (flash_attn.py), in every KVCacheLayout
+    but LHBNC (ROCm's heads-outermost order), which is refused with the reason."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS[order])
+    if order == "LHBNC":
+        with pytest.raises(ValueError, match="heads outside blocks"):
+            from_vllm(kv, backend="flash_attn")
+        return
+    cache = from_vllm({f"layers.{i}.attn": t for i, t in enumerate(kv)}, backend="flash_attn")
+    assert (cache.num_pages, cache.page_size, cache.num_heads) == (PAGES, PS, 2)
+    split = [t.transpose(1, 2).split(8, dim=-1) for t in kv]  # vLLM's own addressing
+
+    def rows(n, layer, b, s):
+        return split[layer][0 if n == "k" else 1][b, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def test_vllm_fused_different_v_head_size():
+    """head_size_v != head_size (flash_attn_diffkv): K's width is given."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBNHC"], content=24)
+    cache = from_vllm(kv, backend="triton_attn", head_size=16)
+    assert [c.head_dim for c in cache.components] == [16, 8]
+
+    def rows(n, layer, b, s):
+        return kv[layer].transpose(1, 2).split(16, dim=-1)[0 if n == "k" else 1][b, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+@pytest.mark.parametrize("version", ["0.23.0", "0.32.0"])
+def test_vllm_cpu_fused(version):
+    """vLLM 0.23+ CPU backend: [blocks, heads, block_size, 2 * head_size], which cpu_attn.py
+    reads as view(blocks, heads, 2 * block_size, head_size).chunk(2, dim=2): per block and
+    head, block_size K rows then block_size V rows (layout LBHNC)."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBHNC"])
+    cache = from_vllm(kv, backend="cpu", vllm_version=version)
+    assert cache.layout == "HND"
+    planes = [t.view(PAGES, 2, 2 * PS, 8).chunk(2, dim=2) for t in kv]
+
+    def rows(n, layer, b, s):
+        return planes[layer][0 if n == "k" else 1][b, :, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+    # the GPU reading of the same tensor is another cache: K | V side by side per token
+    gpu = from_vllm(kv, backend="flash_attn")
+    assert not torch.equal(pack_pages(gpu, torch.tensor([1]), num_tokens=PS),
+                           pack_pages(cache, torch.tensor([1]), num_tokens=PS))
+
+
+def test_vllm_cpu_kv_first():
+    """vLLM 0.12-0.22 CPU backend: [2, blocks, heads, block_size, head_size], unbind(0)."""
+    kv = [_rand(2, PAGES, 2, PS, 8, seed=i) for i in range(LAYERS)]
+    cache = from_vllm(kv, backend="cpu")
+    assert cache.layout == "HND"
+
+    def rows(n, layer, b, s):
+        return kv[layer].unbind(0)[0 if n == "k" else 1][b, :, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def test_vllm_flash_attn_block_kv():
+    """vLLM 0.23-0.25 flash_attn: [blocks, 2, block_size, heads, head_size]."""
+    kv = [_vllm_alloc("flashinfer", False, seed=i) for i in range(LAYERS)]
+    cache = from_vllm(kv, backend="flash_attn", vllm_version="0.24.0")
+
+    def rows(n, layer, b, s):
+        return kv[layer][b, 0 if n == "k" else 1, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def test_vllm_mla_head_axis():
+    """vLLM 0.29+ MLA: [blocks, 1, block_size, 576] (H == 1 in [B, H, N, C])."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBHNC"], heads=1, content=576)
+    cache = from_vllm(kv, backend="mla")
+    _check(cache, lambda n, layer, b, s: kv[layer][b, 0, s].view(1, 576), ["latent"],
+           lambda n, layer: kv[layer])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: from_vllm([_t(2, 4, 64)], backend="cpu"),
+     "kv_caches[0]: vLLM 0.11's CPU backend (TorchSDPA) keeps [2, num_blocks, block_size * "
+     "kv_heads * head_size]"),
+    (lambda: from_vllm([_t(2, 2, 4, 2, 8)], backend="flash_attn"),
+     "kv_caches[0]: shape (2, 2, 4, 2, 8) fits both [2, num_blocks, block_size, kv_heads, "
+     "head_size] (vLLM 0.11-0.22) and [num_blocks, 2, block_size, kv_heads, head_size] "
+     "(vLLM 0.23-0.25); pass vllm_version="),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", vllm_version="0.22.1"),
+     "kv_caches[0]: vLLM 0.22.1 flash_attn hands [2, num_blocks, block_size, kv_heads, "
+     "head_size], got shape (4, 2, 4, 16)"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", vllm_version="0.10.2"),
+     "vllm_version: layouts of backend 'cpu' are known for vLLM 0.11 through 0.33, "
+     "got '0.10.2'"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", vllm_version="latest"),
+     "vllm_version: expected a release such as '0.32.0', got 'latest'"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", head_size=16),
+     "head_size: expected an int in (0, 16) (K's part of the 16 values of each head), got 16"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", head_size=4),
+     "head_size: the CPU backend's [blocks, heads, block_size, 2 * head_size] needs head_size "
+     "8, got 4"),
+    (lambda: from_vllm([_t(4, 2, 16, 4).transpose(2, 3)], backend="cpu"),
+     "kv_caches[0]: expected each (block, head) of the CPU layout contiguous"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", extras={"s": [_t(4, 4, 2, 1)]}),
+     "extras: only for the 5-D flash_attn and flashinfer layouts"),
+])
+def test_vllm_refused_by_version(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value)
+
+
 def test_vllm_mla():
     kv = [_rand(PAGES, PS, 656, dtype=torch.uint8, seed=i) for i in range(LAYERS)]
     cache = from_vllm(kv, backend="mla")
@@ -212,12 +339,17 @@ def _t(*shape, dtype=torch.bfloat16):
                              scales_layout="interleaved"), ValueError,
      "scales_layout 'interleaved': SGLang's MXFP8 KV scales (page size 128) are interleaved"),
     (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="xformers"), ValueError,
-     "backend: expected one of ('flash_attn', 'flashinfer', 'mla'), got 'xformers'"),
+     "backend: expected one of ('flash_attn', 'flashinfer', 'triton_attn', 'cpu', 'mla'), "
+     "got 'xformers'"),
     (lambda: from_vllm([_t(3, 4, 4, 2, 8)], backend="flash_attn"), ValueError,
-     "expected axis 0 of size 2 (K, V) for flash_attn"),
-    (lambda: from_vllm([_t(4, 4, 2, 8)], backend="flashinfer"), ValueError,
-     "kv_caches[0]: expected [num_blocks, 2, block_size, kv_heads, head_size] (5 dims), "
-     "got shape (4, 4, 2, 8)"),
+     "kv_caches[0]: expected [2, num_blocks, block_size, kv_heads, head_size] (vLLM 0.11-0.22) "
+     "or [num_blocks, 2, block_size, kv_heads, head_size] (vLLM 0.23-0.25) or [num_blocks, "
+     "kv_heads, block_size, head_size + head_size_v] (K | V per head) (vLLM 0.26-0.33) for "
+     "flash_attn, got shape (3, 4, 4, 2, 8)"),
+    (lambda: from_vllm([_t(4, 4, 16)], backend="flashinfer"), ValueError,
+     "kv_caches[0]: expected [num_blocks, 2, block_size, kv_heads, head_size] (vLLM 0.11-0.25) "
+     "or [num_blocks, kv_heads, block_size, head_size + head_size_v] (K | V per head) "
+     "(vLLM 0.26-0.33) for flashinfer, got shape (4, 4, 16)"),
     (lambda: from_vllm([_t(4, 4, 576)], backend="mla", extras={"s": [_t(4, 4, 1, 4)]}),
      ValueError, "extras: only for the flash_attn and flashinfer backends"),
     (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="flash_attn", extras={"k": [_t(4, 4, 2, 1)]}),
@@ -232,7 +364,8 @@ def _t(*shape, dtype=torch.bfloat16):
                        indexer=[_t(4, 4, 132, dtype=torch.uint8)]),
      ValueError, "indexer: only for the mla backend"),
     (lambda: from_vllm([_t(4, 4, 1, 576)], backend="mla"), ValueError,
-     "expected [num_blocks, block_size, head_size] (3 dims)"),
+     "kv_caches[0]: expected [num_blocks, block_size, head_size] (vLLM 0.11-0.28) or "
+     "[num_blocks, 1, block_size, head_size] (vLLM 0.29-0.33) for mla, got shape (4, 4, 1, 576)"),
     (lambda: from_vllm(_t(2, 4, 4, 2, 8), backend="flash_attn"), TypeError,
      "expected a list (or dict) of per-layer tensors"),
     (lambda: from_sglang_mha([_t(10, 2, 8)], [_t(10, 2, 8)], page_size=4), ValueError,
