@@ -289,34 +289,50 @@ def _vllm_kv(t: torch.Tensor, kind: str, head_size, what: str) -> tuple[torch.Te
         return t[0], t[1]
     if kind == "block_kv":  # flashinfer, triton_attn <= 0.25, flash_attn 0.23-0.25
         return t[:, 0], t[:, 1]
-    if kind == "cpu_kv_first":  # CPU 0.12-0.22: kv_cache.unbind(0), [blocks, heads, bs, dim]
-        return t[0].transpose(1, 2), t[1].transpose(1, 2)
-    if kind == "cpu_paged":
-        raise ValueError(f"{what}: {_CPU_PAGED}; cpkv cannot view it without a copy")
     width = t.shape[3]
     d = width // 2 if head_size is None else head_size
     if not isinstance(d, int) or isinstance(d, bool) or not 0 < d < width:
         raise ValueError(f"head_size: expected an int in (0, {width}) (K's part of the "
                          f"{width} values of each head), got {head_size!r}")
-    if kind == "fused":  # >= 0.26: kv_cache.transpose(1, 2).split(head_size, -1)
-        if t.shape[0] > 1 and t.shape[1] > 1 and t.stride(1) > t.stride(0):
-            raise ValueError(f"{what}: heads outside blocks (KVCacheLayout LHBNC, strides "
-                             f"{t.stride()}): a block's rows are spread over the whole layer, "
-                             f"which PagedKVCache does not take (a page's rows must lie within "
-                             f"one page stride)")
-        return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)
-    # cpu_fused (>= 0.23): cpu_attn.py reads each (block, head) as 2 * block_size rows of
-    # head_size: kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
-    if 2 * d != width:
-        raise ValueError(f"head_size: the CPU backend's [blocks, heads, block_size, 2 * "
-                         f"head_size] needs head_size {width // 2}, got {head_size}")
-    blocks, heads, bs = t.shape[:3]
-    if t.stride(3) != 1 or (bs > 1 and t.stride(2) != width):
-        raise ValueError(f"{what}: expected each (block, head) of the CPU layout contiguous "
-                         f"([block_size, 2 * head_size], strides ({width}, 1)), got strides "
-                         f"{t.stride()}")
-    planes = t.view(blocks, heads, 2, bs, d)
-    return planes[:, :, 0].transpose(1, 2), planes[:, :, 1].transpose(1, 2)
+    # fused, >= 0.26: kv_cache.transpose(1, 2).split(head_size, -1)
+    if t.shape[0] > 1 and t.shape[1] > 1 and t.stride(1) > t.stride(0):
+        raise ValueError(f"{what}: heads outside blocks (KVCacheLayout LHBNC, strides "
+                         f"{t.stride()}): a block's rows are spread over the whole layer, "
+                         f"which PagedKVCache does not take (a page's rows must lie within "
+                         f"one page stride)")
+    return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)
+
+
+def _cpu_blocks(t: torch.Tensor, kind: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one CPU-backend layer as whole blocks: ``[blocks, 1, kv_heads,
+    block_size * head_size]``, one row per (block, head) holding the block's K (or V) plane.
+
+    vLLM's CPU kernels (``csrc/cpu/cpu_attn_*.hpp``, ``reshape_and_cache``) keep each (block,
+    head)'s K column-major, ``[head_size, block_size]`` (AMX: in its own tiles), and V
+    row-major ``[block_size, head_size]``: a token's K is not a row, so the pool is moved by
+    whole blocks, whose bytes mean the same on both sides only with the same block size and
+    the same kernel ISA."""
+    if kind == "cpu_paged":
+        raise ValueError(f"{what}: {_CPU_PAGED}; cpkv cannot view it without a copy")
+    if kind == "cpu_kv_first":  # 0.12-0.22: kv_cache.unbind(0), each [blocks, heads, bs, dim]
+        planes = [t[0], t[1]]
+    else:  # >= 0.23: kv_cache.view(blocks, heads, 2 * bs, dim).chunk(2, dim=2) (cpu_attn.py)
+        blocks, heads, bs, width = t.shape
+        if width % 2 or t.stride(3) != 1 or (bs > 1 and t.stride(2) != width):
+            raise ValueError(f"{what}: expected each (block, head) of the CPU layout "
+                             f"contiguous ([block_size, 2 * head_size], strides ({width}, 1)), "
+                             f"got shape {tuple(t.shape)}, strides {t.stride()}")
+        halves = t.view(blocks, heads, 2, bs, width // 2)
+        planes = [halves[:, :, 0], halves[:, :, 1]]
+    out = []
+    for plane in planes:  # [blocks, heads, bs, dim], each (block, head) contiguous
+        blocks, heads, bs, dim = plane.shape
+        if plane.stride(3) != 1 or (bs > 1 and plane.stride(2) != dim):
+            raise ValueError(f"{what}: expected each (block, head) plane contiguous "
+                             f"([block_size, head_size]), got strides {plane.stride()}")
+        out.append(plane.as_strided((blocks, 1, heads, bs * dim),
+                                    (plane.stride(0), bs * dim, plane.stride(1), 1)))
+    return out[0], out[1]
 
 
 def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -328,8 +344,9 @@ def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | None = None,
-              extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
-              indexer=None, index_head_dim: int = 128) -> PagedKVCache:
+              cpu_isa: str | None = None,
+              extras: Mapping[str, Sequence[torch.Tensor]] | None = None, indexer=None,
+              index_head_dim: int = 128) -> PagedKVCache:
     """vLLM's per-layer KV cache tensors (``GPUModelRunner.kv_caches`` or the dict a KV
     connector's ``register_kv_caches`` receives; dict order is layer order), zero-copy.
 
@@ -347,12 +364,16 @@ def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | No
     - ``"flashinfer"`` and ``"triton_attn"``: up to 0.25
       ``[num_blocks, 2, block_size, kv_heads, head_size]``; from 0.26 fused as flash_attn.
     - ``"cpu"``: 0.11 ``[2, num_blocks, block_size * kv_heads * head_size]`` is refused (the
-      TorchSDPA paged layout: no contiguous rows); 0.12-0.22
-      ``[2, num_blocks, kv_heads, block_size, head_size]`` (``CPUAttentionBackend``,
-      ``kv_cache.unbind(0)``); from 0.23 ``[num_blocks, kv_heads, block_size, 2 *
-      head_size]``, which ``cpu_attn.py`` reads as ``view(num_blocks, kv_heads, 2 *
-      block_size, head_size).chunk(2, dim=2)``: per block and head, block_size K rows, then
-      block_size V rows (not K | V per token as on GPUs), layout ``LBHNC``.
+      TorchSDPA paged layout); 0.12-0.22 ``[2, num_blocks, kv_heads, block_size, head_size]``
+      (``CPUAttentionBackend``, ``kv_cache.unbind(0)``); from 0.23 ``[num_blocks, kv_heads,
+      block_size, 2 * head_size]``, which ``cpu_attn.py`` reads as ``view(num_blocks,
+      kv_heads, 2 * block_size, head_size).chunk(2, dim=2)`` (K plane, then V plane per block
+      and head; layout ``LBHNC``). Inside a plane the kernels (``csrc/cpu/cpu_attn_*.hpp``)
+      keep K column-major ``[head_size, block_size]`` (AMX: tiled) and V row-major, so a
+      token's K is no row: the view is block-granular, each vLLM block one page of page_size
+      1 with components "k_blocks" and "v_blocks" of ``[num_blocks, 1, kv_heads, block_size *
+      head_size]`` (``cpu_isa`` is appended to the names, e.g. "k_blocks.vec", so that two
+      pools of different kernel ISAs never exchange blocks: their formats differ).
     - ``"mla"``: up to 0.28 ``[num_blocks, block_size, head_size]`` (e.g. 576, or 656 uint8
       bytes for fp8 with inline scales), from 0.29 ``[num_blocks, 1, block_size, head_size]``
       -> "latent".
@@ -367,6 +388,8 @@ def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | No
             releases' layouts and needs the version).
         head_size: K's values per head in a fused layout (default: half of the last axis);
             V has the rest (``head_size_v``).
+        cpu_isa: the CPU attention kernels' ISA (``layer.isa``: "vec", "amx", "neon"...),
+            which decides the bytes inside a block; part of the component names.
         extras (flash_attn / flashinfer, 5-D layouts): more per-layer buffers addressed like
             K, logical ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order
             (e.g. per-head fp8/fp4 scale caches), added as components of those names.
@@ -377,13 +400,14 @@ def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | No
             scales) -> components "index_k" and "index_k_scale". ROCm's tile-shuffled indexer
             layout is not a strided view.
 
-    Returns a ``PagedKVCache`` with components "k", "v" (+ extras), or "latent" (+ indexer);
+    Returns a ``PagedKVCache`` with components "k", "v" (+ extras), "k_blocks", "v_blocks"
+    (cpu, page size 1: one token of cpkv is one vLLM block), or "latent" (+ indexer);
     vLLM's block ``b`` is page ``b`` (where vLLM splits its blocks into smaller kernel blocks,
     0.29+, the tensors it hands over are in kernel blocks, and so are the pages).
 
     Example::
 
-        cache = from_vllm(kv_caches, backend="cpu", vllm_version=vllm.__version__)
+        cache = from_vllm(kv_caches, backend="flash_attn", vllm_version=vllm.__version__)
     """
     if backend in UNVIEWABLE:
         raise ValueError(f"backend {backend!r}: {UNVIEWABLE[backend]}; cpkv cannot view it "
@@ -409,6 +433,14 @@ def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | No
         raise ValueError("indexer: only for the mla backend")
     if extras and any(k not in ("kv_first", "block_kv") for k in kinds):
         raise ValueError("extras: only for the 5-D flash_attn and flashinfer layouts")
+    if backend == "cpu":
+        suffix = "" if cpu_isa is None else f".{cpu_isa}"
+        names = ("k_blocks" + suffix, "v_blocks" + suffix)
+        comps = {n: [] for n in names}
+        for i, (t, kind) in enumerate(zip(layers, kinds, strict=True)):
+            for name, part in zip(names, _cpu_blocks(t, kind, f"kv_caches[{i}]"), strict=True):
+                comps[name].append(part)
+        return PagedKVCache(comps)
     comps: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     layouts = set()
     for i, (t, kind) in enumerate(zip(layers, kinds, strict=True)):

@@ -7,7 +7,7 @@ from kvtest import as_bytes
 
 from cpkv import PagedKVCache
 from cpkv.adapters import from_flashinfer, from_sglang_mha, from_sglang_mla, from_vllm
-from cpkv.kernels import pack_pages
+from cpkv.kernels import pack_pages, unpack_pages
 
 PS, PAGES, LAYERS = 4, 5, 2
 
@@ -197,34 +197,77 @@ def test_vllm_fused_different_v_head_size():
     _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
 
 
-@pytest.mark.parametrize("version", ["0.23.0", "0.32.0"])
-def test_vllm_cpu_fused(version):
-    """vLLM 0.23+ CPU backend: [blocks, heads, block_size, 2 * head_size], which cpu_attn.py
-    reads as view(blocks, heads, 2 * block_size, head_size).chunk(2, dim=2): per block and
-    head, block_size K rows then block_size V rows (layout LBHNC)."""
+def _cpu_reshape_and_cache(key_cache, value_cache, slot, k, v):
+    """vLLM's CPU kernels' write of one token (csrc/cpu/cpu_attn_vec.hpp, reshape_and_cache):
+    per (block, head), K column-major [head_size, block_size], V row-major."""
+    bs = key_cache.shape[2]
+    b, s = divmod(slot, bs)
+    for h in range(k.shape[0]):
+        key_cache[b, h].reshape(-1)[s::bs].copy_(k[h])
+        value_cache[b, h, s].copy_(v[h])
+
+
+def _cpu_planes(t):
+    """The K and V planes as cpu_attn.py splits a 0.23+ layer (view + chunk) or a 0.12-0.22
+    one (unbind)."""
+    if t.dim() == 5:
+        return t.unbind(0)
+    blocks, heads, bs, width = t.shape
+    return t.view(blocks, heads, 2 * bs, width // 2).chunk(2, dim=2)
+
+
+@pytest.mark.parametrize("version", ["0.12.0", "0.23.0", "0.32.0"])
+def test_vllm_cpu_blocks(version):
+    """vLLM's CPU backend: a token's K is no row (column-major inside the block), so blocks
+    move whole; pack/unpack of a request's blocks reproduces every token the kernel wrote."""
+    def pool(seed):
+        if version == "0.12.0":  # [2, blocks, heads, block_size, head_size]
+            return [_rand(2, PAGES, 2, PS, 8, seed=seed + i) for i in range(LAYERS)]
+        return _vllm_views(KV_CACHE_LAYOUTS["LBHNC"], seed=seed)  # [blocks, H, bs, 2 * D]
+    src, dst = pool(0), pool(10)
+    cache = from_vllm(src, backend="cpu", vllm_version=version, cpu_isa="vec")
+    assert cache.component_names == ["k_blocks.vec", "v_blocks.vec"]
+    assert (cache.num_pages, cache.page_size, cache.num_heads) == (PAGES, 1, 2)
+    _same_storage(cache, "k_blocks.vec", 1, src[1])
+    g = torch.Generator().manual_seed(3)
+    tokens = {}
+    for layer in range(LAYERS):  # the kernel writes tokens into blocks 3 and 1
+        for slot in [3 * PS, 3 * PS + 2, 1 * PS + 1]:
+            k, v = (torch.randn(2, 8, generator=g).to(torch.bfloat16) for _ in "kv")
+            _cpu_reshape_and_cache(*_cpu_planes(src[layer]), slot, k, v)
+            tokens[layer, slot] = k, v
+    ids = [3, 1]
+    want = torch.cat([as_bytes(p[b]).reshape(-1) for layer in range(LAYERS)
+                      for p in _cpu_planes(src[layer]) for b in ids])
+    for backend in ("torch", "triton"):
+        assert torch.equal(pack_pages(cache, torch.tensor(ids), num_tokens=2, backend=backend),
+                           want), backend
+    # into another pool's blocks 0 and 4: the kernel's addressing reads the same tokens
+    out = from_vllm(dst, backend="cpu", cpu_isa="vec")
+    guard = [t.clone() for t in dst]
+    unpack_pages(pack_pages(cache, torch.tensor(ids), num_tokens=2), out, torch.tensor([0, 4]),
+                 num_tokens=2, format=cache.packed_format(2))
+    moved = {3: 0, 1: 4}
+    for (layer, slot), (k, v) in tokens.items():
+        b, s = divmod(slot, PS)
+        kc, vc = _cpu_planes(dst[layer])
+        assert torch.equal(kc[moved[b]].reshape(2, -1)[:, s::PS], k)
+        assert torch.equal(vc[moved[b], :, s], v)
+    for layer in range(LAYERS):  # blocks 1-3 of the destination untouched
+        for p_new, p_old in zip(_cpu_planes(dst[layer]), _cpu_planes(guard[layer]), strict=True):
+            assert torch.equal(as_bytes(p_new[1:4]), as_bytes(p_old[1:4]))
+    # a per-token reading of the K plane (rows of head_size) is not what the kernel wrote
+    b, s = divmod(3 * PS + 2, PS)
+    assert not torch.equal(_cpu_planes(src[0])[0][b, :, s], tokens[0, 3 * PS + 2][0])
+
+
+def test_vllm_cpu_isa_in_the_format():
+    """Two CPU pools of different kernel ISAs have different packed formats."""
     kv = _vllm_views(KV_CACHE_LAYOUTS["LBHNC"])
-    cache = from_vllm(kv, backend="cpu", vllm_version=version)
-    assert cache.layout == "HND"
-    planes = [t.view(PAGES, 2, 2 * PS, 8).chunk(2, dim=2) for t in kv]
-
-    def rows(n, layer, b, s):
-        return planes[layer][0 if n == "k" else 1][b, :, s]
-    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
-    # the GPU reading of the same tensor is another cache: K | V side by side per token
-    gpu = from_vllm(kv, backend="flash_attn")
-    assert not torch.equal(pack_pages(gpu, torch.tensor([1]), num_tokens=PS),
-                           pack_pages(cache, torch.tensor([1]), num_tokens=PS))
-
-
-def test_vllm_cpu_kv_first():
-    """vLLM 0.12-0.22 CPU backend: [2, blocks, heads, block_size, head_size], unbind(0)."""
-    kv = [_rand(2, PAGES, 2, PS, 8, seed=i) for i in range(LAYERS)]
-    cache = from_vllm(kv, backend="cpu")
-    assert cache.layout == "HND"
-
-    def rows(n, layer, b, s):
-        return kv[layer].unbind(0)[0 if n == "k" else 1][b, :, s]
-    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+    vec = from_vllm(kv, backend="cpu", cpu_isa="vec").packed_format(1)
+    amx = from_vllm(kv, backend="cpu", cpu_isa="amx").packed_format(1)
+    with pytest.raises(ValueError, match="components expected"):
+        amx.check_matches(vec)
 
 
 def test_vllm_flash_attn_block_kv():
@@ -263,9 +306,6 @@ def test_vllm_mla_head_axis():
      "vllm_version: expected a release such as '0.32.0', got 'latest'"),
     (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", head_size=16),
      "head_size: expected an int in (0, 16) (K's part of the 16 values of each head), got 16"),
-    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", head_size=4),
-     "head_size: the CPU backend's [blocks, heads, block_size, 2 * head_size] needs head_size "
-     "8, got 4"),
     (lambda: from_vllm([_t(4, 2, 16, 4).transpose(2, 3)], backend="cpu"),
      "kv_caches[0]: expected each (block, head) of the CPU layout contiguous"),
     (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", extras={"s": [_t(4, 4, 2, 1)]}),
