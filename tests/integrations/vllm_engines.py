@@ -52,9 +52,11 @@ def write_tiny_llama(path: Path, seed: int = 0, layers: int = LAYERS) -> Path:
             p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, hidden),
             p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, hidden),
             p + "self_attn.o_proj.weight": w(hidden, HEADS * HEAD_DIM),
-            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.gate_proj.weight": w(inter, hidden),
+            p + "mlp.up_proj.weight": w(inter, hidden),
             p + "mlp.down_proj.weight": w(hidden, inter),
-            p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones()})
+            p + "input_layernorm.weight": ones(),
+            p + "post_attention_layernorm.weight": ones()})
     save_file(weights, str(path / "model.safetensors"))
     return path
 
@@ -118,7 +120,7 @@ def _serve(conn, args: dict) -> None:
 
 
 class Engine:
-    """A vLLM engine in its own (spawned) process."""
+    """A vLLM engine in its own (spawned) process; `wait_ready` returns its start time (s)."""
 
     def __init__(self, args: dict, timeout: float = 300.0):
         ctx = multiprocessing.get_context("spawn")
@@ -126,7 +128,12 @@ class Engine:
         self.proc = ctx.Process(target=_serve, args=(child, args), daemon=True)
         self.proc.start()
         self.timeout = timeout
-        self.start_s = self._reply()
+        self.start_s = None
+
+    def wait_ready(self) -> float:
+        if self.start_s is None:
+            self.start_s = self._reply()
+        return self.start_s
 
     def _reply(self, timeout: float | None = None):
         if not self.conn.poll(self.timeout if timeout is None else timeout):
