@@ -125,3 +125,19 @@ class CallLog:
     def take(self) -> list[str]:
         calls, self.calls = self.calls, []
         return calls
+
+
+def allocate(config: VllmConfig, num_layers: int, memory: int = 1 << 20) -> tuple:
+    """vLLM's own KV cache allocation for ``num_layers`` attention layers: the
+    ``KVCacheConfig`` (``get_kv_cache_config_from_groups``, in the config's resolved layout)
+    and the per-layer views ``register_kv_caches`` receives (``allocate_kv_cache``)."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    block_size = config.cache_config.block_size
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)]
+    groups = [KVCacheGroupSpec(names, kv_spec(block_size))]
+    kv_cache_config = get_kv_cache_config_from_groups(config, groups, memory)
+    layout = config.cache_config.get_resolved_kv_cache_layout()
+    caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout, [block_size])
+    return kv_cache_config, caches
