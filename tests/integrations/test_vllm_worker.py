@@ -177,3 +177,18 @@ def test_a_failed_receive_reports_its_blocks_once(model, tp_group):
         assert consumer.get_block_ids_with_load_errors() == set()
     finally:
         consumer.shutdown()
+
+
+def test_a_receive_aborted_by_vllm_ends_at_once_without_load_errors(model, tp_group):
+    """vLLM finished the request while its KV was on the way (an abort): the receive is
+    dropped (nothing more lands in its blocks) and reported at once, so vLLM frees them."""
+    port = free_port()
+    consumer, _ = connector(model, "kv_consumer", port)
+    try:
+        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 6, [1, 2], BS + 1)]))
+        assert consumer.get_finished(set()) == (set(), set())
+        assert consumer.get_finished({"d"}) == (set(), {"d"})
+        assert consumer.get_block_ids_with_load_errors() == set()
+        assert consumer.get_finished(set()) == (set(), set())
+    finally:
+        consumer.shutdown()
