@@ -251,8 +251,14 @@ class CpkvConnector(KVConnectorBase_V1):
         if backend == "cpu":  # the kernels' ISA decides the bytes inside a block
             layers = self._vllm_config.compilation_config.static_forward_context
             isa = getattr(layers.get(next(iter(kv_caches))), "isa", None)
-        self.cache = from_vllm(kv_caches, backend=backend, vllm_version=vllm.__version__,
-                               cpu_isa=isa)
+        try:  # the installed release's layout, its shape checked
+            self.cache = from_vllm(kv_caches, backend=backend, vllm_version=vllm.__version__,
+                                   cpu_isa=isa)
+        except ValueError as e:
+            if not str(e).startswith("vllm_version"):
+                raise
+            logger.warning("CpkvConnector: %s; reading the layout from the tensors' shapes", e)
+            self.cache = from_vllm(kv_caches, backend=backend, cpu_isa=isa)
         self._whole_blocks = backend == "cpu"
         if not self._whole_blocks and self.block_size % self.cache.page_size:
             raise ValueError(f"CpkvConnector: block_size {self.block_size} is not a multiple "
