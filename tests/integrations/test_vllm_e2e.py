@@ -56,7 +56,7 @@ def engines(tmp_path_factory):
         e["reference"] = e["decode"].generate(PROMPTS, MAX_TOKENS)
         yield e
     finally:
-        for name in ("decode", "prefill"):
+        for name in ("prefill", "decode"):  # senders first: their receiver outlives them
             e[name].close()
 
 
