@@ -13,11 +13,14 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "page_ids",
-                unique: bool = False, check_values: bool = True) -> torch.Tensor:
+                unique: bool = False, check_values: bool = True,
+                items: str = "page ids") -> torch.Tensor:
     """The ids as a contiguous 1-D int32/int64 tensor on ``device``, checked.
 
     A numpy array or a list/tuple of ints is converted once (int64 unless numpy int32); a
     strided tensor is made contiguous, so a kernel never reads memory the view does not show.
+    Any other index list (request-local ``tokens``) is checked the same way (``items`` names
+    them in the messages), with ``num_pages`` the bound of its values.
     ``check_values`` reads the values back (min/max, and uniqueness with ``unique``): a device
     synchronisation, skipped under ``validate=False``; the type, shape and device checks are
     free and always run.
@@ -49,21 +52,28 @@ def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "
     if lo < 0 or hi >= num_pages:
         raise ValueError(f"{what}: expected values in [0, {num_pages}), got min {lo}, max {hi}")
     if unique and torch.unique(page_ids).numel() != page_ids.numel():
-        raise ValueError(f"{what}: expected distinct page ids (a page written twice is a race), "
+        raise ValueError(f"{what}: expected distinct {items} (one written twice is a race), "
                          f"got duplicates")
     return page_ids
 
 
-def check_num_tokens(num_tokens, n_pages: int, page_size: int) -> int:
-    """``num_tokens`` defaults to every slot of the listed pages and may not exceed them."""
-    capacity = n_pages * page_size
+def check_num_tokens(num_tokens, n_pages: int, page_size: int, token_offset: int = 0) -> int:
+    """``num_tokens`` defaults to every slot of the listed pages after the first
+    ``token_offset`` tokens and may not exceed them."""
+    if not isinstance(token_offset, int) or isinstance(token_offset, bool):
+        raise TypeError(f"token_offset: expected int, got {type(token_offset).__name__}")
+    if not 0 <= token_offset <= n_pages * page_size:
+        raise ValueError(f"token_offset: expected 0 <= token_offset <= {n_pages * page_size} "
+                         f"({n_pages} pages x page_size {page_size}), got {token_offset}")
+    capacity = n_pages * page_size - token_offset
     if num_tokens is None:
         return capacity
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool):
         raise TypeError(f"num_tokens: expected int, got {type(num_tokens).__name__}")
     if not 0 <= num_tokens <= capacity:
+        after = f" after token_offset {token_offset}" if token_offset else ""
         raise ValueError(f"num_tokens: expected 0 <= num_tokens <= {capacity} "
-                         f"({n_pages} pages x page_size {page_size}), got {num_tokens}")
+                         f"({n_pages} pages x page_size {page_size}{after}), got {num_tokens}")
     return num_tokens
 
 
@@ -106,3 +116,19 @@ def check_no_alias(buf: torch.Tensor, spans, *, what: str) -> None:
         if lo < s_hi and s_lo < hi:
             raise ValueError(f"{what}: expected a buffer apart from the pool, got one overlapping "
                              f"a pool tensor's memory ({hi - lo} bytes at {lo:#x})")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to cpkv)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value, what: str, minimum: int | None = 0, maximum: int | None = None) -> int:
+    """``value`` as a checked int: TypeError if it is not one (bools and floats included),
+    ValueError outside ``[minimum, maximum]``. Returns it."""
+    if not is_int(value):
+        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{what}: expected an int {bounds}, got {value}")
+    return value

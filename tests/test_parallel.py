@@ -10,6 +10,8 @@ from cpkv.parallel import (
     ParallelRank,
     ParallelSizes,
     balanced_split,
+    dcp_heads_of,
+    dcp_rank_of,
     head_shard,
     heads_of,
     is_first_holder,
@@ -54,6 +56,56 @@ def test_heads_shards_and_first_holders(heads, tp):
     first = [is_first_holder(t, tp, heads) for t in range(tp)]
     for t in range(tp):
         assert first[t] == (t == min(u for u in range(tp) if held[u] == held[t]))
+
+
+def vllm_dcp_groups(tp: int, pcp: int, dcp: int) -> list[list[int]]:
+    """DCP groups of one TP x PCP block as vLLM 0.32 builds them (global rank pcp_rank*tp +
+    tp_rank; vllm/distributed/parallel_state.py transposes to (tp, pcp), PCP fastest, before
+    cutting runs of dcp); with pcp 1 they are runs of consecutive TP ranks, as in vLLM 0.21 and
+    SGLang 0.5.23."""
+    order = [p * tp + t for t in range(tp) for p in range(pcp)]
+    return [order[i:i + dcp] for i in range(0, len(order), dcp)]
+
+
+@pytest.mark.parametrize("tp,pcp,dcp", [(1, 1, 1), (4, 1, 2), (8, 1, 8), (8, 1, 4), (2, 2, 2),
+                                        (2, 2, 4), (1, 4, 4), (4, 2, 8)])
+def test_dcp_rank_follows_the_runners_groups(tp, pcp, dcp):
+    for group in vllm_dcp_groups(tp, pcp, dcp):
+        for i, g in enumerate(group):
+            assert dcp_rank_of(g % tp, dcp, pcp_size=pcp, pcp_rank=g // tp) == i
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+def test_dcp_heads(tp, heads):
+    for dcp in (d for d in (1, 2, 4, 8, 16) if tp % d == 0):
+        groups = tp // dcp
+        if max(groups, heads) % min(groups, heads):
+            continue
+        held = [dcp_heads_of(t, tp, dcp, heads) for t in range(tp)]
+        for t in range(tp):  # one DCP group, one set of heads
+            assert held[t] == held[t - t % dcp]
+        assert sorted({h for r in held for h in r}) == list(range(heads))
+        # SGLang: each rank holds max(1, H // (tp // dcp)) heads (model_config.get_num_kv_heads)
+        assert {len(r) for r in held} == {max(1, heads // groups)}
+        # vLLM (GQA needs tp > H and dcp <= tp / H; MLA's one head always): its plain-TP heads,
+        # tp_rank // (tp / H) (QKVParallelLinear's replicas)
+        if dcp == 1 or heads == 1 or (tp > heads and dcp <= tp // heads):
+            assert held == [heads_of(t, tp, heads) for t in range(tp)]
+
+
+def test_dcp_heads_refuse_groups_that_mix_heads():
+    # tp 12, H 2, dcp 4: plain TP puts heads 0 and 1 in DCP group [4, 8)
+    assert heads_of(5, 12, 2) != heads_of(6, 12, 2)
+    with pytest.raises(ValueError, match="dcp size 4 at tp 12: expected a number of DCP groups "
+                                         "that divides or is a multiple of num_kv_heads 2"):
+        dcp_heads_of(5, 12, 4, 2)
+    with pytest.raises(ValueError, match="dcp size: expected a divisor of tp 4, got 3"):
+        dcp_heads_of(0, 4, 3, 1)
+    with pytest.raises(ValueError, match=r"pcp rank: expected an int in \[0, 2\), got 2"):
+        dcp_rank_of(0, 2, pcp_size=2, pcp_rank=2)
+    with pytest.raises(ValueError, match="dcp size: expected a positive int, got 0"):
+        dcp_rank_of(0, 0)
 
 
 def test_layer_groups_cover_and_reach_the_minimum():

@@ -25,9 +25,11 @@ def test_cp_api():
 
 
 def test_parallel_api():
-    assert sorted(cpkv.parallel.__all__) == ["LAYER_GROUP_BYTES", "ParallelRank", "ParallelSizes",
-                                             "balanced_split", "head_shard", "heads_of",
-                                             "is_first_holder", "layer_groups", "layers_of"]
+    assert sorted(cpkv.parallel.__all__) == ["DcpLayout", "DcpSelection", "LAYER_GROUP_BYTES",
+                                             "ParallelRank", "ParallelSizes", "balanced_split",
+                                             "dcp_heads_of", "dcp_rank_of", "dcp_select",
+                                             "head_shard", "heads_of", "is_first_holder",
+                                             "layer_groups", "layers_of", "tokens_of_pages"]
 
 
 def test_staging_api():
@@ -36,12 +38,11 @@ def test_staging_api():
 
 
 def test_transfer_api():
-    assert sorted(cpkv.transfer.__all__) == ["ControlPlane", "ControlTimeout", "CostModel",
-                                             "KVReceiver", "KVSender", "KVStatus",
-                                             "ParallelRank", "ParallelSizes", "Route",
-                                             "StatusCell",
-                                             "TransferEngine", "TransferError", "agree",
-                                             "contiguous_runs", "map_ranks"]
+    assert sorted(cpkv.transfer.__all__) == ["CostModel", "KVReceiver", "KVSender",
+                                             "KVStatus", "ModelSpec", "ParallelRank",
+                                             "ParallelSizes", "ProtocolError", "Route",
+                                             "StatusCell", "TransferEngine", "TransferError",
+                                             "agree", "contiguous_runs", "map_ranks"]
 
 
 def test_every_exported_name_exists():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import is_int
 from ..parallel import balanced_split
 
 __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page_share",
@@ -28,14 +29,15 @@ __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page
 
 
 MAX_CP_SIZE = 1 << 16  # far above any CP group; bounds the per-rank bookkeeping of a split
+MAX_SPLIT_TOKENS = (1 << 31) - 1  # a batch's tokens: kernels index tokens in 32 bits
 
 
 def _check_cp(cp_size, cp_rank=None) -> None:
-    if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
+    if not is_int(cp_size) or cp_size < 1:
         raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
     if cp_size > MAX_CP_SIZE:
         raise ValueError(f"cp_size: expected at most {MAX_CP_SIZE} ranks, got {cp_size}")
-    if cp_rank is not None and (not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size):
+    if cp_rank is not None and (not is_int(cp_rank) or not 0 <= cp_rank < cp_size):
         raise ValueError(f"cp_rank: expected an int in [0, {cp_size}), got {cp_rank!r}")
 
 
@@ -197,6 +199,9 @@ def _seq_lens(seq_lens) -> list[int]:
     for n in lens:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"seq_lens: expected positive ints, got {n!r}")
+    if sum(int(n) for n in lens) > MAX_SPLIT_TOKENS:
+        raise ValueError(f"seq_lens: expected at most {MAX_SPLIT_TOKENS} tokens in a batch, got "
+                         f"{sum(int(n) for n in lens)}")
     return [int(n) for n in lens]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import is_int
 from ..layout import PagedKVCache
 from .mapping import Route
 
@@ -32,6 +33,11 @@ def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
     if len(src) != len(dst):
         raise ValueError(f"contiguous_runs: expected equally many ids, got {len(src)} and "
                          f"{len(dst)}")
+    for what, ids in (("src_ids", src), ("dst_ids", dst)):
+        bad = next((v for v in ids if not is_int(v) or v < 0), None)
+        if bad is not None:
+            raise ValueError(f"contiguous_runs: {what}: expected non-negative int page ids, "
+                             f"got {bad!r}")
     runs = []
     for s, d in zip(src, dst, strict=True):
         if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
@@ -75,11 +81,17 @@ def direct_nbytes(bytes_per_token: int, page_size: int, pages: range, tokens: ra
 
 def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dict],
                     remote_heads: int, dst_ids: Sequence[int], pages: range, tokens: range,
-                    route: Route) -> list[tuple[int, int, int]]:
-    """(src_addr, dst_addr, nbytes) descriptors for one share of a request."""
+                    route: Route, pairs: list[tuple[int, int]] | None = None
+                    ) -> list[tuple[int, int, int]]:
+    """(src_addr, dst_addr, nbytes) descriptors for one share of a request: whole page runs
+    where both sides hold every head, else one per token. ``pairs`` (source position,
+    destination position) list the tokens one by one instead (a decode-context-parallel
+    destination, or one holding a prefix already): always per token."""
     ps, n_comp = cache.page_size, len(cache.components)
     src_list = src_ids.tolist()
-    full = whole_pages(cache.num_heads, remote_heads, route)
+    full = pairs is None and whole_pages(cache.num_heads, remote_heads, route)
+    if pairs is None:
+        pairs = [(t, t) for t in tokens]
     segments = []
     for sl, dl in zip(route.src_layers, route.dst_layers, strict=True):
         for c, spec in enumerate(cache.components):
@@ -89,6 +101,7 @@ def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dic
             dp, ds, dh = dst["strides"]
             base_s, base_d = t.data_ptr(), dst["addr"]
             head_bytes = spec.head_nbytes
+            todo = pairs
             if full:
                 page_bytes = ps * cache.num_heads * head_bytes
                 dense = sp == dp == page_bytes and ss == ds == cache.num_heads * head_bytes \
@@ -98,15 +111,14 @@ def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dic
                                                      dst_ids[pages.start:pages.stop]):
                         segments.append((base_s + s0 * sp, base_d + d0 * dp, n * page_bytes))
                     continue
-                token_iter = range(pages.start * ps, pages.stop * ps)
-            else:
-                token_iter = tokens
+                todo = [(tok, tok) for tok in range(pages.start * ps, pages.stop * ps)]
             n_heads = len(route.src_heads)
             heads_dense = sh == head_bytes and dh == head_bytes
-            for tok in token_iter:
-                sp_id, dp_id, slot = src_list[tok // ps], dst_ids[tok // ps], tok % ps
-                s_addr = base_s + sp_id * sp + slot * ss + route.src_heads.start * sh
-                d_addr = base_d + dp_id * dp + slot * ds + route.dst_heads.start * dh
+            for s_tok, d_tok in todo:
+                s_addr = base_s + src_list[s_tok // ps] * sp + s_tok % ps * ss \
+                    + route.src_heads.start * sh
+                d_addr = base_d + dst_ids[d_tok // ps] * dp + d_tok % ps * ds \
+                    + route.dst_heads.start * dh
                 if heads_dense:
                     segments.append((s_addr, d_addr, n_heads * head_bytes))
                 else:

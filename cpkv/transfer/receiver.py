@@ -1,418 +1,756 @@
-"""KVReceiver: a decode rank that receives a request's pages from every expected prefill sender.
+"""KVReceiver: one agent per decode rank, receiving requests from any number of prefill instances.
 
-Per request (one *use*: one `expect` in this receiver's incarnation): allocate a staging slot (one
-region per route), publish where senders may write, then poll notifications without blocking. In
-packed mode only the staging arena is registered for remote writes, never the KV pool; direct
-mode (the baseline, opt-in with ``direct=True``) registers the pool too. Each notification names
-a segment (pages, tokens and route-local layers of one route) and is checked — an expected
-sender, in order, a token x layer range inside the request that no earlier notification of its
-route covered, exactly the bytes that range moves, and (with ``checksum=True``) the CRC32C of the
-bytes that landed — and any violation fails the request.
+Senders connect to the receiver's ``address`` and say who they are (instance, rank, sizes, the
+model); a sender that cannot feed this pool is refused with the reason. Per request (one *use*:
+one `expect` in this receiver's incarnation, naming the source instance): derive the routes from
+the source instance's sizes and this rank's (`map_ranks`), reserve a staging slot (one region
+per route; when the arena is momentarily full the request waits for space, within its timeout),
+and push each expected sender its `Destination` once it has announced the request. In packed
+mode only the staging arena is registered for remote writes, never the KV pool; direct mode (the
+baseline, ``direct=True``) registers the pool too. Each `Note` names a segment (share pages and
+tokens, route-local layers of one route) and is checked: an expected sender that holds the
+destination, a token x layer range inside the request that no earlier note of its route
+covered, exactly the bytes that range moves, and (with ``checksum=True``) the CRC32C of the
+bytes that landed; any violation fails the request.
 
-Streaming: each checked packed segment is unpacked at once into the request's own (reserved)
-pages, so layers arrive in the pool while the senders' prefill still computes later ones;
-`layers_ready` says how many leading layers of the pool are complete. Success only when every
-expected sender has sent its last call and every layer of every route holds every token. A
-failure or timeout leaves the request's pages holding undefined bytes (some layers may have been
-unpacked); no page outside the request is ever written.
+Streaming: each checked packed segment is unpacked at once (on the receiver's worker thread)
+into the request's own reserved pages, so layers arrive in the pool while the senders' prefill
+still computes later ones; `layers_ready` says how many leading layers are complete. Success
+only when every expected sender has sent its last segment and every layer of every route holds
+every token; a failure or timeout leaves the request's pages holding undefined bytes; no page
+outside the request is ever written, and once a request is reported ended nothing writes its
+pages any more.
 
-Fencing: when a request ends, the receiver publishes its verdict and deletes its destination. A
-failed request's slot (and, in direct mode, its pages) stays *quarantined* until every sender
-that might still be writing has acknowledged, or ``grace`` seconds have passed, so a late writer
-lands in memory no other request uses; a request's keys are deleted once every sender has read
-the verdict (or after the grace period). Nothing a peer or the network does makes `poll` raise.
+Fencing (fail closed): a request's staging slot (and, in direct mode, its pages) goes back to
+the arena only when every sender that was given the destination has positively stopped: it
+sent its last segment, or `End`, or its connection was closed by its side (its process ended:
+no later write can come from it, after a short drain). A sender that holds a destination and
+has said none of these — stalled, partitioned, or dropped by this side — keeps the slot
+quarantined however long it takes; past ``grace`` seconds it is counted in
+``stats()["quarantined_past_grace"]``. So an old use's bytes can land only in memory that no
+other use owns, whatever the interleaving of stalls, timeouts and reuse.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
+import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import as_page_ids, check_num_tokens
+from .._checks import as_page_ids, check_int, check_num_tokens
 from ..kernels import unpack_pages
-from ..staging import Slot, StagingArena
-from .control import ControlError, ControlPlane, check_geometry
+from ..parallel import DcpLayout, ParallelRank, ParallelSizes
+from ..staging import ArenaFullError, Slot, StagingArena
 from .direct import direct_nbytes, pool_addresses, whole_pages
-from .endpoint import Endpoint, check_ready
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, route_senders, routes_between
 from .engine import TransferEngine
-from .mapping import Route
+from .link import Hub, Link
+from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
+                       SlotPlan, Verdict, Welcome, check_request_id, region_rows, segment_rows)
 from .sender import checksum as crc32c_of
+from .sender import route_spec
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVReceiver"]
 
-SWEEP_INTERVAL = 0.005  # seconds between looks at ended requests' acknowledgements
-REGISTRATION_INTERVAL = 0.25  # seconds between re-reads of the senders' registrations
+DRAIN = 0.5  # seconds a slot stays fenced after its sender's process is gone (bytes in flight)
 CLOSE_WAIT = 2.0  # seconds `close` waits for senders to acknowledge verdicts
+MAX_ENDED = 1 << 16  # verdicts remembered for senders that announce an ended request late
+
+
+def sender_id(instance: str, rank: ParallelRank) -> str:
+    return f"{instance}/{rank.key}"
+
+
+@dataclass
+class _Writer:
+    """One expected sender of one request."""
+
+    route: str  # its route's key
+    link: Link | None = None  # the connection it announced on
+    holds: bool = False  # it was sent the destination
+    finished: bool = False  # its last segment arrived
+    ended: bool = False  # it said it writes no more (End)
+    gone_at: float | None = None  # its side closed the connection (process ended)
+
+    def stopped(self, now: float) -> bool:
+        """Positively known to write nothing more into the slot."""
+        return not self.holds or self.finished or self.ended or (
+            self.gone_at is not None and now - self.gone_at >= DRAIN)
 
 
 @dataclass
 class _Request:
-    rid: int
+    rid: object
+    source: str
+    source_dp: int
     page_ids: torch.Tensor
     host_ids: torch.Tensor  # the same ids on the host (busy-page bookkeeping, no device sync)
     num_tokens: int
+    prefix: int  # tokens already in the pages: not sent
     deadline: float
-    regions: dict  # route key -> byte offset in the slot
-    prefix: str  # the use's key prefix
+    use: int
     ready: object = None  # the runner's CUDA event (unpack is ordered after it)
     cell: StatusCell = field(default_factory=StatusCell)
+    routes: dict | None = None  # route key -> Route, once the source's sizes are known
+    plan: SlotPlan | None = None
+    writers: dict = field(default_factory=dict)  # sender id -> _Writer
     slot: Slot | None = None
-    published: bool = False
-    unpacked: object = None  # CUDA event recorded after the last unpack
-    consumed: dict = field(default_factory=dict)  # sender key -> notification lines read
-    finished: set = field(default_factory=set)  # senders whose last chunk arrived
-    ended: set = field(default_factory=set)  # senders that said they write no more
-    segments: dict = field(default_factory=dict)  # route key -> [(t0, t1, l0, l1)]
-    landed: dict = field(default_factory=dict)  # route key -> [tokens in the pool per layer]
+    segments: dict = field(default_factory=dict)  # route key -> [(r0, r1, l0, l1)] rows
+    landed: dict = field(default_factory=dict)  # route key -> [rows in the pool per layer]
+    queued: int = 0  # segments waiting for the worker's unpack
+    unpacking: bool = False  # the worker is writing its pages (a failure waits for it)
+    failure: str | None = None  # a failure that came while it was
     inflight: list = field(default_factory=list)  # CUDA: (event, route key, l0, l1, tokens)
-    metadata: dict = field(default_factory=dict)  # sender key -> bytes
+    unpacked: object = None  # CUDA: event after the last unpack (Success when it is done)
+    metadata: dict = field(default_factory=dict)  # sender id -> bytes
 
 
 @dataclass
-class _Ended:
-    """A request that ended here while senders may still write (slot held) or have yet to read
-    the verdict (keys kept)."""
+class _Fenced:
+    """An ended request's slot (and direct-mode pages) while a holder might still write."""
 
-    prefix: str
-    dest_key: str
+    rid: object
+    use: int
     slot: Slot | None
-    host_ids: torch.Tensor | None  # direct mode: pages kept busy with the slot
-    writers: set
-    readers: set
-    consumed: dict
+    host_ids: torch.Tensor | None
+    writers: dict
     deadline: float
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    counted: bool = False
 
 
 class KVReceiver(Endpoint):
-    """Receives requests from the prefill senders of its routes.
+    """Receives requests from the prefill senders that feed this decode rank.
 
     Args:
         cache: this decode rank's pool.
-        control: the control plane (its namespace names this receiver).
-        cp_size: prefill CP ranks per route; every one of them reports for every request.
-        routes: what each prefill (tp, pp) source sends (`map_ranks(...)[(tp, pp)]` for this
-            rank); default one route carrying every head and layer from prefill (tp 0, pp 0).
-        dp: the prefill DP rank whose senders this receiver expects.
+        instance, rank, sizes: this decode instance's name, this rank's coordinates and the
+            instance's parallel sizes; with each source instance's sizes they decide which
+            prefill ranks send which heads and layers here (`map_ranks`).
+        kind, num_kv_heads, num_layers: the model (see `endpoint.model_shape`).
+        host, port: where to listen for senders (``port=0``: a free port); ``address`` is
+            what senders are given. Only ``host`` is listened on.
         direct: also accept direct writes into the pool (registers the pool for remote
             access; the baseline, off by default).
         engine, arena: shared ones, or None to create (and own) them.
-        timeout: seconds a request may wait for every sender.
+        timeout: seconds a request may wait for every sender (and for staging space).
         checksum: ask senders for a CRC32C of every packed segment and verify it before
             unpacking it (costs a pass over the bytes on both sides; needs ``crc32c``).
-        grace: seconds a failed request's slot stays quarantined, and an ended request's
-            keys are kept, while a sender has not acknowledged (default ``timeout``). Keep it
-            at least the senders' timeout: a sender that is late then learns the verdict at
-            once instead of waiting out its own timeout for a destination that is gone.
+        grace: seconds after which a slot still fenced by a silent sender is counted as
+            quarantined past grace (it is never reused before that sender stops; default
+            ``timeout``).
+        secret: shared secret authenticating every message (default ``CPKV_SECRET``).
 
-    The constructor does not wait for senders: it publishes this receiver and returns.
-    Senders may register before or after; `ready` / `wait_ready` say when all have, and
-    `setup_error` names a registered sender that does not fit. Use as a context manager or
-    call `close`.
+    Use as a context manager or call `close`.
     """
 
-    def __init__(self, cache, control: ControlPlane, *, cp_size: int = 1,
-                 routes: list[Route] | None = None, dp: int = 0, direct: bool = False,
+    def __init__(self, cache, *, instance: str = "decode", rank: ParallelRank | None = None,
+                 sizes: ParallelSizes | None = None, kind: str = "mha",
+                 num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
+                 host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                  engine: TransferEngine | None = None, arena: StagingArena | None = None,
                  arena_bytes: int = 64 << 20, timeout: float = 30.0, checksum: bool = False,
-                 grace: float | None = None):
-        routes = routes if routes is not None else [Route.whole(cache.num_heads,
-                                                                cache.num_layers)]
-        if not routes:
-            raise ValueError("routes: expected at least one route, got none")
-        if len({r.key for r in routes}) != len(routes):
-            raise ValueError(f"routes: expected one route per prefill (tp, pp), got "
-                             f"{[r.key for r in routes]}")
-        for r in routes:
-            if r.dst_heads.stop > cache.num_heads or r.dst_layers.stop > cache.num_layers or \
-                    len(r.src_heads) != len(r.dst_heads) or \
-                    len(r.src_layers) != len(r.dst_layers):
-                raise ValueError(f"route {r.key}: heads {r.src_heads}->{r.dst_heads}, layers "
-                                 f"{r.src_layers}->{r.dst_layers} do not fit this pool "
-                                 f"({cache.num_heads} heads, {cache.num_layers} layers)")
-        if not _int(cp_size) or cp_size < 1:
-            raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
+                 grace: float | None = None, secret: str | bytes | None = None):
         for name, flag in (("direct", direct), ("checksum", checksum)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected bool, got {type(flag).__name__}")
         if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
             raise ValueError(f"grace: expected a non-negative number of seconds, got {grace!r}")
-        super().__init__(cache, control, engine, arena, arena_bytes, timeout)
+        if not isinstance(host, str) or not host:
+            raise TypeError(f"host: expected a non-empty str, got {host!r}")
+        super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
+                         arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
+        self.direct, self.checksum = direct, checksum
+        self._layout = self.dcp or DcpLayout()  # where this rank keeps a request's tokens
+        self.grace = self.timeout if grace is None else float(grace)
+        self.hub = None
         try:
-            self.routes = {r.key: r for r in routes}
-            self.senders = {s.key: r.key for r in routes for s in r.senders(cp_size, dp)}
-            self.route_bpt = {r.key: self.route_bytes_per_token(r) for r in routes}
-            self.direct, self.checksum = direct, checksum
-            self.grace = self.timeout if grace is None else float(grace)
-            self.incarnation = uuid.uuid4().hex[:16]
-            info = {"inc": self.incarnation, "session": self.engine.session_id,
-                    "geometry": self.geometry, "pool": None, "checksum": checksum}
             if direct:
                 self.register_pool()
-                info["pool"] = pool_addresses(cache)
-            control.put(control.key("recv"), info)
+            self.welcome = Welcome(**self._identity(),
+                                   pool=pool_addresses(cache) if direct else None,
+                                   integrity="crc32c" if checksum else "")
+            self._requests: dict = {}
+            self._senders: dict[str, tuple[Link, Hello]] = {}  # sender id -> its connection
+            self._sources: dict[str, Hello] = {}  # instance -> a Hello of it (its sizes)
+            self._announced: dict = {}  # rid -> {sender id: (link, when)} not yet expected
+            self._ended: collections.OrderedDict = collections.OrderedDict()  # rid -> Verdict
+            self._fenced: list[_Fenced] = []
+            self._waiting: list = []  # requests waiting for staging space, in order
+            self._unpacks: collections.deque = collections.deque()
+            self._next_use = 0
+            self._busy = torch.zeros(cache.num_pages, dtype=torch.bool)  # host bookkeeping
+            self._past_grace = 0
+            self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
+            self._work = threading.Event()
+            self._unpack_lock = threading.Lock()  # held while the worker writes pages
+            self.hub = Hub(f"cpkv-recv-{instance}-{self.rank.key}-io", secret=self.secret,
+                           on_open=lambda link: None, on_message=self._on_message,
+                           on_close=self._on_close, listen=(host, port))
+            self.address = self.hub.address
+            self._worker = threading.Thread(target=self._run, daemon=True,
+                                            name=f"cpkv-recv-{instance}-{self.rank.key}")
+            self._worker.start()
         except BaseException:
+            if self.hub is not None:
+                self.hub.close()
             self._release_owned()
             raise
-        self._requests: dict[int, _Request] = {}
-        self._ended: list[_Ended] = []
-        self._next_use = 0
-        self._busy = torch.zeros(cache.num_pages, dtype=torch.bool)  # host bookkeeping
-        self._registrations: dict[str, tuple[str, str | None, int] | None] = {
-            k: None for k in self.senders}  # key -> (incarnation, error, num_heads)
-        self._regs_read_at = self._swept_at = 0.0
-        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
-        self._refresh_senders(force=True)
-
-    # -- senders ---------------------------------------------------------------------------
-
-    def _refresh_senders(self, force: bool = False) -> None:
-        """Re-read the registrations (throttled): new and restarted senders are checked."""
-        now = time.monotonic()
-        if not force and now - self._regs_read_at < REGISTRATION_INTERVAL:
-            return
-        self._regs_read_at = now
-        for key, route_key in self.senders.items():
-            try:
-                reg = self.control.get_or_none(self.control.key("reg", key))
-            except Exception as e:
-                self._registrations[key] = ("?", f"sender {key}: {e}", 0)
-                continue
-            if reg is None:
-                self._registrations[key] = None
-                continue
-            try:
-                if not isinstance(reg, dict) or not isinstance(reg.get("inc"), str):
-                    raise ControlError(f"sender {key}: malformed registration")
-                seen = self._registrations.get(key)
-                if seen is not None and seen[0] == reg["inc"]:
-                    continue
-                g = reg.get("geometry")
-                check_geometry(self.geometry, g, f"sender {key}")
-                route = self.routes[route_key]
-                if not _int(g.get("num_heads")) or not _int(g.get("num_layers")):
-                    raise ControlError(f"sender {key}: malformed geometry")
-                if route.src_heads.stop > g["num_heads"] or \
-                        route.src_layers.stop > g["num_layers"]:
-                    raise ValueError(f"sender {key} holds {g['num_heads']} heads and "
-                                     f"{g['num_layers']} layers; route {route_key} needs heads "
-                                     f"{route.src_heads} and layers {route.src_layers}")
-                self._registrations[key] = (reg["inc"], None, g["num_heads"])
-            except Exception as e:
-                inc = reg.get("inc") if isinstance(reg, dict) else "?"
-                self._registrations[key] = (str(inc), str(e), 0)
-
-    def _registration(self, sender: str) -> tuple[str, str | None, int]:
-        """The sender's checked registration, re-read now if not yet seen: a note is never
-        judged against a registration this receiver has not read (registrations are otherwise
-        re-read only every REGISTRATION_INTERVAL)."""
-        reg = self._registrations.get(sender)
-        if reg is None or reg[1]:
-            self._refresh_senders(force=True)
-            reg = self._registrations.get(sender)
-        if reg is None:
-            raise ControlError(f"sender {sender}: notified before it registered")
-        if reg[1]:
-            raise ValueError(reg[1])
-        return reg
-
-    @property
-    def setup_error(self) -> str | None:
-        """Why a registered sender cannot serve this receiver (geometry, route), or None.
-        A sender that has not registered yet is not an error: see `ready`."""
-        self._refresh_senders()
-        errors = [r[1] for r in self._registrations.values() if r is not None and r[1]]
-        return errors[0] if errors else None
-
-    @property
-    def ready(self) -> bool:
-        """Every expected sender has registered and fits."""
-        self._refresh_senders()
-        return all(r is not None and r[1] is None for r in self._registrations.values())
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait (default the request timeout) until `ready`; False on a setup error or when
-        the time is up."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            self._refresh_senders(force=True)
-            if self.setup_error:
-                return False
-            if self.ready:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
 
     # -- public ----------------------------------------------------------------------------
 
-    def expect(self, request_id: int, page_ids: torch.Tensor, *,
-               num_tokens: int | None = None, ready=None) -> None:
-        """Reserve a slot for a request and tell the senders where to write it.
+    def expect(self, request_id, page_ids, *, source: str, num_tokens: int | None = None,
+               prefix: int = 0, source_dp: int = 0, ready=None) -> None:
+        """Reserve a slot for a request from prefill instance ``source`` (its DP rank
+        ``source_dp``) and tell its senders where to write it, as each announces it.
+
+        ``num_tokens`` is the request's length (default: every slot of ``page_ids``; with DCP,
+        required: the pages hold this rank's share). Its first ``prefix`` tokens are in the
+        pages already (a prefix-cache hit): senders send the rest.
 
         ``ready``: the runner's ``torch.cuda.Stream`` or ``torch.cuda.Event`` after which the
         request's pages may be written (the unpack is ordered after it; in direct mode this
-        call waits for it before publishing). Checked here; a problem of the control plane or
-        the arena fails the request (see `poll`) instead of raising.
+        call waits for it). Checked here; a problem found later (a sender that does not fit,
+        a slot larger than the arena) fails the request with a reason, at once, and every
+        sender of it hears that verdict.
         """
-        if not _int(request_id) or request_id < 0:
-            raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
-        if request_id in self._requests:
-            raise ValueError(f"request {request_id} is already expected (forget it first)")
+        check_request_id(request_id)
+        if not isinstance(source, str) or not source:
+            raise TypeError(f"source: expected the prefill instance's name, got {source!r}")
+        if not isinstance(source_dp, int) or isinstance(source_dp, bool) or source_dp < 0:
+            raise ValueError(f"source_dp: expected a non-negative int, got {source_dp!r}")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
+        else:
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), page_ids.numel(), self.cache.page_size)
+        check_int(prefix, "prefix", 0, num_tokens)
         event = check_ready(ready, self.cache.device)
         host_ids = page_ids.cpu().long()  # the entry's one read of the ids
-        self._sweep(force=True)
-        if host_ids.numel() and bool(self._busy[host_ids].any()):
-            others = [r for r, q in self._requests.items() if not q.cell.done and bool(
-                torch.isin(q.host_ids, host_ids).any())]
-            raise ValueError(f"page_ids: some pages are still receiving request(s) {others} "
-                             f"(or a failed one's late writers); two requests in flight must "
-                             f"not share decode pages")
-        regions, pos = {}, 0
-        for key, bpt in self.route_bpt.items():
-            regions[key] = pos
-            pos += num_tokens * bpt
-        use = self._next_use
-        self._next_use += 1
-        req = _Request(request_id, page_ids, host_ids, num_tokens,
-                       time.monotonic() + self.timeout, regions,
-                       self.control.key(self.incarnation, "use", use), event)
-        self._requests[request_id] = req
-        self._busy[host_ids] = True
-        try:
-            self._refresh_senders()
-            error = self.setup_error
-            if error:
-                self._finish(request_id, req, error)
-                return
-            req.slot = self.arena.alloc(pos)
-            dest = {"use": use, "addr": self.arena_addr + req.slot.offset,
-                    "nbytes": req.slot.nbytes, "regions": regions, "num_tokens": num_tokens,
-                    "num_pages": page_ids.numel()}
-            if self.direct:
-                dest["page_ids"] = host_ids.tolist()
-                if event is not None:
-                    event.synchronize()  # senders write the pages directly
-            req.published = True  # from here on a sender may have read it
-            self.control.put(self._dest_key(request_id), dest)
-        except Exception as e:
-            self._finish(request_id, req, f"{type(e).__name__}: {e}")
-            return
-        req.cell.update(KVStatus.WaitingForInput)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("expect: the receiver is closed")
+            if request_id in self._requests:
+                raise ValueError(f"request {request_id!r} is already expected (forget it "
+                                 f"first)")
+            if host_ids.numel() and bool(self._busy[host_ids].any()):
+                others = [r for r, q in self._requests.items() if not q.cell.done and bool(
+                    torch.isin(q.host_ids, host_ids).any())]
+                raise ValueError(f"page_ids: some pages are still receiving request(s) "
+                                 f"{others} (or a failed one's late writers); two requests in "
+                                 f"flight must not share decode pages")
+            if event is not None and self.direct:
+                event.synchronize()  # senders write the pages directly
+            req = _Request(request_id, source, source_dp, page_ids, host_ids, num_tokens, prefix,
+                           time.monotonic() + self.timeout, self._next_use, event)
+            self._next_use += 1
+            self._requests[request_id] = req
+            self._ended.pop(request_id, None)
+            self._busy[host_ids] = True
+            self._plan(req)
+        self._work.set()
 
-    def poll(self, request_id: int) -> KVStatus:
-        """Advance the request (non-blocking): read notifications, unpack when complete.
+    def poll(self, request_id) -> KVStatus:
+        """The request's status (non-blocking; the worker thread advances it). Never raises
+        for anything a peer or the network did. (An unknown request id raises KeyError.)"""
+        with self._lock:
+            return self._status(request_id)
 
-        Never raises for anything a peer or the network did: that fails the request with a
-        reason. The deadline is checked first. (An unknown request id raises KeyError.)"""
+    def _status(self, request_id) -> KVStatus:
         req = self._requests.get(request_id)
         if req is None:
-            raise KeyError(f"request {request_id} is not expected here")
-        if req.cell.done:
-            return req.cell.status
-        try:
-            self._sweep()
-            if req.unpacked is not None:  # CUDA: Success once the unpack has run
-                if req.unpacked.query():
-                    self._finish(request_id, req)
-                return req.cell.status
-            if time.monotonic() > req.deadline:
-                missing = sorted(set(self.senders) - req.finished)
-                return self._finish(request_id, req, f"timed out after {self.timeout} s "
-                                    f"waiting for senders {missing}")
-            self._read_notes(request_id, req)
-            if len(req.finished) == len(self.senders):
-                self._complete(request_id, req)
-        except Exception as e:
-            return self._finish(request_id, req, f"refused notification: "
-                                f"{type(e).__name__}: {e}")
+            raise KeyError(f"request {request_id!r} is not expected here")
         return req.cell.status
 
-    def reason(self, request_id: int) -> str | None:
+    def reason(self, request_id) -> str | None:
         return self._requests[request_id].cell.reason
 
-    def metadata(self, request_id: int) -> bytes | None:
-        """The blob a sender attached to its last chunk (lowest sender key wins)."""
+    def metadata(self, request_id) -> bytes | None:
+        """The blob a sender attached to its segments (lowest sender id wins)."""
         meta = self._requests[request_id].metadata
         return meta[min(meta)] if meta else None
 
-    def forget(self, request_id: int) -> None:
+    def layers_ready(self, request_id) -> int:
+        """How many leading layers of this pool hold every token of the request (every head
+        a route brings): a consumer may start on layers [0, k) before Success. Layers no
+        route brings count as ready. After a failure the count says nothing about the
+        bytes. (An unknown request id raises KeyError.)"""
+        with self._lock:
+            req = self._requests[request_id]
+            if req.cell.status == KVStatus.Success:
+                return self.cache.num_layers
+            if req.routes is None:
+                return 0
+            self._land_events(req)
+            done = [True] * self.cache.num_layers
+            for key, route in req.routes.items():
+                rows = req.plan.region(key)[1]
+                for i, c in enumerate(self._counts(req, key)):
+                    if c != rows:
+                        done[route.dst_layers.start + i] = False
+            return done.index(False) if False in done else self.cache.num_layers
+
+    def forget(self, request_id) -> None:
         """Drop a request's state; safe at any time (an open request fails first, its slot
-        quarantined as for any failure)."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return
-        if not req.cell.done:
-            self._finish(request_id, req, "forgotten by the receiver")
-        del self._requests[request_id]
+        fenced as for any failure). After it returns, nothing writes the request's pages."""
+        with self._unpack_lock, self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return
+            if not req.cell.done:
+                self._finish(req, "forgotten by the receiver")
+            del self._requests[request_id]
+            self._ended.pop(request_id, None)
+
+    def stats(self) -> dict:
+        """Resources in use: connections, connected senders, requests, fenced slots (and how
+        many stayed fenced past ``grace``), staging bytes, late announcements kept."""
+        with self._lock:
+            return {"connections": len(self.hub.links()), "senders": len(self._senders),
+                    "requests": len(self._requests), "fenced": len(self._fenced),
+                    "quarantined_past_grace": self._past_grace,
+                    "staging_bytes": self.arena.bytes_in_use,
+                    "announced": sum(len(v) for v in self._announced.values()),
+                    "waiting_for_space": len(self._waiting), "threads": 2}
 
     def settle(self, timeout: float | None = None) -> bool:
-        """Wait until every ended request's keys are deleted and its slot released (senders
-        acknowledge verdicts in the background); True when none is left."""
+        """Wait until every ended request's slot is back in the arena (senders stop and
+        acknowledge in the background); True when none is fenced."""
         deadline = time.monotonic() + (self.grace if timeout is None else timeout)
         while True:
-            self._sweep(force=True)
-            if not self._ended:
-                return True
+            with self._lock:
+                self._sweep(time.monotonic())
+                if not self._fenced:
+                    return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
 
     def close(self) -> None:
-        """Fail open requests, release every slot (quarantined ones too), delete their keys
-        and this receiver's registration, the pool registration and owned engine and arena.
-        Idempotent."""
-        for rid, req in list(self._requests.items()):
-            if not req.cell.done:
-                self._finish(rid, req, "the receiver was closed")
-        self._requests.clear()
-        self.settle(min(self.grace, CLOSE_WAIT))  # let senders read their verdicts
-        for e in self._ended:
-            e.deadline = 0.0
-        self._sweep(force=True)
-        try:
-            info = self.control.get_or_none(self.control.key("recv"))
-            if isinstance(info, dict) and info.get("inc") == self.incarnation:
-                self.control.delete(self.control.key("recv"))
-        except Exception:
-            pass  # the control plane may be gone
+        """Fail open requests (their senders hear it), wait briefly for senders to stop,
+        release every slot (fenced ones too: this process's arena goes with it), close the
+        connections, the pool registration and owned engine and arena. Idempotent."""
+        if not hasattr(self, "_worker"):
+            self._release_owned()
+            return
+        with self._unpack_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for req in list(self._requests.values()):
+                if not req.cell.done:
+                    self._finish(req, "the receiver was closed")
+        self.settle(min(self.grace, CLOSE_WAIT))
+        self._work.set()
+        self._worker.join(timeout=10)
+        with self._lock:
+            for f in self._fenced:
+                if f.slot is not None:
+                    f.slot.release()
+            self._fenced = []
+        self.hub.flush(1.0)
+        self.hub.close()
         self._release_owned()
 
-    # -- internals -------------------------------------------------------------------------
+    # -- planning (lock held) ----------------------------------------------------------------
 
-    def _dest_key(self, request_id: int) -> str:
-        return self.control.key(self.incarnation, "dest", request_id)
+    def _plan(self, req: _Request) -> None:
+        """Routes, writers and a slot for the request, as far as known now."""
+        if req.cell.done:
+            return
+        if req.routes is None:
+            source = self._sources.get(req.source)
+            if source is None:
+                return  # the source's sizes come with its first sender's Hello
+            routes = routes_between(source, self.welcome)
+            if not routes:
+                self._finish(req, f"instance {req.source} sends nothing to this rank "
+                                  f"({self.rank}): no route")
+                return
+            req.routes = {r.key: r for r in routes}
+            for r in routes:
+                for rank in route_senders(r, source, req.source_dp):
+                    req.writers[sender_id(req.source, rank)] = _Writer(r.key)
+            rows = region_rows(self._layout, req.num_tokens, req.prefix)
+            req.plan = SlotPlan.build([(r.key, rows, self.route_bytes_per_token(r))
+                                       for r in routes])
+            for sid, (link, _) in self._announced.pop(req.rid, {}).items():
+                self._announce(req, sid, link, None)
+                if req.cell.done:
+                    return
+        if req.slot is None:
+            if req.plan.nbytes > self.arena.nbytes:
+                self._finish(req, f"the request's slot ({req.plan.nbytes} bytes) cannot fit "
+                                  f"this receiver's staging arena ({self.arena.nbytes} bytes)")
+                return
+            try:
+                req.slot = self.arena.alloc(req.plan.nbytes)
+            except ArenaFullError:
+                if req not in self._waiting:
+                    self._waiting.append(req)  # backpressure: wait for space
+                return
+            if req in self._waiting:
+                self._waiting.remove(req)
+            req.cell.update(KVStatus.WaitingForInput)
+            for sid, w in req.writers.items():
+                if w.link is not None:
+                    self._send_dest(req, sid, w)
 
-    def _complete(self, request_id: int, req: _Request) -> None:
-        for key, route in self.routes.items():
-            counts = self._counts(req, key, landed_only=False)
-            if any(c != req.num_tokens for c in counts):
-                missing = [route.dst_layers.start + i for i, c in enumerate(counts)
-                           if c != req.num_tokens]
-                raise ValueError(f"every sender finished but only {min(counts)} of "
-                                 f"{req.num_tokens} tokens of route {key} arrived (in layers "
-                                 f"{missing[:8]})")
-        base = req.slot.tensor
-        if base.is_cuda:  # Success once the pool holds the bytes (polled, never waited)
-            req.unpacked = torch.cuda.current_stream(base.device).record_event()
-            req.cell.update(KVStatus.Transferring)
+    def _send_dest(self, req: _Request, sid: str, w: _Writer) -> None:
+        region, _, _ = req.plan.region(w.route)
+        route = req.routes[w.route]
+        w.holds = True  # from here on it may write into the slot
+        w.link.send(Destination(req.rid, req.use, self.incarnation,
+                                self.arena_addr + req.slot.offset, req.slot.nbytes, region,
+                                route_spec(route), req.num_tokens, req.prefix,
+                                req.page_ids.numel(),
+                                req.host_ids.tolist() if self.direct else None))
+
+    # -- messages (the I/O thread) ---------------------------------------------------------
+
+    def _on_message(self, link: Link, msg) -> None:
+        with self._lock:
+            try:
+                if link.peer is None:
+                    self._on_hello(link, msg)
+                elif isinstance(msg, Announce):
+                    self._on_announce(link, msg)
+                elif isinstance(msg, Note):
+                    self._on_note(link, msg)
+                elif isinstance(msg, End):
+                    self._on_end(link, msg)
+                else:
+                    raise ProtocolError(f"unexpected {msg.TAG!r} from a sender")
+            except ProtocolError as e:
+                link.close(str(e))
+        self._work.set()
+
+    def _on_hello(self, link: Link, hello) -> None:
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected Hello first, got {hello.TAG!r}")
+        sid = sender_id(hello.instance, hello.rank)
+        try:
+            hello.sizes.check(hello.rank)
+            check_peer(self.welcome, hello, f"sender {sid}")
+            known = self._sources.get(hello.instance)
+            live = [s for s, (lk, _) in self._senders.items()
+                    if s.startswith(hello.instance + "/") and lk.open]
+            if known is not None and live and (known.sizes, known.model) != (
+                    hello.sizes, hello.model):
+                raise ProtocolError(f"instance {hello.instance} has sizes {known.sizes} "
+                                    f"(senders {live[:4]} connected); sender {sid} says "
+                                    f"{hello.sizes}")
+            old = self._senders.get(sid)
+            if old is not None and old[0].open:
+                raise ProtocolError(f"duplicate sender: {sid} is connected already "
+                                    f"(incarnation {old[1].incarnation}, this one "
+                                    f"{hello.incarnation})")
+        except ProtocolError as e:
+            link.send(Refused(str(e)))
+            raise
+        link.peer = sid
+        self._senders[sid] = (link, hello)
+        self._sources[hello.instance] = hello
+        link.send(self.welcome)
+        for req in list(self._requests.values()):
+            if req.source == hello.instance and req.routes is None:
+                self._plan(req)
+
+    def _on_announce(self, link: Link, msg: Announce) -> None:
+        sid = link.peer
+        req = self._requests.get(msg.rid)
+        if req is not None and not req.cell.done:
+            self._announce(req, sid, link, msg)
+        elif msg.rid in self._ended:
+            link.send(self._ended[msg.rid])  # it ended already (until forgotten): say so
+        elif req is None:  # not expected yet: the Destination follows the expect
+            self._announced.setdefault(msg.rid, {})[sid] = (link, time.monotonic())
+
+    def _announce(self, req: _Request, sid: str, link: Link, msg: Announce | None) -> None:
+        if req.cell.done:
+            return
+        if req.routes is None:
+            self._announced.setdefault(req.rid, {})[sid] = (link, time.monotonic())
+            return
+        w = req.writers.get(sid)
+        if w is None:
+            self._finish(req, f"sender {sid} announced the request but is not one of its "
+                              f"expected senders {sorted(req.writers)[:8]} (the two sides "
+                              f"disagree on sizes, routes or DP rank)")
+            link.send(self._ended[req.rid])
+            return
+        if w.link is not None:
+            return  # announced already (a duplicate is harmless)
+        w.link = link  # from here on it hears the verdict
+        if msg is not None and msg.num_tokens != req.num_tokens:
+            self._finish(req, f"sender {sid} has {msg.num_tokens} tokens, this receiver "
+                              f"expects {req.num_tokens}")
+            return
+        if req.slot is not None:
+            self._send_dest(req, sid, w)
+
+    def _on_note(self, link: Link, note: Note) -> None:
+        req = self._requests.get(note.rid)
+        if req is None or req.use != note.use or req.cell.done:
+            self._note_after_end(link.peer, note)
+            return
+        try:
+            self._accept(req, link.peer, link, note)
+        except (TypeError, ValueError) as e:
+            self._finish(req, f"refused notification: {type(e).__name__}: {e}")
+
+    def _note_after_end(self, sid: str, note: Note) -> None:
+        """A note for an ended (fenced) use: its sender wrote its last segment."""
+        if note.last:
+            for f in self._fenced:
+                if f.rid == note.rid and f.use == note.use and sid in f.writers:
+                    f.writers[sid].finished = True
+
+    def _on_end(self, link: Link, end: End) -> None:
+        sid = link.peer
+        for f in self._fenced:
+            if f.rid == end.rid and f.use == end.use and sid in f.writers:
+                f.writers[sid].ended = True
+        req = self._requests.get(end.rid)
+        if req is None or req.use != end.use:
+            return
+        w = req.writers.get(sid)
+        if w is None:
+            return
+        w.ended = True
+        if not req.cell.done:
+            why = f"failed: {str(end.reason)[:300]}" if end.failed else \
+                "ended the request before the verdict"
+            self._finish(req, f"sender {sid} {why}")
+
+    def _on_close(self, link: Link, reason: str, by_peer: bool) -> None:
+        with self._lock:
+            sid = link.peer
+            if sid is None:
+                return
+            if self._senders.get(sid, (None,))[0] is link:
+                del self._senders[sid]
+            now = time.monotonic()
+            for rid, pending in list(self._announced.items()):
+                if pending.get(sid, (None,))[0] is link:
+                    del pending[sid]
+                if not pending:
+                    del self._announced[rid]
+            writers = [(f.writers[sid], None) for f in self._fenced if sid in f.writers]
+            writers += [(req.writers[sid], req) for req in self._requests.values()
+                        if sid in req.writers]
+            for w, req in writers:
+                if w.link is not link:
+                    continue
+                if by_peer:
+                    w.gone_at = now
+                if req is not None and not req.cell.done:  # it can hear no verdict
+                    self._finish(req, f"sender {sid} disconnected: {reason}")
+        self._work.set()
+
+    # -- notes -----------------------------------------------------------------------------
+
+    def _accept(self, req: _Request, sid: str, link: Link, note: Note) -> None:
+        """Check one notification against the request; queue its segment for unpacking."""
+        w = req.writers.get(sid)
+        if w is None or not w.holds or w.link is not link:
+            raise ValueError(f"sender {sid}: a note without the request's destination")
+        if w.finished:
+            raise ValueError(f"sender {sid}: a note after its last one")
+        hello = self._senders[sid][1]
+        ps, n = hello.page_size, req.num_tokens
+        (p0, p1), (t0, t1), (l0, l1) = note.pages, note.tokens, note.layers
+        src = dcp_of(hello)
+        if src is None and not (0 <= p0 <= p1 and t0 == min(p0 * ps, n) and
+                                t1 == min(p1 * ps, n) and -(-n // ps) >= p1):
+            raise ValueError(f"sender {sid}: pages [{p0}, {p1}) / tokens [{t0}, {t1}) lie "
+                             f"outside request {req.rid!r} ({n} tokens in pages of {ps})")
+        if src is not None and (t0, t1) != (0, n):
+            raise ValueError(f"sender {sid}: a DCP-sharded sender sends the whole request "
+                             f"[0, {n}), its note says [{t0}, {t1})")
+        route = req.routes[w.route]
+        _, _, bpr = req.plan.region(w.route)
+        n_layers = len(route.dst_layers)
+        if not 0 <= l0 <= l1 <= n_layers:
+            raise ValueError(f"sender {sid}: layers [{l0}, {l1}) lie outside route "
+                             f"{w.route}'s {n_layers} layers")
+        if note.mode not in ("packed", "direct") or note.mode == "direct" and not (
+                self.direct and ps == self.cache.page_size):
+            raise ValueError(f"sender {sid}: mode {note.mode[:20]!r} is not accepted here")
+        sel, r0 = segment_rows(self._layout, src, (t0, t1), n, req.prefix)
+        r1 = r0 + sel.count
+        plain = src is None and self.dcp is None and req.prefix == 0
+        if note.mode == "direct" and plain:  # whole pages where both sides hold every head
+            full = whole_pages(hello.num_heads, self.cache.num_heads, route)
+            want = direct_nbytes(bpr, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
         else:
-            self._finish(request_id, req)
+            want = sel.count * bpr
+        want = want // n_layers * (l1 - l0)
+        if note.nbytes != want:
+            raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}) "
+                             f"{note.mode} move {want} bytes, the notification says "
+                             f"{note.nbytes}")
+        segments = req.segments.setdefault(w.route, [])
+        for a, b, c, d in segments:
+            if r0 < b and a < r1 and l0 < d and c < l1:
+                raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) were already received "
+                                 f"(layers [{l0}, {l1}) overlap rows [{a}, {b}) layers "
+                                 f"[{c}, {d}))")
+        if note.metadata:
+            try:
+                req.metadata[sid] = base64.b64decode(note.metadata, validate=True)
+            except ValueError:
+                raise ValueError(f"sender {sid}: malformed metadata") from None
+        if r1 > r0 and l1 > l0:
+            segments.append((r0, r1, l0, l1))
+            if note.mode == "packed":
+                if self.checksum and note.check is None:
+                    raise ValueError(f"sender {sid}: tokens [{t0}, {t1}) layers [{l0}, {l1}): "
+                                     f"no checksum")
+                req.queued += 1
+                self._unpacks.append((req, w.route, (r0, r1, l0, l1), sel, note.check))
+            else:  # a direct write landed in the pages before its notification
+                self._land(req, w.route, l0, l1, r1 - r0)
+        req.cell.update(KVStatus.Transferring)
+        if note.last:
+            w.finished = True
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.cache.device.type == "cuda":
+            torch.cuda.set_device(self.cache.device)
+        while True:
+            with self._lock:
+                if self._closed and not self._unpacks:
+                    return
+                job = self._unpacks.popleft() if self._unpacks else None
+            if job is not None:
+                self._unpack(*job)
+                continue
+            self._work.wait(self._next_check())
+            self._work.clear()
+            with self._lock:
+                now = time.monotonic()
+                for req in list(self._requests.values()):
+                    self._advance(req, now)
+                self._sweep(now)
+                for req in list(self._waiting):
+                    self._plan(req)
+                for rid in [r for r, a in self._announced.items()
+                            if all(now - t > self.timeout for _, t in a.values())]:
+                    del self._announced[rid]
+
+    def _next_check(self) -> float:
+        with self._lock:
+            now, soon = time.monotonic(), 1.0
+            for req in self._requests.values():
+                if not req.cell.done:
+                    soon = min(soon, req.deadline - now, 0.002 if req.inflight or
+                               req.unpacked is not None else 1.0)
+            if self._fenced:
+                soon = min(soon, 0.05)
+            return max(soon, 0.0005)
+
+    def _advance(self, req: _Request, now: float) -> None:
+        """Deadline, CUDA completions and completion of one request (lock held)."""
+        if req.cell.done:
+            return
+        if req.unpacked is not None:
+            if req.unpacked.query():
+                self._finish(req)
+            return
+        if now > req.deadline:
+            missing = sorted(s for s, w in req.writers.items() if not w.finished)
+            where = "for staging space" if req in self._waiting else \
+                f"for senders {missing[:8]}" if req.routes is not None else \
+                f"for a sender of instance {req.source} to connect"
+            self._finish(req, f"timed out after {self.timeout} s waiting {where}")
+            return
+        self._land_events(req)
+        if req.writers and not req.queued and all(w.finished for w in req.writers.values()):
+            self._complete(req)
+
+    def _unpack(self, req: _Request, key: str, segment, sel, check) -> None:
+        """Check and unpack one landed packed segment into the request's pages."""
+        r0, r1, l0, l1 = segment
+        with self._unpack_lock:
+            with self._lock:
+                req.queued -= 1
+                if req.cell.done or req.slot is None:
+                    return
+                route, n_layers = req.routes[key], len(req.routes[key].dst_layers)
+                region, _, bpr = req.plan.region(key)
+                offset, nbytes = SlotPlan.segment(region, bpr, n_layers, (r0, r1), (l0, l1))
+                part = req.slot.tensor[offset:offset + nbytes]
+                req.unpacking = True
+            try:
+                if self.checksum and crc32c_of(part) != check:
+                    raise ValueError(f"route {key} rows [{r0}, {r1}) layers [{l0}, {l1}): "
+                                     f"checksum mismatch (the bytes changed on the way)")
+                if req.ready is not None:
+                    torch.cuda.current_stream(part.device).wait_event(req.ready)
+                d0 = route.dst_layers.start
+                started = time.perf_counter()
+                # rows land at consecutive local tokens from dst_start (mid-page where the
+                # sender's page size differs or a prefix is there), or where DCP puts them
+                place = dict(token_offset=sel.dst_start, num_tokens=sel.count) \
+                    if sel.dst_contiguous else dict(tokens=sel.tensors(part.device)[1])
+                unpack_pages(part, self.cache, req.page_ids, heads=route.dst_heads,
+                             layers=(d0 + l0, d0 + l1), validate=False, **place)
+            except Exception as e:
+                with self._lock:
+                    req.unpacking = False
+                    self._finish(req, f"refused notification: {type(e).__name__}: {e}")
+                return
+            with self._lock:
+                req.unpacking = False
+                if req.failure is not None:
+                    self._finish(req, req.failure)
+                    return
+                if self.trace is not None:  # CPU: the unpack's span; CUDA: when it was queued
+                    self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
+                if part.is_cuda:
+                    event = torch.cuda.current_stream(part.device).record_event()
+                    req.inflight.append((event, key, l0, l1, r1 - r0))
+                else:
+                    self._land(req, key, l0, l1, r1 - r0)
+                self._advance(req, time.monotonic())
+
+    def _land_events(self, req: _Request) -> None:
+        still = []
+        for item in req.inflight:
+            if item[0].query():
+                self._land(req, *item[1:])
+            else:
+                still.append(item)
+        req.inflight = still
+
+    def _complete(self, req: _Request) -> None:
+        for key, route in req.routes.items():
+            rows = req.plan.region(key)[1]
+            counts = self._counts(req, key, landed_only=False)
+            if any(c != rows for c in counts):
+                missing = [route.dst_layers.start + i for i, c in enumerate(counts)
+                           if c != rows]
+                self._finish(req, f"every sender finished but only {min(counts)} of "
+                                  f"{rows} tokens of route {key} arrived (in "
+                                  f"layers {missing[:8]})")
+                return
+        if req.slot.tensor.is_cuda:  # Success once the pool holds the bytes (polled)
+            req.unpacked = torch.cuda.current_stream(req.slot.tensor.device).record_event()
+        else:
+            self._finish(req)
 
     def _counts(self, req: _Request, key: str, landed_only: bool = True) -> list[int]:
-        """Tokens per route-local layer of route ``key`` unpacked (or, with ``landed_only``
-        False, also queued on the device) for the request."""
-        counts = list(req.landed.setdefault(key, [0] * len(self.routes[key].dst_layers)))
+        counts = list(req.landed.setdefault(key, [0] * len(req.routes[key].dst_layers)))
         if not landed_only:
             for _, k, l0, l1, n in req.inflight:
                 if k == key:
@@ -421,217 +759,68 @@ class KVReceiver(Endpoint):
         return counts
 
     def _land(self, req: _Request, key: str, l0: int, l1: int, n: int) -> None:
-        counts = req.landed.setdefault(key, [0] * len(self.routes[key].dst_layers))
+        counts = req.landed.setdefault(key, [0] * len(req.routes[key].dst_layers))
         for i in range(l0, l1):
             counts[i] += n
 
-    def _unpack(self, req: _Request, key: str, segment) -> None:
-        """Check and unpack one landed packed segment into the request's pages."""
-        t0, t1, p0, p1, l0, l1, crc = segment
-        route, bpt, off = self.routes[key], self.route_bpt[key], req.regions[key]
-        per_layer = (t1 - t0) * bpt // len(route.dst_layers)
-        start = off + t0 * bpt + l0 * per_layer
-        part = req.slot.tensor[start:start + (l1 - l0) * per_layer]
-        if self.checksum:
-            if crc is None:
-                raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): no "
-                                 f"checksum")
-            if crc32c_of(part) != crc:
-                raise ValueError(f"route {key} tokens [{t0}, {t1}) layers [{l0}, {l1}): "
-                                 f"checksum mismatch (the bytes changed on the way)")
-        if req.ready is not None:
-            torch.cuda.current_stream(part.device).wait_event(req.ready)
-        d0, started = route.dst_layers.start, time.perf_counter()
-        unpack_pages(part, self.cache, req.page_ids[p0:p1], num_tokens=t1 - t0,
-                     heads=route.dst_heads, layers=(d0 + l0, d0 + l1), validate=False)
-        if self.trace is not None:  # CPU: the unpack's span; CUDA: when it was queued
-            self.trace.append(("unpack", req.rid, l0, l1, started, time.perf_counter()))
-        if part.is_cuda:
-            event = torch.cuda.current_stream(part.device).record_event()
-            req.inflight.append((event, key, l0, l1, t1 - t0))
-        else:
-            self._land(req, key, l0, l1, t1 - t0)
+    # -- ending (lock held) ------------------------------------------------------------------
 
-    def layers_ready(self, request_id: int) -> int:
-        """How many leading layers of this pool hold every token of the request (every head
-        a route brings): a consumer may start on layers [0, k) before Success. Layers no
-        route brings count as ready. Advances the request like `poll` (non-blocking); after
-        a failure the count says nothing about the bytes. (An unknown request id raises
-        KeyError.)"""
-        self.poll(request_id)
-        req = self._requests[request_id]
-        if req.cell.status == KVStatus.Success:
-            return self.cache.num_layers
-        still = []
-        for item in req.inflight:
-            if item[0].query():
-                self._land(req, *item[1:])
-            else:
-                still.append(item)
-        req.inflight = still
-        done = [True] * self.cache.num_layers
-        for key, route in self.routes.items():
-            for i, c in enumerate(self._counts(req, key)):
-                if c != req.num_tokens:
-                    done[route.dst_layers.start + i] = False
-        return done.index(False) if False in done else self.cache.num_layers
-
-    def _finish(self, request_id: int, req: _Request, reason: str | None = None) -> KVStatus:
-        """End the request here: Success without ``reason``, else Failed. Publish the
-        verdict, delete the destination, and keep what late writers could touch."""
+    def _finish(self, req: _Request, reason: str | None = None) -> None:
+        """End the request: Success without ``reason``, else Failed. Tell every sender that
+        announced it, remember the verdict for late ones, and fence what they could touch."""
+        if req.cell.done:
+            return
+        if req.unpacking:  # report it once the pages are no longer being written
+            req.failure = req.failure or reason
+            return
+        for event, *_ in req.inflight:  # CUDA: queued unpacks finish before the verdict
+            event.synchronize()
         if reason is None:
             req.cell.update(KVStatus.Success)
         else:
             req.cell.fail(reason)
-        now, slot, req.slot = time.monotonic(), req.slot, None
-        if req.published:
-            try:
-                verdict = {"status": int(req.cell.status), "reason": req.cell.reason}
-                self.control.put(req.prefix + "/verdict", verdict)
-                # a sender that has not started learns at once that it need not
-                self.control.put(self._dest_key(request_id),
-                                 {"use": int(req.prefix.rsplit("/", 1)[1]), "ended": verdict})
-            except Exception:
-                pass  # the control plane may be gone; the local status is what counts
-        writers = set() if reason is None or not req.published else \
-            set(self.senders) - req.finished - req.ended
-        readers = set(self.senders) - req.ended if req.published else set()
-        if writers:  # quarantine: the slot (and direct pages) until they stop or grace ends
-            self._ended.append(_Ended(req.prefix, self._dest_key(request_id), slot,
-                                      req.host_ids if self.direct else None,
-                                      writers, readers, dict(req.consumed), now + self.grace))
+        if req in self._waiting:
+            self._waiting.remove(req)
+        verdict = Verdict(req.rid, req.use, int(req.cell.status), req.cell.reason)
+        self._ended[req.rid] = verdict
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+        for link, _ in self._announced.pop(req.rid, {}).values():
+            link.send(verdict)
+        for w in req.writers.values():
+            if w.link is not None:
+                w.link.send(verdict)
+        slot, req.slot = req.slot, None
+        now = time.monotonic()
+        if any(not w.stopped(now) for w in req.writers.values()):
+            self._fenced.append(_Fenced(req.rid, req.use, slot,
+                                        req.host_ids if self.direct else None,
+                                        dict(req.writers), now + self.grace))
             if not self.direct:
                 self._busy[req.host_ids] = False
-            return req.cell.status
-        if slot is not None:
-            slot.release()
-        self._busy[req.host_ids] = False
-        if readers:
-            self._ended.append(_Ended(req.prefix, self._dest_key(request_id), None, None, set(),
-                                      readers, dict(req.consumed), now + self.grace))
-        elif req.published:
-            self._delete_keys(req.prefix, self._dest_key(request_id))
-        return req.cell.status
-
-    def _sweep(self, force: bool = False) -> None:
-        """Look at ended requests: release slots whose writers all stopped, delete keys all
-        senders have read; both at the latest after the grace period."""
-        now = time.monotonic()
-        if not self._ended or (not force and now - self._swept_at < SWEEP_INTERVAL):
-            return
-        self._swept_at = now
-        left = []
-        for e in self._ended:
-            for sender in list(e.writers | e.readers):
-                try:
-                    lines = self.control.lines(f"{e.prefix}/note/{sender}",
-                                               e.consumed.get(sender, 0))
-                except Exception:
-                    lines = []  # unreadable: only the grace period can end it
-                for line in lines:
-                    e.consumed[sender] = e.consumed.get(sender, 0) + 1
-                    if isinstance(line, dict) and (line.get("end") or line.get("last") is True):
-                        e.writers.discard(sender)
-                    if isinstance(line, dict) and line.get("end"):
-                        e.readers.discard(sender)
-            expired = now > e.deadline
-            if e.slot is not None and (not e.writers or expired):
-                e.slot.release()
-                e.slot = None
-                if e.host_ids is not None:
-                    self._busy[e.host_ids] = False
-                    e.host_ids = None
-            if e.slot is None and (not e.readers or expired):
-                self._delete_keys(e.prefix, e.dest_key)
-            else:
-                left.append(e)
-        self._ended = left
-
-    def _delete_keys(self, prefix: str, dest_key: str) -> None:
-        """Delete a use's keys; its destination only while it still names this use (the id
-        may have been expected again since). Only this receiver writes destinations."""
-        try:
-            dest = self.control.get_or_none(dest_key)
-            if isinstance(dest, dict) and dest.get("use") == int(prefix.rsplit("/", 1)[1]):
-                self.control.delete(dest_key)
-        except Exception:
-            pass  # unreadable: leave it; the control plane may be gone
-        try:
-            self.control.delete(prefix + "/verdict",
-                                *(f"{prefix}/note/{s}" for s in self.senders))
-        except Exception:
-            pass  # the control plane may be gone
-
-    def _read_notes(self, rid: int, req: _Request) -> None:
-        for sender in self.senders:
-            if sender in req.finished:
-                continue
-            lines = self.control.lines(f"{req.prefix}/note/{sender}", req.consumed.get(sender, 0))
-            for line in lines:
-                req.consumed[sender] = req.consumed.get(sender, 0) + 1
-                if isinstance(line, dict) and "end" in line:
-                    req.ended.add(sender)
-                    raise ValueError(f"sender {sender} failed: {str(line.get('reason'))[:200]}")
-                self._accept(rid, req, sender, line)
-                req.cell.update(KVStatus.Transferring)
-                if sender in req.finished:
-                    break
-
-    def _accept(self, rid: int, req: _Request, sender: str, note) -> None:
-        """Check one notification against the request; record its segment."""
-        if not isinstance(note, dict):
-            raise TypeError(f"sender {sender}: expected a notification dict, got "
-                            f"{type(note).__name__}")
-        ps, n = self.cache.page_size, req.num_tokens
-        pages, tokens, nbytes = note.get("pages"), note.get("tokens"), note.get("nbytes")
-        for name, v in (("pages", pages), ("tokens", tokens)):
-            if not isinstance(v, list) or len(v) != 2 or not all(_int(x) for x in v):
-                raise TypeError(f"sender {sender}: {name} must be two ints, got {str(v)[:40]}")
-        if not _int(nbytes):
-            raise TypeError(f"sender {sender}: non-integer field {nbytes!r}")
-        (p0, p1), (t0, t1) = pages, tokens
-        mode, crc, meta = note.get("mode", "packed"), note.get("crc"), note.get("metadata")
-        if not isinstance(note.get("last"), bool) or (crc is not None and not _int(crc)) or \
-                (meta is not None and not isinstance(meta, str)):
-            raise TypeError(f"sender {sender}: malformed last/crc/metadata field")
-        if not (0 <= p0 <= p1 <= req.page_ids.numel() and t0 == min(p0 * ps, n)
-                and t1 == min(p1 * ps, n)):
-            raise ValueError(f"sender {sender}: pages [{p0}, {p1}) / tokens [{t0}, {t1}) lie "
-                             f"outside request {rid} ({req.page_ids.numel()} pages, {n} tokens)")
-        key = self.senders[sender]
-        route, bpt = self.routes[key], self.route_bpt[key]
-        n_layers = len(route.dst_layers)
-        layers = note.get("layers", [0, n_layers])
-        if not isinstance(layers, list) or len(layers) != 2 or not all(_int(x) for x in layers):
-            raise TypeError(f"sender {sender}: layers must be two ints, got {str(layers)[:40]}")
-        l0, l1 = layers
-        if not 0 <= l0 <= l1 <= n_layers:
-            raise ValueError(f"sender {sender}: layers [{l0}, {l1}) lie outside route {key}'s "
-                             f"{n_layers} layers")
-        if mode == "packed":
-            want = (t1 - t0) * bpt
-        elif mode == "direct" and self.direct:
-            full = whole_pages(self._registration(sender)[2], self.cache.num_heads, route)
-            want = direct_nbytes(bpt, ps, range(p0, p1), range(t0, t1), full) if t1 > t0 else 0
         else:
-            raise ValueError(f"sender {sender}: mode {str(mode)[:20]!r} is not accepted here")
-        want = want // n_layers * (l1 - l0)
-        if nbytes != want:
-            raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) layers [{l0}, {l1}) {mode} "
-                             f"move {want} bytes, the notification says {nbytes}")
-        segments = req.segments.setdefault(key, [])
-        for a, b, c, d in segments:
-            if t0 < b and a < t1 and l0 < d and c < l1:
-                raise ValueError(f"sender {sender}: tokens [{t0}, {t1}) were already received "
-                                 f"(layers [{l0}, {l1}) overlap tokens [{a}, {b}) layers "
-                                 f"[{c}, {d}))")
-        if t1 > t0 and l1 > l0:
-            segments.append((t0, t1, l0, l1))
-            if mode == "packed":
-                self._unpack(req, key, (t0, t1, p0, p1, l0, l1, crc))
-            else:  # a direct write landed in the pages before its notification
-                self._land(req, key, l0, l1, t1 - t0)
-        if meta:
-            req.metadata[sender] = base64.b64decode(meta, validate=True)
-        if note["last"]:
-            req.finished.add(sender)
+            if slot is not None:
+                slot.release()
+            self._busy[req.host_ids] = False
+        self._notify()
+        self._work.set()
+
+    def _sweep(self, now: float) -> None:
+        """Release fenced slots whose holders all stopped; count those past the grace."""
+        left = []
+        for f in self._fenced:
+            if all(w.stopped(now) for w in f.writers.values()):
+                if f.slot is not None:
+                    f.slot.release()
+                if f.host_ids is not None:
+                    self._busy[f.host_ids] = False
+                continue
+            if now > f.deadline and not f.counted:
+                f.counted = True
+                self._past_grace += 1
+            left.append(f)
+        if len(left) != len(self._fenced):
+            self._fenced = left
+            for req in list(self._waiting):
+                self._plan(req)
+        self._fenced = left

@@ -1,70 +1,80 @@
-"""KVSender: a prefill rank that ships its share of a request's pages to one decode rank.
+"""KVSender: one agent per prefill rank, shipping each request to the decode receivers it names.
 
-Per call (one prefill chunk, and the layers of it computed so far): wait for the receiver's
-destination, intersect the chunk with this rank's page share under the sender policy, then ship
-the route's layers that became ready since the last call, either
+A request names its receivers (``to=``: their addresses, e.g. every rank of the decode instance
+the router picked). Per receiver (a *leg*): connect on first use (one connection per receiver,
+reused by every request, closed when idle), say who this rank is (`protocol.Hello`), learn who
+the receiver is (`Welcome`) and so the route this rank feeds it (`map_ranks` of both
+instances' sizes; a rank with no route to a receiver has nothing to send it), announce the
+request, and get its `Destination` (pushed by the receiver once it expects the request). Then
+per call (one prefill chunk, and the layers of it computed so far) ship the route's layers that
+became ready since the last call, either
 
-* packed: pack the share (the route's heads and layers) into a local staging slot, layer group
-  by layer group, writing each group while packing the next, to
-  ``dest + region(route) + token_start * bytes_per_token`` (the packed format is linear in
-  tokens, so CP shares tile the route's region without coordination); or
-* direct: one descriptor per contiguous page run (or per token, for a head slice) straight
-  into the receiver's pool, where the receiver allows it;
+* packed: pack the share (the route's heads and layers) into local staging slots, layer group by
+  layer group, submitting each group's write while packing the next; or
+* direct: one descriptor per contiguous page run (or per token, for a head slice) straight into
+  the receiver's pool, where the receiver allows it;
 
-then notify (one line per shipped layer group: its pages, tokens and route-local layers). A rank
-whose share is empty still notifies its last call (zero bytes), so the receiver can count every
-expected sender. Sends run on a background thread; ``poll`` never blocks.
+and notify each group (`Note`) as soon as it has landed, so the receiver unpacks it while later
+groups travel. A rank whose share is empty still notifies its last call (zero bytes). The
+worker thread packs and submits; a landing thread waits for writes in order and notifies; the
+I/O thread (`link.Hub`) reads messages. Three threads per agent, whatever the number of peers
+or requests in flight; ``poll`` never blocks and `wait` wakes as soon as a verdict arrives.
 
-Layer-wise: a runner calls ``send_layers(rid, page_ids, upto, ...)`` as its forward pass
-proceeds ("layers below ``upto`` of this chunk are computed"); each call ships the newly ready
-layers of this rank's share while the runner computes the next ones. Groups smaller than
-COALESCE_BYTES wait for more layers (unless they complete the chunk's route layers or the call
-is the last), so per-layer calls do not multiply descriptors and notifications. `send` is
-``send_layers`` with every layer ready.
+Layer-wise: a runner calls ``send_layers(rid, page_ids, upto, to=...)`` as its forward pass
+proceeds ("layers below ``upto`` of this chunk are computed"). Layers smaller than ``coalesce``
+bytes wait for more (unless they complete the chunk's route layers or the call is the last), so
+per-layer calls do not multiply descriptors and notifications. `send` is ``send_layers`` with
+every layer ready.
 
-Fencing: the destination names the request's *use* (one ``expect`` of one receiver
-incarnation); before every write the sender checks that use's verdict and stops if the receiver
-has already ended it; after its last chunk it waits for the verdict, ends in the same status and
-acknowledges it (the receiver keeps a failed request's slot until every sender that might still
-write has acknowledged, or a grace period has passed). The sender id is claimed with this
-sender's incarnation and kept alive by a heartbeat, so a restarted sender with the same
-coordinates takes over a dead one's id, and `close` releases it.
+Fencing (fail closed): a write is submitted only while this rank positively holds the request's
+destination for the receiver's current use, on the open connection it came on, and has heard no
+verdict for it; a missing destination, a closed connection or a verdict means stop. After its
+last segment the sender waits for the receiver's verdict, ends in the same status and sends
+`End` once none of its writes is in flight; a failed leg sends `End` with its reason the same
+way. The receiver releases a failed request's slot only after every sender that held its
+destination has ended (or its process is gone), so a write that was already submitted lands in
+memory no other request uses.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import queue
 import threading
 import time
-import uuid
 
 import torch
 
-from .._checks import as_page_ids, check_num_tokens
+from .._checks import as_page_ids, check_int, check_num_tokens, is_int
 from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
-from ..parallel import LAYER_GROUP_BYTES, ParallelRank, layer_groups
+from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
 from ..staging import StagingArena
-from .control import ControlError, ControlPlane, ControlTimeout, check_geometry
 from .direct import direct_descriptors, direct_segments, whole_pages
-from .endpoint import Endpoint, check_ready
+from .endpoint import Endpoint, check_peer, check_ready, dcp_of, feeds, routes_between
 from .engine import TransferEngine
+from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
+from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
+                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id, region_rows,
+                       segment_rows)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
 
-PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # groups of at least this size are packed, written in turn
+PIPELINE_CHUNK_BYTES = LAYER_GROUP_BYTES  # a segment's layer groups need be no larger
+PIPELINE_GROUPS = 1  # a smaller segment is cut in about this many groups, so that the first is
+PIPELINE_MIN_BYTES = 256 << 10  # on the wire while the rest pack (but none under this size)
 COALESCE_BYTES = 1 << 20  # newly ready layers smaller than this wait for more (see send_layers)
 MODES = ("packed", "direct", "auto")
 
 
 def checksum(buf: torch.Tensor, value: int = 0) -> int:
     """CRC32C of a contiguous uint8 buffer, continuing from ``value`` (chunks chain). On a CUDA
-    buffer the bytes are copied to the host first (a synchronisation): checksums are opt-in."""
+    buffer the bytes are copied to the host first (a synchronisation)."""
     try:
         import crc32c
     except ImportError as e:  # pragma: no cover - depends on the machine
@@ -74,164 +84,226 @@ def checksum(buf: torch.Tensor, value: int = 0) -> int:
     return crc32c.crc32c(memoryview(host.numpy()), value=value)
 
 
+def group_bytes(nbytes: int) -> int:
+    """The least size of a layer group of a segment of ``nbytes`` (see PIPELINE_GROUPS).
+
+    >>> [group_bytes(n) >> 10 for n in (1 << 10, 2 << 20, 64 << 20, 1 << 30)]
+    [256, 2048, 16384, 16384]
+    """
+    return min(PIPELINE_CHUNK_BYTES, max(PIPELINE_MIN_BYTES, -(-nbytes // PIPELINE_GROUPS)))
+
+
+def request_key(rid) -> int:
+    """A non-negative int standing for a request id (the ``rotate`` policy's rank choice):
+    the id itself, or a stable hash of a string id."""
+    if is_int(rid):
+        return rid
+    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def route_of(spec: RouteSpec) -> Route:
+    return Route(spec.tp, spec.pp, range(*spec.src_heads), range(*spec.dst_heads),
+                 range(*spec.src_layers), range(*spec.dst_layers))
+
+
+def route_spec(route: Route) -> RouteSpec:
+    return RouteSpec(route.tp, route.pp, (route.src_heads.start, route.src_heads.stop),
+                     (route.dst_heads.start, route.dst_heads.stop),
+                     (route.src_layers.start, route.src_layers.stop),
+                     (route.dst_layers.start, route.dst_layers.stop))
+
+
 class _Stopped(Exception):
-    """The receiver ended the request: stop writing, acknowledge."""
+    """This leg must not write any more (its reason is already recorded)."""
+
+
+class _Peer:
+    """One receiver this rank ships to: its connection and what it said about itself."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.link: Link | None = None
+        self.welcome: Welcome | None = None
+        self.error: str | None = None  # why the last connection failed or was refused
+        self.legs: dict = {}  # rid -> _Leg not yet ended
+        self.used_at = time.monotonic()
+
+
+class _Leg:
+    """One request to one receiver."""
+
+    def __init__(self, state, peer: _Peer, deadline: float):
+        self.state, self.peer = state, peer
+        self.link: Link | None = None  # the connection the destination came on
+        self.route: Route | None = None
+        self.no_route = False  # this rank feeds the receiver nothing
+        self.announced = False
+        self.dest: Destination | None = None
+        self.welcome: Welcome | None = None  # the receiver, as it was when it gave dest
+        self.verdict: tuple[int, str | None] | None = None
+        self.error: str | None = None  # this side failed the leg
+        self.writes = 0  # submitted, not yet landed and notified
+        self.finished = False  # last segment notified
+        self.ended = False  # End sent (or nothing left to say to anyone)
+        self.deadline = deadline  # for the destination, then for the verdict
+        self.sent: dict = {}  # chunk -> route-local layers below this are shipped
+        self.metadata = None
+        self.mode = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.no_route or self.verdict is not None or self.error is not None
 
 
 class _Send:
-    """One request on this sender: what the user sees (cell) and what the fence needs."""
+    """One request on this sender: what the user sees (cell) and its legs."""
 
-    def __init__(self, deadline: float, rid: int = -1):
-        self.rid = rid
+    def __init__(self, rid, to: tuple[str, ...], num_tokens: int, num_pages: int):
+        self.rid, self.to = rid, to
+        self.num_tokens, self.num_pages = num_tokens, num_pages
         self.cell = StatusCell()
-        self.deadline = deadline  # for the destination; then for the verdict
-        self.recv = self.dest = None
-        self.note_key = self.verdict_key = None
-        self.lines = 0  # notification lines appended
-        self.finished = False  # last chunk written and notified
-        self.ended = False  # end line appended (or nothing left to say)
-        self.busy = False  # the worker is sending a chunk of it
-        self.checked = False  # destination checked against the request
-        self.error = None  # why the destination could not be had
-        self.next_try, self.backoff = 0.0, 0.0005  # polling the destination
-        self.mode = None
+        self.legs: dict[str, _Leg] = {}
         self.marks: dict = {}  # chunk -> layers below this are ready (caller's side)
-        self.sent: dict = {}  # chunk -> route-local layers below this are shipped (worker)
-        self.metadata = None  # the caller's blob, until a notification carries it
+        self.jobs = 0  # queued calls not yet run
+        self.last_called = False  # a later call is a new use of the id: refused
+
+
+@dataclasses.dataclass
+class _Job:
+    state: _Send
+    page_ids: torch.Tensor
+    chunk: tuple[int, int]
+    upto: int
+    last: bool
+    metadata: bytes | None
+    event: object
 
 
 class KVSender(Endpoint):
-    """Sends this prefill rank's pages of each request to one decode receiver.
+    """Ships this prefill rank's share of each request to the decode receivers it names.
 
     Args:
         cache: this rank's pool (after the CP all-gather it holds the whole sequence).
-        control: the receiver's control plane.
-        rank: this rank's (dp, cp, tp, pp); its key is its sender id.
-        cp_size: CP ranks sending the same route (all of them notify).
+        instance: this prefill engine's name; with ``rank`` it names this sender to every
+            receiver, so two instances with the same coordinates never collide.
+        rank, sizes: this rank's coordinates and the instance's parallel sizes. CP ranks of
+            the instance each send their page share under ``policy``.
+        kind, num_kv_heads, num_layers: the model (see `endpoint.model_shape`): defaults from
+            the pool; ``num_layers`` is required with PP.
         policy: "all" (disjoint page shares), "rank0", or "rotate" (one rank per request).
-        route: the heads and layers this rank sends to this receiver (`map_ranks`); default
-            every head and layer.
         mode: "packed", "direct" (needs a receiver that allows it) or "auto" (the cost model
             picks per request; packed where direct is not allowed).
         cost: the cost model for "auto" (default: `CostModel.load()`).
         engine, arena: shared ones, or None to create (and own) them.
         timeout: seconds to wait for a request's destination, for staging space and for the
-            receiver's verdict after the last chunk.
-        lease: seconds without a heartbeat after which this sender id counts as dead and a new
-            sender with the same coordinates may take it over (a live one is refused).
+            receiver's verdict after the last segment.
         coalesce: bytes below which newly ready layers wait for more (`send_layers`); 0
             ships every call's layers at once.
+        idle: seconds after which a connection with no request in flight is closed.
+        secret: shared secret authenticating every message (default ``CPKV_SECRET``).
 
     Use as a context manager (``with KVSender(...) as s:``) or call `close`.
     """
 
-    def __init__(self, cache, control: ControlPlane, *, rank: ParallelRank | None = None,
-                 cp_size: int = 1, policy: SenderPolicy | str = "all",
-                 route: Route | None = None, mode: str = "packed",
+    def __init__(self, cache, *, instance: str = "prefill", rank: ParallelRank | None = None,
+                 sizes: ParallelSizes | None = None, kind: str = "mha",
+                 num_kv_heads: int | None = None, num_layers: int | None = None,
+                 dcp: DcpLayout | None = None,
+                 policy: SenderPolicy | str = "all", mode: str = "packed",
                  cost: CostModel | None = None, engine: TransferEngine | None = None,
                  arena: StagingArena | None = None, arena_bytes: int = 64 << 20,
-                 timeout: float = 30.0, lease: float = 2.0, coalesce: int = COALESCE_BYTES):
-        self.rank = rank or ParallelRank()
-        if not isinstance(self.rank, ParallelRank):
-            raise TypeError(f"rank: expected a ParallelRank, got {type(rank).__name__}")
-        if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
-            raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
-        if not 0 <= self.rank.cp < cp_size:
-            raise ValueError(f"rank.cp: expected a value in [0, {cp_size}), got {self.rank.cp}")
+                 timeout: float = 30.0, coalesce: int = COALESCE_BYTES, idle: float = 60.0,
+                 secret: str | bytes | None = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if not isinstance(coalesce, int) or isinstance(coalesce, bool) or coalesce < 0:
-            raise ValueError(f"coalesce: expected a non-negative int of bytes, got {coalesce!r}")
-        if not isinstance(lease, (int, float)) or lease <= 0:
-            raise ValueError(f"lease: expected a positive number of seconds, got {lease!r}")
-        self.route = route or Route.whole(cache.num_heads, cache.num_layers, self.rank.tp,
-                                          self.rank.pp)
-        if (self.route.src_heads.stop > cache.num_heads
-                or self.route.src_layers.stop > cache.num_layers):
-            raise ValueError(f"route: heads {self.route.src_heads} / layers "
-                             f"{self.route.src_layers} exceed this pool's {cache.num_heads} "
-                             f"heads / {cache.num_layers} layers")
-        self.cp_size, self.policy, self.mode = cp_size, SenderPolicy(policy), mode
+        check_int(coalesce, "coalesce")
+        if not isinstance(idle, (int, float)) or isinstance(idle, bool) or idle <= 0:
+            raise ValueError(f"idle: expected a positive number of seconds, got {idle!r}")
+        policy = SenderPolicy(policy)
+        super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
+                         num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
+                         arena=arena, arena_bytes=arena_bytes, timeout=timeout, secret=secret)
+        self.policy, self.mode, self.coalesce, self.idle = policy, mode, coalesce, float(idle)
         self.cost = cost if cost is not None or mode != "auto" else CostModel.load()
-        self.lease, self.coalesce = float(lease), coalesce
-        self.incarnation = uuid.uuid4().hex[:16]
-        self._claimed = False
-        self._closing = threading.Event()
-        super().__init__(cache, control, engine, arena, arena_bytes, timeout)
+        self.hub = None
         try:
-            self.bytes_per_token = self.route_bytes_per_token(self.route)
             if mode != "packed":
                 self.register_pool()
-            self._reg = control.key("reg", self.rank.key)
-            self._claim()
-            control.put(self._reg, {"inc": self.incarnation, "session": self.engine.session_id,
-                                    "geometry": self.geometry, "lease": self.lease})
+            self.hello = Hello(**self._identity())
+            self._peers: dict[str, _Peer] = {}
+            self._states: dict = {}
+            self._jobs: list[_Job] = []
+            self._work = threading.Event()
+            self._landing: queue.Queue = queue.Queue()
+            self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
+            name = f"cpkv-send-{instance}-{self.rank.key}"
+            self.hub = Hub(f"{name}-io", secret=self.secret, on_open=self._on_open,
+                           on_message=self._on_message, on_close=self._on_close)
+            self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+            self._lander = threading.Thread(target=self._land_loop, name=f"{name}-land",
+                                            daemon=True)
+            self._worker.start()
+            self._lander.start()
         except BaseException:
-            self._unclaim()
+            if self.hub is not None:
+                self.hub.close()
             self._release_owned()
             raise
-        self._receiver, self._receiver_read_at = None, 0.0
-        self.trace: list | None = None  # set to a list to record (what, rid, l0, l1, t0, t1)
-        self._states: dict[int, _Send] = {}
-        self._watch: list[_Send] = []  # finished, awaiting the verdict
-        self._lock = threading.Lock()
-        self._jobs: queue.Queue = queue.Queue()
-        self._inflight = None  # (state, finish, slot): a landed-or-landing last group (worker)
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True,
-                                      name=f"cpkv-beat-{self.rank.key}")
-        self._worker = threading.Thread(target=self._run, name=f"cpkv-sender-{self.rank.key}",
-                                        daemon=True)
-        self._beat.start()
-        self._worker.start()
 
     # -- public ----------------------------------------------------------------------------
 
-    def send(self, request_id: int, page_ids: torch.Tensor, *, num_tokens: int | None = None,
+    def send(self, request_id, page_ids, *, to, num_tokens: int | None = None,
              chunk: tuple[int, int] | None = None, last: bool = True,
              metadata: bytes | None = None, ready=None) -> None:
         """Queue one chunk of a request with every layer ready (non-blocking): `send_layers`
-        with ``upto`` = every layer of the pool. Poll its status with `poll`."""
-        self.send_layers(request_id, page_ids, self.cache.num_layers, num_tokens=num_tokens,
-                         chunk=chunk, last=last, metadata=metadata, ready=ready)
+        with ``upto`` = every layer of the pool. Poll its status with `poll` or `wait`."""
+        self.send_layers(request_id, page_ids, self.cache.num_layers, to=to,
+                         num_tokens=num_tokens, chunk=chunk, last=last, metadata=metadata,
+                         ready=ready)
 
-    def send_layers(self, request_id: int, page_ids: torch.Tensor, upto: int, *,
+    def send_layers(self, request_id, page_ids, upto: int, *, to,
                     num_tokens: int | None = None, chunk: tuple[int, int] | None = None,
                     last: bool = False, metadata: bytes | None = None, ready=None) -> None:
         """Queue the layers of one chunk of a request that are now computed (non-blocking).
 
         Args:
-            request_id: the request (non-negative int, shared with the receiver).
+            request_id: the request (a non-negative int or a string; the receivers expect the
+                same id). An id that already ended here must be `forget`-ed before reuse.
             page_ids: [n_pages] this pool's page ids of the whole request, in request order.
             upto: layers [0, upto) of this pool are computed for this chunk (a watermark: it
-                never decreases for a chunk; layers outside this rank's route are ignored,
-                and a route starting at layer s ships nothing before ``upto > s``).
+                never decreases for a chunk; layers outside a route are ignored, and a route
+                starting at layer s ships nothing before ``upto > s``).
+            to: the decode receivers of this request: an address ("host:port") or a list of
+                them (e.g. every rank of the decode instance); the same on every call of the
+                request. This rank ships to each the route it feeds it, if any.
             num_tokens: tokens of the whole request (default: every slot of its pages).
             chunk: request-local pages [start, stop) of this prefill chunk (default: all).
             last: whether this is the request's last call; decide it before filtering by
                 share, so every rank agrees (a rank with an empty share still sends it). Every
-                chunk's ``upto`` must then cover the route's layers.
+                chunk's ``upto`` must then cover the routes' layers.
             metadata: a small blob (e.g. the first output token), carried by this sender's
-                next notification (give it with the last call).
+                next notification to each receiver (give it with the last call).
             ready: the runner's ``torch.cuda.Stream`` (an event is recorded on it now) or a
-                ``torch.cuda.Event`` after which these layers are written; the worker orders
-                its pack after it, and waits for it before a direct write. CUDA pools only.
+                ``torch.cuda.Event`` after which these layers are written; the pack is ordered
+                after it, and a direct write waits for it. CUDA pools only.
 
-        Newly ready layers of fewer than ``coalesce`` bytes wait for a later call unless they
-        complete the chunk's route layers or the call is the last. Everything is checked
-        here, before anything is queued; the worker trusts it.
+        Everything is checked here, before anything is queued; the worker trusts it.
         """
-        if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
-            raise ValueError(f"request_id: expected a non-negative int, got {request_id!r}")
+        check_request_id(request_id)
+        targets = self._check_to(to)
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device)
-        num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)
         n_pages = page_ids.numel()
-        if not isinstance(upto, int) or isinstance(upto, bool):
-            raise TypeError(f"upto: expected an int, got {type(upto).__name__}")
-        if not 0 <= upto <= self.cache.num_layers:
-            raise ValueError(f"upto: expected 0 <= upto <= {self.cache.num_layers}, got {upto}")
+        if self.dcp is None:
+            num_tokens = check_num_tokens(num_tokens, n_pages, self.cache.page_size)
+        else:  # the pages hold this rank's share of the request's tokens
+            check_int(num_tokens, "num_tokens (the request's length, required with DCP)")
+            check_num_tokens(self.dcp.count(num_tokens), n_pages, self.cache.page_size)
+            if chunk is not None and tuple(chunk) != (0, n_pages):
+                raise ValueError(f"chunk: a DCP-sharded sender sends whole requests, got "
+                                 f"{chunk!r}")
+        check_int(upto, "upto", 0, self.cache.num_layers)
         if chunk is not None and (not isinstance(chunk, (tuple, list)) or len(chunk) != 2 or
-                                  not all(isinstance(v, int) and not isinstance(v, bool)
-                                          for v in chunk)):
+                                  not all(is_int(v) for v in chunk)):
             raise TypeError(f"chunk: expected a (start, stop) pair of ints, got {chunk!r}")
         start, stop = chunk if chunk is not None else (0, n_pages)
         if not 0 <= start <= stop <= n_pages:
@@ -242,465 +314,543 @@ class KVSender(Endpoint):
         if metadata is not None and not isinstance(metadata, bytes):
             raise TypeError(f"metadata: expected bytes, got {type(metadata).__name__}")
         event = check_ready(ready, self.cache.device)
-        if self._closing.is_set():
-            raise RuntimeError("send: the sender is closed")
-        end = self.route.src_layers.stop
         with self._lock:
+            if self._closed:
+                raise RuntimeError("send: the sender is closed")
             state = self._states.get(request_id)
+            if state is not None:
+                if state.last_called:
+                    raise ValueError(f"request {request_id!r} already made its last call here "
+                                     f"({state.cell.status.name}); forget it before sending "
+                                     f"the id again")
+                if state.to != targets or state.num_tokens != num_tokens or \
+                        state.num_pages != n_pages:
+                    raise ValueError(f"request {request_id!r}: every call must name the same "
+                                     f"receivers, tokens and pages (first call: to "
+                                     f"{list(state.to)}, {state.num_tokens} tokens, "
+                                     f"{state.num_pages} pages)")
             fresh = state is None
             if fresh:
-                state = _Send(time.monotonic() + self.timeout, request_id)
+                state = _Send(request_id, targets, num_tokens, n_pages)
             before = state.marks.get((start, stop), 0)
             if upto < before:
                 raise ValueError(f"upto: expected at least {before} (layers already reported "
                                  f"ready for chunk [{start}, {stop})), got {upto}")
             marks = {**state.marks, (start, stop): upto}
+            end = self.cache.num_layers  # every route this rank feeds ends at or before it
             short = [c for c, m in marks.items() if m < end]
             if last and short:
-                raise ValueError(f"last: chunks {short} have not reported every layer of the "
-                                 f"route (upto >= {end}) yet")
+                raise ValueError(f"last: chunks {short} have not reported every layer "
+                                 f"(upto >= {end}) yet")
             state.marks = marks
+            state.last_called = last
             if fresh:
                 self._states[request_id] = state
-        self._jobs.put((request_id, page_ids, num_tokens, (start, stop), upto, last, metadata,
-                        event, state))
+                deadline = time.monotonic() + self.timeout
+                for address in targets:
+                    peer = self._peer(address)
+                    leg = state.legs[address] = _Leg(state, peer, deadline)
+                    peer.legs[request_id] = leg
+                    peer.used_at = time.monotonic()
+                    if peer.welcome is not None:
+                        self._welcome_leg(leg)
+            state.jobs += 1
+            self._jobs.append(_Job(state, page_ids, (start, stop), upto, last, metadata, event))
+        self._work.set()
 
-    def poll(self, request_id: int) -> KVStatus:
-        """This rank's status for the request (non-blocking). After the last chunk it is
-        Transferring until the receiver's verdict arrives, then the receiver's status."""
+    def poll(self, request_id) -> KVStatus:
+        """This rank's status for the request (non-blocking): Bootstrapping until every
+        receiver gave its destination, Transferring until every verdict arrived, then Success
+        if every receiver reported Success, else Failed (`reason` says which and why)."""
+        with self._lock:
+            return self._status(request_id)
+
+    def _status(self, request_id) -> KVStatus:
         state = self._states.get(request_id)
-        if state is None:
-            return KVStatus.Bootstrapping
-        if not state.ended:
-            self._check_verdict(state)
-        return state.cell.status
+        return KVStatus.Bootstrapping if state is None else state.cell.status
 
-    def reason(self, request_id: int) -> str | None:
+    def reason(self, request_id) -> str | None:
         state = self._states.get(request_id)
         return state.cell.reason if state else None
 
-    def mode_of(self, request_id: int) -> str | None:
-        """The mode ("packed" or "direct") this rank's last send of the request used."""
+    def mode_of(self, request_id) -> str | None:
+        """The mode ("packed" or "direct") this rank's last segment of the request used."""
         state = self._states.get(request_id)
-        return state.mode if state else None
+        if state is None:
+            return None
+        modes = [leg.mode for leg in state.legs.values() if leg.mode]
+        return modes[-1] if modes else None
 
-    def forget(self, request_id: int) -> None:
+    def forget(self, request_id) -> None:
         """Drop a request's state (safe at any time: work in flight finishes in the
-        background and still acknowledges the receiver's verdict)."""
+        background and still ends every receiver's use)."""
         with self._lock:
             self._states.pop(request_id, None)
 
-    def close(self) -> None:
-        """Stop the worker (pending sends fail), tell the receiver of requests left open,
-        release the sender id and owned engine and arena. Idempotent."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._jobs.put(None)
-        self._worker.join(timeout=self.timeout + 5)
-        self._beat.join(timeout=5)
+    def stats(self) -> dict:
+        """Resources in use: connections, receivers known, requests not yet ended, threads."""
         with self._lock:
-            open_states = [s for s in self._watch if not s.ended]
-            self._watch = []
-        for state in open_states:  # the worker has stopped: nothing of ours is in flight
-            state.cell.fail("the sender was closed")
-            self._end(state, "fail", "the sender was closed")
-        self._unclaim()
+            legs = sum(len(p.legs) for p in self._peers.values())
+            return {"connections": len(self.hub.links()), "peers": len(self._peers),
+                    "open_legs": legs, "requests": len(self._states), "threads": 3}
+
+    def close(self) -> None:
+        """Stop sending (open requests fail, their receivers are told), close every
+        connection, release owned engine and arena. Idempotent."""
+        with self._lock:
+            if self._closed or not hasattr(self, "_worker"):
+                closed_early = not hasattr(self, "_worker")
+                self._closed = True
+                if not closed_early:
+                    return
+            self._closed = True
+        if hasattr(self, "_worker"):
+            self._work.set()
+            self._worker.join(timeout=self.timeout + 5)
+            self._landing.put(None)
+            self._lander.join(timeout=self.timeout + 5)
+            with self._lock:
+                for peer in self._peers.values():
+                    for leg in list(peer.legs.values()):
+                        self._fail_leg(leg, "the sender was closed")
+            self.hub.flush(1.0)
+            self.hub.close()
         self._release_owned()
 
-    # -- sender id -------------------------------------------------------------------------
+    # -- peers (the I/O thread) ------------------------------------------------------------
 
-    def _claim(self) -> None:
-        """Take the sender id: free, or held by an incarnation whose heartbeat stopped."""
-        store, owner = self.control.store, self._reg + "/owner"
-        current = store.compare_set(owner, "", self.incarnation).decode()
-        if current != self.incarnation:
-            beat = self._reg + "/beat"
-            before = store.add(beat, 0)
-            try:  # wait out the holder's lease (it beats four times per lease)
-                lease = float(self.control.get_or_none(self._reg)["lease"])
-            except Exception:
-                lease = self.lease
-            time.sleep(min(max(lease, self.lease), 60.0))
-            if store.add(beat, 0) != before:
-                raise ValueError(f"duplicate sender id: {self.rank} is already registered "
-                                 f"(incarnation {current}, alive)")
-            if store.compare_set(owner, current, self.incarnation).decode() != self.incarnation:
-                raise ValueError(f"duplicate sender id: {self.rank} was taken over meanwhile")
-        self._claimed = True
-        store.add(self._reg + "/beat", 1)
+    def _check_to(self, to) -> tuple[str, ...]:
+        targets = (to,) if isinstance(to, str) else tuple(to) if isinstance(
+            to, (list, tuple)) else None
+        if not targets:
+            raise TypeError(f"to: expected a receiver address or a non-empty list of them, "
+                            f"got {to!r}")
+        for address in targets:
+            parse_address(address)
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"to: a receiver named twice in {list(targets)}")
+        return targets
 
-    def _unclaim(self) -> None:
-        if not self._claimed:
-            return
-        self._claimed = False
-        try:
-            store, owner = self.control.store, self._reg + "/owner"
-            if store.compare_set(owner, self.incarnation, "").decode() == "":
-                self.control.delete(self._reg, owner, self._reg + "/beat")
-        except Exception:
-            pass  # the control plane may be gone; the claim then dies with it
+    def _peer(self, address: str) -> _Peer:
+        """The receiver at ``address``, connecting if needed (lock held)."""
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = _Peer(address)
+        if peer.link is None:
+            peer.welcome = None
+            peer.link = self.hub.connect(address)
+            peer.link.peer = peer
+        return peer
 
-    def _heartbeat(self) -> None:
-        while not self._closing.wait(self.lease / 4):
+    def _on_open(self, link: Link) -> None:
+        link.send(self.hello)
+
+    def _on_message(self, link: Link, msg) -> None:
+        with self._lock:
+            peer = link.peer
+            if peer is None or peer.link is not link:
+                return  # a connection this side already replaced
             try:
-                self.control.store.add(self._reg + "/beat", 1)
-            except Exception:
-                pass  # the store may be briefly unreachable; the lease tolerates gaps
+                if isinstance(msg, Welcome):
+                    self._on_welcome(link, peer, msg)
+                elif peer.welcome is None:
+                    if isinstance(msg, Refused):
+                        peer.error = f"receiver {peer.address} refused this sender: " \
+                                     f"{msg.reason[:300]}"
+                        self._fail_peer(peer, peer.error)
+                        link.close(peer.error)
+                        return
+                    raise ProtocolError(f"expected Welcome first, got {msg.TAG!r}")
+                elif isinstance(msg, Destination):
+                    self._on_destination(link, peer, msg)
+                elif isinstance(msg, Verdict):
+                    self._on_verdict(peer, msg)
+                else:
+                    raise ProtocolError(f"unexpected {msg.TAG!r} from a receiver")
+            except ProtocolError as e:
+                link.close(f"receiver {peer.address}: {e}")
+        self._work.set()
 
-    # -- worker ----------------------------------------------------------------------------
+    def _on_welcome(self, link: Link, peer: _Peer, msg: Welcome) -> None:
+        if peer.welcome is not None:
+            raise ProtocolError("a second Welcome")
+        check_peer(self.hello, msg, f"receiver {peer.address}")
+        peer.welcome, peer.error = msg, None
+        for leg in list(peer.legs.values()):
+            self._welcome_leg(leg)
+
+    def _welcome_leg(self, leg: _Leg) -> None:
+        """The receiver is known: find this rank's route to it and announce the request."""
+        peer = leg.peer
+        mine = [r for r in routes_between(self.hello, peer.welcome) if feeds(r, self.hello)]
+        if not mine:
+            leg.no_route = leg.ended = True
+            peer.legs.pop(leg.state.rid, None)
+            self._update(leg.state)
+            return
+        leg.route = mine[0]
+        if not leg.announced:
+            leg.announced = True
+            leg.link = peer.link
+            leg.link.send(Announce(leg.state.rid, leg.state.num_tokens, leg.state.num_pages))
+
+    def _on_destination(self, link: Link, peer: _Peer, dest: Destination) -> None:
+        leg = peer.legs.get(dest.rid)
+        if leg is None or not leg.announced or leg.link is not link:
+            return  # not a request this rank announced on this connection (or it ended)
+        reason = None
+        if leg.dest is not None:
+            reason = f"a second destination (use {dest.use}) for use {leg.dest.use}"
+        elif dest.incarnation != peer.welcome.incarnation:
+            reason = f"a destination of receiver incarnation {dest.incarnation[:16]!r}, " \
+                     f"connected to {peer.welcome.incarnation!r}"
+        elif route_of(dest.route) != leg.route:
+            reason = f"the receiver expects route {dest.route}, this rank sends {leg.route}"
+        elif dest.num_tokens != leg.state.num_tokens or dest.prefix > dest.num_tokens:
+            reason = f"the receiver expects {dest.num_tokens} tokens (prefix {dest.prefix}), " \
+                     f"this sender has {leg.state.num_tokens}"
+        elif dest.region + region_rows(dcp_of(peer.welcome) or DcpLayout(), dest.num_tokens,
+                                       dest.prefix) * self.route_bytes_per_token(leg.route) \
+                > dest.nbytes:
+            reason = f"route region {dest.region} + {dest.num_tokens} tokens overruns the " \
+                     f"receiver's {dest.nbytes}-byte slot"
+        if reason is not None:
+            self._fail_leg(leg, f"receiver {peer.address}, request {dest.rid!r}: {reason}",
+                           use=dest.use)
+            return
+        leg.dest, leg.welcome = dest, peer.welcome
+        leg.state.cell.update(KVStatus.WaitingForInput)
+        self._notify()
+
+    def _on_verdict(self, peer: _Peer, verdict: Verdict) -> None:
+        leg = peer.legs.get(verdict.rid)
+        if leg is None or (leg.dest is not None and verdict.use != leg.dest.use):
+            return  # an ended leg, or another use of the id
+        if verdict.status not in (KVStatus.Success, KVStatus.Failed) or (
+                verdict.status == KVStatus.Success and not leg.finished):
+            raise ProtocolError(f"verdict {verdict.status} for request {verdict.rid!r} before "
+                                f"this sender finished")
+        leg.verdict = (verdict.status, verdict.reason)
+        self._update(leg.state)
+        self._maybe_end(leg)
+
+    def _on_close(self, link: Link, reason: str, by_peer: bool) -> None:
+        with self._lock:
+            peer = link.peer
+            if peer is None or peer.link is not link:
+                return
+            peer.link, peer.welcome = None, None
+            if peer.error is None or not by_peer:
+                peer.error = reason
+            for leg in list(peer.legs.values()):
+                if leg.link is link or leg.link is None:
+                    leg.ended = leg.ended or leg.link is link  # no one left to tell
+                    self._fail_leg(leg, f"connection to receiver {peer.address} ended: "
+                                        f"{peer.error}")
+        self._work.set()
+
+    # -- leg and request status (lock held) --------------------------------------------------
+
+    def _fail_peer(self, peer: _Peer, reason: str) -> None:
+        for leg in list(peer.legs.values()):
+            self._fail_leg(leg, reason)
+
+    def _fail_leg(self, leg: _Leg, reason: str, *, use: int | None = None) -> None:
+        if leg.no_route:
+            return
+        if leg.terminal and leg.error is None and leg.verdict is not None:
+            self._maybe_end(leg)
+            return
+        if leg.error is None:
+            leg.error = reason
+        self._update(leg.state)
+        self._maybe_end(leg, use)
+
+    def _maybe_end(self, leg: _Leg, use: int | None = None) -> None:
+        """Send End once nothing of this leg is in flight and it will write no more."""
+        if leg.ended or leg.writes or not leg.terminal:
+            return
+        leg.ended = True
+        leg.peer.legs.pop(leg.state.rid, None)
+        use = leg.dest.use if leg.dest is not None else use
+        if use is not None and leg.link is not None and leg.link.open:
+            failed = leg.error is not None and leg.verdict is None
+            leg.link.send(End(leg.state.rid, use, failed, leg.error if failed else None))
+        self._update(leg.state)
+
+    def _update(self, state: _Send) -> None:
+        """The request's status from its legs: Failed if any failed, Success once every leg
+        with a route has the receiver's Success."""
+        for leg in state.legs.values():
+            if leg.error is not None:
+                state.cell.fail(leg.error)
+            elif leg.verdict is not None and leg.verdict[0] != KVStatus.Success:
+                state.cell.fail(f"receiver {leg.peer.address} failed the request: "
+                                f"{leg.verdict[1]}")
+        legs = state.legs.values()
+        if all(leg.no_route or (leg.verdict is not None and leg.verdict[0] == KVStatus.Success
+                                and leg.ended) for leg in legs):
+            state.cell.update(KVStatus.Success)
+        elif any(leg.dest is not None for leg in legs):
+            state.cell.update(KVStatus.Transferring)
+        self._notify()
+
+    def _live(self, leg: _Leg) -> None:
+        """Raise _Stopped unless this leg may write now (the fence; lock held)."""
+        if self._closed:
+            self._fail_leg(leg, "the sender was closed")
+        if leg.terminal or leg.dest is None or leg.link is None or not leg.link.open:
+            raise _Stopped()
+
+    # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Jobs wait in order; a job whose destination is not published yet is parked (later
-        chunks of its request wait behind it) while other requests go ahead, so a request the
-        receiver has not expected (or already ended) never holds up the others."""
+        """Jobs run in order; a job whose legs wait for a destination (or a Welcome) is
+        parked, and later calls of its request wait behind it, while other requests go
+        ahead, so a request the receiver has not expected never holds up the others."""
         if self.cache.device.type == "cuda":
             torch.cuda.set_device(self.cache.device)
-        parked: list = []
         while True:
-            try:
-                job = self._jobs.get(timeout=0.0005 if self._inflight else
-                                     0.001 if self._watch or parked else 0.05)
-            except queue.Empty:
-                job = False
-                self._settle()  # idle: see the last write land and say so
-            if job is None:
-                break
-            if job is not False:
-                parked.append(job)
-            blocked, waiting = set(), []
-            for job in parked:
-                state = job[-1]
-                if id(state) in blocked or not self._dest_ready(job[0], state):
-                    blocked.add(id(state))
-                    waiting.append(job)
-                else:
-                    self._settle()  # the previous call's last group, in order
-                    self._do(job)
-            parked = waiting
-            for state in list(self._watch):
-                self._check_verdict(state)
-        self._settle()
-        while True:  # closing: fail what is still parked or queued
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                parked.append(job)
-        for job in parked:
-            job[-1].cell.fail("the sender was closed")
-            self._end(job[-1], "fail", "the sender was closed")
-
-    def _dest_ready(self, rid: int, state: _Send) -> bool:
-        """Whether the job can run now: its destination is known, or it is to fail (closed,
-        no destination by the deadline, a bad one). Polls the store with a backoff."""
-        if state.dest is not None or state.cell.done or self._closing.is_set():
-            return True
-        now = time.monotonic()
-        if now < state.next_try:
-            return False
-        try:
-            found = self._find_dest(rid, now)
-        except Exception as e:
-            state.error = e
-            return True
-        if found is not None:
-            recv, dest = found
-            if isinstance(dest, dict) and isinstance(dest.get("use"), int):
-                use = self.control.key(recv["inc"], "use", dest["use"])
-                state.note_key = f"{use}/note/{self.rank.key}"  # to say why, if we refuse
-                state.verdict_key = f"{use}/verdict"
-            state.recv, state.dest = recv, dest
-            if isinstance(dest, dict) and isinstance(dest.get("ended"), dict):
-                state.error = _Stopped(f"the receiver already ended request {rid}: "
-                                       f"{dest['ended'].get('reason')}")
-            return True
-        if now > state.deadline:
-            state.error = ControlTimeout(f"request {rid}: no destination from the receiver "
-                                         f"within {self.timeout} s")
-            return True
-        state.backoff = min(state.backoff * 2, 0.01)
-        state.next_try = now + state.backoff
-        return False
-
-    def _do(self, job) -> None:
-        state = job[-1]
-        if self._closing.is_set():
-            state.cell.fail("the sender was closed")
-        with self._lock:
-            skip = state.cell.done or state.ended
-            state.busy = not skip
-        if skip:
-            self._end(state, "ack")  # a verdict came between chunks: stop here, say so
-            return
-        try:
-            self._send_chunk(*job)
-        except _Stopped as e:
-            state.cell.fail(str(e))
-            self._end(state, "ack", busy_ok=True)
-        except Exception as e:  # any failure fails this request, never the sender
-            state.cell.fail(f"{type(e).__name__}: {e}")
-            self._end(state, "fail", state.cell.reason, busy_ok=True)
-        finally:
-            if self._inflight is None or self._inflight[0] is not state:
-                state.busy = False
-
-    def _settle(self) -> None:
-        """Finish the write left in flight by the last call (wait, notify, release its slot):
-        the wire of one call overlaps the runner's compute until the next call or idleness."""
-        if self._inflight is None:
-            return
-        state, tail, slot = self._inflight
-        self._inflight = None
-        error = None
-        try:
-            tail(slot.release)
-        except Exception as e:  # as in _do: it fails this request, never the sender
-            error = e
-        finally:
-            slot.release()  # before any status change: a caller may look at the arena then
-        if error is not None:
-            state.cell.fail(f"{type(error).__name__}: {error}")
-            self._end(state, "fail", state.cell.reason, busy_ok=True)
-        state.busy = False
-
-    def _end(self, state: _Send, kind: str, reason: str | None = None, *,
-             busy_ok: bool = False) -> bool:
-        """Append this sender's last line for the request: it writes nothing more. Only the
-        worker may end a request it is sending (``busy_ok``): its writes must be over."""
-        with self._lock:
-            if state.ended or (state.busy and not busy_ok):
-                return False
-            state.ended = True
-            if state in self._watch:
-                self._watch.remove(state)
-        if state.note_key is None:
-            return  # it never learnt the request's use, so it never wrote a byte
-        try:
-            self.control.append(state.note_key, {"end": kind, "reason": reason}, state.lines)
-            state.lines += 1
-        except Exception:
-            pass  # the control plane may be gone; the receiver's grace period covers it
-        return True
-
-    def _check_verdict(self, state: _Send) -> None:
-        """Read the receiver's verdict: end in the same status and acknowledge it (unless the
-        worker is mid-chunk: it acknowledges itself); a finished request without a verdict by
-        its deadline fails."""
-        if state.ended or state.verdict_key is None:
-            return
-        try:
-            verdict = self.control.get_or_none(state.verdict_key)
-            if verdict is None:
-                if state.finished and time.monotonic() > state.deadline:
-                    state.cell.fail(f"no verdict from the receiver within {self.timeout} s "
-                                    f"of the last chunk")
-                    self._end(state, "fail", state.cell.reason)
-                return
-            if not isinstance(verdict, dict) or verdict.get("status") not in (0, 4):
-                raise ControlError(f"malformed verdict {str(verdict)[:80]}")
-        except Exception as e:
-            state.cell.fail(f"receiver verdict unreadable: {type(e).__name__}: {e}")
-            self._end(state, "fail", state.cell.reason)
-            return
-        if verdict["status"] == KVStatus.Success:
-            state.cell.update(KVStatus.Success)
-        else:
-            state.cell.fail(f"receiver failed the request: {verdict.get('reason')}")
-        self._end(state, "ack")
-
-    def _check_open(self, state: _Send) -> None:
-        """Raise _Stopped if the receiver already ended this use (checked before each write)."""
-        if self._closing.is_set():
-            raise RuntimeError("the sender was closed")
-        verdict = self.control.get_or_none(state.verdict_key)
-        if verdict is not None:
-            reason = verdict.get("reason") if isinstance(verdict, dict) else verdict
-            raise _Stopped(f"receiver failed the request: {reason}")
-
-    def _receiver_info(self) -> dict | None:
-        info = self.control.get_or_none(self.control.key("recv"))
-        if info is None:
-            return None
-        if not isinstance(info, dict) or not isinstance(info.get("inc"), str) or \
-                not isinstance(info.get("session"), str):
-            raise ControlError(f"malformed receiver registration {str(info)[:80]}")
-        if self._receiver is None or self._receiver["inc"] != info["inc"]:
-            check_geometry(self.geometry, info.get("geometry"), "the receiver")
-            self._receiver = info
-        return self._receiver
-
-    def _find_dest(self, rid: int, now: float) -> tuple[dict, dict] | None:
-        """The current receiver incarnation's destination for ``rid``, or None yet (a receiver
-        that restarts is followed: its registration is re-read every quarter second)."""
-        if self._receiver is None or now - self._receiver_read_at > 0.25:
-            self._receiver_read_at = now
-            self._receiver_info()
-        if self._receiver is None:
-            return None
-        dest = self.control.get_or_none(self.control.key(self._receiver["inc"], "dest", rid))
-        return None if dest is None else (self._receiver, dest)
-
-    def _check_dest(self, rid: int, dest, page_ids: torch.Tensor, num_tokens: int) -> None:
-        def whole(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        if not isinstance(dest, dict) or not all(whole(dest.get(f)) for f in (
-                "use", "addr", "nbytes", "num_tokens", "num_pages")) or \
-                not isinstance(dest.get("regions"), dict):
-            raise ControlError(f"request {rid}: malformed destination {str(dest)[:120]}")
-        if dest["num_tokens"] != num_tokens or dest["num_pages"] != page_ids.numel():
-            raise ValueError(f"request {rid}: the receiver expects {dest['num_tokens']} tokens in "
-                             f"{dest['num_pages']} pages, this sender has {num_tokens} in "
-                             f"{page_ids.numel()}")
-        region = dest["regions"].get(self.route.key)
-        if region is None:
-            raise ValueError(f"request {rid}: the receiver expects no route {self.route.key}")
-        if not whole(region) or region + num_tokens * self.bytes_per_token > dest["nbytes"]:
-            raise ControlError(f"request {rid}: route region {region} + {num_tokens} tokens "
-                               f"overruns the receiver's {dest['nbytes']}-byte slot")
-
-    def _send_chunk(self, rid, page_ids, num_tokens, chunk, upto, last, metadata, event,
-                    state) -> None:
-        if state.error is not None:
-            raise state.error
-        recv, dest = state.recv, state.dest
-        if not state.checked:
-            self._check_dest(rid, dest, page_ids, num_tokens)
-            state.checked = True
-        state.cell.update(KVStatus.Transferring)
-        share = chunk_share(page_ids.numel(), self.cp_size, self.rank.cp, *chunk,
-                            policy=self.policy, request_id=rid)
-        p0, p1 = share.start, share.stop
-        ps = self.cache.page_size
-        pages, tokens = range(p0, p1), range(min(p0 * ps, num_tokens), min(p1 * ps, num_tokens))
-        n_layers = len(self.route.src_layers)
-        a = state.sent.get(chunk, 0)
-        b = min(max(upto - self.route.src_layers.start, 0), n_layers)
-        per_layer = len(tokens) * self.bytes_per_token // n_layers
-        if metadata:
-            state.metadata = metadata  # goes with the next line this sender appends
-        if not len(tokens) or b <= a or not (
-                last or b == n_layers or (b - a) * per_layer >= self.coalesce):
-            if last:  # nothing (new) of ours, but the receiver must hear we are done
-                self._note(state, p0, p1, tokens, (b, b), 0, state.mode or "packed", True, None)
-            return  # else coalesce: these layers go with a later call
-        mode = state.mode = self._choose_mode(recv, dest, page_ids, pages, tokens)
-        crc, nbytes = None, 0
-        if b > a and mode == "direct":
-            part = dataclasses.replace(
-                self.route, src_layers=self.route.src_layers[a:b],
-                dst_layers=range(self.route.dst_layers.start + a, self.route.dst_layers.start + b))
-            segments = direct_segments(self.cache, page_ids, recv["pool"],
-                                       recv["geometry"]["num_heads"], dest["page_ids"], pages,
-                                       tokens, part)
-            if event is not None:
-                event.synchronize()  # the engine reads the pool: the runner's writes first
-            self._check_open(state)
-            self.engine.write(recv["session"], segments)
-            nbytes = sum(s[2] for s in segments)
-        elif b > a:  # one notification per pipeline group, as it lands
-            slot = self.arena.alloc((b - a) * per_layer, timeout=self.timeout)
-            try:
-                tail = self._pack_and_write(
-                    state, page_ids[p0:p1], len(tokens), (a, b), slot.tensor, recv["session"],
-                    dest["addr"] + dest["regions"][self.route.key]
-                    + tokens.start * self.bytes_per_token + a * per_layer, event,
-                    bool(recv.get("checksum")),
-                    lambda g0, g1, crc: self._note(state, p0, p1, tokens, (g0, g1),
-                                                   (g1 - g0) * per_layer, mode,
-                                                   last and g1 == b, crc))
-            except BaseException:
-                slot.release()
-                raise
-            state.sent[chunk] = b
-            self._inflight = (state, tail, slot)  # its last group: finished by _settle
-            return
-        state.sent[chunk] = b
-        self._note(state, p0, p1, tokens, (a, b), nbytes, mode, last, crc)
-
-    def _note(self, state, p0, p1, tokens, layers, nbytes, mode, last, crc) -> None:
-        """Tell the receiver what landed: pages, tokens, route-local layers [a, b) of them."""
-        note = {"pages": [p0, p1], "tokens": [tokens.start, tokens.stop],
-                "layers": list(layers), "nbytes": nbytes, "mode": mode, "last": last,
-                "crc": crc,
-                "metadata": base64.b64encode(state.metadata).decode() if state.metadata else None}
-        self.control.append(state.note_key, note, state.lines)
-        state.lines += 1
-        state.metadata = None
-        if last:
+            self._work.wait(self._next_check())
+            self._work.clear()
             with self._lock:
-                state.finished = True
-                state.deadline = time.monotonic() + self.timeout
-                self._watch.append(state)
+                closing = self._closed
+                now = time.monotonic()
+                self._expire(now)
+                if closing:
+                    for job in self._jobs:
+                        job.state.jobs -= 1
+                        for leg in job.state.legs.values():
+                            self._fail_leg(leg, "the sender was closed")
+                    self._jobs.clear()
+                    return
+                self._close_idle(now)
+                runnable, blocked = [], set()
+                for job in self._jobs:
+                    if id(job.state) in blocked or not self._resolved(job.state):
+                        blocked.add(id(job.state))
+                    else:
+                        runnable.append(job)
+                for job in runnable:
+                    self._jobs.remove(job)
+            for job in runnable:
+                self._do(job)
 
-    def _choose_mode(self, recv, dest, page_ids, pages, tokens) -> str:
+    def _next_check(self) -> float:
+        """Seconds until the next deadline or idle connection (at most 1)."""
+        with self._lock:
+            now, soon = time.monotonic(), 1.0
+            for peer in self._peers.values():
+                for leg in peer.legs.values():
+                    soon = min(soon, leg.deadline - now)
+            return max(soon, 0.001)
+
+    def _resolved(self, state: _Send) -> bool:
+        return all(leg.terminal or leg.dest is not None for leg in state.legs.values())
+
+    def _expire(self, now: float) -> None:
+        for peer in self._peers.values():
+            for leg in list(peer.legs.values()):
+                if leg.terminal or now <= leg.deadline:
+                    continue
+                if leg.dest is None:
+                    why = peer.error or "no destination"
+                    self._fail_leg(leg, f"request {leg.state.rid!r}: no destination from "
+                                        f"receiver {peer.address} within {self.timeout} s"
+                                        f" ({why})")
+                elif leg.finished:
+                    self._fail_leg(leg, f"no verdict from receiver {peer.address} within "
+                                        f"{self.timeout} s of the last segment")
+
+    def _close_idle(self, now: float) -> None:
+        for address, peer in list(self._peers.items()):
+            if not peer.legs and now - peer.used_at > self.idle:
+                if peer.link is not None:
+                    peer.link.peer = None  # its close is not news to anyone
+                    peer.link.close("idle")
+                del self._peers[address]
+
+    def _do(self, job: _Job) -> None:
+        state = job.state
+        try:
+            for leg in state.legs.values():
+                with self._lock:
+                    if leg.terminal:
+                        continue
+                    leg.peer.used_at = time.monotonic()
+                try:
+                    self._ship(leg, job)
+                except _Stopped:
+                    pass
+                except Exception as e:  # any failure fails this leg, never the sender
+                    with self._lock:
+                        self._fail_leg(leg, f"{type(e).__name__}: {e}")
+        finally:
+            with self._lock:
+                state.jobs -= 1
+
+    def _selection(self, leg: _Leg, job: _Job):
+        """This rank's part of the job's chunk for the leg's receiver: its share (pages of
+        this pool, and request tokens), the tokens of it the receiver takes (past its prefix,
+        of its DCP share: `protocol.segment_rows`) and their first row in the route region."""
+        state, n, ps = job.state, job.state.num_tokens, self.cache.page_size
+        if self.dcp is None:
+            share = chunk_share(state.num_pages, self.sizes.cp, self.rank.cp, *job.chunk,
+                                policy=self.policy, request_id=request_key(state.rid))
+            tokens = (min(share.start * ps, n), min(share.stop * ps, n))
+        else:  # a DCP-sharded pool sends every token it holds, in one call
+            share, tokens = range(state.num_pages), (0, n)
+        sel, row = segment_rows(dcp_of(leg.welcome) or DcpLayout(), self.dcp, tokens, n,
+                                leg.dest.prefix)
+        return share, tokens, sel, row
+
+    def _ship(self, leg: _Leg, job: _Job) -> None:
+        """Ship this leg's new layers of the job's chunk (worker thread)."""
+        state, route = job.state, leg.route
+        share, tokens, sel, row = self._selection(leg, job)
+        rows = (row, row + sel.count)
+        n_layers = len(route.src_layers)
+        a = leg.sent.get(job.chunk, 0)
+        b = min(max(job.upto - route.src_layers.start, 0), n_layers)
+        bpr = self.route_bytes_per_token(route)
+        per_layer = sel.count * bpr // n_layers
+        if job.metadata:
+            leg.metadata = job.metadata  # goes with the next note of this leg
+        base = dict(pages=(share.start, share.stop), tokens=tokens)
+        if not sel.count or b <= a or not (
+                job.last or b == n_layers or (b - a) * per_layer >= self.coalesce):
+            if job.last:  # nothing (new) of ours, but the receiver must hear we are done
+                self._queue_note(leg, None, None, dict(base, layers=(b, b), nbytes=0,
+                                                       mode=leg.mode or "packed", last=True))
+            return  # else coalesce: these layers go with a later call
+        dest = leg.dest
+        plain = sel.src is None and sel.dst.size == 1 and dest.prefix == 0  # whole share
+        mode = leg.mode = self._choose_mode(leg, job.page_ids, share, sel, plain)
+        if mode == "direct":
+            part = dataclasses.replace(
+                route, src_layers=route.src_layers[a:b],
+                dst_layers=range(route.dst_layers.start + a, route.dst_layers.start + b))
+            w = leg.welcome
+            pairs = None if plain else list(zip(sel.src_positions(), sel.dst_positions(),
+                                                strict=True))
+            segments = direct_segments(self.cache, job.page_ids, w.pool, w.num_heads,
+                                       dest.page_ids, share, range(*tokens), part, pairs)
+            if job.event is not None:
+                job.event.synchronize()  # the engine reads the pool: the runner's writes first
+            self._submit(leg, segments, None, None,
+                         dict(base, layers=(a, b), nbytes=sum(s[2] for s in segments),
+                              mode=mode, last=job.last))
+            leg.sent[job.chunk] = b
+            return
+        if job.event is not None:  # pack after the runner's writes, without blocking the host
+            torch.cuda.current_stream(self.cache.device).wait_event(job.event)
+        if sel.src is None:  # the receiver's tokens of the share are consecutive here...
+            place = dict(token_offset=sel.start, num_tokens=sel.count) if sel.dst.size == 1 \
+                else dict(tokens=sel.tensors(self.cache.device)[0])  # ...or every D-th
+        else:
+            place = dict(tokens=sel.tensors(self.cache.device)[0])
+        integrity = leg.welcome.integrity
+        groups = layer_groups(range(a, b), per_layer, group_bytes((b - a) * per_layer))
+        for group in groups:
+            g0, g1 = group.start, group.stop
+            offset, nbytes = SlotPlan.segment(dest.region, bpr, n_layers, rows, (g0, g1))
+            slot = self.arena.alloc(nbytes, timeout=self.timeout)
+            submitted = False
+            try:
+                t0 = time.perf_counter()
+                pack_pages(self.cache, job.page_ids, heads=route.src_heads,
+                           layers=(route.src_layers.start + g0, route.src_layers.start + g1),
+                           out=slot.tensor, validate=False, **place)
+                if slot.tensor.is_cuda:  # the engine reads the bytes: the pack must be done
+                    torch.cuda.current_stream(slot.tensor.device).synchronize()
+                check = checksum(slot.tensor) if integrity == "crc32c" else None
+                if self.trace is not None:
+                    self.trace.append(("pack", state.rid, g0, g1, t0, time.perf_counter()))
+                self._submit(leg, [(slot.tensor.data_ptr(), dest.addr + offset, nbytes)],
+                             slot, check, dict(base, layers=(g0, g1), nbytes=nbytes,
+                                               mode="packed", last=job.last and g1 == b))
+                submitted = True  # the landing thread releases the slot once it landed
+            finally:
+                if not submitted:
+                    slot.release()
+        leg.sent[job.chunk] = b
+
+    def _submit(self, leg: _Leg, segments, slot, check, note: dict) -> None:
+        """The fence, then the write: submitted only while the leg is live (counted in
+        ``writes`` first, so no End is sent while it may still land); its landing is waited
+        for, in order, by the landing thread, which notifies."""
+        with self._lock:
+            self._live(leg)
+            leg.writes += 1
+            leg.state.cell.update(KVStatus.Transferring)
+        try:
+            pending = self.engine.submit(leg.welcome.session, segments)
+        except BaseException:
+            with self._lock:  # nothing of it is on the wire (submit drains a failed batch)
+                leg.writes -= 1
+                self._maybe_end(leg)
+            raise
+        self._landing.put((leg, pending, slot, check, note, time.perf_counter()))
+
+    def _queue_note(self, leg: _Leg, slot, check, note: dict) -> None:
+        """A note with no write of its own, sent after the leg's earlier writes landed."""
+        with self._lock:
+            self._live(leg)
+            leg.writes += 1
+        self._landing.put((leg, None, slot, check, note, time.perf_counter()))
+
+    def _land_loop(self) -> None:
+        while True:
+            item = self._landing.get()
+            if item is None:
+                return
+            leg, pending, slot, check, note, t1 = item
+            error = None
+            try:
+                if pending is not None:
+                    self.engine.wait(pending)
+            except Exception as e:  # fails this leg, never the sender
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                if slot is not None:
+                    slot.release()  # before any status change: a caller may look at the arena
+            if self.trace is not None and pending is not None:
+                self.trace.append(("wire", leg.state.rid, *note["layers"], t1,
+                                   time.perf_counter()))
+            with self._lock:
+                leg.writes -= 1
+                if error is not None:
+                    self._fail_leg(leg, error)
+                elif not leg.terminal and leg.link is not None and leg.link.open:
+                    meta = leg.metadata
+                    leg.metadata = None
+                    leg.link.send(Note(leg.state.rid, leg.dest.use, note["pages"],
+                                       note["tokens"], note["layers"], note["nbytes"],
+                                       note["mode"], note["last"], check,
+                                       base64.b64encode(meta).decode() if meta else None))
+                    if note["last"]:
+                        leg.finished = True
+                        leg.deadline = time.monotonic() + self.timeout
+                self._maybe_end(leg)
+            self._work.set()
+
+    def _choose_mode(self, leg: _Leg, page_ids, pages: range, sel, plain: bool) -> str:
         if self.mode == "packed":
             return "packed"
-        allowed = recv.get("pool") is not None and recv["geometry"]["layout"] == self.cache.layout
+        w = leg.welcome
+        allowed = w.pool is not None and w.layout == self.cache.layout and \
+            w.page_size == self.cache.page_size
         if self.mode == "direct":
             if not allowed:
                 raise ValueError("direct mode: the receiver does not accept direct writes "
                                  "(start it with direct=True, same layout and page size)")
             return "direct"
-        if not allowed or not len(tokens):
+        if not allowed or not sel.count:
             return "packed"
-        descriptors = direct_descriptors(
-            page_ids[pages.start:pages.stop], dest["page_ids"][pages.start:pages.stop],
-            len(tokens), len(self.route.src_layers) * len(self.cache.components),
-            whole_pages(self.cache.num_heads, recv["geometry"]["num_heads"], self.route))
-        return self.cost.choose(descriptors, len(tokens) * self.bytes_per_token)
-
-    def _pack_and_write(self, state, ids, n, layers, staging, peer, dest_addr, event,
-                        with_crc, landed):
-        """Pack and write route-local layers [a, b) of a segment of n tokens, layer group by
-        layer group, packing group g+1 while group g is on the wire (the segment is layer-major:
-        layer l of the route is bytes [l, l+1) x n x row_bytes of it, on both sides; ``staging``
-        and ``dest_addr`` start at layer a). ``landed(l0, l1, crc)`` is called for each group
-        once its bytes are in the receiver's slot (crc: the group's CRC32C when asked), so the
-        receiver unpacks it while later groups travel. The last group is left on the wire:
-        the returned callable (given a function that releases ``staging``) waits for it,
-        releases and calls ``landed``. Before each write the use is checked to be still open."""
-        src, heads = self.route.src_layers, self.route.src_heads
-        a, b = layers
-        per_layer = n * self.bytes_per_token // len(src)
-        pending = []  # (handle, l0, l1, crc, pack start, pack end)
-        if event is not None:  # pack after the runner's writes, without blocking the host
-            torch.cuda.current_stream(staging.device).wait_event(event)
-
-        def finish(item, release=None) -> None:
-            handle, l0, l1, crc, t0, t1 = item
-            self.engine.wait(handle)
-            if release is not None:  # the slot, before the receiver can hear of it
-                release()
-            if self.trace is not None:
-                self.trace += [("pack", state.rid, l0, l1, t0, t1),
-                               ("wire", state.rid, l0, l1, t1, time.perf_counter())]
-            landed(l0, l1, crc)
-
-        ok = False
-        try:
-            for group in layer_groups(b - a, per_layer, PIPELINE_CHUNK_BYTES):
-                g0, g1 = group.start, group.stop
-                part = staging[g0 * per_layer:g1 * per_layer]
-                t0 = time.perf_counter()
-                pack_pages(self.cache, ids, num_tokens=n, heads=heads,
-                           layers=(src.start + a + g0, src.start + a + g1), out=part,
-                           validate=False)
-                if part.is_cuda:  # the engine reads the bytes: the pack must have finished
-                    torch.cuda.current_stream(part.device).record_event().synchronize()
-                crc = checksum(part) if with_crc else None
-                self._check_open(state)
-                t1 = time.perf_counter()
-                pending.append((self.engine.submit(peer, [(part.data_ptr(),
-                                                           dest_addr + g0 * per_layer,
-                                                           part.numel())]),
-                                a + g0, a + g1, crc, t0, t1))
-                if len(pending) > 1:  # the previous group: landed while this one packed
-                    finish(pending.pop(0))
-            last = pending.pop()
-            ok = True
-            return lambda release: finish(last, release)
-        finally:
-            if not ok:  # never release a slot the engine still reads
-                self.engine.wait(*(p[0] for p in pending))
+        dst = leg.dest.page_ids
+        blocks = len(leg.route.src_layers) * len(self.cache.components)
+        full = plain and whole_pages(self.cache.num_heads, w.num_heads, leg.route)
+        descriptors = direct_descriptors(page_ids[pages.start:pages.stop],
+                                         dst[pages.start:pages.stop], sel.count, blocks, full)
+        return self.cost.choose(descriptors, sel.count * self.route_bytes_per_token(
+            leg.route))

@@ -54,11 +54,20 @@ def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
     ids = torch.tensor([4, 1, 3], dtype=torch.int32, device=dev)
     out = torch.empty(src.packed_nbytes(10), dtype=torch.uint8, device=dev)
     token_map = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, -1, 7], dtype=torch.int64, device=dev)
+    tokens = torch.tensor([11, 0, 6, 3], dtype=torch.int32, device=dev)
     gathered = pack_pages(src, ids, num_tokens=8)
 
     def calls():
         pack_pages(src, ids, num_tokens=10, out=out, backend="triton", validate=False)
         unpack_pages(out, dst, ids, num_tokens=10, backend="triton", validate=False)
+        pack_pages(src, ids, num_tokens=10, region_tokens=5, out=out, backend="triton",
+                   validate=False)
+        unpack_pages(out, dst, ids, num_tokens=10, region_tokens=5, backend="triton",
+                     validate=False)
+        pack_pages(src, ids, num_tokens=6, token_offset=5, out=out, backend="triton",
+                   validate=False)
+        unpack_pages(out[:src.packed_nbytes(4)], dst, ids, tokens=tokens, backend="triton",
+                     validate=False)
         reorganize_pages(gathered, dst, ids, token_map, rows_per_rank=8, backend="triton",
                          validate=False)
 

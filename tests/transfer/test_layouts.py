@@ -2,7 +2,6 @@
 CP 2 on the prefill side: every decode pool equals a cell-by-cell expectation."""
 
 import itertools
-import uuid
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from cpkv import ComponentSpec, PagedKVCache
 from cpkv.parallel import ParallelSizes, heads_of, layers_of
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
 from cpkv.transfer.direct import contiguous_runs
-from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
 
 PS, TOKENS, LAYERS, HEAD_DIM, CP = 4, 22, 3, 16, 2
@@ -54,13 +52,27 @@ def write_tokens(cache, full, ids, heads: range, layers: range, want=None):
 
 
 def run_layout(kind, num_heads, p: ParallelSizes, d: ParallelSizes, mode, rig, layout="NHD"):
-    engine, send_arena, recv_arena, control = rig
+    """One agent per rank on each side: every prefill rank ships to every decode rank of the
+    request (``to=`` all of them) and sends each only the route it feeds it, if any. Returns
+    the number of (sender, receiver) pairs that carried bytes."""
+    engine, send_arena, recv_arena = rig
     full = global_kv(kind, num_heads)
     n_pages = -(-TOKENS // PS)
-    mapping = map_ranks(p, d, num_kv_heads=num_heads, num_layers=LAYERS, kind=kind)
     src_ids = torch.randperm(2 * n_pages)[:n_pages]
+    model = dict(kind=kind, num_kv_heads=num_heads, num_layers=LAYERS)
+    receivers, expected = [], []
+    for dt, dq in itertools.product(range(d.tp), range(d.pp)):
+        heads = range(num_heads) if kind == "mla" else heads_of(dt, d.tp, num_heads)
+        layers = layers_of(dq, d.pp, LAYERS)
+        dst = pool(kind, len(heads), len(layers), 3 * n_pages, layout)
+        dst_ids = torch.randperm(3 * n_pages)[:n_pages]
+        expected.append((dst, write_tokens(dst, full, dst_ids, heads, layers)))
+        recv = KVReceiver(dst, rank=ParallelRank(tp=dt, pp=dq), sizes=d, **model,
+                          direct=mode != "packed", engine=engine, arena=recv_arena, timeout=10)
+        recv.expect(1, dst_ids, source="prefill", num_tokens=TOKENS)
+        receivers.append(recv)
     # prefill pools: rank (tp, pp) holds its heads and layers, the same on each of its CP ranks
-    prefill = {}
+    senders = []
     for t, s in itertools.product(range(p.tp), range(p.pp)):
         heads = range(num_heads) if kind == "mla" else heads_of(t, p.tp, num_heads)
         layers = layers_of(s, p.pp, LAYERS)
@@ -69,38 +81,24 @@ def run_layout(kind, num_heads, p: ParallelSizes, d: ParallelSizes, mode, rig, l
         for name, ls in cache.buffers.items():
             for i, buf in enumerate(ls):
                 as_bytes(buf).copy_(want[name][i])
-        prefill[(t, s)] = cache
-    senders, receivers, expected = [], [], []
-    for (dt, dq), routes in mapping.items():
-        heads = range(num_heads) if kind == "mla" else heads_of(dt, d.tp, num_heads)
-        layers = layers_of(dq, d.pp, LAYERS)
-        dst = pool(kind, len(heads), len(layers), 3 * n_pages, layout)
-        dst_ids = torch.randperm(3 * n_pages)[:n_pages]
-        expected.append((dst, write_tokens(dst, full, dst_ids, heads, layers)))
-        ns = control.scoped(uuid.uuid4().hex)
-        for r in routes:
-            for c in range(CP):
-                senders.append((KVSender(prefill[(r.tp, r.pp)], ns, rank=ParallelRank(
-                    cp=c, tp=r.tp, pp=r.pp), cp_size=CP, route=r, mode=mode, engine=engine,
-                    arena=send_arena, timeout=10), src_ids))
-        recv = KVReceiver(dst, ns, cp_size=CP, routes=routes, direct=mode != "packed",
-                          engine=engine, arena=recv_arena, timeout=10)
-        assert recv.setup_error is None, recv.setup_error
-        recv.expect(1, dst_ids, num_tokens=TOKENS)
-        receivers.append(recv)
-    for s, ids in senders:
-        s.send(1, ids, num_tokens=TOKENS)
-    statuses = wait_all([(r, 1) for r in receivers] + [(s, 1) for s, _ in senders])
-    reasons = [r.reason(1) for r in receivers] + [s.reason(1) for s, _ in senders]
+        senders += [KVSender(cache, rank=ParallelRank(cp=c, tp=t, pp=s), sizes=p, **model,
+                             mode=mode, engine=engine, arena=send_arena, timeout=10)
+                    for c in range(p.cp)]
+    to = [r.address for r in receivers]
+    for s in senders:
+        s.send(1, src_ids, to=to, num_tokens=TOKENS)
+    statuses = wait_all([(r, 1) for r in receivers] + [(s, 1) for s in senders])
+    reasons = [r.reason(1) for r in receivers] + [s.reason(1) for s in senders]
     assert statuses == [KVStatus.Success] * len(statuses), reasons
     for dst, want in expected:
         assert_cache_equals(dst, want)
-    for s, _ in senders:
+    pairs = sum(len(r._requests[1].writers) for r in receivers)
+    for s in senders:
         s.close()
     for r in receivers:
         r.close()
     assert recv_arena.live_slots == [] and send_arena.live_slots == []
-    return len(senders)
+    return pairs
 
 
 LAYOUTS = {
@@ -147,7 +145,7 @@ def test_contiguous_runs_worked_examples():
 def test_direct_batch_larger_than_the_transport_limit(rig):
     """3,000 fragmented one-token pages: 3,000 runs, split into batches the transport accepts
     and never more than one batch in flight (4,096 in flight failed on TCP); it succeeds."""
-    engine, send_arena, recv_arena, control = rig
+    engine, send_arena, recv_arena = rig
     specs = [ComponentSpec("latent", 1, 64, torch.bfloat16)]
     src = PagedKVCache.empty(specs, num_layers=1, num_pages=3200, page_size=1)
     as_bytes(src.layer("latent", 0)).copy_(torch.randint(0, 256, (3200, 1, 1, 128),
@@ -157,11 +155,10 @@ def test_direct_batch_larger_than_the_transport_limit(rig):
     assert len(contiguous_runs(s_ids, d_ids)) > 2048
     want = snapshot(dst)
     want["latent"][0][d_ids] = as_bytes(src.layer("latent", 0))[s_ids]
-    ns = control.scoped(uuid.uuid4().hex)
-    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena)
-    recv = KVReceiver(dst, ns, direct=True, engine=engine, arena=recv_arena)
-    recv.expect(1, d_ids)
-    sender.send(1, s_ids)
+    sender = KVSender(src, kind="mla", mode="direct", engine=engine, arena=send_arena)
+    recv = KVReceiver(dst, kind="mla", direct=True, engine=engine, arena=recv_arena)
+    recv.expect(1, d_ids, source="prefill")
+    sender.send(1, s_ids, to=recv.address)
     assert wait_all([(recv, 1), (sender, 1)]) == [KVStatus.Success] * 2, sender.reason(1)
     assert_cache_equals(dst, want)
     sender.close()
@@ -169,13 +166,12 @@ def test_direct_batch_larger_than_the_transport_limit(rig):
 
 
 def test_forced_direct_needs_a_receiver_that_allows_it(rig):
-    engine, send_arena, recv_arena, control = rig
+    engine, send_arena, recv_arena = rig
     src, dst = pool("mha", 2, 1, 8), pool("mha", 2, 1, 8)
-    ns = control.scoped(uuid.uuid4().hex)
-    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena)
-    recv = KVReceiver(dst, ns, engine=engine, arena=recv_arena)
-    recv.expect(1, torch.tensor([0, 1]))
-    sender.send(1, torch.tensor([2, 3]))
+    sender = KVSender(src, mode="direct", engine=engine, arena=send_arena)
+    recv = KVReceiver(dst, engine=engine, arena=recv_arena)
+    recv.expect(1, torch.tensor([0, 1]), source="prefill")
+    sender.send(1, torch.tensor([2, 3]), to=recv.address)
     assert wait_all([(sender, 1)]) == [KVStatus.Failed]
     assert "does not accept direct writes" in sender.reason(1)
     sender.close()

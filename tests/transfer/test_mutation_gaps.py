@@ -1,20 +1,18 @@
 """Transfer cases the mutation run (scripts/mutate.py) found untested: each test here fails on
 a named mutant of scripts/mutants.py and passes on the code."""
 
-import uuid
-
 import pytest
 import torch
 from kvtest import assert_cache_equals, make_cache, mha, oracle_unpack
 from test_layouts import CP, run_layout
-from txtest import wait_all
+from txtest import Rogue, wait_all
 
-from cpkv.parallel import ParallelRank, ParallelSizes
+from cpkv.parallel import ParallelSizes
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
-from cpkv.transfer.control import geometry
 from cpkv.transfer.engine import MAX_BATCH
 from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
+from cpkv.transfer.protocol import Announce, End, Note
 
 # Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
 # start above 0 (3 layers: pp1 -> pp2 has the route [2, 3) -> [0, 1); pp2 -> pp3 has [1, 2) ->
@@ -102,16 +100,15 @@ def test_direct_into_a_pool_with_strided_pages_bit_exact(rig):
     """Direct runs of several pages may move as one block only where both pools' pages are
     back to back: the receiver's pool here views every other page of a larger buffer
     (d-dense). Whole pages: direct sends the last page whole, as the baseline does."""
-    engine, send_arena, recv_arena, control = rig
+    engine, send_arena, recv_arena = rig
     src = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=1)
     dst = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=2, strided="pages")
     s_ids, d_ids = torch.tensor([0, 1, 2, 6]), torch.tensor([3, 4, 5, 0])  # a 3-page run
     want = oracle_unpack(src, s_ids, dst, d_ids, 16, range(2), range(2), range(2), range(2))
-    ns = control.scoped(uuid.uuid4().hex)
-    sender = KVSender(src, ns, mode="direct", engine=engine, arena=send_arena, timeout=10)
-    recv = KVReceiver(dst, ns, direct=True, engine=engine, arena=recv_arena, timeout=10)
-    recv.expect(1, d_ids, num_tokens=16)
-    sender.send(1, s_ids, num_tokens=16)
+    sender = KVSender(src, mode="direct", engine=engine, arena=send_arena, timeout=10)
+    recv = KVReceiver(dst, direct=True, engine=engine, arena=recv_arena, timeout=10)
+    recv.expect(1, d_ids, source="prefill", num_tokens=16)
+    sender.send(1, s_ids, to=recv.address, num_tokens=16)
     assert wait_all([(recv, 1), (sender, 1)], timeout=20) == [KVStatus.Success] * 2, \
         (recv.reason(1), sender.reason(1))
     assert_cache_equals(dst, want)
@@ -133,22 +130,21 @@ def test_cost_model_terms_and_tie():
 def test_a_partial_overlap_plus_a_gap_is_refused(rig):
     """A sender that notes tokens [0, 8) then [4, 8) (last) of 12: every layer counts 12
     tokens though [8, 12) never arrived. Refused by name as an overlap (rx-overlap-exact);
-    played through the control plane."""
-    engine, _, recv_arena, control = rig
+    played by a hand-driven sender."""
+    engine, _, recv_arena = rig
     dst = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=2)
-    client = control.scoped(uuid.uuid4().hex)
-    client.put(client.key("reg", ParallelRank().key), {"inc": "rogue", "session": "x",
-                                                       "geometry": geometry(dst)})
-    recv = KVReceiver(dst, client, cp_size=1, timeout=5, engine=engine, arena=recv_arena)
-    recv.expect(3, torch.tensor([5, 1, 6]), num_tokens=12)
-    (bpt,) = recv.route_bpt.values()
-    dest = client.get(client.key(recv.incarnation, "dest", 3))
-    key = client.key(recv.incarnation, "use", dest["use"], "note", ParallelRank().key)
-    notes = [dict(pages=[0, 2], tokens=[0, 8], nbytes=8 * bpt, last=False),
-             dict(pages=[1, 2], tokens=[4, 8], nbytes=4 * bpt, last=True)]
-    for i, note in enumerate(notes):
-        client.append(key, note, i)
+    recv = KVReceiver(dst, timeout=5, engine=engine, arena=recv_arena)
+    liar = Rogue(recv.address, dst)
+    recv.expect(3, torch.tensor([5, 1, 6]), source="rogue", num_tokens=12)
+    liar.send(Announce(3, 12, 3))
+    dest = liar.recv()
+    bpt = dst.packed_nbytes(1)
+    for pages, tokens, nbytes, last in (((0, 2), (0, 8), 8 * bpt, False),
+                                        ((1, 2), (4, 8), 4 * bpt, True)):
+        liar.send(Note(3, dest.use, pages, tokens, (0, 2), nbytes, "packed", last, None, None))
     assert wait_all([(recv, 3)], timeout=10) == [KVStatus.Failed]
     assert "tokens [4, 8) were already received" in recv.reason(3), recv.reason(3)
-    client.append(key, {"end": "ack"}, len(notes))  # the rogue writes no more: slot freed
+    liar.send(End(3, dest.use, False, None))  # the rogue writes no more: slot freed
+    assert recv.settle(5)
+    liar.close()
     recv.close()

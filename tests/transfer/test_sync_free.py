@@ -1,14 +1,15 @@
 """Zero device synchronisations on the send and receive paths once the entry has validated
 (issue 15): every host read of a tensor (`item`, `cpu`, `tolist`, `numpy`, `bool`, `int`,
-`torch.cuda.synchronize`, stream/event waits) is counted on the sender's worker thread and in
-the receiver's `poll`, on the CPU path where the same calls would be device syncs on a GPU."""
+`torch.cuda.synchronize`, stream/event waits) is counted on the agents' threads (sender
+worker, landing and I/O; receiver worker and I/O) and in `wait`, on the CPU path where the
+same calls would be device syncs on a GPU."""
 
 import threading
 
 import pytest
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack
-from txtest import close_all, group
+from txtest import Group
 
 from cpkv.transfer import KVStatus
 
@@ -17,13 +18,13 @@ HOST_READS = ["item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float_
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count host reads made on sender worker threads, or while `counted.on` is set."""
+    """Count host reads made on the agents' threads, or while `counted.on` is set."""
     calls, state = [], threading.local()
 
     def counting(name, original):
         def wrapper(*args, **kwargs):
             thread = threading.current_thread().name
-            if thread.startswith("cpkv-sender") or getattr(state, "on", False):
+            if thread.startswith(("cpkv-send", "cpkv-recv")) or getattr(state, "on", False):
                 calls.append((name, thread))
             return original(*args, **kwargs)
         return wrapper
@@ -49,15 +50,14 @@ def counted(monkeypatch):
 def test_send_and_receive_paths_read_nothing_back(rig, counted):
     src = make_cache(mha(), num_layers=2, num_pages=12, page_size=4, seed=1)
     dst = fill_sentinel(make_cache(mha(), num_layers=2, num_pages=12, page_size=4, seed=2))
-    ns, senders, recv = group(src, dst, rig)
+    g = Group(src, dst, rig)
     s_ids, d_ids, n = torch.tensor([3, 8, 1, 5]), torch.tensor([0, 9, 4, 2]), 14
     want = oracle_unpack(src, s_ids, dst, d_ids, n, range(2), range(2), range(2), range(2))
-    recv.expect(1, d_ids, num_tokens=n)  # entries: validation may read the ids back
-    for s in senders:
-        s.send(1, s_ids, num_tokens=n)
+    g.expect(1, d_ids, n)  # entries: validation may read the ids back
+    g.send(1, s_ids, n)
     with counted:
-        statuses = [recv.wait(1)] + [s.wait(1) for s in senders]
+        statuses = g.wait(1)
     assert statuses == [KVStatus.Success] * 3
     assert counted.calls == [], counted.calls[:10]
     assert_cache_equals(dst, want)
-    close_all(senders, recv)
+    g.close()

@@ -1,6 +1,4 @@
-"""KVSender/KVReceiver in one process: real Mooncake engines on TCP loopback, a real TCPStore."""
-
-import uuid
+"""KVSender/KVReceiver in one process: real Mooncake engines on TCP loopback, real sockets."""
 
 import pytest
 import torch
@@ -14,10 +12,10 @@ from kvtest import (
     oracle_unpack,
     snapshot,
 )
-from txtest import close_all, group, wait_all
+from txtest import Group, Rogue, wait_all, wait_for
 
-from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, agree
-from cpkv.transfer.control import geometry
+from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes, agree
+from cpkv.transfer.protocol import Announce, End, Note
 from cpkv.transfer.status import StatusCell
 
 KINDS = {"mha": mha, "mla": mla}
@@ -39,22 +37,22 @@ def expected(src, dst, src_ids, dst_ids, n, want=None):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_policies_bit_exact_with_several_requests_in_flight(kind, policy, rig):
     src, dst = caches(kind)
-    ns, senders, recv = group(src, dst, rig, policy=policy)
+    g = Group(src, dst, rig, policy=policy)
+    recv, senders = g.recv, g.senders
     reqs = {7: (torch.tensor([3, 8, 1]), torch.tensor([0, 9, 4]), 11),
             8: (torch.tensor([2, 5]), torch.tensor([13, 1]), 8),
             9: (torch.tensor([11, 0, 4, 6]), torch.tensor([2, 3, 12, 7]), 13)}
     want = snapshot(dst)
     for rid, (s_ids, d_ids, n) in reqs.items():
         want = expected(src, dst, s_ids, d_ids, n, want)
-        recv.expect(rid, d_ids, num_tokens=n)
+        g.expect(rid, d_ids, n)
     for rid, (s_ids, _, n) in reqs.items():  # all queued before any completes
-        for s in senders:
-            s.send(rid, s_ids, num_tokens=n)
+        g.send(rid, s_ids, n)
     pairs = [(recv, r) for r in reqs] + [(s, r) for s in senders for r in reqs]
     assert wait_all(pairs) == [KVStatus.Success] * len(pairs)
     assert_cache_equals(dst, want)
     assert recv.arena.live_slots == [] and all(s.arena.live_slots == [] for s in senders)
-    close_all(senders, recv)
+    g.close()
 
 
 def test_pipelined_layer_groups_bit_exact(rig, monkeypatch):
@@ -63,81 +61,69 @@ def test_pipelined_layer_groups_bit_exact(rig, monkeypatch):
     monkeypatch.setattr(sender_mod, "PIPELINE_CHUNK_BYTES", 1)
     src = make_cache(mha(), num_layers=5, num_pages=12, page_size=4, seed=1)
     dst = fill_sentinel(make_cache(mha(), num_layers=5, num_pages=12, page_size=4, seed=2))
-    ns, senders, recv = group(src, dst, rig)
+    g = Group(src, dst, rig)
     s_ids, d_ids = torch.randperm(12)[:9], torch.randperm(12)[:9]
     want = oracle_unpack(src, s_ids, dst, d_ids, 34, range(5), range(2), range(5), range(2))
-    recv.expect(2, d_ids, num_tokens=34)
-    for s in senders:
-        s.send(2, s_ids, num_tokens=34)
-    assert wait_all([(recv, 2)] + [(s, 2) for s in senders]) == [KVStatus.Success] * 3
+    g.expect(2, d_ids, 34)
+    g.send(2, s_ids, 34)
+    assert g.wait(2) == [KVStatus.Success] * 3
     assert_cache_equals(dst, want)
-    close_all(senders, recv)
+    g.close()
 
 
 @pytest.mark.parametrize("ps", [1, 16])
 def test_chunked_prefill_with_an_empty_last_share(ps, rig):
     """10 pages, 2 ranks (shares [0,5) and [5,10)); last chunk [3,5) is empty for rank 1."""
     src, dst = caches(ps=ps, src_pages=12, dst_pages=12)
-    ns, senders, recv = group(src, dst, rig)
+    g = Group(src, dst, rig)
+    recv = g.recv
     s_ids, d_ids = torch.randperm(12)[:10], torch.randperm(12)[:10]
     n = 10 * ps - (ps // 2)  # partial last page
     want = expected(src, dst, s_ids, d_ids, n)
-    recv.expect(1, d_ids, num_tokens=n)
+    g.expect(1, d_ids, n)
     chunks = [(0, 3), (5, 10), (3, 5)]  # out of order on purpose; last is decided per chunk
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
-        for s in senders:
-            s.send(1, s_ids, num_tokens=n, chunk=chunk, last=last,
-                   metadata=b"\x01\x02" if last else None)
+        g.send(1, s_ids, n, chunk=chunk, last=last, metadata=b"\x01\x02" if last else None)
         if not last:  # chunks unpack as they land (rule 3): not Success before the last
-            assert recv.poll(1) in (KVStatus.WaitingForInput, KVStatus.Transferring)
-    assert wait_all([(recv, 1)] + [(s, 1) for s in senders]) == [KVStatus.Success] * 3
+            assert recv.poll(1) in (KVStatus.Bootstrapping, KVStatus.WaitingForInput,
+                                    KVStatus.Transferring)
+    assert g.wait(1) == [KVStatus.Success] * 3
     assert_cache_equals(dst, want)
     assert recv.metadata(1) == b"\x01\x02"
-    close_all(senders, recv)
+    g.close()
 
 
 def test_hundred_requests_leave_every_arena_empty(rig):
     src, dst = caches(ps=16, src_pages=8, dst_pages=8)
-    ns, senders, recv = group(src, dst, rig)
+    g = Group(src, dst, rig)
     for rid in range(100):
-        ids = torch.randperm(8)[:3]
-        recv.expect(rid, ids, num_tokens=40)
-        for s in senders:
-            s.send(rid, torch.randperm(8)[:3], num_tokens=40)
-        assert wait_all([(recv, rid)] + [(s, rid) for s in senders]) == [KVStatus.Success] * 3
-        recv.forget(rid)
-        for s in senders:
-            s.forget(rid)
-    assert recv.arena.live_slots == [] and all(s.arena.live_slots == [] for s in senders)
-    close_all(senders, recv)
+        g.expect(rid, torch.randperm(8)[:3], 40)
+        g.send(rid, torch.randperm(8)[:3], 40)
+        assert g.wait(rid) == [KVStatus.Success] * 3
+        for obj in (g.recv, *g.senders):
+            obj.forget(rid)
+    assert g.recv.arena.live_slots == [] and all(s.arena.live_slots == [] for s in g.senders)
+    g.close()
 
 
 def test_geometry_mismatch_fails_before_any_byte_moves(rig):
     src, _ = caches(head_dim=96)
     _, dst = caches(head_dim=64)
-    ns, senders, recv = group(src, dst, rig, timeout=5)
+    g = Group(src, dst, rig, timeout=5)
     before = snapshot(dst)
-    assert "geometry mismatch with sender" in recv.setup_error
-    assert "components" in recv.setup_error
-    recv.expect(1, torch.tensor([0, 1]), num_tokens=8)
-    for s in senders:
-        s.send(1, torch.tensor([0, 1]), num_tokens=8)
-    assert wait_all([(recv, 1)] + [(s, 1) for s in senders]) == [KVStatus.Failed] * 3
-    assert all("geometry mismatch" in s.reason(1) for s in senders)
+    g.expect(1, torch.tensor([0, 1]), 8)
+    g.send(1, torch.tensor([0, 1]), 8)
+    assert g.wait(1) == [KVStatus.Failed] * 3
+    assert all("refused this sender" in s.reason(1) and "head_dim" in s.reason(1)
+               for s in g.senders), [s.reason(1) for s in g.senders]
+    assert "timed out" in g.recv.reason(1) and "to connect" in g.recv.reason(1)
     assert_cache_equals(dst, before)
-    close_all(senders, recv)
+    g.close()
 
 
-def use_prefix(client, recv, rid):
-    """The key prefix of request ``rid``'s current use (what a sender learns from `dest`)."""
-    dest = client.get(client.key(recv.incarnation, "dest", rid))
-    return client.key(recv.incarnation, "use", dest["use"])
-
-
-def rogue(rig):
-    """A bare control-plane client in a fresh namespace (to play a misbehaving peer)."""
-    return rig[3].scoped(uuid.uuid4().hex)
+def rogue_receiver(rig, dst, timeout=5, **kw):
+    return KVReceiver(dst, timeout=timeout, engine=rig[0], arena=rig[2], **kw)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -147,64 +133,90 @@ def rogue(rig):
     ("short", "every sender finished but only 4 of 8 tokens of route tp0.pp0 arrived"),
 ])
 def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig):
-    """A sender that lies: the receiver refuses, fails the request, releases the slot; no
-    page outside the request is written."""
+    """A sender that lies: the receiver refuses, fails the request, releases the slot once the
+    liar says it writes no more; no page outside the request is written."""
     _, dst = caches()
-    client = rogue(rig)
-    client.put(client.key("reg", ParallelRank(cp=0).key), {"inc": "rogue", "session": "x",
-                                                           "geometry": geometry(dst)})
-    recv = KVReceiver(dst, client,
-                      cp_size=1, timeout=5,
-                      engine=rig[0], arena=rig[2])
+    recv = rogue_receiver(rig, dst)
+    liar = Rogue(recv.address, dst)
     before = snapshot(dst)
-    recv.expect(3, torch.tensor([4, 5]), num_tokens=8)
+    recv.expect(3, torch.tensor([4, 5]), source="rogue", num_tokens=8)
+    liar.send(Announce(3, 8, 2))
+    dest = liar.recv()
     bpt = dst.packed_nbytes(1)
     notes = {
-        "oversize": [dict(pages=[0, 2], tokens=[0, 8], nbytes=1000000, last=True)],
-        "duplicate": [dict(pages=[0, 1], tokens=[0, 4], nbytes=4 * bpt, last=False),
-                      dict(pages=[0, 1], tokens=[0, 4], nbytes=4 * bpt, last=True)],
-        "outside": [dict(pages=[1, 3], tokens=[4, 12], nbytes=8 * bpt, last=True)],
-        "short": [dict(pages=[0, 1], tokens=[0, 4], nbytes=4 * bpt, last=True)],
+        "oversize": [((0, 2), (0, 8), 1000000, True)],
+        "duplicate": [((0, 1), (0, 4), 4 * bpt, False), ((0, 1), (0, 4), 4 * bpt, True)],
+        "outside": [((1, 3), (4, 12), 8 * bpt, True)],
+        "short": [((0, 1), (0, 4), 4 * bpt, True)],
     }[case]
-    use = use_prefix(client, recv, 3)
-    for k, note in enumerate(notes):
-        client.append(f"{use}/note/{ParallelRank().key}", {**note, "metadata": None}, k)
+    for pages, tokens, nbytes, last in notes:
+        liar.send(Note(3, dest.use, pages, tokens, (0, 2), nbytes, "packed", last, None, None))
     assert recv.wait(3) == KVStatus.Failed
     assert message in recv.reason(3), recv.reason(3)
-    assert client.get(f"{use}/verdict")["status"] == KVStatus.Failed
-    # the slot stays quarantined until the rogue says it writes no more (or the grace period)
-    client.append(f"{use}/note/{ParallelRank().key}", {"end": "ack"}, len(notes))
+    verdict = liar.recv()
+    assert verdict.status == KVStatus.Failed and verdict.use == dest.use
+    # the slot stays fenced until the liar says it writes no more
+    if not notes[-1][3]:
+        assert not recv.settle(0.3) and len(recv.arena.live_slots) == 1
+    liar.send(End(3, dest.use, False, None))
     assert recv.settle(5)
     assert recv.arena.live_slots == []
     assert_untouched_outside(dst, before, [4, 5])
+    liar.close()
     recv.close()
 
 
 def test_duplicate_sender_id_is_refused(rig):
     src, dst = caches()
-    client = rogue(rig)
-    a = KVSender(src, client, rank=ParallelRank(cp=0), cp_size=2, engine=rig[0],
-                 arena=rig[1])
-    with pytest.raises(ValueError, match=r"duplicate sender id: ParallelRank\(dp0.cp0.tp0.pp0\)"):
-        KVSender(src, client, rank=ParallelRank(cp=0), cp_size=2, engine=rig[0],
-                 arena=rig[1])
-    a.close()
+    recv = rogue_receiver(rig, dst)
+    kw = dict(instance="p", rank=ParallelRank(cp=0), sizes=ParallelSizes(cp=2),
+              engine=rig[0], arena=rig[1], timeout=5)
+    a, b = KVSender(src, **kw), KVSender(src, **kw)
+    recv.expect(1, torch.tensor([1]), source="p", num_tokens=4)
+    a.send(1, torch.tensor([1]), to=recv.address, num_tokens=4)
+    wait_for(lambda: recv.stats()["senders"] == 1, what="a connected")
+    b.send(1, torch.tensor([1]), to=recv.address, num_tokens=4)
+    assert b.wait(1) == KVStatus.Failed
+    assert "duplicate sender: p/dp0.cp0.tp0.pp0 is connected already" in b.reason(1)
+    for s in (a, b):
+        s.close()
+    recv.close()
 
 
 def test_receiver_times_out_when_a_sender_never_reports(rig):
+    """Rank 1 never sends: the request times out naming it. Rank 1 never held the
+    destination, so nothing fences the slot: it is free at once."""
     src, dst = caches()
-    ns, senders, recv = group(src, dst, rig, timeout=1.5)
+    g = Group(src, dst, rig, timeout=1.5)
     before = snapshot(dst)
-    recv.expect(4, torch.tensor([1, 2]), num_tokens=8)
-    senders[0].send(4, torch.tensor([5, 6]), num_tokens=8)  # rank 1 stays silent
-    assert wait_all([(recv, 4)]) == [KVStatus.Failed]
-    assert "timed out after 1.5 s waiting for senders ['dp0.cp1.tp0.pp0']" in recv.reason(4)
-    assert len(recv.arena.live_slots) == 1  # quarantined: rank 1 might still write
-    assert recv.settle(10)  # rank 1 never acknowledges: released after the grace period
-    assert recv.arena.live_slots == []
+    g.expect(4, torch.tensor([1, 2]), 8)
+    g.send(4, torch.tensor([5, 6]), 8, senders=g.senders[:1])  # rank 1 stays silent
+    assert wait_all([(g.recv, 4)]) == [KVStatus.Failed]
+    assert "timed out after 1.5 s waiting for senders [" \
+           f"'{g.instance}/dp0.cp1.tp0.pp0']" in g.recv.reason(4), g.recv.reason(4)
+    assert g.recv.arena.live_slots == []
     assert_untouched_outside(dst, before, [1, 2])
-    wait_all([(senders[0], 4)])
-    close_all(senders, recv)
+    wait_all([(g.senders[0], 4)])
+    g.close()
+
+
+def test_a_silent_holder_keeps_the_slot_fenced_past_the_grace(rig):
+    """A sender that was given the destination and says nothing more might still write: its
+    slot is never reused (counted once past the grace), until it says it stopped."""
+    _, dst = caches()
+    recv = rogue_receiver(rig, dst, timeout=1.0, grace=0.5)
+    liar = Rogue(recv.address, dst)
+    recv.expect(5, torch.tensor([1, 2]), source="rogue", num_tokens=8)
+    liar.send(Announce(5, 8, 2))
+    dest = liar.recv()
+    assert recv.wait(5) == KVStatus.Failed and "timed out" in recv.reason(5)
+    assert liar.recv().status == KVStatus.Failed
+    assert not recv.settle(1.0)
+    assert recv.stats()["quarantined_past_grace"] == 1 and len(recv.arena.live_slots) == 1
+    liar.send(End(5, dest.use, False, None))
+    assert recv.settle(5) and recv.arena.live_slots == []
+    liar.close()
+    recv.close()
 
 
 def test_status_cell_only_moves_up_and_failed_wins():
@@ -222,29 +234,62 @@ def test_agree_without_groups_is_identity():
 
 def test_send_rejects_bad_arguments(rig):
     src, dst = caches()
-    s = KVSender(src, rogue(rig), rank=ParallelRank(cp=0), cp_size=1, engine=rig[0],
-                 arena=rig[1])
-    with pytest.raises(ValueError, match="request_id: expected a non-negative int, got -1"):
-        s.send(-1, torch.tensor([0]))
+    s = KVSender(src, engine=rig[0], arena=rig[1])
+    to = "127.0.0.1:1"
+    with pytest.raises(ValueError, match="request_id: expected a non-negative int below 2"):
+        s.send(-1, torch.tensor([0]), to=to)
+    with pytest.raises(TypeError, match="request_id: expected an int or a str, got float"):
+        s.send(1.0, torch.tensor([0]), to=to)
     with pytest.raises(ValueError, match=r"chunk: expected 0 <= start <= stop <= 2, got \[1, 3\)"):
-        s.send(1, torch.tensor([0, 1]), chunk=(1, 3))
+        s.send(1, torch.tensor([0, 1]), to=to, chunk=(1, 3))
     with pytest.raises(ValueError, match="num_tokens <= 8"):
-        s.send(1, torch.tensor([0, 1]), num_tokens=9)
-    with pytest.raises(ValueError, match=r"rank.cp: expected a value in \[0, 2\), got 2"):
-        KVSender(src, rogue(rig), rank=ParallelRank(cp=2), cp_size=2, engine=rig[0],
+        s.send(1, torch.tensor([0, 1]), to=to, num_tokens=9)
+    with pytest.raises(ValueError, match="address: expected 'host:port', got 'nowhere'"):
+        s.send(1, torch.tensor([0, 1]), to="nowhere")
+    with pytest.raises(TypeError, match="to: expected a receiver address"):
+        s.send(1, torch.tensor([0, 1]), to=[])
+    with pytest.raises(ValueError, match="cp: expected 0 <= rank < size, got rank 2, size 2"):
+        KVSender(src, rank=ParallelRank(cp=2), sizes=ParallelSizes(cp=2), engine=rig[0],
                  arena=rig[1])
+    assert s.stats()["connections"] == 0  # nothing was queued, nobody was dialled
     s.close()
 
 
 def test_requests_in_flight_may_not_share_decode_pages(rig):
     src, dst = caches()
-    ns, senders, recv = group(src, dst, rig)
-    recv.expect(1, torch.tensor([3, 4, 5]), num_tokens=12)
+    g = Group(src, dst, rig)
+    g.expect(1, torch.tensor([3, 4, 5]), 12)
     with pytest.raises(ValueError, match=r"still receiving request\(s\) \[1\]"):
-        recv.expect(2, torch.tensor([7, 5]), num_tokens=8)
-    recv.expect(3, torch.tensor([7, 8]), num_tokens=8)  # disjoint: fine
-    for s in senders:
-        s.send(1, torch.tensor([0, 1, 2]), num_tokens=12)
-    assert wait_all([(recv, 1)]) == [KVStatus.Success]
-    recv.expect(2, torch.tensor([5, 6]), num_tokens=8)  # request 1 finished: its pages are free
-    close_all(senders, recv)
+        g.expect(2, torch.tensor([7, 5]), 8)
+    g.expect(3, torch.tensor([7, 8]), 8)  # disjoint: fine
+    g.send(1, torch.tensor([0, 1, 2]), 12)
+    assert wait_all([(g.recv, 1)]) == [KVStatus.Success]
+    g.expect(2, torch.tensor([5, 6]), 8)  # request 1 finished: its pages are free
+    g.close()
+
+
+@pytest.mark.parametrize("src_ps,dst_ps", [(16, 32), (32, 16), (4, 1), (3, 5)])
+def test_page_sizes_may_differ_between_the_sides(src_ps, dst_ps, rig):
+    """Packed transfers move tokens, not pages: a CP 2 prefill group with pages of
+    ``src_ps`` fills a decode pool with pages of ``dst_ps`` (shares start mid-page there),
+    bit-exact; direct mode, which moves pages, refuses the pair by name."""
+    n = 5 * src_ps - 1
+    src = make_cache(mha(), num_layers=2, num_pages=8, page_size=src_ps, seed=1)
+    dst_pages = -(-n // dst_ps)
+    dst = fill_sentinel(make_cache(mha(), num_layers=2, num_pages=dst_pages + 3,
+                                   page_size=dst_ps, seed=2))
+    s_ids = torch.randperm(8)[:5]
+    d_ids = torch.randperm(dst_pages + 3)[:dst_pages]
+    want = oracle_unpack(src, s_ids, dst, d_ids, n, range(2), range(2), range(2), range(2))
+    g = Group(src, dst, rig)
+    g.expect(1, d_ids, n)
+    g.send(1, s_ids, n)
+    assert g.wait(1) == [KVStatus.Success] * 3, g.recv.reason(1)
+    assert_cache_equals(dst, want)
+    g.close()
+    direct = Group(src, dst, rig, cp=1, direct=True, sender_kw={"mode": "direct"})
+    direct.expect(2, d_ids, n)
+    direct.send(2, s_ids, n)
+    assert direct.wait(2) == [KVStatus.Failed] * 2
+    assert "does not accept direct writes" in direct.senders[0].reason(2)
+    direct.close()
