@@ -44,7 +44,7 @@ plot: setup
 # which bytes go where, each run against the tests that cover it; report in
 # benchmarks/results/mutation.md. Under an hour on a 2-core machine.
 .PHONY: mutate
-mutate: setup
+mutate: setup setup-vllm
 	@$(PY) scripts/mutate.py
 
 clean:

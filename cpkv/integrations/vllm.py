@@ -2,28 +2,39 @@
 
     --kv-transfer-config '{"kv_connector": "CpkvConnector",
                            "kv_connector_module_path": "cpkv.integrations.vllm",
-                           "kv_role": "kv_producer", "kv_port": 14600}'   # or kv_consumer
+                           "kv_role": "kv_producer", "engine_id": "prefill-0"}'
+    --kv-transfer-config '{"kv_connector": "CpkvConnector",
+                           "kv_connector_module_path": "cpkv.integrations.vllm",
+                           "kv_role": "kv_consumer", "kv_port": 14600}'
 
-Push model: the decode engine reserves blocks and publishes where a request lands; the
-prefill engine ships each layer's KV as its forward pass writes it, packed (tokens, not
-blocks: the two engines' block sizes may differ). A router (``examples/vllm_proxy.py``) gives
-both engines the same prompt and matching ``kv_transfer_params``:
+Push model over cpkv's transfer agents: every prefill worker has one `KVSender` (the
+instance's name is vLLM's ``engine_id``; its rank and sizes are the worker's TP/PP rank and
+the engine's TP/PP sizes), every decode worker one `KVReceiver` listening on ``cpkv_host``,
+port ``kv_port`` + its TP x PP index (`cpkv.integrations.transport.receiver_addresses`). Any
+number of prefill engines may feed a decode engine, with other TP/PP sizes. The decode engine
+reserves blocks and expects each request from the prefill instance it names; the prefill engine
+ships each layer's KV as its forward pass writes it, packed (tokens, not blocks: the two
+engines' block sizes may differ where vLLM's pools have token rows). A router
+(``examples/vllm_proxy.py``) gives both engines the same prompt and matching
+``kv_transfer_params``:
 
-- decode: ``{"do_remote_prefill": True, "cpkv_transfer_id": N}``;
-- prefill (``max_tokens=1``): ``{"do_remote_decode": True, "cpkv_transfer_id": N,
-  "cpkv_peer": "<decode host>:<decode kv_port>"}``.
+- decode: ``{"do_remote_prefill": True, "cpkv_transfer_id": T, "cpkv_source": "prefill-0"}``;
+- prefill (``max_tokens=1``): ``{"do_remote_decode": True, "cpkv_transfer_id": T,
+  "cpkv_to": ["<decode host>:<kv_port>", ...]}`` (one address per decode TP x PP worker);
 
-The decode side loads every prompt token but the last (vLLM recomputes that one to sample the
-next token), so the prefill side sends ``len(prompt) - 1`` tokens. A failed transfer (a
-timeout, a refused notification, a dead peer) is reported to vLLM as a load error on the
-request's blocks (``get_block_ids_with_load_errors``): with ``kv_load_failure_policy=
-"recompute"`` vLLM recomputes the request, with ``"fail"`` (vLLM's default) it ends it with an
-error; it is never decoded over wrong KV. How the hooks map, call by call, is in docs/vllm.md.
+``T`` is a non-negative int or a string, unique among the requests in flight. The decode side
+loads every prompt token but the last (vLLM recomputes that one to sample the next), after any
+prefix it holds already (a local prefix-cache hit: only the rest is sent), so the prefill side
+sends ``len(prompt) - 1`` tokens. A failed transfer (a timeout, a refused notification, a
+dead peer, a sender the receiver refuses) is reported to vLLM as a load error on the blocks it
+was to fill (``get_block_ids_with_load_errors``): with ``kv_load_failure_policy="recompute"``
+vLLM recomputes the request, with ``"fail"`` (vLLM's default) it ends it with an error; it is
+never decoded over wrong KV. How the hooks map, call by call, is in docs/vllm.md.
 
-Extra config (``kv_connector_extra_config``): ``cpkv_host`` (the address this consumer serves
-its control plane on and peers reach, default 127.0.0.1; the port is ``kv_port`` + TP rank),
-``cpkv_timeout`` (seconds a transfer may take, default 30), ``cpkv_arena_bytes`` (staging
-memory per sender / receiver, default 64 MiB).
+Extra config (``kv_connector_extra_config``): ``cpkv_host`` (the address this worker listens
+on and peers reach it at, default 127.0.0.1), ``cpkv_timeout`` (seconds a transfer may take,
+default 30), ``cpkv_arena_bytes`` (staging memory per agent, default 64 MiB). The shared
+secret, if any, comes from ``CPKV_SECRET``.
 
 Moving pages goes through one seam, `cpkv.integrations.transport.KVTransport`; this module
 only speaks vLLM. Only this module of cpkv imports vLLM.
@@ -44,7 +55,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from ..adapters import from_vllm
-from .transport import KVTransport, TransferState, parse_address
+from ..parallel import ParallelRank, ParallelSizes, layers_of
+from ..transfer.link import parse_address
+from ..transfer.protocol import check_request_id
+from .transport import KVTransport, TransferState, receiver_port
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -54,7 +68,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["CpkvConnector", "CpkvConnectorMetadata", "RecvSpec", "SendSpec"]
+__all__ = ["CpkvConnector", "CpkvConnectorMetadata", "RecvSpec", "SendSpec", "block_pages"]
 
 logger = init_logger(__name__)
 
@@ -66,21 +80,24 @@ _BACKENDS = {"CPU_ATTN": "cpu", "FLASH_ATTN": "flash_attn", "FLASHINFER": "flash
 @dataclass
 class SendSpec:
     """Prefill side: ship ``num_tokens`` tokens in ``block_ids`` (this engine's blocks, in
-    request order) to the consumer at ``peer`` under ``transfer_id``."""
+    request order) to the decode receivers ``to`` under ``transfer_id``."""
     req_id: str
-    transfer_id: int
-    peer: str
+    transfer_id: int | str
+    to: list[str]
     block_ids: list[int]
     num_tokens: int
 
 
 @dataclass
 class RecvSpec:
-    """Decode side: expect ``num_tokens`` tokens into ``block_ids`` under ``transfer_id``."""
+    """Decode side: expect ``num_tokens`` tokens into ``block_ids`` under ``transfer_id`` from
+    prefill instance ``source``; the first ``prefix`` tokens are in the blocks already."""
     req_id: str
-    transfer_id: int
+    transfer_id: int | str
+    source: str
     block_ids: list[int]
     num_tokens: int
+    prefix: int = 0
 
 
 @dataclass
@@ -94,24 +111,62 @@ class CpkvConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class _Prefill:
     """Scheduler side: a request whose KV this engine sends."""
-    transfer_id: int
-    peer: str
+    transfer_id: int | str
+    to: list[str]
     prompt_len: int
     block_ids: list[int] = field(default_factory=list)
     started: bool = False
 
 
-def _transfer_id(params: dict, req_id: str) -> int | None:
-    tid = params.get("cpkv_transfer_id")
-    if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0:
-        return tid
-    logger.error("request %s: kv_transfer_params need a non-negative int cpkv_transfer_id, "
-                 "got %r: no transfer", req_id, tid)
-    return None
+def _params(request: Request, side: str) -> dict | None:
+    """The request's cpkv parameters for ``side`` ("decode": this engine sends, "prefill":
+    it receives), checked: None (logged) if they are not usable, so the request runs plain."""
+    params = request.kv_transfer_params or {}
+    if not params.get(f"do_remote_{side}"):
+        return None
+    try:
+        out = {"transfer_id": check_request_id(params.get("cpkv_transfer_id"),
+                                               "cpkv_transfer_id")}
+        if side == "decode":
+            to = params.get("cpkv_to")
+            to = [to] if isinstance(to, str) else to
+            if not isinstance(to, list) or not to:
+                raise TypeError(f"cpkv_to: expected the decode receivers' 'host:port' "
+                                f"addresses, got {to!r}")
+            for address in to:
+                parse_address(address)
+            out["to"] = list(to)
+        else:
+            source = params.get("cpkv_source")
+            if not isinstance(source, str) or not source:
+                raise TypeError(f"cpkv_source: expected the prefill instance's name (its "
+                                f"engine_id), got {source!r}")
+            out["source"] = source
+        return out
+    except (TypeError, ValueError) as e:
+        logger.error("request %s: kv_transfer_params: %s: no transfer", request.request_id, e)
+        return None
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def block_pages(block_ids: list[int], num_tokens: int, *, block_size: int, page_size: int,
+                whole_blocks: bool, prefix: int = 0) -> tuple[torch.Tensor, int, int]:
+    """A request's first ``num_tokens`` tokens in vLLM blocks (``block_size`` tokens each) as
+    cpkv (page ids, tokens, prefix tokens). Token-row pools: the registered tensors may be in
+    kernel blocks of ``page_size`` tokens (block b is pages [b * r, (b + 1) * r)). Whole-block
+    pools (CPU): a cpkv token is a block, the last one partly filled (its tail is never read
+    before it is written), and ``prefix`` (a local prefix-cache hit) is whole blocks."""
+    ids = torch.tensor(block_ids, dtype=torch.int64)
+    if whole_blocks:
+        n = _cdiv(num_tokens, block_size)
+        return ids[:n], n, prefix // block_size
+    r = block_size // page_size
+    if r > 1:
+        ids = (ids[:, None] * r + torch.arange(r)).reshape(-1)
+    return ids[:_cdiv(num_tokens, page_size)], num_tokens, prefix
 
 
 class CpkvConnector(KVConnectorBase_V1):
@@ -126,6 +181,7 @@ class CpkvConnector(KVConnectorBase_V1):
         except ImportError:
             pass
         ktc = self._kv_transfer_config
+        self.instance = ktc.engine_id  # vLLM appends "_dp<rank>" under data parallelism
         self.block_size = vllm_config.cache_config.block_size
         self.timeout = float(ktc.get_from_extra_config("cpkv_timeout", 30.0))
         self.host = ktc.get_from_extra_config("cpkv_host", "127.0.0.1")
@@ -143,7 +199,7 @@ class CpkvConnector(KVConnectorBase_V1):
         self._saved: set[int] = set()  # layers saved in this step's forward
         self._step_sends: dict[str, tuple[SendSpec, int]] = {}  # req -> (spec, upto sent)
         self._sending: set[str] = set()
-        self._recving: dict[str, list[int]] = {}
+        self._recving: dict[str, list[int]] = {}  # req -> the blocks its transfer fills
         self._finished: set[str] = set()
         self._load_errors: set[int] = set()
 
@@ -151,38 +207,29 @@ class CpkvConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int, bool]:
-        """Decode side: every prompt token but the last comes from the prefill engine,
-        asynchronously. A local prefix hit is not combined with a remote prefill yet: the
-        request is then computed here (see docs/vllm.md)."""
-        params = request.kv_transfer_params or {}
-        if not params.get("do_remote_prefill") or request.request_id in self._recv_planned:
+        """Decode side: every prompt token but the last that is not here already (a local
+        prefix hit of ``num_computed_tokens``) comes from the prefill engine, asynchronously."""
+        if request.request_id in self._recv_planned or _params(request, "prefill") is None:
             return 0, False
-        n = len(request.prompt_token_ids or ()) - 1
-        if n <= 0 or num_computed_tokens > 0 or \
-                _transfer_id(params, request.request_id) is None:
-            return 0, False
-        return n, True
+        n = len(request.prompt_token_ids or ()) - 1 - num_computed_tokens
+        return (n, True) if n > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        params = request.kv_transfer_params or {}
         rid = request.request_id
-        if params.get("do_remote_decode") and rid not in self._prefills:
-            tid = _transfer_id(params, rid)
-            try:
-                peer = params.get("cpkv_peer")
-                parse_address(peer, "cpkv_peer")
-            except ValueError as e:
-                logger.error("request %s: %s: no transfer", rid, e)
-                tid = None
-            if tid is not None:
-                self._prefills[rid] = _Prefill(tid, peer, len(request.prompt_token_ids or ()))
-        if num_external_tokens > 0 and params.get("do_remote_prefill") \
-                and rid not in self._recv_planned:
-            block_ids = blocks.get_block_ids()[0][:_cdiv(num_external_tokens, self.block_size)]
-            self._recvs.append(RecvSpec(rid, _transfer_id(params, rid), list(block_ids),
-                                        num_external_tokens))
-            self._recv_planned.add(rid)
+        prompt_len = len(request.prompt_token_ids or ())
+        if rid not in self._prefills:
+            send = _params(request, "decode")
+            if send is not None:
+                self._prefills[rid] = _Prefill(send["transfer_id"], send["to"], prompt_len)
+        if num_external_tokens > 0 and rid not in self._recv_planned:
+            recv = _params(request, "prefill")
+            if recv is not None:
+                n = prompt_len - 1  # the local prefix hit, then the external tokens
+                block_ids = blocks.get_block_ids()[0][:_cdiv(n, self.block_size)]
+                self._recvs.append(RecvSpec(rid, recv["transfer_id"], recv["source"],
+                                            list(block_ids), n, n - num_external_tokens))
+                self._recv_planned.add(rid)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> CpkvConnectorMetadata:
         meta = CpkvConnectorMetadata(recvs=self._recvs)
@@ -210,7 +257,7 @@ class CpkvConnector(KVConnectorBase_V1):
             upto = done + scheduler_output.num_scheduled_tokens.get(rid, 0)
             if not p.started and upto >= p.prompt_len and n > 0:
                 p.started = True  # this step's forward writes the last of the prompt
-                meta.sends.append(SendSpec(rid, p.transfer_id, p.peer,
+                meta.sends.append(SendSpec(rid, p.transfer_id, p.to,
                                            p.block_ids[:_cdiv(n, self.block_size)], n))
         return meta
 
@@ -224,7 +271,8 @@ class CpkvConnector(KVConnectorBase_V1):
         if p is None or not p.started:
             return False, None
         self._held.add(rid)
-        return True, {"cpkv_transfer_id": p.transfer_id, "cpkv_tokens": p.prompt_len - 1}
+        return True, {"cpkv_transfer_id": p.transfer_id, "cpkv_tokens": p.prompt_len - 1,
+                      "cpkv_source": self.instance}
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         for rid in connector_output.finished_sending or ():
@@ -237,8 +285,8 @@ class CpkvConnector(KVConnectorBase_V1):
     # == worker side =======================================================================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """View vLLM's pool (``cpkv.adapters.from_vllm``) and open the transport: a consumer
-        serves its control plane on ``cpkv_host:kv_port + tp rank``."""
+        """View vLLM's pool (``cpkv.adapters.from_vllm``) and open this worker's agents: a
+        producer's sender, a consumer's receiver on ``cpkv_host:kv_port + TP x PP index``."""
         from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
         names = {b.get_name() for b in get_current_attn_backends(self._vllm_config)}
         backend = "mla" if any("MLA" in n for n in names) else \
@@ -263,34 +311,59 @@ class CpkvConnector(KVConnectorBase_V1):
         if not self._whole_blocks and self.block_size % self.cache.page_size:
             raise ValueError(f"CpkvConnector: block_size {self.block_size} is not a multiple "
                              f"of the registered pages' {self.cache.page_size} tokens")
-        serve = None
-        if self._kv_transfer_config.is_kv_consumer:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-            port = self._kv_transfer_config.kv_port + get_tensor_model_parallel_rank()
-            serve = f"{self.host}:{port}"
-        self.transport = self.make_transport(self.cache, serve)
-        logger.info("CpkvConnector: %s pool %s, %d layers, page size %d%s", backend,
-                    self.cache.layout, self.cache.num_layers, self.cache.page_size,
-                    f", serving {self.transport.address}" if serve else "")
+        rank, sizes, num_layers = self._coordinates(list(kv_caches))
+        ktc = self._kv_transfer_config
+        serve = receiver_port(ktc.kv_port, rank, sizes,
+                              self._vllm_config.parallel_config.data_parallel_index) \
+            if ktc.is_kv_consumer else None
+        model = self._vllm_config.model_config
+        self.transport = self.make_transport(
+            self.cache, instance=self.instance, rank=rank, sizes=sizes,
+            kind="mla" if backend == "mla" else "mha",
+            num_kv_heads=None if backend == "mla" else model.get_total_num_kv_heads(),
+            num_layers=num_layers, send=ktc.is_kv_producer, serve=serve, host=self.host,
+            timeout=self.timeout, arena_bytes=self.arena_bytes)
+        logger.info("CpkvConnector %s %s: %s pool %s, %d layers, page size %d%s", self.instance,
+                    rank, backend, self.cache.layout, self.cache.num_layers,
+                    self.cache.page_size, f", receiving on {self.transport.address}"
+                    if serve is not None else "")
 
-    def make_transport(self, cache, serve: str | None) -> KVTransport:
+    def _coordinates(self, layer_names: list[str]) -> tuple[ParallelRank, ParallelSizes,
+                                                            int | None]:
+        """This worker's rank, the engine's sizes, and the model's layer count (with PP:
+        cpkv's split of the layers must be vLLM's, checked on the registered layers)."""
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+        parallel = self._vllm_config.parallel_config
+        if parallel.decode_context_parallel_size > 1:
+            raise ValueError(f"CpkvConnector: decode context parallelism (size "
+                             f"{parallel.decode_context_parallel_size}) is not supported yet")
+        sizes = ParallelSizes(tp=parallel.tensor_parallel_size,
+                              pp=parallel.pipeline_parallel_size)
+        rank = ParallelRank(tp=get_tensor_model_parallel_rank(),
+                            pp=get_pp_group().rank_in_group if sizes.pp > 1 else 0)
+        if sizes.pp == 1:
+            return rank, sizes, None
+        from vllm.model_executor.models.utils import extract_layer_index
+        total = self._vllm_config.model_config.get_total_num_hidden_layers()
+        held = [extract_layer_index(n) for n in layer_names]
+        ours = layers_of(rank.pp, sizes.pp, total)
+        if held != list(ours):
+            raise ValueError(f"CpkvConnector: pp rank {rank.pp} of {sizes.pp} holds layers "
+                             f"{held[0]}..{held[-1]} of {total}; cpkv splits them as "
+                             f"{ours.start}..{ours.stop - 1} (balanced, the first stages one "
+                             f"longer): set VLLM_PP_LAYER_PARTITION to that split")
+        return rank, sizes, total
+
+    def make_transport(self, cache, **kwargs) -> KVTransport:
         """The transport this worker moves pages with (a subclass may wrap it)."""
-        return KVTransport(cache, serve=serve, timeout=self.timeout,
-                           arena_bytes=self.arena_bytes)
+        return KVTransport(cache, **kwargs)
 
-    def _pages(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, int]:
-        """A request's first ``num_tokens`` tokens in vLLM blocks as (cpkv page ids, cpkv
-        tokens). Token-row pools: the registered tensors may be in smaller kernel blocks
-        (block b is pages [b * r, (b + 1) * r)). Whole-block pools (CPU): a cpkv token is a
-        block, the last one partly filled (its tail is never read before it is written)."""
-        ids = torch.tensor(block_ids, dtype=torch.int64)
-        if self._whole_blocks:
-            n = _cdiv(num_tokens, self.block_size)
-            return ids[:n].to(self.cache.device), n
-        r = self.block_size // self.cache.page_size
-        if r > 1:
-            ids = (ids[:, None] * r + torch.arange(r)).reshape(-1)
-        return ids[:_cdiv(num_tokens, self.cache.page_size)].to(self.cache.device), num_tokens
+    def _pages(self, block_ids: list[int], num_tokens: int,
+               prefix: int = 0) -> tuple[torch.Tensor, int, int]:
+        ids, n, prefix = block_pages(block_ids, num_tokens, block_size=self.block_size,
+                                     page_size=self.cache.page_size,
+                                     whole_blocks=self._whole_blocks, prefix=prefix)
+        return ids.to(self.cache.device), n, prefix
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -299,12 +372,14 @@ class CpkvConnector(KVConnectorBase_V1):
         self._sending.update(self._step_sends)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
-        """Decode side: publish where each newly allocated request lands."""
+        """Decode side: expect each newly allocated request (its senders learn where its
+        tokens land as they announce it)."""
         meta = self._get_connector_metadata()
         for spec in meta.recvs:
-            self._recving[spec.req_id] = spec.block_ids
-            self.transport.expect(spec.req_id, spec.transfer_id,
-                                  *self._pages(spec.block_ids, spec.num_tokens))
+            ids, n, prefix = self._pages(spec.block_ids, spec.num_tokens, spec.prefix)
+            # the blocks the transfer fills: a failure invalidates these, never the prefix
+            self._recving[spec.req_id] = spec.block_ids[spec.prefix // self.block_size:]
+            self.transport.expect(spec.req_id, spec.transfer_id, spec.source, ids, n, prefix)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: a request loads while it waits outside the batch
@@ -332,8 +407,8 @@ class CpkvConnector(KVConnectorBase_V1):
         ready = torch.cuda.current_stream() if self.cache.device.type == "cuda" else None
         for rid, (spec, sent) in list(self._step_sends.items()):
             if upto > sent:
-                self.transport.send_layers(rid, spec.transfer_id, spec.peer,
-                                           *self._pages(spec.block_ids, spec.num_tokens), upto,
+                ids, n, _ = self._pages(spec.block_ids, spec.num_tokens)
+                self.transport.send_layers(rid, spec.transfer_id, spec.to, ids, n, upto,
                                            ready=ready)
                 self._step_sends[rid] = (spec, upto)
 

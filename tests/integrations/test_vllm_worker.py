@@ -69,9 +69,9 @@ def blocks_bytes(caches: dict, blocks: list[int]) -> list[torch.Tensor]:
     return [as_bytes(t[blocks].contiguous()) for t in caches.values()]
 
 
-def connector(model, role: str, port: int, **extra):
-    config = make_config(model, role, block_size=BS, kv_port=port,
-                         extra={"cpkv_timeout": 10, **extra})
+def connector(model, role: str, port: int = 0, block_size: int = BS, **extra):
+    config = make_config(model, role, block_size=block_size, kv_port=port,
+                         engine_id=role.replace("kv_", ""), extra={"cpkv_timeout": 10, **extra})
     kv_cache_config, caches = allocate(config, LAYERS)
     with set_current_vllm_config(config):
         conn = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER,
@@ -125,12 +125,25 @@ def test_gpu_layouts_from_vllm_allocation(model, layout):
     assert torch.equal(got, torch.cat(parts))
 
 
-def test_worker_hooks_move_a_request_bit_exact(model, tp_group):
+def finish(producer, consumer, timeout=60):
+    """Step both workers' get_finished until the request ended on both (the producer's
+    request "p" finished in vLLM); (received, sent, the consumer's load errors)."""
+    recvd, sent, deadline = set(), set(), time.monotonic() + timeout
+    while (not recvd or not sent) and time.monotonic() < deadline:
+        recvd |= consumer.get_finished(set())[1]
+        sent |= producer.get_finished({"p"})[0]
+        time.sleep(0.01)
+    return recvd, sent, consumer.get_block_ids_with_load_errors()
+
+
+@pytest.mark.parametrize("prefix", [0, BS], ids=["no-prefix", "one-block-cached"])
+def test_worker_hooks_move_a_request_bit_exact(model, tp_group, prefix):
     """Producer and consumer workers, hooks called as vLLM calls them: the consumer's blocks
-    end bit-exact equal to the producer's, layer by layer, and nothing else is written."""
+    end bit-exact equal to the producer's, layer by layer, and nothing else is written (with
+    a local prefix hit, not the cached block either)."""
     port = free_port()
     consumer, dst = connector(model, "kv_consumer", port)
-    producer, src = connector(model, "kv_producer", port)
+    producer, src = connector(model, "kv_producer")
     sent = []
     send_layers = producer.transport.send_layers
     producer.transport.send_layers = lambda *a, **k: (sent.append(a[5]), send_layers(*a, **k))
@@ -139,21 +152,17 @@ def test_worker_hooks_move_a_request_bit_exact(model, tp_group):
         cpu_write(src, [b * BS + s for b in src_blocks for s in range(BS)], seed=3)
         cpu_write(dst, list(range(0, 16 * BS)), seed=4)  # poison
         before = blocks_bytes(dst, list(range(16)))
-        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 77, dst_blocks, n)]))
-        run_step(producer, CpkvConnectorMetadata(sends=[SendSpec("p", 77, f"127.0.0.1:{port}",
-                                                                 src_blocks, n)]), save=True)
+        run_step(consumer, CpkvConnectorMetadata(recvs=[
+            RecvSpec("d", "t-77", "producer", dst_blocks, n, prefix)]))
+        run_step(producer, CpkvConnectorMetadata(sends=[
+            SendSpec("p", "t-77", [f"127.0.0.1:{port}"], src_blocks, n)]), save=True)
         assert sent == [1, 2]  # one call per layer as the forward saves it
-        recvd, sending, deadline = set(), set(), time.monotonic() + 60
-        while (not recvd or not sending) and time.monotonic() < deadline:
-            recvd |= consumer.get_finished(set())[1]
-            sending |= producer.get_finished({"p"})[0]  # the request ended on the producer
-            time.sleep(0.01)
-        assert recvd == {"d"} and sending == {"p"}
-        assert consumer.get_block_ids_with_load_errors() == set()
-        assert all(torch.equal(a, b) for a, b in zip(blocks_bytes(dst, dst_blocks),
-                                                     blocks_bytes(src, src_blocks),
+        assert finish(producer, consumer) == ({"d"}, {"p"}, set())
+        moved = prefix // BS
+        assert all(torch.equal(a, b) for a, b in zip(blocks_bytes(dst, dst_blocks[moved:]),
+                                                     blocks_bytes(src, src_blocks[moved:]),
                                                      strict=True))
-        others = [b for b in range(16) if b not in dst_blocks]
+        others = [b for b in range(16) if b not in dst_blocks[moved:]]
         assert all(torch.equal(a[others], b[others])
                    for a, b in zip(blocks_bytes(dst, list(range(16))), before, strict=True))
     finally:
@@ -161,19 +170,45 @@ def test_worker_hooks_move_a_request_bit_exact(model, tp_group):
         consumer.shutdown()
 
 
-def test_a_failed_receive_reports_its_blocks_once(model, tp_group):
-    """Nobody sends: after cpkv_timeout the request is reported received, with every block
-    it was to load as a load error (vLLM then recomputes or fails it), once."""
+def test_cpu_pools_of_other_block_sizes_are_refused(model, tp_group, caplog):
+    """vLLM's CPU blocks move whole (K is column-major inside a block): a prefill worker with
+    blocks of 32 cannot feed a decode worker with blocks of 64. The receiver refuses the
+    sender (the packed formats differ), the send fails at once with that reason, the receive
+    at its timeout with load errors on its blocks, and no byte of the decode pool changes."""
     port = free_port()
-    consumer, _ = connector(model, "kv_consumer", port, cpkv_timeout=1)
+    consumer, dst = connector(model, "kv_consumer", port, block_size=2 * BS, cpkv_timeout=2)
+    producer, _ = connector(model, "kv_producer")
     try:
-        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 5, [1, 2], BS + 1)]))
+        before = [as_bytes(t).clone() for t in dst.values()]
+        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 8, "producer", [1, 2],
+                                                                 3 * BS)]))
+        run_step(producer, CpkvConnectorMetadata(sends=[
+            SendSpec("p", 8, [f"127.0.0.1:{port}"], [1, 2, 3], 3 * BS)]), save=True)
+        assert finish(producer, consumer) == ({"d"}, {"p"}, {1, 2})
+        assert "refused this sender" in caplog.text and "head_dim expected 2048, got 1024" \
+            in caplog.text
+        assert all(torch.equal(as_bytes(t), b) for t, b in zip(dst.values(), before,
+                                                              strict=True))
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
+
+
+def test_a_failed_receive_reports_its_blocks_once(model, tp_group):
+    """Nobody sends: after cpkv_timeout the requests are reported received, with every block
+    they were to load as a load error (vLLM then recomputes or fails them), once; the blocks
+    of a local prefix hit (shared with other requests) are not among them."""
+    consumer, _ = connector(model, "kv_consumer", free_port(), cpkv_timeout=1)
+    try:
+        run_step(consumer, CpkvConnectorMetadata(recvs=[
+            RecvSpec("d", 5, "producer", [1, 2], BS + 1),
+            RecvSpec("e", 6, "producer", [3, 4, 5], 2 * BS + 1, prefix=BS)]))
         recvd, deadline = set(), time.monotonic() + 30
-        while not recvd and time.monotonic() < deadline:
-            recvd = consumer.get_finished(set())[1]
+        while recvd != {"d", "e"} and time.monotonic() < deadline:
+            recvd |= consumer.get_finished(set())[1]
             time.sleep(0.05)
-        assert recvd == {"d"}
-        assert consumer.get_block_ids_with_load_errors() == {1, 2}
+        assert recvd == {"d", "e"}
+        assert consumer.get_block_ids_with_load_errors() == {1, 2, 4, 5}
         assert consumer.get_block_ids_with_load_errors() == set()
     finally:
         consumer.shutdown()
@@ -182,10 +217,10 @@ def test_a_failed_receive_reports_its_blocks_once(model, tp_group):
 def test_a_receive_aborted_by_vllm_ends_at_once_without_load_errors(model, tp_group):
     """vLLM finished the request while its KV was on the way (an abort): the receive is
     dropped (nothing more lands in its blocks) and reported at once, so vLLM frees them."""
-    port = free_port()
-    consumer, _ = connector(model, "kv_consumer", port)
+    consumer, _ = connector(model, "kv_consumer", free_port())
     try:
-        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 6, [1, 2], BS + 1)]))
+        run_step(consumer, CpkvConnectorMetadata(recvs=[RecvSpec("d", 6, "producer", [1, 2],
+                                                                 BS + 1)]))
         assert consumer.get_finished(set()) == (set(), set())
         assert consumer.get_finished({"d"}) == (set(), {"d"})
         assert consumer.get_block_ids_with_load_errors() == set()

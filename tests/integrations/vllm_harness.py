@@ -39,16 +39,18 @@ CONNECTOR = {"kv_connector": "CpkvConnector", "kv_connector_module_path": "cpkv.
 
 def make_config(model, role: str, *, block_size: int = 32, batched_tokens: int = 512,
                 policy: str = "recompute", kv_port: int = 14579, extra: dict | None = None,
-                layout: str = "LBHNC") -> VllmConfig:
+                layout: str = "LBHNC", engine_id: str | None = None,
+                prefix_caching: bool = False) -> VllmConfig:
     model_config = ModelConfig(model=str(model), dtype="bfloat16", seed=0,
                                skip_tokenizer_init=True, max_model_len=512)
     scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=batched_tokens,
                                        max_model_len=512, enable_chunked_prefill=True,
                                        is_encoder_decoder=False)
-    cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=False)
+    cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
     cache_config.kv_cache_layout = layout  # resolved by the engine core before connectors
     kv = KVTransferConfig(**CONNECTOR, kv_role=role, kv_load_failure_policy=policy,
-                          kv_port=kv_port, kv_connector_extra_config=extra or {})
+                          kv_port=kv_port, engine_id=engine_id,
+                          kv_connector_extra_config=extra or {})
     return VllmConfig(model_config=model_config, scheduler_config=scheduler_config,
                       cache_config=cache_config, kv_transfer_config=kv,
                       device_config=DeviceConfig("cpu"))
@@ -70,11 +72,19 @@ def make_scheduler(config: VllmConfig, num_blocks: int = 64) -> Scheduler:
                      block_size=block_size)
 
 
-def make_request(rid: str, prompt: list[int], params: dict | None,
-                 max_tokens: int = 4) -> Request:
+def make_request(rid: str, prompt: list[int], params: dict | None, max_tokens: int = 4,
+                 block_size: int | None = None) -> Request:
+    """A vLLM request; with ``block_size``, hashed per block as the engine does (prefix
+    caching finds its blocks)."""
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
                         extra_args={"kv_transfer_params": params} if params else None)
-    return Request(rid, prompt, sp, None)
+    hasher = None
+    if block_size is not None:
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        init_none_hash(sha256)
+        hasher = get_request_block_hasher(block_size, sha256)
+    return Request(rid, prompt, sp, None, block_hasher=hasher)
 
 
 def runner_output(scheduler: Scheduler, scheduler_output, token: int = 7, *,
@@ -127,10 +137,12 @@ class CallLog:
         return calls
 
 
-def allocate(config: VllmConfig, num_layers: int, memory: int = 1 << 20) -> tuple:
+def allocate(config: VllmConfig, num_layers: int, memory: int = 1 << 20,
+             kernel_block_size: int | None = None) -> tuple:
     """vLLM's own KV cache allocation for ``num_layers`` attention layers: the
     ``KVCacheConfig`` (``get_kv_cache_config_from_groups``, in the config's resolved layout)
-    and the per-layer views ``register_kv_caches`` receives (``allocate_kv_cache``)."""
+    and the per-layer views ``register_kv_caches`` receives (``allocate_kv_cache``), in the
+    attention kernel's block size (default: the block size)."""
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.worker.utils import allocate_kv_cache
 
@@ -139,5 +151,6 @@ def allocate(config: VllmConfig, num_layers: int, memory: int = 1 << 20) -> tupl
     groups = [KVCacheGroupSpec(names, kv_spec(block_size))]
     kv_cache_config = get_kv_cache_config_from_groups(config, groups, memory)
     layout = config.cache_config.get_resolved_kv_cache_layout()
-    caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout, [block_size])
+    caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout,
+                               [kernel_block_size or block_size])
     return kv_cache_config, caches
