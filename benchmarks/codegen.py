@@ -14,7 +14,8 @@ per specialisation:
   (128 = ``LDG.E.128`` and ``STG.E.128``);
 - ``registers``, ``spills`` (spill stores + loads, bytes) from ``ptxas -v``;
 - ``div_rem``: 64-bit integer div/rem in the PTX (each becomes a long SASS sequence);
-- ``sass_instructions``: instructions in the kernel's SASS.
+- ``sass_instructions``: instructions in the kernel's SASS (per thread, static: a launch with
+  ``num_warps`` 8 runs half the words per thread of one with 4).
 
 Targets on sm_90a: 128-bit accesses, <= 64 registers, no spills, no 64-bit div/rem.
 """
@@ -35,19 +36,19 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 
 
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
 TARGETS = {"vector_bits": 128, "registers": 64, "spills": 0, "div_rem": 0}
-# op -> the plan_launch flags the launcher uses for it
-OPS = {
-    "pack": dict(unpack=False),
-    "unpack": dict(unpack=True),
-    "reorganize": dict(unpack=True, token_map=True),
-    "pack-regions": dict(unpack=False, regions=True),
-    "unpack-regions": dict(unpack=True, regions=True),
-    "pack-tokens": dict(unpack=False, token_list=True),
-    "unpack-tokens": dict(unpack=True, token_list=True),
-}
+# op -> the plan_launch flags the launcher uses for it: pack and unpack of an uncut slot, of a
+# slot cut into values (-regions), of a token list (-tokens), each also with the fused digest
+# (-digest), and the reorganize kernel.
+_VARIANTS = {"": {}, "-regions": dict(regions=True), "-tokens": dict(token_list=True)}
+OPS = {f"{op}{name}": dict(unpack=op == "unpack", **flags)
+       for name, flags in _VARIANTS.items() for op in ("pack", "unpack")}
+OPS["reorganize"] = dict(unpack=True, token_map=True)
+OPS.update({f"{op}-digest": dict(flags, digest=True) for op, flags in list(OPS.items())
+            if op != "reorganize"})
 COLUMNS = ["op", "shape", "page_size", "arch", "vector_bits", "registers", "spills", "div_rem",
            "sass_instructions", "word_bytes", "vec", "head_words", "row_words", "contig_heads",
-           "block_t", "block_r", "chunk_words", "blocks", "triton", "ptxas", "git_sha",
+           "block_t", "block_r", "chunk_words", "num_warps", "blocks", "triton", "ptxas",
+           "git_sha",
            "timestamp"]
 
 
@@ -67,7 +68,7 @@ def arch_supported(arch: str) -> bool:
     return arch in out
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: str) -> dict:
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: int = 4) -> dict:
     """Compile a ``@triton.jit`` function for ``arch`` (no GPU needed); measure its code.
 
     Pointer arguments are assumed 16-byte aligned (as Triton specialises real tensors)."""
@@ -79,7 +80,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str) -> dict:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
              if t.startswith("*")}
     src = ASTSource(fn, signature, constexprs, attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32))
+    kernel = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+                            options={"num_warps": num_warps})
     ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         p_ptx, p_cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
@@ -132,7 +134,7 @@ def signature(spec) -> dict:
     word = {8: "i64", 4: "i32", 2: "i16", 1: "u8"}[spec.word]
     sig = {"slot": f"*{word}", "desc": "*i64", "page_ids": "*i32",
            "token_map": "*i64" if spec.has_token_map else "*i32",
-           "tokens": "*i32", "num_rows": "i32", "rows_per_region": "i32",
+           "tokens": "*i32", "digest": "*i64", "num_rows": "i32", "rows_per_region": "i32",
            "region_words": "i32", "token_offset": "i32"}
     sig.update({name: "constexpr" for name in spec.constexprs()})
     return sig
@@ -151,13 +153,14 @@ def report(archs, shapes=("A", "B", "C"), page_sizes=(1, 16, 64), ops=OPS):
                         key = (arch, spec)
                         if key not in seen:
                             seen[key] = compile_kernel(_paged_copy_kernel, signature(spec),
-                                                       spec.constexprs(), arch)
+                                                       spec.constexprs(), arch, spec.num_warps)
                         rows.append(dict(
                             op=op, shape=shape, page_size=ps, arch=arch, **seen[key],
                             word_bytes=spec.word, vec=spec.vec, head_words=spec.head_words,
                             row_words=spec.row_words, contig_heads=int(spec.contig_heads),
                             block_t=spec.block_t, block_r=spec.block_r,
-                            chunk_words=spec.chunk_words, blocks=n_blocks))
+                            chunk_words=spec.chunk_words, num_warps=spec.num_warps,
+                            blocks=n_blocks))
     return rows
 
 

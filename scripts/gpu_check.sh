@@ -8,8 +8,9 @@
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # --quick: tiny sweep, the GPU-marked tests only; what a CPU machine can run of the check.
-# OUTDIR gets: gpu-tests.log, tests.log, codegen.csv, kernels.csv, arena.csv, kernels.png, gpu_e2e.png,
-# summary.txt (one line per step: ok / FAILED / skipped, with its time).
+# OUTDIR gets: gpu-tests.log, tests.log, codegen.csv, kernels.csv, digest.csv, arena.csv,
+# kernels.png, gpu_e2e.png, summary.txt (one line per step: ok / FAILED / skipped, with its
+# time).
 # GPU_CHECK_SKIP=tests,codegen (comma-separated step names) skips steps; PYTHON picks the
 # interpreter (default python3).
 set -uo pipefail
@@ -91,7 +92,7 @@ else
 fi
 
 # 3. Kernel sweep: device time (do_bench) 4K-32K tokens, end to end at 4K tokens.
-rm -f "$OUT/kernels.csv"
+rm -f "$OUT/kernels.csv" "$OUT/digest.csv"
 if [ $QUICK = 1 ]; then
   step sweep 240 "$PY" -m benchmarks.bench_kernels --quick --shapes B --page-sizes 16 \
     --repeats 2 --patterns fragmented --out "$OUT/kernels.csv"
@@ -100,6 +101,12 @@ elif [ "$HAS_CUDA" = 1 ]; then
     --out "$OUT/kernels.csv"
 else
   echo "sweep: skipped (no CUDA device; use --quick)" >> "$SUMMARY"
+fi
+
+# 3b. Integrity cost: pack / unpack with and without the fused digest, and with CRC32C.
+if [ $QUICK = 0 ] && [ "$HAS_CUDA" = 1 ]; then
+  step digest 60 "$PY" -m benchmarks.bench_digest --device cuda --tokens 32768 --repeats 20 \
+    --out "$OUT/digest.csv"
 fi
 
 # 4. Staging arena: cuda, and symmetric with a group of one.
@@ -121,7 +128,8 @@ if [ $QUICK = 1 ]; then
   step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --arch sm_90a \
     --shapes B --page-sizes 16 --out "$OUT/codegen.csv"
 else
-  step codegen 60 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
+  # 13 ops x 3 shapes x 3 page sizes x 2 archs: ~100 s of compiles on 2 cores
+  step codegen 150 env TRITON_INTERPRET=0 "$PY" -m benchmarks.codegen --out "$OUT/codegen.csv"
 fi
 
 cat "$SUMMARY"

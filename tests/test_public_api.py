@@ -14,7 +14,8 @@ def test_top_level_api():
 
 
 def test_kernels_api():
-    assert sorted(cpkv.kernels.__all__) == ["pack_pages", "reorganize_pages", "unpack_pages"]
+    assert sorted(cpkv.kernels.__all__) == ["pack_pages", "packed_digest", "reorganize_pages",
+                                            "unpack_pages"]
 
 
 def test_cp_api():

@@ -22,6 +22,14 @@ rank regions of a CP all-gather) puts row j in value ``j // rows_per_region``, v
 ``region_words`` apart, each an ordinary packed slot of ``rows_per_region`` rows: one 32-bit
 division per token, never in the copy loop. With a token map (reorganize), pool token t instead
 reads packed row ``map[t]`` (regions of ``rows_per_rank`` rows), and is skipped where it is < 0.
+
+Pool side: packed row j is request-local token ``token_offset + j`` (a run-time value) or
+``tokens[j]`` (a list: HAS_TOKEN_LIST), in page ``page_ids[t // PAGE_SIZE]``.
+
+Digest (HAS_DIGEST): each word adds its share of the packed buffer's digest
+(`cpkv.kernels.digest`) to a per-program sum as it passes between load and store, and each
+program adds its sum to the counter with one atomic; launched with 8 warps and its steps not
+unrolled, so the multiply-adds do not keep every step's words live.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import triton.language as tl
 
 from .._checks import as_page_ids, byte_span, check_buffer, check_no_alias, check_num_tokens
 from ..layout import PackedFormat, PagedKVCache, as_range
+from .digest import add_digest, digest_terms
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
 from .words import WORD_DTYPES
 
@@ -61,6 +70,7 @@ def _paged_copy_kernel(
     page_ids,  # *int32 | *int64 [n_pages of the request]
     token_map,  # *int64 [num_rows] packed row per token, -1 to skip (HAS_TOKEN_MAP)
     tokens,  # *int32 | *int64 [num_rows] request-local token per packed row (HAS_TOKEN_LIST)
+    digest,  # *int64 [1] the packed bytes' digest is added here (HAS_DIGEST)
     num_rows,  # packed rows (pack, unpack) or request-local tokens (token map)
     rows_per_region,  # rows of one value (HAS_REGIONS), else of the whole slot
     region_words,  # words from one value to the next (HAS_REGIONS)
@@ -78,6 +88,7 @@ def _paged_copy_kernel(
     HAS_TOKEN_MAP: tl.constexpr,
     HAS_REGIONS: tl.constexpr,
     HAS_TOKEN_LIST: tl.constexpr,
+    HAS_DIGEST: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -112,7 +123,11 @@ def _paged_copy_kernel(
     o_tok_pool = tl.multiple_of(page * stride_page + (tok % PAGE_SIZE).to(tl.int64) * stride_slot,
                                 VEC)
     o_tok_slot = tl.multiple_of(o_tok_slot, VEC)
-    for r0 in tl.static_range(0, CHUNK_WORDS, BLOCK_R):
+    if HAS_DIGEST:
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.uint64)
+    # Unrolled, but for the digest: its multiply-adds would keep every step's words live.
+    for r0 in tl.range(0, CHUNK_WORDS, BLOCK_R, num_stages=1,
+                       loop_unroll_factor=1 if HAS_DIGEST else CHUNK_WORDS // BLOCK_R):
         o_r = i_c * CHUNK_WORDS + r0 + tl.arange(0, BLOCK_R)
         o_r = tl.max_contiguous(tl.multiple_of(o_r, BLOCK_R), BLOCK_R)
         m = m_t[:, None] & (o_r < ROW_WORDS)[None, :]
@@ -123,9 +138,16 @@ def _paged_copy_kernel(
         o_pool = o_tok_pool[:, None] + o_row[None, :]
         o_slot = o_tok_slot[:, None] + o_r[None, :]
         if IS_UNPACK:
-            tl.store(p_pool + o_pool, tl.load(slot + o_slot, mask=m), mask=m)
+            b_row = tl.load(slot + o_slot, mask=m)
+            tl.store(p_pool + o_pool, b_row, mask=m)
         else:
-            tl.store(slot + o_slot, tl.load(p_pool + o_pool, mask=m), mask=m)
+            b_row = tl.load(p_pool + o_pool, mask=m)
+            tl.store(slot + o_slot, b_row, mask=m)
+        if HAS_DIGEST:  # the bytes as they pass: no second read
+            acc += tl.where(m, digest_terms(b_row, o_slot, ALIGN_BYTES // VEC), 0)
+    if HAS_DIGEST:  # one atomic per program; a sum mod 2**64 in any order, read after the
+        # kernel: relaxed (no fence, no L1 invalidation around it)
+        tl.atomic_add(digest, tl.sum(acc).to(tl.int64, bitcast=True), sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,8 @@ class KernelSpec:
     has_token_map: bool
     has_regions: bool = False
     has_token_list: bool = False
+    has_digest: bool = False
+    num_warps: int = 4  # 8 with the digest: half the words (and registers) per thread
 
     @property
     def n_chunks(self) -> int:
@@ -156,7 +180,8 @@ class KernelSpec:
                     ALIGN_BYTES=self.vec * self.word, BLOCK_T=self.block_t,
                     BLOCK_R=self.block_r, CHUNK_WORDS=self.chunk_words,
                     IS_UNPACK=self.is_unpack, HAS_TOKEN_MAP=self.has_token_map,
-                    HAS_REGIONS=self.has_regions, HAS_TOKEN_LIST=self.has_token_list)
+                    HAS_REGIONS=self.has_regions, HAS_TOKEN_LIST=self.has_token_list,
+                    HAS_DIGEST=self.has_digest)
 
 
 @dataclass(frozen=True)
@@ -196,7 +221,8 @@ def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, i
 
 def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: int = 16, *,
                 unpack: bool, token_map: bool = False, regions: bool = False,
-                token_list: bool = False, interpret: bool = _INTERPRET) -> list[LaunchGroup]:
+                token_list: bool = False, digest: bool = False,
+                interpret: bool = _INTERPRET) -> list[LaunchGroup]:
     """Group the packed format's blocks by geometry: one `LaunchGroup` per specialisation.
 
     Pure host work on the pool's shapes, strides and addresses (no device access); the same
@@ -205,7 +231,8 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
     between values where the slot is cut); it caps the word. ``regions`` addresses a slot cut
     into values (`pack_pages(region_tokens=)`); ``token_map`` selects the reorganize kernel
     (packed rows chosen per pool token, in regions: it implies ``regions``); ``token_list``
-    reads the request-local token of each packed row from a list (`pack_pages(tokens=)`).
+    reads the request-local token of each packed row from a list (`pack_pages(tokens=)`);
+    ``digest`` adds the packed bytes' digest (`cpkv.kernels.digest`) to a device counter.
     """
     blocks, pre = [], 0
     for layer in layers:
@@ -231,7 +258,8 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
     for (word, vec, head_words, row_words, contig), rows in groups.items():
         block_t, block_r, chunk = _tiles(row_words, vec, word, interpret)
         spec = KernelSpec(word, vec, cache.page_size, head_words, row_words, contig, block_t,
-                          block_r, chunk, unpack, token_map, regions or token_map, token_list)
+                          block_r, chunk, unpack, token_map, regions or token_map, token_list,
+                          digest, 8 if digest else 4)
         plan.append(LaunchGroup(spec, tuple(rows)))
     return plan
 
@@ -244,21 +272,23 @@ def _device_guard(device: torch.device):
 def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: range,
             heads: range, slot: torch.Tensor, *, unpack: bool, token_map=None,
             rows_per_region: int | None = None, region_nbytes: int = 0, token_offset: int = 0,
-            tokens: torch.Tensor | None = None) -> None:
+            tokens: torch.Tensor | None = None, digest: torch.Tensor | None = None) -> None:
     """One launch per geometry group for every layer and component. Inputs are trusted; no host
     synchronisation (the descriptor tables are built and copied once per pool and geometry).
     ``rows_per_region`` / ``region_nbytes``: the slot is cut into values of that many rows,
     that many bytes apart (regions); else it is one packed slot of ``num_rows`` rows. Packed
-    row j is request-local token ``token_offset + j``, or ``tokens[j]``."""
+    row j is request-local token ``token_offset + j``, or ``tokens[j]``. ``digest`` ([1] int64)
+    gets the packed bytes' digest added."""
     has_map, regions, has_list = token_map is not None, rows_per_region is not None, \
         tokens is not None
+    has_digest = digest is not None
     align = _align([slot_alignment(slot), region_nbytes])  # every value's start
     key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, regions,
-           has_list, align)
+           has_list, has_digest, align)
     launches = cache._kernel_tables.get(key)
     if launches is None:
         plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map,
-                           regions=regions, token_list=has_list)
+                           regions=regions, token_list=has_list, digest=has_digest)
         launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
                     for g in plan]
         cache._kernel_tables[key] = launches
@@ -269,8 +299,10 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: 
             grid = (triton.cdiv(num_rows, spec.block_t), table.shape[0], spec.n_chunks)
             _paged_copy_kernel[grid](
                 words, table, page_ids, page_ids if token_map is None else token_map,
-                page_ids if tokens is None else tokens, num_rows, rows,
-                region_nbytes // spec.word, token_offset, **spec.constexprs())
+                page_ids if tokens is None else tokens, page_ids if digest is None else digest,
+                num_rows, rows,
+                region_nbytes // spec.word, token_offset, **spec.constexprs(),
+                num_warps=spec.num_warps)
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
@@ -297,7 +329,7 @@ def _pool_spans(cache: PagedKVCache) -> list[tuple[int, int]]:
 
 
 def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique, token_offset=0,
-             tokens=None):
+             tokens=None, digest=None):
     """Resolve and check the arguments common to pack and unpack. The ids (and ``tokens``) are
     always made contiguous tensors (no kernel reads a strided view); their values are read back
     only when ``validate``. Returns (page ids, packed rows, layers, heads, placement), the
@@ -308,6 +340,11 @@ def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique, to
     head_range = as_range(heads, cache.num_heads, "heads")
     page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=unique,
                            check_values=validate)
+    if digest is not None and not (isinstance(digest, torch.Tensor) and digest.dtype ==
+                                   torch.int64 and digest.numel() == 1
+                                   and digest.device == cache.device):
+        raise TypeError(f"digest: expected a one-element int64 tensor on {cache.device}, got "
+                        f"{_describe(digest)}")
     if tokens is None:
         num_tokens = check_num_tokens(num_tokens, page_ids.shape[0], cache.page_size,
                                       token_offset)
@@ -324,10 +361,17 @@ def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique, to
     return page_ids, tokens.shape[0], layer_range, head_range, {"tokens": tokens}
 
 
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} of shape {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
 def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int | None = None,
                token_offset: int = 0, tokens: torch.Tensor | None = None, layers=None,
                heads=None, region_tokens: int | None = None, out: torch.Tensor | None = None,
-               backend: str = "auto", validate: bool = True) -> torch.Tensor:
+               digest: torch.Tensor | None = None, backend: str = "auto",
+               validate: bool = True) -> torch.Tensor:
     """Gather a request's tokens from a paged pool into one contiguous packed slot.
 
     Args:
@@ -350,6 +394,10 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
             is one store page, page-major, straight from the kernel. Default: one slot.
         out: optional contiguous 1-D uint8 buffer (e.g. a staging slot) of at least the packed
             size, apart from the pool's memory (an overlapping one is refused).
+        digest: optional [1] int64 tensor on the pool's device: the packed slot's digest
+            (`cpkv.kernels.packed_digest`, position 0 = the slot's first byte) is added to it
+            (mod 2**64), computed inside the kernel as the bytes pass (no second read on the
+            GPU; the torch path reads the slot again). No host synchronisation.
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
         validate: check every argument (reads ids and tokens back from the device); False
             skips the checks and makes no host synchronisation (nor any check): out-of-range
@@ -371,7 +419,7 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
     """
     page_ids, num_tokens, layer_range, head_range, place = _request(
         cache, page_ids, num_tokens, layers, heads, validate, unique=False,
-        token_offset=token_offset, tokens=tokens)
+        token_offset=token_offset, tokens=tokens, digest=digest)
     fmt = cache.packed_format(num_tokens, layers=layer_range, heads=head_range,
                               region_tokens=region_tokens)
     nbytes = fmt.nbytes
@@ -386,10 +434,12 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
     if nbytes:
         if use_triton:
             _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False,
-                    **_regions(fmt), **place)
+                    **_regions(fmt), **place, digest=digest)
         else:
             pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out,
                              region_tokens=region_tokens, **place)
+            if digest is not None:
+                add_digest(out, digest)
     return out
 
 
@@ -404,7 +454,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
                  num_tokens: int | None = None, token_offset: int = 0,
                  tokens: torch.Tensor | None = None, layers=None, heads=None,
                  region_tokens: int | None = None, format: PackedFormat | None = None,
-                 backend: str = "auto", validate: bool = True) -> None:
+                 digest: torch.Tensor | None = None, backend: str = "auto",
+                 validate: bool = True) -> None:
     """Scatter a packed slot into a paged pool: the inverse of `pack_pages`.
 
     Packed row j lands at request-local token t = ``token_offset + j`` (or ``tokens[j]``): page
@@ -426,6 +477,9 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
             writes them: store pages, page-major); any destination page size.
         format: the sender's `PackedFormat`; when given it must equal the destination's, which
             catches a head_dim, dtype, head-count, token-count or region mismatch by name.
+        digest: as in `pack_pages`: the digest of ``packed`` is added to it; equal to the
+            sender's pack digest when the bytes arrived unchanged (`cpkv.kernels.digest` says
+            which changes a difference is guaranteed to reveal).
 
     Example::
 
@@ -436,7 +490,7 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     """
     page_ids, num_tokens, layer_range, head_range, place = _request(
         cache, page_ids, num_tokens, layers, heads, validate, unique=True,
-        token_offset=token_offset, tokens=tokens)
+        token_offset=token_offset, tokens=tokens, digest=digest)
     expected = cache.packed_format(num_tokens, layers=layer_range, heads=head_range,
                                    region_tokens=region_tokens)
     if validate:
@@ -458,10 +512,12 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     if expected.nbytes:
         if use_triton:
             _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True,
-                    **_regions(expected), **place)
+                    **_regions(expected), **place, digest=digest)
         else:
             unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range,
                                region_tokens=region_tokens, **place)
+            if digest is not None:
+                add_digest(packed, digest)
 
 
 def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,

@@ -19,6 +19,8 @@ temporary), else through a temporary of the block.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..layout import PagedKVCache
@@ -92,10 +94,132 @@ def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> No
         dst.index_put_((idx,), src)
 
 
+STACKED_MAX_ROWS = 16  # pages (or tokens) per block up to which all layers move in one op
+
+
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {key: views}
+
+
+def _stacked_pools(cache: PagedKVCache, layers: range, heads: range, word: int):
+    """Per component, the layers [L, P, ps, nh, row_words] as one strided view when they sit
+    at equal distances in memory with equal strides (a stacked pool, as `PagedKVCache.empty`
+    allocates), else None. Cached per pool: its memory never moves."""
+    memo = _STACKED.setdefault(cache, {})
+    key = (layers.start, layers.stop, heads.start, heads.stop, word)
+    if key not in memo:
+        pools = []
+        for spec in cache.components:
+            views = [cache.nhd_view(spec.name, layer)[:, :, heads.start:heads.stop]
+                     .view(torch.uint8).view(WORD_DTYPES[word]) for layer in layers]
+            first = views[0]
+            step = views[1].data_ptr() - first.data_ptr()
+            if step <= 0 or step % word or any(
+                    v.stride() != first.stride() or v.data_ptr() - first.data_ptr() != i * step
+                    for i, v in enumerate(views)):
+                pools = None
+                break
+            pools.append(first.as_strided((len(layers), *first.shape),
+                                          (step // word, *first.stride()),
+                                          first.storage_offset()))
+        memo[key] = pools
+    return memo[key]
+
+
+def _stacked(cache: PagedKVCache, packed: torch.Tensor, num_tokens: int, layers: range,
+             heads: range):
+    """(pool [L, P, ps, nh, row_words], block [L, rows, nh, row_words]) per component for a
+    stacked pool (`_stacked_pools`), else None."""
+    if len(layers) < 2:
+        return None
+    word = word_bytes(cache, layers, heads, packed)
+    pools = _stacked_pools(cache, layers, heads, word)
+    if pools is None:
+        return None
+    fmt = cache.packed_format(num_tokens, layers=layers, heads=heads)
+    words = packed.view(WORD_DTYPES[word])
+    out = []
+    for c, (spec, pool) in enumerate(zip(cache.components, pools, strict=True)):
+        block = fmt.block(0, c).offset // word
+        stride = (fmt.block(1, c).offset - fmt.block(0, c).offset) // word
+        row = spec.head_nbytes // word
+        out.append((pool, words.as_strided((len(layers), num_tokens, len(heads), row),
+                                           (stride, len(heads) * row, row, 1),
+                                           words.storage_offset() + block)))
+    return out
+
+
+def _as_rows(pool: torch.Tensor, unit: int):
+    """The stacked pool [L, P, ps, nh, row] as rows of ``unit`` words (a page, or a token),
+    when every layer and page start on a row: (rows, rows per layer, rows per page), or None.
+    The caller has checked that a unit is one contiguous run."""
+    n_layers, n_pages = pool.shape[:2]
+    layer, page = pool.stride(0), pool.stride(1)
+    if layer % unit or page % unit:
+        return None
+    end = (n_layers - 1) * layer + (n_pages - 1) * page + pool.shape[2] * pool.stride(2)
+    rows = pool.as_strided((-(-end // unit), unit), (unit, 1), pool.storage_offset())
+    return rows, layer // unit, page // unit
+
+
+def _copy_stacked(stacked, ids: torch.Tensor, flat_idx: torch.Tensor | None, num_tokens: int,
+                  ps: int, unpack: bool) -> bool:
+    """Every layer of each component in one op: whole pages (the partial last page in one
+    more) where the rows start on a page, else token rows (``flat_idx``: page * ps + slot of
+    each row), gathered by one flat index over the layers (a dim-0 gather: the fast one).
+    Only for a few rows per block, where the per-op cost dominates; False if not taken."""
+    full, tail = divmod(num_tokens, ps)
+    plans = []
+    for pool, block in stacked:
+        n_heads, row = pool.shape[3:]
+        token = n_heads * row
+        if pool.stride()[2:] != (token, row, 1):  # tokens are contiguous runs
+            return False
+        if flat_idx is None and pool.stride(1) == ps * token and full <= STACKED_MAX_ROWS:
+            found = _as_rows(pool, ps * token)
+            unit, count = ps * token, full
+            index = None if found is None else ids[:full] * found[2]
+        elif flat_idx is not None and num_tokens <= STACKED_MAX_ROWS * ps:
+            found = _as_rows(pool, token)
+            unit, count = token, num_tokens
+            index = None if found is None else (flat_idx // ps) * found[2] + flat_idx % ps
+        else:
+            return False
+        if found is None:
+            return False
+        plans.append((pool, block, found[0], found[1], unit, index, count, flat_idx is None))
+    for pool, block, rows, per_layer, unit, index, count, pages in plans:
+        n_layers = pool.shape[0]
+        flat = (torch.arange(n_layers, device=index.device).unsqueeze(1) * per_layer +
+                index).reshape(-1)
+        dense = block.as_strided((n_layers, count, unit), (block.stride(0), unit, 1))
+        if unpack:
+            rows.index_copy_(0, flat, dense.reshape(n_layers * count, unit))
+            if pages and tail:
+                pool[:, ids[full], :tail] = block[:, full * ps:]
+        else:
+            dense.copy_(rows.index_select(0, flat).view(n_layers, count, unit))
+            if pages and tail:
+                block[:, full * ps:] = pool[:, ids[full], :tail]
+    return True
+
+
 def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num_tokens: int,
           layers: range, heads: range, *, unpack: bool, region_tokens: int | None = None,
           token_offset: int = 0, tokens: torch.Tensor | None = None) -> None:
     ps = cache.page_size
+    stacked = _stacked(cache, packed, num_tokens, layers, heads) \
+        if region_tokens is None else None
+    if stacked is not None:
+        ids = page_ids.to(torch.int64)
+        flat = None
+        if tokens is not None or token_offset % ps:
+            p, s = token_slots(page_ids, num_tokens, ps, token_offset=token_offset,
+                               tokens=tokens)
+            flat = p * ps + s
+        else:
+            ids = ids[token_offset // ps:]
+        if _copy_stacked(stacked, ids, flat, num_tokens, ps, unpack):
+            return
     ids = page_ids.to(torch.int64)
     whole_pages = tokens is None and token_offset % ps == 0  # rows start on a page
     if whole_pages:

@@ -49,8 +49,21 @@ from .direct import direct_nbytes, pool_addresses, whole_pages
 from .endpoint import Endpoint, check_peer, check_ready, dcp_of, route_senders, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       SlotPlan, Verdict, Welcome, check_request_id, region_rows, segment_rows)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .sender import checksum as crc32c_of
 from .sender import route_spec
 from .status import KVStatus, StatusCell
@@ -400,8 +413,18 @@ class KVReceiver(Endpoint):
                 self._waiting.remove(req)
             req.cell.update(KVStatus.WaitingForInput)
             for sid, w in req.writers.items():
-                if w.link is not None:
-                    self._send_dest(req, sid, w)
+                self._push_dest(req, sid, w)
+
+    def _push_dest(self, req: _Request, sid: str, w: _Writer) -> None:
+        """Send the destination to an expected sender that announced the request, or is
+        connected already (pushed: it need not ask, and holds the slot until it ends)."""
+        if w.link is None:
+            connected = self._senders.get(sid)
+            if connected is None or not connected[0].open:
+                return
+            w.link = connected[0]
+        if not w.holds:
+            self._send_dest(req, sid, w)
 
     def _send_dest(self, req: _Request, sid: str, w: _Writer) -> None:
         region, _, _ = req.plan.region(w.route)
@@ -460,8 +483,11 @@ class KVReceiver(Endpoint):
         self._sources[hello.instance] = hello
         link.send(self.welcome)
         for req in list(self._requests.values()):
-            if req.source == hello.instance and req.routes is None:
-                self._plan(req)
+            if req.source == hello.instance and not req.cell.done:
+                if req.routes is None:
+                    self._plan(req)
+                elif sid in req.writers and req.slot is not None:
+                    self._push_dest(req, sid, req.writers[sid])
 
     def _on_announce(self, link: Link, msg: Announce) -> None:
         sid = link.peer
@@ -486,14 +512,14 @@ class KVReceiver(Endpoint):
                               f"disagree on sizes, routes or DP rank)")
             link.send(self._ended[req.rid])
             return
-        if w.link is not None:
-            return  # announced already (a duplicate is harmless)
+        if w.link is link and w.holds:
+            return  # it has the destination already (pushed, or a duplicate announcement)
         w.link = link  # from here on it hears the verdict
         if msg is not None and msg.num_tokens != req.num_tokens:
             self._finish(req, f"sender {sid} has {msg.num_tokens} tokens, this receiver "
                               f"expects {req.num_tokens}")
             return
-        if req.slot is not None:
+        if req.slot is not None and not w.holds:
             self._send_dest(req, sid, w)
 
     def _on_note(self, link: Link, note: Note) -> None:

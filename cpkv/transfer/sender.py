@@ -58,9 +58,22 @@ from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
 from .policy import CostModel
-from .protocol import (Announce, Destination, End, Hello, Note, ProtocolError, Refused,
-                       RouteSpec, SlotPlan, Verdict, Welcome, check_request_id, region_rows,
-                       segment_rows)
+from .protocol import (
+    Announce,
+    Destination,
+    End,
+    Hello,
+    Note,
+    ProtocolError,
+    Refused,
+    RouteSpec,
+    SlotPlan,
+    Verdict,
+    Welcome,
+    check_request_id,
+    region_rows,
+    segment_rows,
+)
 from .status import KVStatus, StatusCell
 
 __all__ = ["KVSender", "checksum"]
@@ -126,6 +139,8 @@ class _Peer:
         self.welcome: Welcome | None = None
         self.error: str | None = None  # why the last connection failed or was refused
         self.legs: dict = {}  # rid -> _Leg not yet ended
+        self.pushed: dict = {}  # rid -> (Destination, deadline) pushed on `link` before this
+        # rank had the request (dropped with the connection: it was for that one only)
         self.used_at = time.monotonic()
 
 
@@ -436,8 +451,9 @@ class KVSender(Endpoint):
         peer = self._peers.get(address)
         if peer is None:
             peer = self._peers[address] = _Peer(address)
-        if peer.link is None:
+        if peer.link is None or not peer.link.open or peer.link.closing:  # (or ending now)
             peer.welcome = None
+            peer.pushed.clear()
             peer.link = self.hub.connect(address)
             peer.link.peer = peer
         return peer
@@ -492,12 +508,25 @@ class KVSender(Endpoint):
         if not leg.announced:
             leg.announced = True
             leg.link = peer.link
-            leg.link.send(Announce(leg.state.rid, leg.state.num_tokens, leg.state.num_pages))
+            pushed = peer.pushed.pop(leg.state.rid, None)
+            if pushed is not None:  # the receiver expected it first: no round trip
+                self._accept_destination(leg, peer, pushed[0])
+            else:
+                leg.link.send(Announce(leg.state.rid, leg.state.num_tokens,
+                                       leg.state.num_pages))
 
     def _on_destination(self, link: Link, peer: _Peer, dest: Destination) -> None:
         leg = peer.legs.get(dest.rid)
-        if leg is None or not leg.announced or leg.link is not link:
+        if leg is None:  # pushed ahead of this rank's request: kept until it comes (or not)
+            if dest.incarnation == peer.welcome.incarnation:
+                peer.pushed[dest.rid] = (dest, time.monotonic() + self.timeout)
+            return
+        if not leg.announced or leg.link is not link:
             return  # not a request this rank announced on this connection (or it ended)
+        self._accept_destination(leg, peer, dest)
+
+    def _accept_destination(self, leg: _Leg, peer: _Peer, dest: Destination) -> None:
+        """Check a destination against the request before any byte may go there."""
         reason = None
         if leg.dest is not None:
             reason = f"a second destination (use {dest.use}) for use {leg.dest.use}"
@@ -523,6 +552,11 @@ class KVSender(Endpoint):
         self._notify()
 
     def _on_verdict(self, peer: _Peer, verdict: Verdict) -> None:
+        pushed = peer.pushed.get(verdict.rid)
+        if pushed is not None and pushed[0].use == verdict.use:  # it ended before we had it:
+            del peer.pushed[verdict.rid]  # we never wrote for it, and never will
+            peer.link.send(End(verdict.rid, verdict.use, False, None))
+            return
         leg = peer.legs.get(verdict.rid)
         if leg is None or (leg.dest is not None and verdict.use != leg.dest.use):
             return  # an ended leg, or another use of the id
@@ -540,6 +574,7 @@ class KVSender(Endpoint):
             if peer is None or peer.link is not link:
                 return
             peer.link, peer.welcome = None, None
+            peer.pushed.clear()
             if peer.error is None or not by_peer:
                 peer.error = reason
             for leg in list(peer.legs.values()):
@@ -650,6 +685,12 @@ class KVSender(Endpoint):
 
     def _expire(self, now: float) -> None:
         for peer in self._peers.values():
+            for rid, (dest, deadline) in list(peer.pushed.items()):
+                if now > deadline:  # never sent here: release the receiver's slot
+                    del peer.pushed[rid]
+                    if peer.link is not None and peer.link.open:
+                        peer.link.send(End(rid, dest.use, True, "this sender never had the "
+                                                                 "request"))
             for leg in list(peer.legs.values()):
                 if leg.terminal or now <= leg.deadline:
                     continue
@@ -664,7 +705,7 @@ class KVSender(Endpoint):
 
     def _close_idle(self, now: float) -> None:
         for address, peer in list(self._peers.items()):
-            if not peer.legs and now - peer.used_at > self.idle:
+            if not peer.legs and not peer.pushed and now - peer.used_at > self.idle:
                 if peer.link is not None:
                     peer.link.peer = None  # its close is not news to anyone
                     peer.link.close("idle")

@@ -55,6 +55,7 @@ def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
     out = torch.empty(src.packed_nbytes(10), dtype=torch.uint8, device=dev)
     token_map = torch.tensor([0, 1, -1, 2, 3, 4, 5, 6, -1, 7], dtype=torch.int64, device=dev)
     tokens = torch.tensor([11, 0, 6, 3], dtype=torch.int32, device=dev)
+    digest = torch.zeros(1, dtype=torch.int64, device=dev)
     gathered = pack_pages(src, ids, num_tokens=8)
 
     def calls():
@@ -68,6 +69,11 @@ def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
                    validate=False)
         unpack_pages(out[:src.packed_nbytes(4)], dst, ids, tokens=tokens, backend="triton",
                      validate=False)
+        for backend in ("triton", "torch"):
+            pack_pages(src, ids, num_tokens=10, out=out, digest=digest, backend=backend,
+                       validate=False)
+            unpack_pages(out, dst, ids, num_tokens=10, digest=digest, backend=backend,
+                         validate=False)
         reorganize_pages(gathered, dst, ids, token_map, rows_per_rank=8, backend="triton",
                          validate=False)
 

@@ -115,8 +115,9 @@ def test_a_writer_late_past_the_grace_never_reaches_the_next_request(where, rig,
 def test_a_replayed_destination_under_a_secret_is_refused(rig):
     """An on-path attacker replays request 1's authenticated destination after the id was
     expected again (a new use, on other pages): it fails its check on the connection it is
-    injected into, which is dropped with the reason; the request that is then sent gets its
-    own destination and its own bytes, never the replayed one's slot."""
+    injected into, which is dropped; the use whose destination was pushed on that connection
+    fails with the reason at once, and the next use gets its own destination and its own
+    bytes, never the replayed one's slot."""
     src, dst = caches()
     recv = KVReceiver(dst, timeout=10, engine=rig[0], arena=rig[2], secret="s3cret")
     proxy = Proxy(recv.address)
@@ -130,16 +131,22 @@ def test_a_replayed_destination_under_a_secret_is_refused(rig):
     recorded = proxy.sessions[0]["to_sender"]  # nonce, welcome, destination, verdict
     for obj in (recv, sender):
         obj.forget(1)
+    before = snapshot(dst)
     recv.expect(1, torch.tensor([2]), source="p", num_tokens=PS)  # the id again: a new use
+    wait_for(lambda: len(proxy.sessions[0]["to_sender"]) == 5, what="its destination pushed")
     proxy.inject("to_sender", recorded[2])  # the old destination, replayed
-    wait_for(lambda: sender.stats()["connections"] == 0, what="the replay refused")
-    want = expected(src, dst, torch.tensor([3]), torch.tensor([2]), PS, snapshot(dst))
+    assert recv.wait(1) is KVStatus.Failed
+    assert "disconnected" in recv.reason(1), recv.reason(1)
+    assert_cache_equals(dst, before, "the pool after the replay")
+    recv.forget(1)
+    want = expected(src, dst, torch.tensor([3]), torch.tensor([2]), PS, before)
+    recv.expect(1, torch.tensor([2]), source="p", num_tokens=PS)
     sender.send(1, torch.tensor([3]), to=proxy.address, num_tokens=PS)
     assert [recv.wait(1), sender.wait(1)] == [KVStatus.Success] * 2, (recv.reason(1),
                                                                     sender.reason(1))
-    assert_cache_equals(dst, want, "the pool after the replay")
-    proxy.inject("to_receiver", proxy.sessions[1]["to_receiver"][3])  # a note, replayed
-    wait_for(lambda: recv.stats()["connections"] == 0, what="the replayed note refused")
+    assert_cache_equals(dst, want, "the next use")
+    proxy.inject("to_receiver", proxy.sessions[1]["to_receiver"][2])  # a frame, replayed
+    wait_for(lambda: recv.stats()["connections"] == 0, what="the replayed frame refused")
     sender.close()
     recv.close()
     proxy.close()
