@@ -125,13 +125,13 @@ def test_gpu_layouts_from_vllm_allocation(model, layout):
     assert torch.equal(got, torch.cat(parts))
 
 
-def finish(producer, consumer, timeout=60):
-    """Step both workers' get_finished until the request ended on both (the producer's
-    request "p" finished in vLLM); (received, sent, the consumer's load errors)."""
+def finish(producer, consumer, sends=("p",), recvs=("d",), timeout=60):
+    """Step both workers' get_finished until the requests ended on both (the producer's
+    ``sends`` finished in vLLM); (received, sent, the consumer's load errors)."""
     recvd, sent, deadline = set(), set(), time.monotonic() + timeout
-    while (not recvd or not sent) and time.monotonic() < deadline:
+    while (recvd != set(recvs) or sent != set(sends)) and time.monotonic() < deadline:
         recvd |= consumer.get_finished(set())[1]
-        sent |= producer.get_finished({"p"})[0]
+        sent |= producer.get_finished(set(sends))[0]
         time.sleep(0.01)
     return recvd, sent, consumer.get_block_ids_with_load_errors()
 
@@ -163,6 +163,46 @@ def test_worker_hooks_move_a_request_bit_exact(model, tp_group, prefix):
                                                      blocks_bytes(src, src_blocks[moved:]),
                                                      strict=True))
         others = [b for b in range(16) if b not in dst_blocks[moved:]]
+        assert all(torch.equal(a[others], b[others])
+                   for a, b in zip(blocks_bytes(dst, list(range(16))), before, strict=True))
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
+
+
+def test_requests_sharing_a_cached_prefix_are_received_in_turn(model, tp_group):
+    """Two requests in flight share a cached prefix block (prefix caching): the second waits
+    for the first (the receiver refuses pages another expected request names), then both
+    land bit-exact and the shared block is never written; a third, aborted while it waits,
+    is reported at once, never expected, without load errors."""
+    port = free_port()
+    consumer, dst = connector(model, "kv_consumer", port)
+    producer, src = connector(model, "kv_producer")
+    try:
+        n, to = 2 * BS + 3, [f"127.0.0.1:{port}"]
+        cpu_write(src, list(range(16 * BS)), seed=6)
+        cpu_write(dst, list(range(16 * BS)), seed=7)  # poison
+        before = blocks_bytes(dst, list(range(16)))
+        run_step(consumer, CpkvConnectorMetadata(recvs=[
+            RecvSpec(f"d{i}", f"t-{i}", "producer", [5, *blocks], n, prefix=BS)
+            for i, blocks in ((1, [6, 7]), (2, [8, 9]), (3, [10, 11]))]))
+        run_step(producer, CpkvConnectorMetadata(sends=[
+            SendSpec("p1", "t-1", to, [1, 2, 3], n), SendSpec("p2", "t-2", to, [4, 12, 13], n)]),
+            save=True)
+        assert consumer.get_finished({"d3"}) == (set(), {"d3"})  # vLLM aborted it
+        recvd, sent, errors = set(), set(), set()
+        deadline = time.monotonic() + 60
+        while (recvd != {"d1", "d2"} or sent != {"p1", "p2"}) and time.monotonic() < deadline:
+            run_step(consumer, CpkvConnectorMetadata())  # the engine keeps stepping
+            recvd |= consumer.get_finished(set())[1]
+            sent |= producer.get_finished({"p1", "p2"})[0]
+            errors |= consumer.get_block_ids_with_load_errors()
+            time.sleep(0.01)
+        assert (recvd, sent, errors) == ({"d1", "d2"}, {"p1", "p2"}, set())
+        assert all(torch.equal(a, b) for a, b in zip(blocks_bytes(dst, [6, 7, 8, 9]),
+                                                     blocks_bytes(src, [2, 3, 12, 13]),
+                                                     strict=True))
+        others = [b for b in range(16) if b not in (6, 7, 8, 9)]
         assert all(torch.equal(a[others], b[others])
                    for a, b in zip(blocks_bytes(dst, list(range(16))), before, strict=True))
     finally:
