@@ -23,7 +23,6 @@ from .layout import PagedKVCache
 
 __all__ = ["from_flashinfer", "from_sglang_mha", "from_sglang_mla", "from_vllm"]
 
-VLLM_BACKENDS = ("flash_attn", "flashinfer", "mla")
 UNVIEWABLE = {
     # name -> why no strided view can address it
     "rocm_aiter": "vLLM's ROCm paged-attention / AITER layout stores K as 5-D "
@@ -197,20 +196,143 @@ def _indexer_components(buffers, page_size: int, head_dim, num_pages: int,
     return {"index_k": values, "index_k_scale": scales}
 
 
-def _vllm_kv(t: torch.Tensor, backend: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "flash_attn":
-        _check_dims(t, 5, what, "[2, num_blocks, block_size, kv_heads, head_size]")
-        if t.shape[0] != 2:
-            raise ValueError(f"{what}: expected axis 0 of size 2 (K, V) for flash_attn "
-                             f"[2, num_blocks, block_size, kv_heads, head_size], got shape "
-                             f"{tuple(t.shape)}")
+# What vLLM hands ``register_kv_caches`` per layer, by attention backend and release (the
+# shapes of each release's ``get_kv_cache_shape`` / ``get_kv_cache_stride_order`` in
+# ``vllm/v1/attention/backends/<backend>.py``; from 0.29 on, of ``create_kv_cache_views`` in
+# ``vllm/v1/kv_cache_interface.py``, which gives every layer a logical [B, H, N, C] view whose
+# stride order is the model's ``KVCacheLayout`` (``vllm/v1/kv_cache_layout.py``)).
+# (first release, last release, layout)
+VLLM_LAYOUTS = {
+    "flash_attn": (((0, 11), (0, 22), "kv_first"), ((0, 23), (0, 25), "block_kv"),
+                   ((0, 26), (0, 33), "fused")),
+    "flashinfer": (((0, 11), (0, 25), "block_kv"), ((0, 26), (0, 33), "fused")),
+    "triton_attn": (((0, 11), (0, 25), "block_kv"), ((0, 26), (0, 33), "fused")),
+    "cpu": (((0, 11), (0, 11), "cpu_paged"), ((0, 12), (0, 22), "cpu_kv_first"),
+            ((0, 23), (0, 33), "cpu_fused")),
+    "mla": (((0, 11), (0, 28), "latent"), ((0, 29), (0, 33), "latent_head")),
+}
+VLLM_BACKENDS = tuple(VLLM_LAYOUTS)
+# layout -> (shape, test of a tensor's shape)
+_LAYOUT_SHAPES = {
+    "kv_first": ("[2, num_blocks, block_size, kv_heads, head_size]",
+                 lambda s: len(s) == 5 and s[0] == 2),
+    "block_kv": ("[num_blocks, 2, block_size, kv_heads, head_size]",
+                 lambda s: len(s) == 5 and s[1] == 2),
+    "fused": ("[num_blocks, kv_heads, block_size, head_size + head_size_v] (K | V per head)",
+              lambda s: len(s) == 4),
+    "cpu_kv_first": ("[2, num_blocks, kv_heads, block_size, head_size]",
+                     lambda s: len(s) == 5 and s[0] == 2),
+    "cpu_fused": ("[num_blocks, kv_heads, block_size, 2 * head_size]", lambda s: len(s) == 4),
+    "cpu_paged": ("[2, num_blocks, block_size * kv_heads * head_size]",
+                  lambda s: len(s) == 3 and s[0] == 2),
+    "latent": ("[num_blocks, block_size, head_size]", lambda s: len(s) == 3),
+    "latent_head": ("[num_blocks, 1, block_size, head_size]",
+                    lambda s: len(s) == 4 and s[1] == 1),
+}
+_CPU_PAGED = ("vLLM 0.11's CPU backend (TorchSDPA) keeps [2, num_blocks, block_size * kv_heads * "
+              "head_size]: its paged-attention kernels read K as [blocks, heads, head_size // x, "
+              "block_size, x] (x = 16 bytes) and V as [blocks, heads, head_size, block_size], so a "
+              "token's head row is not contiguous (the IPEX path reads [blocks, heads, "
+              "block_size, head_size], but the tensor does not say which path wrote it)")
+
+
+def _version(v) -> tuple[int, int]:
+    """A vLLM release as (major, minor), from "0.32.0", "0.11.2.post2", (0, 32), ..."""
+    if isinstance(v, str):
+        parts = v.split(".")
+        try:
+            return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
+        except (ValueError, IndexError):
+            pass
+    elif isinstance(v, tuple) and len(v) >= 2 and all(isinstance(x, int) for x in v[:2]):
+        return v[0], v[1]
+    raise ValueError(f"vllm_version: expected a release such as '0.32.0', got {v!r}")
+
+
+def _vllm_layout(t: torch.Tensor, backend: str, version, what: str) -> str:
+    """The layout of one layer tensor: the release's when ``version`` is given (its shape is
+    checked against it), else the one its shape can only be."""
+    table = VLLM_LAYOUTS[backend]
+    shape = tuple(t.shape)
+    if version is not None:
+        ver = _version(version)
+        kind = next((k for lo, hi, k in table if lo <= ver <= hi), None)
+        if kind is None:
+            raise ValueError(f"vllm_version: layouts of backend {backend!r} are known for vLLM "
+                             f"0.11 through 0.33, got {version!r}")
+        if not _LAYOUT_SHAPES[kind][1](shape):
+            raise ValueError(f"{what}: vLLM {version} {backend} hands "
+                             f"{_LAYOUT_SHAPES[kind][0]}, got shape {shape}")
+        return kind
+    fits = [k for _, _, k in table if _LAYOUT_SHAPES[k][1](shape)]
+    if len(fits) > 1:
+        raise ValueError(f"{what}: shape {shape} fits both "
+                         + " and ".join(f"{_LAYOUT_SHAPES[k][0]} ({_releases(backend, k)})"
+                                        for k in fits) + "; pass vllm_version=")
+    if not fits:
+        shapes = " or ".join(f"{_LAYOUT_SHAPES[k][0]} ({_releases(backend, k)})"
+                             for _, _, k in table)
+        raise ValueError(f"{what}: expected {shapes} for {backend}, got shape {shape}")
+    return fits[0]
+
+
+def _releases(backend: str, kind: str) -> str:
+    lo, hi = next((lo, hi) for lo, hi, k in VLLM_LAYOUTS[backend] if k == kind)
+    return f"vLLM {lo[0]}.{lo[1]}" + ("" if lo == hi else f"-{hi[0]}.{hi[1]}")
+
+
+def _vllm_kv(t: torch.Tensor, kind: str, head_size, what: str) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """K and V of one MHA layer tensor, each logical ``[blocks, block_size, heads, dim]``
+    (``_nhd_or_hnd`` then reads the stride order)."""
+    if kind == "kv_first":  # flash_attn <= 0.22: kv_cache.unbind(0)
         return t[0], t[1]
-    _check_dims(t, 5, what, "[num_blocks, 2, block_size, kv_heads, head_size]")
-    if t.shape[1] != 2:
-        raise ValueError(f"{what}: expected axis 1 of size 2 (K, V) for flashinfer "
-                         f"[num_blocks, 2, block_size, kv_heads, head_size], got shape "
-                         f"{tuple(t.shape)}")
-    return t[:, 0], t[:, 1]
+    if kind == "block_kv":  # flashinfer, triton_attn <= 0.25, flash_attn 0.23-0.25
+        return t[:, 0], t[:, 1]
+    width = t.shape[3]
+    d = width // 2 if head_size is None else head_size
+    if not isinstance(d, int) or isinstance(d, bool) or not 0 < d < width:
+        raise ValueError(f"head_size: expected an int in (0, {width}) (K's part of the "
+                         f"{width} values of each head), got {head_size!r}")
+    # fused, >= 0.26: kv_cache.transpose(1, 2).split(head_size, -1)
+    if t.shape[0] > 1 and t.shape[1] > 1 and t.stride(1) > t.stride(0):
+        raise ValueError(f"{what}: heads outside blocks (KVCacheLayout LHBNC, strides "
+                         f"{t.stride()}): a block's rows are spread over the whole layer, "
+                         f"which PagedKVCache does not take (a page's rows must lie within "
+                         f"one page stride)")
+    return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)
+
+
+def _cpu_blocks(t: torch.Tensor, kind: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one CPU-backend layer as whole blocks: ``[blocks, 1, kv_heads,
+    block_size * head_size]``, one row per (block, head) holding the block's K (or V) plane.
+
+    vLLM's CPU kernels (``csrc/cpu/cpu_attn_*.hpp``, ``reshape_and_cache``) keep each (block,
+    head)'s K column-major, ``[head_size, block_size]`` (AMX: in its own tiles), and V
+    row-major ``[block_size, head_size]``: a token's K is not a row, so the pool is moved by
+    whole blocks, whose bytes mean the same on both sides only with the same block size and
+    the same kernel ISA."""
+    if kind == "cpu_paged":
+        raise ValueError(f"{what}: {_CPU_PAGED}; cpkv cannot view it without a copy")
+    if kind == "cpu_kv_first":  # 0.12-0.22: kv_cache.unbind(0), each [blocks, heads, bs, dim]
+        planes = [t[0], t[1]]
+    else:  # >= 0.23: kv_cache.view(blocks, heads, 2 * bs, dim).chunk(2, dim=2) (cpu_attn.py)
+        blocks, heads, bs, width = t.shape
+        if width % 2 or t.stride(3) != 1 or (bs > 1 and t.stride(2) != width):
+            raise ValueError(f"{what}: expected each (block, head) of the CPU layout "
+                             f"contiguous ([block_size, 2 * head_size], strides ({width}, 1)), "
+                             f"got shape {tuple(t.shape)}, strides {t.stride()}")
+        halves = t.view(blocks, heads, 2, bs, width // 2)
+        planes = [halves[:, :, 0], halves[:, :, 1]]
+    out = []
+    for plane in planes:  # [blocks, heads, bs, dim], each (block, head) contiguous
+        blocks, heads, bs, dim = plane.shape
+        if plane.stride(3) != 1 or (bs > 1 and plane.stride(2) != dim):
+            raise ValueError(f"{what}: expected each (block, head) plane contiguous "
+                             f"([block_size, head_size]), got strides {plane.stride()}")
+        out.append(plane.as_strided((blocks, 1, heads, bs * dim),
+                                    (plane.stride(0), bs * dim, plane.stride(1), 1)))
+    return out[0], out[1]
 
 
 def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -221,36 +343,71 @@ def _nhd_or_hnd(k: torch.Tensor) -> tuple[torch.Tensor, str]:
     return k, "NHD"
 
 
-def from_vllm(kv_caches, *, backend: str,
-              extras: Mapping[str, Sequence[torch.Tensor]] | None = None,
-              indexer=None, index_head_dim: int = 128) -> PagedKVCache:
+def from_vllm(kv_caches, *, backend: str, vllm_version=None, head_size: int | None = None,
+              cpu_isa: str | None = None,
+              extras: Mapping[str, Sequence[torch.Tensor]] | None = None, indexer=None,
+              index_head_dim: int = 128) -> PagedKVCache:
     """vLLM's per-layer KV cache tensors (``GPUModelRunner.kv_caches`` or the dict a KV
-    connector's ``register_kv_caches`` receives; dict order is layer order).
+    connector's ``register_kv_caches`` receives; dict order is layer order), zero-copy.
 
-    Shapes, as each attention backend's ``get_kv_cache_shape`` gives them
-    (``vllm/v1/attention/backends/*.py``), in logical order; an HND stride order
-    (``get_kv_cache_stride_order``) is read from the strides, zero-copy either way:
+    What each release hands over per layer (stride orders are read from the strides; a
+    layout no strided view expresses raises with the reason):
 
-    - ``"flash_attn"``: ``[2, num_blocks, block_size, kv_heads, head_size]`` -> "k", "v";
-    - ``"flashinfer"``: ``[num_blocks, 2, block_size, kv_heads, head_size]`` -> "k", "v";
-    - ``"mla"``: ``[num_blocks, block_size, head_size]`` (e.g. 576, or 656 uint8 bytes for
-      fp8 with inline scales) -> "latent".
+    - ``"flash_attn"``: 0.11-0.22 ``[2, num_blocks, block_size, kv_heads, head_size]``
+      (``FlashAttentionBackend.get_kv_cache_shape``, NHD or HND stride order); 0.23-0.25
+      ``[num_blocks, 2, block_size, kv_heads, head_size]``; from 0.26 the fused per-head
+      ``[num_blocks, kv_heads, block_size, 2 * head_size]``: physically block, token, head,
+      then K and V side by side (``get_kv_cache_stride_order`` NHD ``(0, 2, 1, 3)``; read with
+      ``kv_cache.transpose(1, 2).split(head_size, -1)``); from 0.29 the same logical view
+      comes from ``create_kv_cache_views`` (``vllm/v1/kv_cache_interface.py``) in any
+      ``KVCacheLayout`` (``LBNHC``, ``LBHNC``, ``LHBNC``, ``BLHNC``...).
+    - ``"flashinfer"`` and ``"triton_attn"``: up to 0.25
+      ``[num_blocks, 2, block_size, kv_heads, head_size]``; from 0.26 fused as flash_attn.
+    - ``"cpu"``: 0.11 ``[2, num_blocks, block_size * kv_heads * head_size]`` is refused (the
+      TorchSDPA paged layout); 0.12-0.22 ``[2, num_blocks, kv_heads, block_size, head_size]``
+      (``CPUAttentionBackend``, ``kv_cache.unbind(0)``); from 0.23 ``[num_blocks, kv_heads,
+      block_size, 2 * head_size]``, which ``cpu_attn.py`` reads as ``view(num_blocks,
+      kv_heads, 2 * block_size, head_size).chunk(2, dim=2)`` (K plane, then V plane per block
+      and head; layout ``LBHNC``). Inside a plane the kernels (``csrc/cpu/cpu_attn_*.hpp``)
+      keep K column-major ``[head_size, block_size]`` (AMX: tiled) and V row-major, so a
+      token's K is no row: the view is block-granular, each vLLM block one page of page_size
+      1 with components "k_blocks" and "v_blocks" of ``[num_blocks, 1, kv_heads, block_size *
+      head_size]`` (``cpu_isa`` is appended to the names, e.g. "k_blocks.vec", so that two
+      pools of different kernel ISAs never exchange blocks: their formats differ).
+    - ``"mla"``: up to 0.28 ``[num_blocks, block_size, head_size]`` (e.g. 576, or 656 uint8
+      bytes for fp8 with inline scales), from 0.29 ``[num_blocks, 1, block_size, head_size]``
+      -> "latent".
 
-    ``"rocm_aiter"`` (the 5-D vectorized K layout) cannot be a strided view: ValueError.
+    Args:
+        kv_caches: per-layer tensors, a list or a dict (layer order).
+        backend: one of ``VLLM_BACKENDS``; ``"rocm_aiter"`` (the 5-D vectorized K layout)
+            is refused with the reason.
+        vllm_version: the release that allocated the tensors (e.g. ``vllm.__version__``):
+            its layout is used and the shape checked against it. None: the layout is the
+            one the shape can only be (a 5-D flash_attn tensor with 2 blocks fits two
+            releases' layouts and needs the version).
+        head_size: K's values per head in a fused layout (default: half of the last axis);
+            V has the rest (``head_size_v``).
+        cpu_isa: the CPU attention kernels' ISA (``layer.isa``: "vec", "amx", "neon"...),
+            which decides the bytes inside a block; part of the component names.
+        extras (flash_attn / flashinfer, 5-D layouts): more per-layer buffers addressed like
+            K, logical ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order
+            (e.g. per-head fp8/fp4 scale caches), added as components of those names.
+        indexer (mla): the DeepSeek V3.2 indexer layers' caches, per layer uint8
+            ``[num_blocks, block_size, index_head_dim + 4]`` (from 0.29 with a head axis of 1
+            after the blocks; ``DeepseekV32IndexerBackend``: its
+            ``indexer_k_quant_and_cache`` writes each block's values, then each block's fp32
+            scales) -> components "index_k" and "index_k_scale". ROCm's tile-shuffled indexer
+            layout is not a strided view.
 
-    ``indexer`` (mla): the DeepSeek V3.2 indexer layers' caches, per layer uint8
-    ``[num_blocks, block_size, index_head_dim + 4]`` (``DeepseekV32IndexerBackend``; its
-    ``indexer_k_quant_and_cache`` writes each block's values, then each block's fp32 scales) ->
-    components "index_k" and "index_k_scale". ROCm's tile-shuffled indexer layout is not a
-    strided view.
-
-    ``extras`` (flash_attn / flashinfer): more per-layer buffers addressed like K, logical
-    ``[num_blocks, block_size, kv_heads, dim]`` in the same stride order (e.g. per-head fp8/fp4
-    scale caches), added as components of those names.
+    Returns a ``PagedKVCache`` with components "k", "v" (+ extras), "k_blocks", "v_blocks"
+    (cpu, page size 1: one token of cpkv is one vLLM block), or "latent" (+ indexer);
+    vLLM's block ``b`` is page ``b`` (where vLLM splits its blocks into smaller kernel blocks,
+    0.29+, the tensors it hands over are in kernel blocks, and so are the pages).
 
     Example::
 
-        cache = from_vllm(runner.kv_caches, backend="flash_attn")
+        cache = from_vllm(kv_caches, backend="flash_attn", vllm_version=vllm.__version__)
     """
     if backend in UNVIEWABLE:
         raise ValueError(f"backend {backend!r}: {UNVIEWABLE[backend]}; cpkv cannot view it "
@@ -258,22 +415,36 @@ def from_vllm(kv_caches, *, backend: str,
     if backend not in VLLM_BACKENDS:
         raise ValueError(f"backend: expected one of {VLLM_BACKENDS}, got {backend!r}")
     layers = _layers(kv_caches, "kv_caches")
+    kinds = [_vllm_layout(t, backend, vllm_version, f"kv_caches[{i}]")
+             for i, t in enumerate(layers)]
     if backend == "mla":
         if extras:
             raise ValueError("extras: only for the flash_attn and flashinfer backends")
-        for i, t in enumerate(layers):
-            _check_dims(t, 3, f"kv_caches[{i}]", "[num_blocks, block_size, head_size]")
-        comps = {"latent": layers}
+        latent = [t[:, 0] if kind == "latent_head" else t
+                  for t, kind in zip(layers, kinds, strict=True)]
+        comps = {"latent": latent}
         if indexer is not None:
-            comps.update(_indexer_components(indexer, layers[0].shape[1], index_head_dim,
-                                             layers[0].shape[0], "indexer"))
+            index = [t[:, 0] if t.dim() == 4 and t.shape[1] == 1 else t
+                     for t in _layers(indexer, "indexer")]
+            comps.update(_indexer_components(index, latent[0].shape[1], index_head_dim,
+                                             latent[0].shape[0], "indexer"))
         return PagedKVCache(comps, latent=tuple(comps))
     if indexer is not None:
         raise ValueError("indexer: only for the mla backend")
+    if extras and any(k not in ("kv_first", "block_kv") for k in kinds):
+        raise ValueError("extras: only for the 5-D flash_attn and flashinfer layouts")
+    if backend == "cpu":
+        suffix = "" if cpu_isa is None else f".{cpu_isa}"
+        names = ("k_blocks" + suffix, "v_blocks" + suffix)
+        comps = {n: [] for n in names}
+        for i, (t, kind) in enumerate(zip(layers, kinds, strict=True)):
+            for name, part in zip(names, _cpu_blocks(t, kind, f"kv_caches[{i}]"), strict=True):
+                comps[name].append(part)
+        return PagedKVCache(comps)
     comps: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     layouts = set()
-    for i, t in enumerate(layers):
-        for name, part in zip(("k", "v"), _vllm_kv(t, backend, f"kv_caches[{i}]"),
+    for i, (t, kind) in enumerate(zip(layers, kinds, strict=True)):
+        for name, part in zip(("k", "v"), _vllm_kv(t, kind, head_size, f"kv_caches[{i}]"),
                               strict=True):
             view, lay = _nhd_or_hnd(part)
             comps[name].append(view)

@@ -47,6 +47,7 @@ KEYS = "cpkv/cp/keys.py"
 PARALLEL = "cpkv/parallel.py"
 ADAPT = "cpkv/adapters.py"
 ADAPT_TESTS = ("tests/test_adapters.py",)
+VLLM = "cpkv/integrations/vllm.py"  # its tests run in the vLLM lane (.venv-vllm, mutate.py)
 
 M = Mutant
 MUTANTS: list[Mutant] = [
@@ -451,6 +452,49 @@ MUTANTS: list[Mutant] = [
       "    return t[:, 0], t[:, 1]\n",
       "    return t[:, 1], t[:, 0]\n",
       "FlashInfer-layout K and V swapped", ADAPT_TESTS),
+    M("a-vllm-fused-split", ADAPT,
+      "return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)",
+      "return t[..., :d].transpose(1, 2), t[..., d - 1:-1].transpose(1, 2)",
+      "vLLM's fused K|V row split one value early: V takes K's last value", ADAPT_TESTS),
+    M("a-vllm-cpu-planes", ADAPT,
+      "halves = t.view(blocks, heads, 2, bs, width // 2)",
+      "halves = t.view(blocks, heads, bs, 2, width // 2).transpose(2, 3)",
+      "the CPU backend's K and V planes read as K | V per token (the GPU reading)", ADAPT_TESTS),
+    M("a-vllm-cpu-kv-first", ADAPT,
+      "planes = [t[0], t[1]]",
+      "planes = [t[0], t[0]]",
+      "the CPU 0.12-0.22 layout's V read from K's half", ADAPT_TESTS),
+    M("a-vllm-cpu-block-row", ADAPT,
+      "(plane.stride(0), bs * dim, plane.stride(1), 1)",
+      "(plane.stride(0), bs * dim, bs * dim, 1)",
+      "every head of a CPU block read at head 0's plane (K and V of head 1 never move)",
+      ADAPT_TESTS),
+    # -- the vLLM connector: which blocks a request's tokens are in ----------------------------
+    M("v-kernel-block-pages", VLLM,
+      "ids = (ids[:, None] * r + torch.arange(r)).reshape(-1)",
+      "ids = (ids[:, None] + torch.arange(r)).reshape(-1)",
+      "vLLM block b read as kernel pages [b, b + r) instead of [b * r, (b + 1) * r)",
+      ("tests/integrations/test_vllm_page_sizes.py", "-k", "kernel")),
+    M("v-whole-block-prefix", VLLM,
+      "return ids[:n], n, prefix // block_size",
+      "return ids[:n], n, 0",
+      "a CPU pool's cached prefix blocks rewritten by the transfer (shared with other requests)",
+      ("tests/integrations/test_vllm_worker.py", "-k", "cached")),
+    M("v-decode-prefix", VLLM,
+      "list(block_ids), n, n - num_external_tokens))",
+      "list(block_ids), n, 0))",
+      "a local prefix hit's tokens expected from the prefill engine again (shared blocks "
+      "written)", ("tests/integrations/test_vllm_scheduler.py", "-k", "prefix")),
+    M("v-shared-prefix-defer", VLLM,
+      "if busy.isdisjoint(spec.block_ids):",
+      "if True:",
+      "a request sharing a cached prefix with one still receiving is expected at once (and "
+      "refused: a load error)", ("tests/integrations/test_vllm_worker.py", "-k", "in_turn")),
+    M("v-load-error-blocks", VLLM,
+      "spec.block_ids[spec.prefix // self.block_size:]",
+      "spec.block_ids",
+      "a failed receive invalidates the shared prefix blocks too (other requests recompute)",
+      ("tests/integrations/test_vllm_worker.py", "-k", "failed_receive")),
     # -- storage keys ---------------------------------------------------------------------------
     M("key-head-shard", PARALLEL,
       "return heads.start // len(heads)",

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LANE = "tests/integrations"  # run by the vLLM lane's interpreter (make setup-vllm)
+LANE_PY = ROOT / ".venv-vllm" / "bin" / "python"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from mutants import MUTANTS, Mutant  # noqa: E402
@@ -75,9 +77,19 @@ def scratch_copy() -> Path:
     return dst
 
 
+def python_for(tests: list[str]) -> str:
+    """The interpreter for these tests: the vLLM lane's for tests/integrations (there vLLM is
+    installed; elsewhere those tests skip, and every mutant would survive)."""
+    if not any(t.startswith(LANE) for t in tests):
+        return sys.executable
+    if not LANE_PY.exists():
+        raise SystemExit(f"{' '.join(tests)}: needs the vLLM lane ({LANE_PY}): make setup-vllm")
+    return str(LANE_PY)
+
+
 def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [python_for(tests), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,

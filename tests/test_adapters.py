@@ -7,7 +7,7 @@ from kvtest import as_bytes
 
 from cpkv import PagedKVCache
 from cpkv.adapters import from_flashinfer, from_sglang_mha, from_sglang_mla, from_vllm
-from cpkv.kernels import pack_pages
+from cpkv.kernels import pack_pages, unpack_pages
 
 PS, PAGES, LAYERS = 4, 5, 2
 
@@ -150,6 +150,173 @@ def test_vllm_extras_follow_the_stride_order(hnd):
                                 for r in raw]})
 
 
+# vLLM >= 0.29 (vllm/v1/kv_cache_layout.py): stride orders over the logical [L, B, H, N, C]
+KV_CACHE_LAYOUTS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4), "LHBNC": (0, 2, 1, 3, 4),
+                    "BLHNC": (1, 0, 2, 3, 4), "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}
+
+
+def _vllm_views(order, heads=2, content=16, dtype=torch.bfloat16, seed=0):
+    """Per-layer [B, H, N, C] views of one buffer, laid out in ``order`` as
+    create_kv_cache_views (vllm/v1/kv_cache_interface.py, 0.29+) does."""
+    shape = (LAYERS, PAGES, heads, PS, content)
+    strides, step = [0] * 5, 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= shape[dim]
+    raw = _rand(step, dtype=dtype, seed=seed)
+    return list(raw.as_strided(shape, strides).unbind(0))
+
+
+@pytest.mark.parametrize("order", list(KV_CACHE_LAYOUTS), ids=list(KV_CACHE_LAYOUTS))
+def test_vllm_fused_per_head_kv(order):
+    """vLLM 0.26+ GPU backends: [blocks, heads, block_size, K | V], read with
+    kv_cache.transpose(1, 2).split(head_size, -1) (flash_attn.py), in every KVCacheLayout
+    but LHBNC (ROCm's heads-outermost order), which is refused with the reason."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS[order])
+    if order == "LHBNC":
+        with pytest.raises(ValueError, match="heads outside blocks"):
+            from_vllm(kv, backend="flash_attn")
+        return
+    cache = from_vllm({f"layers.{i}.attn": t for i, t in enumerate(kv)}, backend="flash_attn")
+    assert (cache.num_pages, cache.page_size, cache.num_heads) == (PAGES, PS, 2)
+    split = [t.transpose(1, 2).split(8, dim=-1) for t in kv]  # vLLM's own addressing
+
+    def rows(n, layer, b, s):
+        return split[layer][0 if n == "k" else 1][b, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def test_vllm_fused_different_v_head_size():
+    """head_size_v != head_size (flash_attn_diffkv): K's width is given."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBNHC"], content=24)
+    cache = from_vllm(kv, backend="triton_attn", head_size=16)
+    assert [c.head_dim for c in cache.components] == [16, 8]
+
+    def rows(n, layer, b, s):
+        return kv[layer].transpose(1, 2).split(16, dim=-1)[0 if n == "k" else 1][b, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def _cpu_reshape_and_cache(key_cache, value_cache, slot, k, v):
+    """vLLM's CPU kernels' write of one token (csrc/cpu/cpu_attn_vec.hpp, reshape_and_cache):
+    per (block, head), K column-major [head_size, block_size], V row-major."""
+    bs = key_cache.shape[2]
+    b, s = divmod(slot, bs)
+    for h in range(k.shape[0]):
+        key_cache[b, h].reshape(-1)[s::bs].copy_(k[h])
+        value_cache[b, h, s].copy_(v[h])
+
+
+def _cpu_planes(t):
+    """The K and V planes as cpu_attn.py splits a 0.23+ layer (view + chunk) or a 0.12-0.22
+    one (unbind)."""
+    if t.dim() == 5:
+        return t.unbind(0)
+    blocks, heads, bs, width = t.shape
+    return t.view(blocks, heads, 2 * bs, width // 2).chunk(2, dim=2)
+
+
+@pytest.mark.parametrize("version", ["0.12.0", "0.23.0", "0.32.0"])
+def test_vllm_cpu_blocks(version):
+    """vLLM's CPU backend: a token's K is no row (column-major inside the block), so blocks
+    move whole; pack/unpack of a request's blocks reproduces every token the kernel wrote."""
+    def pool(seed):
+        if version == "0.12.0":  # [2, blocks, heads, block_size, head_size]
+            return [_rand(2, PAGES, 2, PS, 8, seed=seed + i) for i in range(LAYERS)]
+        return _vllm_views(KV_CACHE_LAYOUTS["LBHNC"], seed=seed)  # [blocks, H, bs, 2 * D]
+    src, dst = pool(0), pool(10)
+    cache = from_vllm(src, backend="cpu", vllm_version=version, cpu_isa="vec")
+    assert cache.component_names == ["k_blocks.vec", "v_blocks.vec"]
+    assert (cache.num_pages, cache.page_size, cache.num_heads) == (PAGES, 1, 2)
+    _same_storage(cache, "k_blocks.vec", 1, src[1])
+    g = torch.Generator().manual_seed(3)
+    tokens = {}
+    for layer in range(LAYERS):  # the kernel writes tokens into blocks 3 and 1
+        for slot in [3 * PS, 3 * PS + 2, 1 * PS + 1]:
+            k, v = (torch.randn(2, 8, generator=g).to(torch.bfloat16) for _ in "kv")
+            _cpu_reshape_and_cache(*_cpu_planes(src[layer]), slot, k, v)
+            tokens[layer, slot] = k, v
+    ids = [3, 1]
+    want = torch.cat([as_bytes(p[b]).reshape(-1) for layer in range(LAYERS)
+                      for p in _cpu_planes(src[layer]) for b in ids])
+    for backend in ("torch", "triton"):
+        assert torch.equal(pack_pages(cache, torch.tensor(ids), num_tokens=2, backend=backend),
+                           want), backend
+    # into another pool's blocks 0 and 4: the kernel's addressing reads the same tokens
+    out = from_vllm(dst, backend="cpu", cpu_isa="vec")
+    guard = [t.clone() for t in dst]
+    unpack_pages(pack_pages(cache, torch.tensor(ids), num_tokens=2), out, torch.tensor([0, 4]),
+                 num_tokens=2, format=cache.packed_format(2))
+    moved = {3: 0, 1: 4}
+    for (layer, slot), (k, v) in tokens.items():
+        b, s = divmod(slot, PS)
+        kc, vc = _cpu_planes(dst[layer])
+        assert torch.equal(kc[moved[b]].reshape(2, -1)[:, s::PS], k)
+        assert torch.equal(vc[moved[b], :, s], v)
+    for layer in range(LAYERS):  # blocks 1-3 of the destination untouched
+        for p_new, p_old in zip(_cpu_planes(dst[layer]), _cpu_planes(guard[layer]), strict=True):
+            assert torch.equal(as_bytes(p_new[1:4]), as_bytes(p_old[1:4]))
+    # a per-token reading of the K plane (rows of head_size) is not what the kernel wrote
+    b, s = divmod(3 * PS + 2, PS)
+    assert not torch.equal(_cpu_planes(src[0])[0][b, :, s], tokens[0, 3 * PS + 2][0])
+
+
+def test_vllm_cpu_isa_in_the_format():
+    """Two CPU pools of different kernel ISAs have different packed formats."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBHNC"])
+    vec = from_vllm(kv, backend="cpu", cpu_isa="vec").packed_format(1)
+    amx = from_vllm(kv, backend="cpu", cpu_isa="amx").packed_format(1)
+    with pytest.raises(ValueError, match="components expected"):
+        amx.check_matches(vec)
+
+
+def test_vllm_flash_attn_block_kv():
+    """vLLM 0.23-0.25 flash_attn: [blocks, 2, block_size, heads, head_size]."""
+    kv = [_vllm_alloc("flashinfer", False, seed=i) for i in range(LAYERS)]
+    cache = from_vllm(kv, backend="flash_attn", vllm_version="0.24.0")
+
+    def rows(n, layer, b, s):
+        return kv[layer][b, 0 if n == "k" else 1, s]
+    _check(cache, rows, ["k", "v"], lambda n, layer: kv[layer])
+
+
+def test_vllm_mla_head_axis():
+    """vLLM 0.29+ MLA: [blocks, 1, block_size, 576] (H == 1 in [B, H, N, C])."""
+    kv = _vllm_views(KV_CACHE_LAYOUTS["LBHNC"], heads=1, content=576)
+    cache = from_vllm(kv, backend="mla")
+    _check(cache, lambda n, layer, b, s: kv[layer][b, 0, s].view(1, 576), ["latent"],
+           lambda n, layer: kv[layer])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: from_vllm([_t(2, 4, 64)], backend="cpu"),
+     "kv_caches[0]: vLLM 0.11's CPU backend (TorchSDPA) keeps [2, num_blocks, block_size * "
+     "kv_heads * head_size]"),
+    (lambda: from_vllm([_t(2, 2, 4, 2, 8)], backend="flash_attn"),
+     "kv_caches[0]: shape (2, 2, 4, 2, 8) fits both [2, num_blocks, block_size, kv_heads, "
+     "head_size] (vLLM 0.11-0.22) and [num_blocks, 2, block_size, kv_heads, head_size] "
+     "(vLLM 0.23-0.25); pass vllm_version="),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", vllm_version="0.22.1"),
+     "kv_caches[0]: vLLM 0.22.1 flash_attn hands [2, num_blocks, block_size, kv_heads, "
+     "head_size], got shape (4, 2, 4, 16)"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", vllm_version="0.10.2"),
+     "vllm_version: layouts of backend 'cpu' are known for vLLM 0.11 through 0.33, "
+     "got '0.10.2'"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="cpu", vllm_version="latest"),
+     "vllm_version: expected a release such as '0.32.0', got 'latest'"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", head_size=16),
+     "head_size: expected an int in (0, 16) (K's part of the 16 values of each head), got 16"),
+    (lambda: from_vllm([_t(4, 2, 16, 4).transpose(2, 3)], backend="cpu"),
+     "kv_caches[0]: expected each (block, head) of the CPU layout contiguous"),
+    (lambda: from_vllm([_t(4, 2, 4, 16)], backend="flash_attn", extras={"s": [_t(4, 4, 2, 1)]}),
+     "extras: only for the 5-D flash_attn and flashinfer layouts"),
+])
+def test_vllm_refused_by_version(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value)
+
+
 def test_vllm_mla():
     kv = [_rand(PAGES, PS, 656, dtype=torch.uint8, seed=i) for i in range(LAYERS)]
     cache = from_vllm(kv, backend="mla")
@@ -212,12 +379,17 @@ def _t(*shape, dtype=torch.bfloat16):
                              scales_layout="interleaved"), ValueError,
      "scales_layout 'interleaved': SGLang's MXFP8 KV scales (page size 128) are interleaved"),
     (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="xformers"), ValueError,
-     "backend: expected one of ('flash_attn', 'flashinfer', 'mla'), got 'xformers'"),
+     "backend: expected one of ('flash_attn', 'flashinfer', 'triton_attn', 'cpu', 'mla'), "
+     "got 'xformers'"),
     (lambda: from_vllm([_t(3, 4, 4, 2, 8)], backend="flash_attn"), ValueError,
-     "expected axis 0 of size 2 (K, V) for flash_attn"),
-    (lambda: from_vllm([_t(4, 4, 2, 8)], backend="flashinfer"), ValueError,
-     "kv_caches[0]: expected [num_blocks, 2, block_size, kv_heads, head_size] (5 dims), "
-     "got shape (4, 4, 2, 8)"),
+     "kv_caches[0]: expected [2, num_blocks, block_size, kv_heads, head_size] (vLLM 0.11-0.22) "
+     "or [num_blocks, 2, block_size, kv_heads, head_size] (vLLM 0.23-0.25) or [num_blocks, "
+     "kv_heads, block_size, head_size + head_size_v] (K | V per head) (vLLM 0.26-0.33) for "
+     "flash_attn, got shape (3, 4, 4, 2, 8)"),
+    (lambda: from_vllm([_t(4, 4, 16)], backend="flashinfer"), ValueError,
+     "kv_caches[0]: expected [num_blocks, 2, block_size, kv_heads, head_size] (vLLM 0.11-0.25) "
+     "or [num_blocks, kv_heads, block_size, head_size + head_size_v] (K | V per head) "
+     "(vLLM 0.26-0.33) for flashinfer, got shape (4, 4, 16)"),
     (lambda: from_vllm([_t(4, 4, 576)], backend="mla", extras={"s": [_t(4, 4, 1, 4)]}),
      ValueError, "extras: only for the flash_attn and flashinfer backends"),
     (lambda: from_vllm([_t(2, 4, 4, 2, 8)], backend="flash_attn", extras={"k": [_t(4, 4, 2, 1)]}),
@@ -232,7 +404,8 @@ def _t(*shape, dtype=torch.bfloat16):
                        indexer=[_t(4, 4, 132, dtype=torch.uint8)]),
      ValueError, "indexer: only for the mla backend"),
     (lambda: from_vllm([_t(4, 4, 1, 576)], backend="mla"), ValueError,
-     "expected [num_blocks, block_size, head_size] (3 dims)"),
+     "kv_caches[0]: expected [num_blocks, block_size, head_size] (vLLM 0.11-0.28) or "
+     "[num_blocks, 1, block_size, head_size] (vLLM 0.29-0.33) for mla, got shape (4, 4, 1, 576)"),
     (lambda: from_vllm(_t(2, 4, 4, 2, 8), backend="flash_attn"), TypeError,
      "expected a list (or dict) of per-layer tensors"),
     (lambda: from_sglang_mha([_t(10, 2, 8)], [_t(10, 2, 8)], page_size=4), ValueError,
