@@ -1,4 +1,6 @@
-"""Spawn a group of ranks once, let each run every scenario, collect per-scenario results."""
+"""Helpers for tests that involve other processes or threads: spawn a group of ranks once, let
+each run every scenario, collect per-scenario results; meet through a folder (`publish` /
+`lookup`); wait for a condition (`wait_for`, the suite's one polling loop); read /proc."""
 
 from __future__ import annotations
 
@@ -63,13 +65,29 @@ def publish(path, value) -> None:
 def lookup(path, timeout: float = 120.0):
     """The value another process `publish`-ed at ``path``, waiting for it up to ``timeout``
     seconds (TimeoutError naming the path after that)."""
-    deadline = time.monotonic() + timeout
     path = Path(path)
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing published at {path} within {timeout} s")
-        time.sleep(0.005)
+    wait_for(path.exists, timeout, f"a value published at {path}")
     return json.loads(path.read_text())
+
+
+def wait_for(predicate, timeout: float = 10.0, what="condition", *, interval: float = 0.005,
+             fail: bool = True):
+    """Call ``predicate`` every ``interval`` seconds until it returns something true; return that.
+
+    Once ``timeout`` seconds have passed, raise TimeoutError "<what> not met within <timeout>
+    s"; ``what`` may be a callable, called only then, to name the state reached. With
+    ``fail=False`` return the last false value instead, for a caller that reports the state
+    itself (or for whom the bound is not a failure). A predicate may raise to end the wait at
+    once (e.g. an assert that a process is still running)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            if not fail:
+                return value
+            raise TimeoutError(f"{what() if callable(what) else what} not met within "
+                               f"{timeout} s")
+        time.sleep(interval)
+    return value
 
 
 class Recorder:

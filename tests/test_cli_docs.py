@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mp import child_pids
+from mp import child_pids, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -66,7 +66,6 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message):
 
 def test_ctrl_c_stops_every_process(tmp_path):
     import signal
-    import time
 
     proc = subprocess.Popen([sys.executable, "-m", "cpkv.cli", *TINY, "--requests", "50",
                              "--out", str(tmp_path)], stdout=subprocess.PIPE,
@@ -80,10 +79,9 @@ def test_ctrl_c_stops_every_process(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
         assert "interrupted" in proc.stderr.read()
-        deadline = time.monotonic() + 15
-        while any(Path(f"/proc/{c}").exists() for c in children):
-            assert time.monotonic() < deadline, "processes left behind after Ctrl-C"
-            time.sleep(0.2)
+        wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 15,
+                 f"every one of the demo's processes {sorted(children)} gone after Ctrl-C",
+                 interval=0.2)
         assert not list(Path("/dev/shm").glob("cpkv-*"))
     finally:
         if proc.poll() is None:

@@ -12,14 +12,13 @@ other byte of the decode pool (poisoned) is unchanged.
 docs/vllm.md; tests/integrations/test_vllm_worker.py shows such a pair is refused.)
 """
 
-import time
-
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is installed in the vLLM lane only (make test-vllm)")
 
 from kvtest import SENTINEL, as_bytes, assert_bytes_equal  # noqa: E402
+from mp import wait_for  # noqa: E402
 from vllm_engines import HEAD_DIM, write_tiny_llama  # noqa: E402
 from vllm_harness import allocate, make_config  # noqa: E402
 
@@ -94,10 +93,8 @@ def test_page_sizes_convert_bit_exact(model, case):
         consumer.expect("d", "t-1", "prefill-x", d_ids, n, d_prefix)
         for upto in range(1, LAYERS + 1):  # layer by layer, as the forward saves them
             producer.send_layers("p", "t-1", [consumer.address], s_ids, n, upto)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and TransferState.PENDING in (
-                consumer.state("d"), producer.state("p")):
-            time.sleep(0.01)
+        wait_for(lambda: TransferState.PENDING not in (consumer.state("d"), producer.state("p")),
+                 60, interval=0.01, fail=False)  # asserted below, with the reasons
         assert (consumer.state("d"), producer.state("p")) == (TransferState.DONE,) * 2, \
             (consumer.reason("d"), producer.reason("p"))
         assert consumer.layers_ready("d") == LAYERS

@@ -9,7 +9,6 @@ same hook calls vLLM makes (bind, save_kv_layer per layer, wait_for_save, start_
 get_finished, get_block_ids_with_load_errors); every byte is compared.
 """
 
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is installed in the vLLM lane only (make test-vllm)")
 
 from kvtest import as_bytes  # noqa: E402
-from mp import free_port  # noqa: E402
+from mp import free_port, wait_for  # noqa: E402
 from vllm import _custom_ops as ops  # noqa: E402
 from vllm.config import set_current_vllm_config  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
@@ -128,11 +127,14 @@ def test_gpu_layouts_from_vllm_allocation(model, layout):
 def finish(producer, consumer, sends=("p",), recvs=("d",), timeout=60):
     """Step both workers' get_finished until the requests ended on both (the producer's
     ``sends`` finished in vLLM); (received, sent, the consumer's load errors)."""
-    recvd, sent, deadline = set(), set(), time.monotonic() + timeout
-    while (recvd != set(recvs) or sent != set(sends)) and time.monotonic() < deadline:
-        recvd |= consumer.get_finished(set())[1]
-        sent |= producer.get_finished(set(sends))[0]
-        time.sleep(0.01)
+    recvd, sent = set(), set()
+
+    def ended():
+        recvd.update(consumer.get_finished(set())[1])
+        sent.update(producer.get_finished(set(sends))[0])
+        return recvd == set(recvs) and sent == set(sends)
+
+    wait_for(ended, timeout, interval=0.01, fail=False)  # the caller asserts what ended
     return recvd, sent, consumer.get_block_ids_with_load_errors()
 
 
@@ -191,13 +193,15 @@ def test_requests_sharing_a_cached_prefix_are_received_in_turn(model, tp_group):
             save=True)
         assert consumer.get_finished({"d3"}) == (set(), {"d3"})  # vLLM aborted it
         recvd, sent, errors = set(), set(), set()
-        deadline = time.monotonic() + 60
-        while (recvd != {"d1", "d2"} or sent != {"p1", "p2"}) and time.monotonic() < deadline:
+
+        def ended():
             run_step(consumer, CpkvConnectorMetadata())  # the engine keeps stepping
-            recvd |= consumer.get_finished(set())[1]
-            sent |= producer.get_finished({"p1", "p2"})[0]
-            errors |= consumer.get_block_ids_with_load_errors()
-            time.sleep(0.01)
+            recvd.update(consumer.get_finished(set())[1])
+            sent.update(producer.get_finished({"p1", "p2"})[0])
+            errors.update(consumer.get_block_ids_with_load_errors())
+            return recvd == {"d1", "d2"} and sent == {"p1", "p2"}
+
+        wait_for(ended, 60, interval=0.01, fail=False)
         assert (recvd, sent, errors) == ({"d1", "d2"}, {"p1", "p2"}, set())
         assert all(torch.equal(a, b) for a, b in zip(blocks_bytes(dst, [6, 7, 8, 9]),
                                                      blocks_bytes(src, [2, 3, 12, 13]),
@@ -243,10 +247,9 @@ def test_a_failed_receive_reports_its_blocks_once(model, tp_group):
         run_step(consumer, CpkvConnectorMetadata(recvs=[
             RecvSpec("d", 5, "producer", [1, 2], BS + 1),
             RecvSpec("e", 6, "producer", [3, 4, 5], 2 * BS + 1, prefix=BS)]))
-        recvd, deadline = set(), time.monotonic() + 30
-        while recvd != {"d", "e"} and time.monotonic() < deadline:
-            recvd |= consumer.get_finished(set())[1]
-            time.sleep(0.05)
+        recvd = set()
+        wait_for(lambda: recvd.update(consumer.get_finished(set())[1]) or recvd == {"d", "e"},
+                 30, interval=0.05, fail=False)
         assert recvd == {"d", "e"}
         assert consumer.get_block_ids_with_load_errors() == {1, 2, 4, 5}
         assert consumer.get_block_ids_with_load_errors() == set()

@@ -15,6 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
+from mp import wait_for
+
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "MC_LOG_LEVEL": "ERROR", "VLLM_LOGGING_LEVEL": "WARNING"}
 VOCAB, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 512, 4, 2, 32, 2
@@ -100,10 +102,13 @@ def _serve(conn, args: dict) -> None:
                                 use_tqdm=False)
             # held blocks (a producer waiting for its transfers' verdicts) drain as the
             # engine steps, as vLLM's busy loop does (scheduler.has_requests)
-            deadline = time.monotonic() + 120
-            while core.scheduler.has_requests() and time.monotonic() < deadline:
+            def drained():
+                if not core.scheduler.has_requests():
+                    return True
                 llm.llm_engine.step()
-                time.sleep(0.005)
+                return False
+
+            wait_for(drained, 120, fail=False)  # reported below ("pending")
             free = core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
             conn.send(("ok", {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                               "finish": [o.outputs[0].finish_reason for o in outs],

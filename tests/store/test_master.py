@@ -6,11 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from mp import alive
+from mp import alive, wait_for
 
 from cpkv.store import MasterError, MasterProcess
 from cpkv.store.master import port_open
@@ -31,12 +30,7 @@ time.sleep(120)
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_for(lambda: not alive(pid), timeout, interval=0.05, fail=False)
 
 
 def test_start_stop_and_logs():

@@ -4,9 +4,8 @@ import csv
 import signal
 import subprocess
 import sys
-import time
 
-from mp import alive, child_pids
+from mp import alive, child_pids, wait_for
 
 from cpkv.report import COLUMNS
 
@@ -59,17 +58,17 @@ def test_ctrl_c_stops_writers_and_master():
         for line in proc.stdout:  # the master is up; the writers are being spawned
             if "mooncake_master on" in line:
                 break
-        deadline = time.monotonic() + 60
-        while len(children := child_pids(proc.pid)) < 3:  # master + 2 writers
-            assert time.monotonic() < deadline and proc.poll() is None, "no writers started"
-            time.sleep(0.1)
+        def started():
+            assert proc.poll() is None, "the demo exited before its writers started"
+            return len(children := child_pids(proc.pid)) >= 3 and children  # master + 2
+
+        children = wait_for(started, 60, "the master and 2 writers started", interval=0.1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
         assert "interrupted" in proc.stderr.read()
-        deadline = time.monotonic() + 30
-        while any(alive(c) for c in children):
-            assert time.monotonic() < deadline, "processes left behind after Ctrl-C"
-            time.sleep(0.2)
+        wait_for(lambda: not any(alive(c) for c in children), 30,
+                 f"every one of the demo's processes {sorted(children)} gone after Ctrl-C",
+                 interval=0.2)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from kvtest import fill_sentinel, make_cache, mha, oracle_unpack, snapshot
-from mp import Recorder, lookup, publish
+from mp import Recorder, lookup, publish, wait_for
 
 from cpkv.parallel import ParallelRank, ParallelSizes, heads_of
 
@@ -272,7 +272,7 @@ def expect_and_check_restart(recv, name: str, folder) -> None:
     assert recv.settle(30)
     # the next round's destinations are pushed to connected senders: not to the dead one
     lookup(folder / "killed.json")
-    deadline = time.monotonic() + 30
-    while "A/dp0.cp1.tp0.pp0" in recv.connected() and time.monotonic() < deadline:
-        time.sleep(0.01)  # (its connection ends as the kernel closes the dead process's)
+    # (its connection ends as the kernel closes the dead process's)
+    wait_for(lambda: "A/dp0.cp1.tp0.pp0" not in recv.connected(), 30, interval=0.01,
+             fail=False)
     expect_and_check(recv, name, 2)

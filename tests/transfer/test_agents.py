@@ -9,7 +9,8 @@ import threading
 
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
-from txtest import wait_all, wait_for
+from mp import wait_for
+from txtest import wait_all
 
 from cpkv.parallel import heads_of
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelSizes

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
-from txtest import Group, Proxy, Rogue, wait_all, wait_for
+from mp import wait_for
+from txtest import Group, Proxy, Rogue, wait_all
 
 from cpkv import PackedFormat
 from cpkv.cp import interleave_split, page_share, zigzag_split

@@ -21,7 +21,8 @@ from kvtest import (
     oracle_unpack,
     snapshot,
 )
-from txtest import Group, Rogue, wait_all, wait_for
+from mp import wait_for
+from txtest import Group, Rogue, wait_all
 
 from cpkv.kernels import packed_digest
 from cpkv.staging import StagingArena

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
-from txtest import DONE, Group, wait_all, wait_for
+from mp import wait_for
+from txtest import DONE, Group, wait_all
 
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes
 from cpkv.transfer.protocol import Note

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from kvtest import fill_sentinel, make_cache, mha
-from mp import lookup, publish
+from mp import lookup, publish, wait_for
 from soak_worker import (
     DST_PAGES,
     INSTANCE,
@@ -125,9 +125,8 @@ def test_soak_with_stalls_and_restarts():
         p.join(60)
     settled = recv.settle(10)
     leaked = len(arena.live_slots)
-    deadline = time.monotonic() + 10  # the senders' connections end as their processes do
-    while gauges(recv) != baseline and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # the senders' connections end as their processes do; what is left is asserted below
+    wait_for(lambda: gauges(recv) == baseline, 10, interval=0.01, fail=False)
     end = gauges(recv)
     left = {k: (baseline[k], v) for k, v in end.items() if v != baseline[k]}
     quarantined = recv.stats()["quarantined_past_grace"]

@@ -15,7 +15,8 @@ from kvtest import (
     mha,
     snapshot,
 )
-from txtest import Group, Rogue, wait_all, wait_for
+from mp import wait_for
+from txtest import Group, Rogue, wait_all
 
 from cpkv.transfer import KVReceiver, KVSender, KVStatus
 from cpkv.transfer import sender as sender_module

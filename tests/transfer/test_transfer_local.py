@@ -12,7 +12,8 @@ from kvtest import (
     oracle_unpack,
     snapshot,
 )
-from txtest import Group, Rogue, wait_all, wait_for
+from mp import wait_for
+from txtest import Group, Rogue, wait_all
 
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank, ParallelSizes, agree
 from cpkv.transfer.protocol import Announce, End, Note

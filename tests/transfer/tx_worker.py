@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, mla, oracle_unpack, snapshot
-from mp import Recorder, alive, lookup, publish
-from txtest import wait_for
+from mp import Recorder, alive, lookup, publish, wait_for
 
 from cpkv.staging import StagingArena
 from cpkv.transfer import (

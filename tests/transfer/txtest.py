@@ -28,15 +28,6 @@ def wait_all(objs_and_ids, timeout=30.0):
     return statuses
 
 
-def wait_for(predicate, timeout=10.0, what="condition"):
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout} s")
-        time.sleep(0.005)
-
-
 class Group:
     """The senders of one prefill instance over ``src`` (or ``srcs(rank)`` per rank) and a
     receiver into ``dst`` (one process, the rig's engine and arenas). ``sizes`` are the
