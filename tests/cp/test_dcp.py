@@ -28,6 +28,7 @@ from kvtest import (
     pool_on,
     snapshot,
 )
+from syncs import HOST_SYNCS
 
 from cpkv import PagedKVCache
 from cpkv.cp import page_share
@@ -218,12 +219,10 @@ def test_tensors_subtract_bases_and_stay_on_the_device():
     assert empty.count == 0 and [x.numel() for x in empty.tensors()] == [0, 0]
 
 
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
-
-
 def test_tensors_read_nothing_back(monkeypatch):
     """The device form never reads a tensor value on the host (what would synchronise a GPU):
-    every Tensor method that does raises while the selections build their index tensors."""
+    every host sync (`syncs.HOST_SYNCS`) raises while the selections build their index
+    tensors."""
     sels = [dcp_select(DcpLayout(4, 1, 2), 5, 90, prefix=7),
             dcp_select(DcpLayout(2, 1), 0, 90, src=DcpLayout(4, 3)),
             dcp_select(DcpLayout(1), 0, 90, src=DcpLayout(2, 0, 16))]
@@ -233,9 +232,8 @@ def test_tensors_read_nothing_back(monkeypatch):
         raise AssertionError("a host read-back")
 
     with monkeypatch.context() as m:
-        for name in SYNCING:
-            m.setattr(torch.Tensor, name, refuse)
-        m.setattr(torch, "nonzero", refuse)
+        for owner, name in HOST_SYNCS:
+            m.setattr(owner, name, refuse)
         got = [sel.tensors() for sel in sels]
     assert [s.tolist() + d.tolist() for s, d in got] == wants
 

@@ -1,9 +1,6 @@
 """The kernels' hot path: no host synchronisation under validate=False, buffers that alias the
 pool refused, launches under the pool's device."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from kvtest import (
@@ -14,35 +11,11 @@ from kvtest import (
     pool_on,
     snapshot,
 )
+from syncs import CPKV_DIR, SyncCounter
 
-import cpkv
 from cpkv import PagedKVCache
 from cpkv.kernels import pack_pages, reorganize_pages, unpack_pages
 from cpkv.kernels.paged_copy import _device_guard
-
-CPKV_DIR = str(Path(cpkv.__file__).parent)
-# Tensor methods that wait for the device (or copy to pageable host memory).
-SYNCS = ("item", "cpu", "tolist", "numpy", "__int__", "__bool__", "__float__", "__index__")
-
-
-class SyncCounter:
-    """Counts the calls of SYNCS (and torch.cuda.synchronize) made from cpkv's own code; the
-    Triton interpreter's internals (CPU machines) are not the hot path and are not counted."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in SYNCS:
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
-        monkeypatch.setattr(torch.cuda, "synchronize",
-                            self._wrap("cuda.synchronize", torch.cuda.synchronize))
-
-    def _wrap(self, name, fn):
-        def counted(*args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(CPKV_DIR):
-                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
-            return fn(*args, **kwargs)
-        return counted
 
 
 def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
@@ -78,12 +51,14 @@ def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
                          validate=False)
 
     calls()  # the first call of a geometry builds its descriptor tables (once per pool)
-    counter = SyncCounter(monkeypatch)
+    # counted where cpkv's own code calls: the Triton interpreter (CPU machines) is not the
+    # hot path
+    counter = SyncCounter(monkeypatch, files=[CPKV_DIR])
     calls()
     monkeypatch.undo()
     assert counter.calls == []
     # ... and the counter does see the validating path's reads of the ids.
-    counter = SyncCounter(monkeypatch)
+    counter = SyncCounter(monkeypatch, files=[CPKV_DIR])
     pack_pages(src, ids, num_tokens=10, out=out, backend="triton")
     monkeypatch.undo()
     assert counter.calls
