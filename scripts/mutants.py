@@ -38,10 +38,10 @@ ENGINE = "cpkv/transfer/engine.py"
 MAPPING = "cpkv/transfer/mapping.py"
 DIRECT = "cpkv/transfer/direct.py"
 STATUS = "cpkv/transfer/status.py"
-ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_layouts.py", "-k",
+ENGINE_TESTS = ("tests/transfer/test_engine.py", "tests/transfer/test_layouts.py", "-k",
                 "transport_limit or batch or unregistered")
-LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py")
-GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
+LAYOUTS = ("tests/transfer/test_layouts.py",)
+SOURCE_LAYERS = ("tests/transfer/test_layouts.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
 KEYS = "cpkv/cp/keys.py"
 PARALLEL = "cpkv/parallel.py"
@@ -122,7 +122,7 @@ MUTANTS: list[Mutant] = [
       "has_list, has_digest, align)",
       "has_list, has_digest)",
       "a plan made for one slot alignment reused for another",
-      ("tests/kernels/test_kernel_gaps.py", "-k", "alignments")),
+      ("tests/kernels/test_pack_unpack.py", "-k", "alignments")),
     M("k-token-offset", KERNEL,
       "tok = (o_t + token_offset).to(tl.uint32)",
       "tok = o_t.to(tl.uint32)",
@@ -573,17 +573,17 @@ MUTANTS: list[Mutant] = [
       "for sl, dl in zip(route.src_layers, route.dst_layers, strict=True):",
       "for sl, dl in zip(range(len(route.src_layers)), route.dst_layers, strict=True):",
       "direct sends read the route's layers from layer 0 of the sender's pool (pp1 -> pp2)",
-      GAPS_PP),
+      SOURCE_LAYERS),
     M("pol-unpack-term", "cpkv/transfer/policy.py",
       "+ nbytes / self.unpack_Bps)",
       ")",
       "the cost model forgets the receiver's unpack: packed chosen where direct is faster",
-      ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py", "-k", "cost")),
+      ("tests/transfer/test_layouts.py", "-k", "cost")),
     M("pol-tie", "cpkv/transfer/policy.py",
       "return \"direct\" if self.direct_s(descriptors, nbytes) < self.packed_s(nbytes)",
       "return \"direct\" if self.direct_s(descriptors, nbytes) <= self.packed_s(nbytes)",
       "a predicted tie goes to direct (the documented choice is packed)",
-      ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py", "-k", "cost")),
+      ("tests/transfer/test_layouts.py", "-k", "cost")),
     M("st-moves-down", STATUS,
       "or status > self._status):",
       "or status != self._status):",
@@ -604,9 +604,10 @@ MUTANTS: list[Mutant] = [
 # The transfer receiver and sender (fencing, notes as authenticated stream lines, issue 9).
 RECV = "cpkv/transfer/receiver.py"
 SEND = "cpkv/transfer/sender.py"
-GAPS = ("tests/transfer/test_transfer_gaps.py",)
 INTEGRITY = ("tests/transfer/test_integrity.py",)
 LOCAL = ("tests/transfer/test_transfer_local.py",)
+LATE_WRITERS = ("tests/transfer/test_integrity.py", "tests/transfer/test_fencing.py", "-k",
+                "late_writer or no_write")
 # receivers with two routes (regions) whose source and destination heads differ
 LAYOUT_TP2 = ("tests/transfer/test_layouts.py", "-k", "bit_exact and tp2-to-tp1 and packed")
 TRANSFER_MUTANTS: list[Mutant] = [
@@ -615,7 +616,7 @@ TRANSFER_MUTANTS: list[Mutant] = [
       "if t0 < b and a < t1 and l0 < d and c < l1:",
       "if (t0, t1, l0, l1) == (a, b, c, d):",
       "only exact duplicate notes refused: a partial overlap plus a gap reads as complete",
-      ("tests/transfer/test_mutation_gaps.py", "-k", "overlap")),
+      LOCAL + ("-k", "bad_notifications and overlap")),
     M("rx-route-count", RECV,
       "if any(c != req.num_tokens for c in counts):",
       "if any(c > req.num_tokens for c in counts):",
@@ -624,11 +625,11 @@ TRANSFER_MUTANTS: list[Mutant] = [
     M("rx-nbytes", RECV,
       "if nbytes != want:",
       "if nbytes > want:",
-      "a note announcing fewer bytes than its tokens move accepted", LOCAL + GAPS),
+      "a note announcing fewer bytes than its tokens move accepted", LOCAL),
     M("rx-token-range", RECV,
       "and t1 == min(p1 * ps, n)):",
       "):",
-      "a note's token range not tied to its pages", LOCAL + GAPS),
+      "a note's token range not tied to its pages", LOCAL),
     M("rx-all-senders", RECV,
       "if len(req.finished) == len(self.senders):",
       "if req.finished:",
@@ -636,7 +637,8 @@ TRANSFER_MUTANTS: list[Mutant] = [
     M("rx-metadata-winner", RECV,
       "return meta[min(meta)] if meta else None",
       "return meta[max(meta)] if meta else None",
-      "metadata taken from the highest sender key, not the documented lowest", GAPS),
+      "metadata taken from the highest sender key, not the documented lowest",
+      LOCAL + ("-k", "metadata")),
     M("rx-unpack-heads", RECV,
       "heads=route.dst_heads, layers=(d0 + l0, d0 + l1)",
       "heads=route.src_heads, layers=(d0 + l0, d0 + l1)",
@@ -658,12 +660,12 @@ TRANSFER_MUTANTS: list[Mutant] = [
       "        if now > state.deadline:\n            state.error = ControlTimeout(",
       "        if now > state.deadline + 30.0:\n            state.error = ControlTimeout(",
       "the sender's destination wait ignores its own timeout (waits the control plane's 30 s)",
-      GAPS),
+      LOCAL + ("-k", "own_timeout")),
     M("tx-src-layer-offset", SEND,
       "layers=(src.start + a + g0, src.start + a + g1), out=part,",
       "layers=(a + g0, a + g1), out=part,",
       "packed sends read the route's layers from layer 0 of the sender's pool (pp1 -> pp2)",
-      ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")),
+      SOURCE_LAYERS),
     M("tx-share-stop", PART,  # the sender takes its pages from chunk_share
       "return range(start, max(start, min(share.stop, chunk_stop)))",
       "return range(start, max(start, chunk_stop))",
@@ -679,12 +681,12 @@ TRANSFER_MUTANTS: list[Mutant] = [
       "            self._check_open(state)\n            self.engine.write(",
       "            self.engine.write(",
       "direct writes start after the receiver ended the use (no fence)",
-      INTEGRITY + ("-k", "late_writer or no_write") + GAPS),
+      LATE_WRITERS),
     M("tx-fence-packed", SEND,
       "                self._check_open(state)\n                t1 = time.perf_counter()",
       "                t1 = time.perf_counter()",
       "packed writes start after the receiver ended the use (no fence)",
-      INTEGRITY + ("-k", "late_writer or no_write") + GAPS),
+      LATE_WRITERS),
 ]
 MUTANTS += TRANSFER_MUTANTS
 

@@ -4,19 +4,23 @@ import numpy as np
 import pytest
 import torch
 from kvtest import (
+    SENTINEL,
     as_bytes,
+    assert_bytes_equal,
     assert_cache_equals,
     kernel_device,
     make_cache,
     mha,
+    oracle_pack,
     pool_on,
     snapshot,
 )
 
-from cpkv import ComponentSpec
-from cpkv.kernels import pack_pages, unpack_pages
+from cpkv import ComponentSpec, PagedKVCache
+from cpkv.kernels import pack_pages, reorganize_pages, unpack_pages
 
 META = torch.device("meta")  # a second device on a CPU-only machine
+P, PS, H, D = 4, 4, 2, 8  # pools next to other buffers: a bf16 layer is 512 bytes
 
 
 @pytest.fixture
@@ -166,3 +170,78 @@ def test_page_ids_in_any_form_move_the_same_bytes(src, backend):
         assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend), want)
         assert torch.equal(pack_pages(src, ids, num_tokens=40, backend=backend,
                                       validate=False), want)
+
+
+def test_out_must_be_one_dimensional():
+    src = make_cache(mha(num_heads=2), num_layers=2, num_pages=6, page_size=4)
+    nbytes = src.packed_nbytes(8)
+    out = torch.full((2, nbytes), SENTINEL, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"out: expected a 1-D tensor, got shape \(2, "):
+        pack_pages(src, [1, 2], out=out)
+    assert bool((out == SENTINEL).all())
+
+
+def pool_in(buffer: torch.Tensor, specs, num_layers, num_pages, page_size) -> PagedKVCache:
+    """A pool whose layer tensors are views of ``buffer`` (uint8), back to back."""
+    comps, pos = {}, 0
+    for s in specs:
+        shape = (num_layers, num_pages, page_size, s.num_heads, s.head_dim)
+        n = torch.Size(shape).numel() * s.itemsize
+        comps[s.name] = buffer[pos:pos + n].view(s.dtype).view(shape)
+        pos += n
+    return PagedKVCache(comps, stacked=True)
+
+
+@pytest.mark.parametrize("op", ["pack-out", "unpack-packed", "reorganize-gathered"])
+def test_buffers_overlapping_the_pool_are_refused(op):
+    specs = mha(num_heads=2, head_dim=32)
+    backing = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)
+    cache = pool_in(backing, specs, 2, 4, 4)
+    nbytes = cache.packed_nbytes(8)
+    buf = backing[1000:1000 + nbytes]  # inside K's layer 0
+    before, buf_before = snapshot(cache), buf.clone()
+    with pytest.raises(ValueError, match="apart from the pool"):
+        if op == "pack-out":
+            pack_pages(cache, [1, 2], out=buf)
+        elif op == "unpack-packed":
+            unpack_pages(buf, cache, [1, 2])
+        else:
+            reorganize_pages(buf, cache, [1, 2], torch.arange(8), rows_per_rank=8)
+    assert_cache_equals(cache, before, "pool")
+    assert torch.equal(buf, buf_before)
+    # The bytes right after the pool are fine.
+    end = sum(t.numel() * t.element_size() for ts in cache.buffers.values() for t in ts)
+    pack_pages(cache, [1, 2], out=backing[end:end + nbytes])
+
+
+@pytest.mark.parametrize("start,what", [(-1, "the pool's last byte"),
+                                        (-100, "the pool's last 100 bytes"),
+                                        (-1024, "the whole pool (and more)")])
+def test_out_overlapping_the_pool_is_refused(start, what):
+    """An ``out`` whose bytes meet the pool's anywhere is refused and nothing is written:
+    overlapping by its last byte only (c-span-extent), or partly (c-alias-partial)."""
+    pool_bytes = 2 * P * PS * H * D * 2
+    storage = torch.randint(0, 256, (pool_bytes + 4096,), dtype=torch.uint8)
+    cache = pool_in(storage, mha(num_heads=H, head_dim=D), 1, P, PS)
+    nbytes = cache.packed_nbytes(8)
+    before = storage.clone()
+    out = storage[pool_bytes + start:pool_bytes + start + nbytes]
+    with pytest.raises(ValueError, match="expected a buffer apart from the pool"):
+        pack_pages(cache, torch.tensor([1, 3]), num_tokens=8, out=out)
+    assert torch.equal(storage, before), f"an out over {what} was written"
+    with pytest.raises(ValueError, match="expected a buffer apart from the pool"):
+        unpack_pages(out, cache, torch.tensor([1, 3]), num_tokens=8)
+    assert torch.equal(storage, before)
+
+
+def test_out_right_after_the_pool_is_accepted():
+    """The boundary the overlap tests above pin from the other side: adjacent is not
+    overlapping."""
+    pool_bytes = 2 * P * PS * H * D * 2
+    storage = torch.randint(0, 256, (pool_bytes + 4096,), dtype=torch.uint8)
+    cache = pool_in(storage, mha(num_heads=H, head_dim=D), 1, P, PS)
+    nbytes = cache.packed_nbytes(8)
+    out = pack_pages(cache, torch.tensor([1, 3]), num_tokens=8,
+                     out=storage[pool_bytes:pool_bytes + nbytes])
+    assert_bytes_equal(out, oracle_pack(cache, torch.tensor([1, 3]), 8, range(1), range(H)),
+                       "packed next to the pool")

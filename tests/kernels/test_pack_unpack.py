@@ -239,6 +239,27 @@ def test_slots_at_any_alignment(offset, backend):
                        "round trip")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_pool_packs_into_slots_of_other_alignments(backend):
+    """The launch plan is cached per pool; a plan made for a 16-byte aligned slot must not be
+    reused for a slot at an odd address (k-plan-cache-key)."""
+    cache = make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6, page_size=4)
+    dev = kernel_device(backend)
+    moved, ids = pool_on(cache, dev), torch.tensor([4, 0, 2], dtype=torch.int32)
+    nbytes = cache.packed_nbytes(10)
+    want = oracle_pack(cache, ids, 10, range(2), range(2))
+    for offset in (0, 1, 2, 16, 1):  # aligned first, so the cached plan is the widest
+        buf = torch.zeros(nbytes + 16, dtype=torch.uint8, device=dev)
+        out = pack_pages(moved, on(ids, dev), num_tokens=10, out=buf[offset:offset + nbytes],
+                         backend=backend)
+        assert_bytes_equal(out.cpu(), want, f"packed at offset {offset}")
+        unpacked = pool_on(make_cache(mha(num_heads=2, head_dim=64), num_layers=2, num_pages=6,
+                                      page_size=4, seed=3), dev)
+        unpack_pages(out, unpacked, on(ids, dev), num_tokens=10, backend=backend)
+        assert_bytes_equal(pack_pages(unpacked, on(ids, dev), num_tokens=10,
+                                      backend=backend).cpu(), want, f"round trip {offset}")
+
+
 @pytest.mark.parametrize("case", ["mha", "mla", "three", "hnd-strided", "16KiB-rows"])
 def test_gpu_tile_sizes(case, monkeypatch):
     """The GPU's tiles (8 KiB steps: a few tokens per program, many programs), also where the

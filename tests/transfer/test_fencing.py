@@ -4,14 +4,13 @@ arrive on; a failed request ends its senders at once; misbehaving peers disturb 
 One process: real Mooncake engines on TCP loopback, real sockets; checksums off (the default),
 so only the fences stand between a late writer and the next request's bytes."""
 
-import threading
 import time
 
 import pytest
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
 from mp import wait_for
-from txtest import Group, Proxy, Rogue, wait_all
+from txtest import Group, Proxy, Rogue, StallOnce, stall_first_call, wait_all
 
 from cpkv import PackedFormat
 from cpkv.cp import interleave_split, page_share, zigzag_split
@@ -24,6 +23,7 @@ from cpkv.transfer import (
     ParallelSizes,
     contiguous_runs,
 )
+from cpkv.transfer import sender as sender_module
 from cpkv.transfer.protocol import Announce, End, Note
 
 PS = 4
@@ -46,33 +46,9 @@ def stall_fence_once(monkeypatch, sender, seconds):
     """The sender's process freezes just before its pre-write check (a GC pause, a
     preempted process): nothing of it runs, its I/O thread included (the check runs under
     the agent's lock, which the freeze holds), so it wakes with what it knew before."""
-    real, stalled = sender._live, threading.Event()
-
-    def frozen(leg):
-        if not stalled.is_set():
-            stalled.set()
-            time.sleep(seconds)
-        return real(leg)
-
+    frozen, stalled = stall_first_call(sender._live, seconds)
     monkeypatch.setattr(sender, "_live", frozen)
     return stalled
-
-
-class StallSubmitOnce:
-    """The shared engine, except that the first write sleeps first: a stall between the
-    sender's check and its write."""
-
-    def __init__(self, engine, seconds):
-        self._engine, self._seconds, self.stalled = engine, seconds, threading.Event()
-
-    def submit(self, *args, **kwargs):
-        if not self.stalled.is_set():
-            self.stalled.set()
-            time.sleep(self._seconds)
-        return self._engine.submit(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 @pytest.mark.parametrize("where", ["before-check", "between-check-and-write"])
@@ -88,7 +64,7 @@ def test_a_writer_late_past_the_grace_never_reaches_the_next_request(where, rig,
     if where == "before-check":
         stalled = stall_fence_once(monkeypatch, late, 4.0)
     else:
-        late.engine = StallSubmitOnce(late.engine, 4.0)
+        late.engine = StallOnce(late.engine, 4.0)
         stalled = late.engine.stalled
     ids = torch.tensor([0, 1, 2, 3])
     g.expect(1, ids, 4 * PS)
@@ -269,7 +245,7 @@ def test_direct_pages_stay_fenced_while_a_holder_may_write(rig):
     src, dst = caches()
     g = Group(src, dst, rig, cp=1, direct=True, grace=0.3,
               sender_kw={"mode": "direct"})
-    g.senders[0].engine = StallSubmitOnce(g.senders[0].engine, 2.5)
+    g.senders[0].engine = StallOnce(g.senders[0].engine, 2.5)
     g.recv.timeout = 0.5
     g.expect(1, torch.tensor([3, 4]), 2 * PS)
     g.send(1, torch.tensor([0, 1]), 2 * PS)
@@ -309,7 +285,7 @@ def test_late_writers_leave_nothing_behind(rig):
     g = Group(src, dst, rig, cp=1, grace=0.2)
     g.recv.timeout = 0.3
     for rid in range(3):
-        g.senders[0].engine = StallSubmitOnce(rig[0], 0.8)
+        g.senders[0].engine = StallOnce(rig[0], 0.8)
         g.expect(rid, torch.tensor([rid]), PS)
         g.send(rid, torch.tensor([rid]), PS)
         assert g.wait(rid) == [KVStatus.Failed] * 2
@@ -446,4 +422,47 @@ def test_a_sender_late_for_a_failed_and_forgotten_request_hears_at_once(rig):
     assert sender.wait(1) is KVStatus.Failed and time.monotonic() - t0 < 5
     assert "timed out" in sender.reason(1), sender.reason(1)
     sender.close()
+    recv.close()
+
+
+class CountingWrites:
+    """The shared engine, counting the writes submitted through it."""
+
+    def __init__(self, engine):
+        self._engine, self.writes = engine, 0
+
+    def submit(self, *args, **kwargs):
+        self.writes += 1
+        return self._engine.submit(*args, **kwargs)
+
+    def write(self, *args, **kwargs):
+        self.writes += 1
+        return self._engine.write(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+def test_no_write_after_the_receiver_ended_the_use(mode, rig, monkeypatch):
+    """The sender stalls (a GC pause) while preparing its only chunk, past the receiver's 1 s
+    timeout: when it resumes it must see the verdict and write nothing (the fence before each
+    write), not put a dead request's bytes on the wire. (Its status is Failed as soon as it
+    polls the verdict; the stalled worker is done only once `close` has joined it.)"""
+    src, dst = caches()
+    name = "pack_pages" if mode == "packed" else "direct_segments"
+    stall_once, stalled = stall_first_call(getattr(sender_module, name), 3.0)
+    monkeypatch.setattr(sender_module, name, stall_once)
+    counting = CountingWrites(rig[0])
+    sender = KVSender(src, mode=mode, engine=counting, arena=rig[1], timeout=10)
+    recv = KVReceiver(dst, direct=mode == "direct", timeout=1.0, engine=rig[0],
+                      arena=rig[2])
+    recv.expect(1, torch.tensor([2, 5]), source="prefill", num_tokens=8)
+    sender.send(1, torch.tensor([1, 4]), to=recv.address, num_tokens=8)
+    assert wait_all([(recv, 1)], timeout=10) == [KVStatus.Failed]
+    assert wait_all([(sender, 1)], timeout=15) == [KVStatus.Failed]
+    assert stalled.is_set() and "failed the request" in sender.reason(1), \
+        sender.reason(1)
+    sender.close()  # joins the worker: the stalled chunk has ended one way or the other
+    assert counting.writes == 0, f"{counting.writes} writes after the receiver's verdict"
     recv.close()

@@ -7,7 +7,6 @@ before the fix and failed there."""
 
 import re
 import subprocess
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from kvtest import (
     snapshot,
 )
 from mp import wait_for
-from txtest import Group, Rogue, wait_all
+from txtest import Group, Rogue, StallOnce, wait_all
 
 from cpkv.kernels import packed_digest
 from cpkv.staging import StagingArena
@@ -53,23 +52,6 @@ def deliver(g, rid, s_ids, d_ids, n):
     g.send(rid, s_ids, n)
     assert g.wait(rid) == [KVStatus.Success] * (1 + len(g.senders))
     assert_cache_equals(dst, want)
-
-
-class StallOnce:
-    """The shared engine, except that the first write submitted through it sleeps first: a
-    GC pause or preempted process between the sender's last check and its write."""
-
-    def __init__(self, engine, seconds):
-        self._engine, self._seconds, self.stalled = engine, seconds, threading.Event()
-
-    def submit(self, *args, **kwargs):
-        if not self.stalled.is_set():
-            self.stalled.set()
-            time.sleep(self._seconds)
-        return self._engine.submit(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 def test_late_writer_cannot_corrupt_the_next_request(rig):

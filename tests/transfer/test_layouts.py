@@ -1,17 +1,28 @@
-"""Transfers across parallel layouts (heterogeneous TP, PP stages, MLA), packed and direct, with
-CP 2 on the prefill side: every decode pool equals a cell-by-cell expectation."""
+"""Transfers across parallel layouts (heterogeneous TP, PP stages, routes whose source layers
+start above 0, MLA) and pool layouts (HND, pages strided in a larger buffer), packed and
+direct, with CP 2 on the prefill side: every decode pool equals a cell-by-cell expectation.
+Also direct's page runs and batches, and the cost model that chooses direct or packed."""
 
 import itertools
 
 import pytest
 import torch
-from kvtest import as_bytes, assert_cache_equals, fill_sentinel, snapshot
+from kvtest import (
+    as_bytes,
+    assert_cache_equals,
+    fill_sentinel,
+    make_cache,
+    mha,
+    oracle_unpack,
+    snapshot,
+)
 from txtest import wait_all
 
 from cpkv import ComponentSpec, PagedKVCache
 from cpkv.parallel import ParallelSizes, heads_of, layers_of
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
 from cpkv.transfer.direct import contiguous_runs
+from cpkv.transfer.mapping import map_ranks
 from cpkv.transfer.policy import CostModel
 
 PS, TOKENS, LAYERS, HEAD_DIM, CP = 4, 22, 3, 16, 2
@@ -118,6 +129,22 @@ def test_layout_bit_exact(name, mode, rig):
     run_layout(kind, heads, p, d, mode, rig)
 
 
+# Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
+# start above 0 (3 layers: pp1 -> pp2 has the route [2, 3) -> [0, 1); pp2 -> pp3 has [1, 2) ->
+# [0, 1)), so a sender that forgets the route's source-layer offset ships the wrong layers.
+UNEVEN_PP = {"pp1-to-pp2": (ParallelSizes(pp=1, cp=CP), ParallelSizes(pp=2)),
+             "pp2-to-pp3": (ParallelSizes(pp=2, cp=CP), ParallelSizes(pp=3))}
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+@pytest.mark.parametrize("name", list(UNEVEN_PP))
+def test_routes_with_source_layers_above_zero_bit_exact(name, mode, rig):
+    p, d = UNEVEN_PP[name]
+    routes = [r for rs in map_ranks(p, d, num_kv_heads=4, num_layers=3).values() for r in rs]
+    assert any(r.src_layers.start > 0 for r in routes)  # the case this test is for
+    run_layout("mha", 4, p, d, mode, rig)
+
+
 def test_tp4_with_2_heads_sends_each_replicated_head_once(rig):
     # 2 routes (prefill tp 0 and 2) x 2 CP ranks: tp 1 and 3 hold replicas and send nothing
     assert run_layout("mha", 2, ParallelSizes(tp=4, cp=CP), ParallelSizes(tp=1), "packed",
@@ -128,6 +155,26 @@ def test_direct_and_packed_fill_identical_pools_hnd(rig):
     for mode in ("direct", "packed"):
         run_layout("mha", 4, ParallelSizes(tp=2, cp=CP), ParallelSizes(tp=1), mode, rig,
                    layout="HND")
+
+
+def test_direct_into_a_pool_with_strided_pages_bit_exact(rig):
+    """Direct runs of several pages may move as one block only where both pools' pages are
+    back to back: the receiver's pool here views every other page of a larger buffer
+    (d-dense). Whole pages: direct sends the last page whole, as the baseline does."""
+    engine, send_arena, recv_arena = rig
+    src = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=1)
+    dst = make_cache(mha(), num_layers=2, num_pages=8, page_size=4, seed=2, strided="pages")
+    s_ids, d_ids = torch.tensor([0, 1, 2, 6]), torch.tensor([3, 4, 5, 0])  # a 3-page run
+    want = oracle_unpack(src, s_ids, dst, d_ids, 16, range(2), range(2), range(2), range(2))
+    sender = KVSender(src, mode="direct", engine=engine, arena=send_arena, timeout=10)
+    recv = KVReceiver(dst, direct=True, engine=engine, arena=recv_arena, timeout=10)
+    recv.expect(1, d_ids, source="prefill", num_tokens=16)
+    sender.send(1, s_ids, to=recv.address, num_tokens=16)
+    assert wait_all([(recv, 1), (sender, 1)], timeout=20) == [KVStatus.Success] * 2, \
+        (recv.reason(1), sender.reason(1))
+    assert_cache_equals(dst, want)
+    sender.close()
+    recv.close()
 
 
 def test_contiguous_runs_worked_examples():
@@ -188,3 +235,14 @@ def test_cost_model_choice_and_file(tmp_path):
     (tmp_path / "bad.json").write_text('{"warp_speed": 9}')
     with pytest.raises(ValueError, match="unknown cost constants"):
         CostModel.load(tmp_path / "bad.json")
+
+
+def test_cost_model_terms_and_tie():
+    """Every term of the module's two formulas counts, and a tie goes to packed."""
+    m = CostModel(per_descriptor_s=2.0, wire_Bps=10.0, pack_Bps=5.0, unpack_Bps=20.0,
+                  packed_fixed_s=1.0)
+    assert m.direct_s(3, 100) == 3 * 2.0 + 100 / 10.0
+    assert m.packed_s(100) == 1.0 + 100 / 5.0 + 100 / 10.0 + 100 / 20.0  # 36 s
+    assert m.choose(12, 100) == "direct"  # 34 s < 36 s
+    assert m.choose(13, 100) == "packed"  # 36 s: a tie
+    assert m.choose(14, 100) == "packed"

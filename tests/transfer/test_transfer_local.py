@@ -1,5 +1,7 @@
 """KVSender/KVReceiver in one process: real Mooncake engines on TCP loopback, real sockets."""
 
+import time
+
 import pytest
 import torch
 from kvtest import (
@@ -108,6 +110,20 @@ def test_hundred_requests_leave_every_arena_empty(rig):
     g.close()
 
 
+def test_metadata_of_the_lowest_sender_key_wins(rig):
+    """Two CP senders attach different blobs; the documented winner is the lowest sender id
+    (cp0), even when cp1's last segment arrives first."""
+    src, dst = caches()
+    g = Group(src, dst, rig, cp=2)
+    g.expect(6, torch.tensor([2, 3]), 8)
+    g.send(6, torch.tensor([4, 5]), 8, senders=g.senders[1:], metadata=b"from-cp1")
+    wait_for(lambda: g.recv.poll(6) is KVStatus.Transferring, 20, "cp1's last segment read")
+    g.send(6, torch.tensor([4, 5]), 8, senders=g.senders[:1], metadata=b"from-cp0")
+    assert wait_all([(g.recv, 6), (g.senders[0], 6)], timeout=20) == [KVStatus.Success] * 2
+    assert g.recv.metadata(6) == b"from-cp0"
+    g.close()
+
+
 def test_geometry_mismatch_fails_before_any_byte_moves(rig):
     src, _ = caches(head_dim=96)
     _, dst = caches(head_dim=64)
@@ -127,31 +143,45 @@ def rogue_receiver(rig, dst, timeout=5, **kw):
     return KVReceiver(dst, timeout=timeout, engine=rig[0], arena=rig[2], **kw)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("oversize", "packed move 12288 bytes, the notification says 1000000"),
-    ("duplicate", "tokens [0, 4) were already received"),
-    ("outside", "lie outside request 3"),
-    ("short", "every sender finished but only 4 of 8 tokens of route tp0.pp0 arrived"),
-])
-def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig):
-    """A sender that lies: the receiver refuses, fails the request, releases the slot once the
-    liar says it writes no more; no page outside the request is written."""
+# A sender that lies, played by hand: the request's tokens, its notes (pages, tokens, bytes
+# more than the tokens move, last) and what the refusal must name.
+LIES = {
+    "oversize": (8, [((0, 2), (0, 8), 1 << 20, True)],
+                 "packed move 12288 bytes, the notification says 1060864"),
+    "fewer-bytes": (8, [((0, 2), (0, 8), -1, True)],
+                    "packed move 12288 bytes, the notification says 12287"),
+    "duplicate": (8, [((0, 1), (0, 4), 0, False), ((0, 1), (0, 4), 0, True)],
+                  "tokens [0, 4) were already received"),
+    # [0, 8) then [4, 8) as last of 12 tokens: 12 tokens counted, [8, 12) never arrived
+    "overlap-plus-gap": (12, [((0, 2), (0, 8), 0, False), ((1, 2), (4, 8), 0, True)],
+                         "tokens [4, 8) were already received (layers [0, 2) overlap rows "
+                         "[0, 8) layers [0, 2))"),
+    "outside": (8, [((1, 3), (4, 12), 0, True)], "lie outside request 3"),
+    "tokens-past-pages": (8, [((0, 1), (0, 8), 0, True)],
+                          "pages [0, 1) / tokens [0, 8) lie outside request 3"),
+    "short": (8, [((0, 1), (0, 4), 0, True)],
+              "every sender finished but only 4 of 8 tokens of route tp0.pp0 arrived"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIES))
+def test_bad_notifications_are_refused_and_the_pool_untouched(case, rig):
+    """A sender that lies: the receiver refuses by name (rx-nbytes, rx-token-range,
+    rx-overlap-exact, rx-route-count), fails the request, releases the slot once the liar says
+    it writes no more; no page outside the request is written."""
+    num_tokens, notes, message = LIES[case]
     _, dst = caches()
     recv = rogue_receiver(rig, dst)
     liar = Rogue(recv.address, dst)
     before = snapshot(dst)
-    recv.expect(3, torch.tensor([4, 5]), source="rogue", num_tokens=8)
-    liar.send(Announce(3, 8, 2))
+    ids = torch.tensor([4, 5, 6][:-(-num_tokens // dst.page_size)])
+    recv.expect(3, ids, source="rogue", num_tokens=num_tokens)
+    liar.send(Announce(3, num_tokens, len(ids)))
     dest = liar.recv()
     bpt = dst.packed_nbytes(1)
-    notes = {
-        "oversize": [((0, 2), (0, 8), 1000000, True)],
-        "duplicate": [((0, 1), (0, 4), 4 * bpt, False), ((0, 1), (0, 4), 4 * bpt, True)],
-        "outside": [((1, 3), (4, 12), 8 * bpt, True)],
-        "short": [((0, 1), (0, 4), 4 * bpt, True)],
-    }[case]
-    for pages, tokens, nbytes, last in notes:
-        liar.send(Note(3, dest.use, pages, tokens, (0, 2), nbytes, "packed", last, None, None))
+    for pages, (t0, t1), more, last in notes:
+        liar.send(Note(3, dest.use, pages, (t0, t1), (0, 2), (t1 - t0) * bpt + more, "packed",
+                       last, None, None))
     assert recv.wait(3) == KVStatus.Failed
     assert message in recv.reason(3), recv.reason(3)
     verdict = liar.recv()
@@ -162,7 +192,7 @@ def test_bad_notifications_are_refused_and_the_pool_untouched(case, message, rig
     liar.send(End(3, dest.use, False, None))
     assert recv.settle(5)
     assert recv.arena.live_slots == []
-    assert_untouched_outside(dst, before, [4, 5])
+    assert_untouched_outside(dst, before, ids)
     liar.close()
     recv.close()
 
@@ -199,6 +229,21 @@ def test_receiver_times_out_when_a_sender_never_reports(rig):
     assert_untouched_outside(dst, before, [1, 2])
     wait_all([(g.senders[0], 4)])
     g.close()
+
+
+def test_sender_gives_up_on_a_destination_within_its_own_timeout(rig):
+    """A request the receiver never expects: Failed within the sender's 1 s (plus slack)."""
+    src, dst = caches()
+    sender = KVSender(src, timeout=1.0, engine=rig[0], arena=rig[1])
+    recv = KVReceiver(dst, timeout=10, engine=rig[0], arena=rig[2])
+    t0 = time.monotonic()
+    sender.send(5, torch.tensor([0, 1]), to=recv.address, num_tokens=8)
+    assert wait_all([(sender, 5)], timeout=8) == [KVStatus.Failed]
+    assert time.monotonic() - t0 <= 1.0 + 5.0
+    assert f"no destination from receiver {recv.address} within 1.0 s" in sender.reason(5), \
+        sender.reason(5)
+    sender.close()
+    recv.close()
 
 
 def test_a_silent_holder_keeps_the_slot_fenced_past_the_grace(rig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 import uuid
 
@@ -26,6 +27,32 @@ def wait_all(objs_and_ids, timeout=30.0):
     if not all(s in DONE for s in statuses):
         raise TimeoutError(f"statuses still {statuses} after {timeout} s")
     return statuses
+
+
+def stall_first_call(fn, seconds):
+    """``fn``, except that its first call sleeps ``seconds`` first (a GC pause, a preempted
+    process); returns (that function, an Event set as the stall begins)."""
+    stalled = threading.Event()
+
+    def stalling(*args, **kwargs):
+        if not stalled.is_set():
+            stalled.set()
+            time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return stalling, stalled
+
+
+class StallOnce:
+    """The shared engine, except that the first write submitted through it sleeps first: a
+    GC pause or preempted process between the sender's last check and its write."""
+
+    def __init__(self, engine, seconds):
+        self._engine = engine
+        self.submit, self.stalled = stall_first_call(engine.submit, seconds)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
 
 
 class Group:
