@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm demo test test-vllm lint doctest bench plot clean
+.PHONY: setup setup-vllm demo test test-fast test-vllm lint doctest bench plot clean
 setup:
 	@bash scripts/setup.sh
 
@@ -22,6 +22,12 @@ demo: setup
 test: setup lint doctest
 	@$(PY) -m pytest -q --ignore=tests/integrations
 	@$(MAKE) --no-print-directory test-vllm
+
+# The quick lane while working: the kernels, pool layout, parallel arithmetic, wire protocol and
+# in-process transfers, without the `slow` and `mp` (multi-process) tests (pyproject.toml);
+# under a minute on a 2-core machine. Not a substitute for `make test`, which runs them all.
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow and not mp" --ignore=tests/integrations
 
 test-vllm: setup-vllm
 	@if [ -x $(VLLM_PY) ]; then $(VLLM_PY) -m pytest -q tests/integrations; \

@@ -8,6 +8,8 @@ import pytest
 
 from cpkv.report import COLUMNS
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 SWEEPS = {
     "kernels": ["--quick", "--shapes", "B", "--page-sizes", "16", "--repeats", "1"],
     "cp": ["--quick", "--shapes", "C", "--repeats", "1"],

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from mp import child_pids, wait_for
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

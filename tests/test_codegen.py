@@ -30,6 +30,8 @@ def sm90_rows(tmp_path_factory):
         return list(csv.DictReader(f)), proc
 
 
+@pytest.mark.mp
+@pytest.mark.slow
 def test_every_specialisation_meets_the_sm90_targets(sm90_rows):
     rows, proc = sm90_rows
     combos = {(r["op"], r["shape"], r["page_size"]) for r in rows}

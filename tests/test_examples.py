@@ -8,6 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import runner_prefill  # noqa: E402
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def outcome():

@@ -404,6 +404,7 @@ def prefill_into_dcp(cp, size, interleave, page_size, kind, mover, prefixes):
         assert_cache_equals(src, src_before, "source pool")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mha", "mla"])
 @pytest.mark.parametrize("cp,size,interleave,page_size,mover", list(cases()))
 def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, mover, kind):
@@ -413,6 +414,7 @@ def test_prefill_shares_into_dcp_pools(cp, size, interleave, page_size, mover, k
 TRITON_CASES = [(2, 4, 1, 16), (3, 2, 16, 16), (2, 2, 2, 16), (3, 4, 1, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mha", "mla"])
 @pytest.mark.parametrize("cp,size,interleave,page_size", TRITON_CASES,
                          ids=[f"cp{c}-dcp{d}-I{i}-B{b}" for c, d, i, b in TRITON_CASES])
@@ -433,6 +435,7 @@ def n_to_m_cases():
                                id=f"dcp{a}-I{b}-to-dcp{c}-I{d}-B{e}-{kind}-{mover}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("src_size,src_il,dst_size,dst_il,page_size,kind,mover",
                          list(n_to_m_cases()))
 def test_dcp_n_to_m(src_size, src_il, dst_size, dst_il, page_size, kind, mover):
@@ -503,6 +506,7 @@ def rank_kv(pool, ids, lay, n, comp):
                                   torch.arange(lay.count(n)) % pool.page_size].double()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mha", "mla"])
 @pytest.mark.parametrize("n,size,interleave,page_size", [
     (37, 2, 1, 4), (37, 4, 2, 4), (50, 4, 16, 16), (3, 4, 1, 1), (1, 2, 1, 1)])

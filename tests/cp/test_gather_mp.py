@@ -8,6 +8,8 @@ import pytest
 from cp_worker import rank_main, scenarios
 from mp import assert_ok, spawn_group
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 WORLDS = [2, 3]
 NAMES = (["status-agreement", "arena-offsets-and-peers", "arena-asymmetry-detected"]
          + [s["name"] for s in scenarios(2)]

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from kvtest import (
@@ -26,6 +27,8 @@ from kvtest import (
 from mp import Recorder, assert_ok, spawn_group, wait_for
 
 from cpkv.cp import GatherTimeoutError, all_gather_kv, gather_nbytes, zigzag_split
+
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
 
 TIMEOUT = 2.0  # the gather's own bound, seconds
 SLACK = 6.0  # allowed past it on a loaded 2-core box

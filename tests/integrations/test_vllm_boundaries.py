@@ -16,6 +16,8 @@ from vllm_proxy import split_request, transfer_params  # noqa: E402
 from cpkv.integrations.transport import receiver_addresses, receiver_port  # noqa: E402
 from cpkv.parallel import ParallelRank, ParallelSizes  # noqa: E402
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 
 def test_only_the_connector_module_imports_vllm():
     importers = []

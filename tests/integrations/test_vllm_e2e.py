@@ -27,6 +27,8 @@ from vllm_proxy import new_transfer_id, transfer_params  # noqa: E402
 
 from cpkv.integrations.transport import receiver_addresses  # noqa: E402
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 BLOCK = 32
 TIMEOUT = 15  # cpkv_timeout, seconds: how long a receive waits for a sender that never comes
 # a 1-token prompt (nothing to move), partial and full blocks, several blocks

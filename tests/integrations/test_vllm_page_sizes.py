@@ -26,6 +26,8 @@ from cpkv.adapters import from_vllm  # noqa: E402
 from cpkv.integrations.transport import KVTransport, TransferState  # noqa: E402
 from cpkv.integrations.vllm import block_pages  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 LAYERS = 2
 
 

@@ -19,6 +19,8 @@ from vllm_harness import (  # noqa: E402
 
 from cpkv.integrations.vllm import CpkvConnector, RecvSpec, SendSpec  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 BS, BLOCKS = 32, 64
 PROMPT = list(range(3, 80))  # 77 tokens: 76 loaded (3 blocks, the last partial), 1 recomputed
 TO = ["127.0.0.1:14600", "127.0.0.1:14601"]  # a decode engine's receivers (TP 2)

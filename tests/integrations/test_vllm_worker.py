@@ -28,6 +28,8 @@ from cpkv.adapters import from_vllm  # noqa: E402
 from cpkv.integrations.vllm import CpkvConnectorMetadata, RecvSpec, SendSpec  # noqa: E402
 from cpkv.kernels import pack_pages  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 BS, LAYERS = 32, 2
 KV_LAYOUTS = ["LBHNC", "LBNHC", "BLHNC", "BLNHC", "BHLNC"]
 

@@ -211,6 +211,7 @@ def test_damage_between_pack_and_unpack_is_seen(backend):
         assert not torch.equal(d, d_pack), f"trial {trial}"
 
 
+@pytest.mark.slow
 def test_gpu_tiles_and_split_rows(monkeypatch):
     """The GPU's tiles (several programs per token, rows split across programs): each adds its
     share once."""

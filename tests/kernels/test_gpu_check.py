@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.mp
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
@@ -25,6 +27,7 @@ def test_bad_arguments_print_usage(args):
     assert r.returncode == 2 and "usage:" in r.stderr
 
 
+@pytest.mark.slow
 def test_quick_check_on_cpu_writes_csvs_plots_and_summary(tmp_path):
     out = tmp_path / "gpu check"  # a space in the path must not break anything
     r = run(str(out), "--quick", env={"GPU_CHECK_SKIP": "gpu-tests,codegen"})

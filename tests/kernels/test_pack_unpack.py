@@ -149,6 +149,7 @@ def test_unpack_accepts_typed_packed_buffer():
     assert_bytes_equal(pack_pages(dst, ids), as_bytes(packed), "round trip")
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_round_trip_property(data):
@@ -260,6 +261,7 @@ def test_one_pool_packs_into_slots_of_other_alignments(backend):
                                       backend=backend).cpu(), want, f"round trip {offset}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["mha", "mla", "three", "hnd-strided", "16KiB-rows"])
 def test_gpu_tile_sizes(case, monkeypatch):
     """The GPU's tiles (8 KiB steps: a few tokens per program, many programs), also where the

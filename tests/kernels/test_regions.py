@@ -98,6 +98,7 @@ def test_values_awkward(case, backend):
                dst_heads=None if heads is None else (2, 4), region_tokens=region)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["mha", "three", "16KiB-rows"])
 def test_values_gpu_tile_sizes(case, monkeypatch):
     """The GPU's tiles (a few tokens per program): tiles that straddle two values."""

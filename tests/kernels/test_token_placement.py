@@ -143,6 +143,7 @@ def test_values_land_mid_page(backend):
                unpack_kw={"token_offset": 5}, region_tokens=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["offset", "tokens"])
 def test_gpu_tile_sizes(case, monkeypatch):
     """The GPU's tiles (a few tokens per program) with rows placed by offset or list."""

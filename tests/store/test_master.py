@@ -14,6 +14,8 @@ from mp import alive, wait_for
 from cpkv.store import MasterError, MasterProcess
 from cpkv.store.master import port_open
 
+pytestmark = pytest.mark.mp
+
 REPO = Path(__file__).resolve().parents[2]
 CHILD = """
 import importlib.util, sys, time
@@ -33,6 +35,7 @@ def wait_gone(pid: int, timeout: float = 15.0) -> bool:
     return wait_for(lambda: not alive(pid), timeout, interval=0.05, fail=False)
 
 
+@pytest.mark.slow
 def test_start_stop_and_logs():
     with MasterProcess() as m:
         assert m.running and port_open("127.0.0.1", m.port, 1.0)

@@ -21,6 +21,8 @@ from mp import free_port
 from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.store import KVStore, MasterProcess, StoreError
 
+pytestmark = pytest.mark.mp
+
 T = 16  # store page size
 
 
@@ -200,6 +202,7 @@ def test_constructor_validation_and_unreachable_master():
     assert time.monotonic() - t0 < 5  # a probe, not Mooncake's 90 s of retries
 
 
+@pytest.mark.slow
 def test_master_down_mid_run(store):
     """Reads miss cleanly, a put is a StoreError, close returns: all within Mooncake's RPC
     timeouts (~4 s a call here; the bounds leave room for a loaded machine)."""
@@ -233,6 +236,7 @@ def test_master_down_mid_run(store):
         s.match_prefix(tokens)
 
 
+@pytest.mark.slow
 def test_embedded_master_owned_by_store():
     s = KVStore(page_size=4, segment_nbytes=16 << 20, staging_nbytes=1 << 20,
                 local_buffer_nbytes=4 << 20)

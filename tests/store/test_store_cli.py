@@ -5,9 +5,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from mp import alive, child_pids, wait_for
 
 from cpkv.report import COLUMNS
+
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
 
 
 def cli(*args, timeout=300):

@@ -7,6 +7,8 @@ from store_worker import rank_main
 
 from cpkv.store import MasterProcess
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 NAMES = ["cp-writers-reader-mha", "cp-writers-reader-mla", "match-agreement", "closed"]
 
 

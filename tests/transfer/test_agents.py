@@ -7,6 +7,7 @@ import os
 import random
 import threading
 
+import pytest
 import torch
 from kvtest import assert_cache_equals, fill_sentinel, make_cache, mha, oracle_unpack, snapshot
 from mp import wait_for
@@ -107,6 +108,7 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow
 def test_threads_and_sockets_do_not_grow_with_the_peers_talked_to(rig):
     """One sender ships to 8 receivers in turn: its threads stay 3, its connections go back
     to none once idle, and the process's threads and descriptors come back to where they
@@ -135,6 +137,7 @@ def test_threads_and_sockets_do_not_grow_with_the_peers_talked_to(rig):
     sender.close()
 
 
+@pytest.mark.slow
 def test_a_long_run_stays_flat(rig):
     """300 requests alternating over two receivers: no state accumulates on either side."""
     (sender,) = instance(rig, "P", ParallelSizes(), seed=6)

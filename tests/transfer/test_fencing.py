@@ -51,6 +51,7 @@ def stall_fence_once(monkeypatch, sender, seconds):
     return stalled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before-check", "between-check-and-write"])
 def test_a_writer_late_past_the_grace_never_reaches_the_next_request(where, rig, monkeypatch):
     """CP rank 1 stalls 4 s; request A times out at 1 s and its grace ends at 1.5 s; B, of
@@ -239,6 +240,7 @@ def test_peers_without_the_secret_disturb_no_one(rig):
     recv.close()
 
 
+@pytest.mark.slow
 def test_direct_pages_stay_fenced_while_a_holder_may_write(rig):
     """Direct mode: a failed request's pages are not handed to another request while a
     sender that holds the destination may still write them (slip: freed at once)."""
@@ -278,6 +280,7 @@ def test_a_new_incarnation_of_a_sender_id_is_judged_afresh(rig):
     recv.close()
 
 
+@pytest.mark.slow
 def test_late_writers_leave_nothing_behind(rig):
     """After late writers (stalled holders that wake, write and end), the receiver holds no
     fenced slot, remembered announcement or connection state beyond the live senders."""
@@ -443,6 +446,7 @@ class CountingWrites:
         return getattr(self._engine, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["packed", "direct"])
 def test_no_write_after_the_receiver_ended_the_use(mode, rig, monkeypatch):
     """The sender stalls (a GC pause) while preparing its only chunk, past the receiver's 1 s

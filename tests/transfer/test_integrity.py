@@ -54,6 +54,7 @@ def deliver(g, rid, s_ids, d_ids, n):
     assert_cache_equals(dst, want)
 
 
+@pytest.mark.slow
 def test_late_writer_cannot_corrupt_the_next_request(rig):
     """Request A fails because CP rank 1 stalls past the receiver's timeout; B arrives at
     once; rank 1 wakes and writes A's share. B must be Success with exactly its bytes (or

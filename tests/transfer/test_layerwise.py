@@ -160,6 +160,7 @@ def test_small_layers_are_coalesced(rig):
     recv.close()
 
 
+@pytest.mark.slow
 def test_failure_mid_stream_leaves_other_pages_untouched_and_fences_the_slot(rig):
     """The sender reports two of four layers and stalls: they land, the receiver times out.
     Only the request's pages changed (guards around them did not), the slot stays fenced
@@ -209,6 +210,8 @@ def test_send_layers_checks_its_inputs_before_queueing(rig):
     g.close()
 
 
+@pytest.mark.mp
+@pytest.mark.slow
 def test_quick_bench_and_its_figures(tmp_path):
     """`cpkv bench layerwise --quick` writes exposed-fraction rows with provenance and a
     timeline; `cpkv plot layerwise timeline` draws both."""

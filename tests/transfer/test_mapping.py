@@ -46,6 +46,7 @@ def from_routes(mapping, p, d, num_heads, num_layers, kind):
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,num_heads", [("mha", 8), ("mha", 2), ("mha", 1), ("mla", 1)])
 def test_mapping_matches_brute_force_for_every_layout_up_to_8(kind, num_heads):
     checked = 0

@@ -6,6 +6,8 @@ import pytest
 from mesh_worker import WORLD, rank_main
 from mp import assert_ok, spawn_group
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def results():

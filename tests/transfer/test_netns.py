@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 HERE = Path(__file__).parent
 SUBNET = "10.231.7"
 

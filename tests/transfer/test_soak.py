@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from kvtest import fill_sentinel, make_cache, mha
 from mp import lookup, publish, wait_for
@@ -33,6 +34,8 @@ from soak_worker import (
 from cpkv.kernels import pack_pages
 from cpkv.staging import StagingArena
 from cpkv.transfer import KVReceiver, KVStatus, TransferEngine
+
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
 
 TIMEOUT = 2.0  # the receiver's per-request timeout; stalls last longer
 STALL = 2.6

@@ -214,6 +214,7 @@ def test_duplicate_sender_id_is_refused(rig):
     recv.close()
 
 
+@pytest.mark.slow
 def test_receiver_times_out_when_a_sender_never_reports(rig):
     """Rank 1 never sends: the request times out naming it. Rank 1 never held the
     destination, so nothing fences the slot: it is free at once."""
@@ -231,6 +232,7 @@ def test_receiver_times_out_when_a_sender_never_reports(rig):
     g.close()
 
 
+@pytest.mark.slow
 def test_sender_gives_up_on_a_destination_within_its_own_timeout(rig):
     """A request the receiver never expects: Failed within the sender's 1 s (plus slack)."""
     src, dst = caches()
@@ -246,6 +248,7 @@ def test_sender_gives_up_on_a_destination_within_its_own_timeout(rig):
     recv.close()
 
 
+@pytest.mark.slow
 def test_a_silent_holder_keeps_the_slot_fenced_past_the_grace(rig):
     """A sender that was given the destination and says nothing more might still write: its
     slot is never reused (counted once past the grace), until it says it stopped."""

@@ -6,6 +6,8 @@ import pytest
 from mp import spawn_group
 from tx_worker import CP, fault_rank, hetero_rank, main_rank, scenarios
 
+pytestmark = [pytest.mark.mp, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def main_results():
