@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._checks import check_count, is_int
 from .layout import PagedKVCache
 
 __all__ = ["from_flashinfer", "from_sglang_mha", "from_sglang_mla", "from_vllm"]
@@ -57,8 +58,7 @@ def _check_dims(t: torch.Tensor, dims: int, what: str, expected: str) -> None:
 
 
 def _check_page_size(page_size) -> None:
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
-        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+    check_count(page_size, "page_size", 1)
 
 
 def _check_layout(layout) -> None:
@@ -172,8 +172,7 @@ def _indexer_components(buffers, page_size: int, head_dim, num_pages: int,
     "index_k_scale" (uint8 rows; pages past ``num_pages`` unused). Takes a page as
     ``[pages, page_size * row]`` (SGLang) or ``[pages, page_size, row]`` (vLLM's shape of the
     same bytes)."""
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 128 \
-            or head_dim % 128:
+    if not is_int(head_dim) or head_dim < 128 or head_dim % 128:
         raise ValueError(f"index_head_dim: expected a positive multiple of 128, "
                          f"got {head_dim!r}")
     n_scale = head_dim // 128 * 4
@@ -244,7 +243,7 @@ def _version(v) -> tuple[int, int]:
             return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
         except (ValueError, IndexError):
             pass
-    elif isinstance(v, tuple) and len(v) >= 2 and all(isinstance(x, int) for x in v[:2]):
+    elif isinstance(v, tuple) and len(v) >= 2 and all(is_int(x) for x in v[:2]):
         return v[0], v[1]
     raise ValueError(f"vllm_version: expected a release such as '0.32.0', got {v!r}")
 
@@ -291,7 +290,7 @@ def _vllm_kv(t: torch.Tensor, kind: str, head_size, what: str) -> tuple[torch.Te
         return t[:, 0], t[:, 1]
     width = t.shape[3]
     d = width // 2 if head_size is None else head_size
-    if not isinstance(d, int) or isinstance(d, bool) or not 0 < d < width:
+    if not is_int(d) or not 0 < d < width:
         raise ValueError(f"head_size: expected an int in (0, {width}) (K's part of the "
                          f"{width} values of each head), got {head_size!r}")
     # fused, >= 0.26: kv_cache.transpose(1, 2).split(head_size, -1)

@@ -45,6 +45,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._checks import check_count, check_index, is_int
+
 __all__ = ["FORMAT_VERSION", "ComponentSpec", "Location", "PackedFormat", "PagedKVCache", "Span"]
 
 FORMAT_VERSION = 1
@@ -155,7 +157,7 @@ class PackedFormat:
 
     def region(self, index: int) -> Span:
         """Value ``index``: tokens [index * R, index * R + R), every layer."""
-        _check_index(index, self.num_regions, "region")
+        check_index(index, "region", self.num_regions)
         return Span(index * self.region_nbytes, self.region_nbytes)
 
     def block_offsets(self) -> list[int]:
@@ -167,9 +169,9 @@ class PackedFormat:
     def block(self, layer: int, component: int, region: int = 0) -> Span:
         """Block (format-local ``layer``, ``component`` index) of value ``region``:
         ``[rows_per_region, heads, head_dim]`` of that component, dense."""
-        _check_index(layer, self.num_layers, "layer")
-        _check_index(component, len(self.components), "component")
-        _check_index(region, max(self.num_regions, 1), "region")
+        check_index(layer, "layer", self.num_layers)
+        check_index(component, "component", len(self.components))
+        check_index(region, "region", max(self.num_regions, 1))
         rows = self.row_nbytes
         pre = layer * self.layer_row_nbytes + sum(rows[:component])  # bytes of earlier rows
         return Span(region * self.region_nbytes + self.rows_per_region * pre,
@@ -185,10 +187,10 @@ class PackedFormat:
         ``l * (t1 - t0) * layer_row_nbytes``.
         """
         l1 = self.num_layers if l1 is None else l1
-        if not (_is_int(t0) and _is_int(t1) and 0 <= t0 <= t1 <= self.num_tokens):
+        if not (is_int(t0) and is_int(t1) and 0 <= t0 <= t1 <= self.num_tokens):
             raise ValueError(f"segment: expected tokens 0 <= t0 <= t1 <= {self.num_tokens}, "
                              f"got [{t0}, {t1})")
-        if not (_is_int(l0) and _is_int(l1) and 0 <= l0 <= l1 <= self.num_layers):
+        if not (is_int(l0) and is_int(l1) and 0 <= l0 <= l1 <= self.num_layers):
             raise ValueError(f"segment: expected layers 0 <= l0 <= l1 <= {self.num_layers}, "
                              f"got [{l0}, {l1})")
         if self.region_tokens is not None and t1 > t0:
@@ -205,7 +207,7 @@ class PackedFormat:
 
     def locate(self, offset: int) -> Location:
         """The token, layer, component and row byte that byte ``offset`` of the slot holds."""
-        _check_index(offset, self.nbytes, "offset")
+        check_index(offset, "offset", self.nbytes)
         region, offset = divmod(offset, self.region_nbytes)
         rows, r = self.row_nbytes, self.rows_per_region
         layer, offset = divmod(offset, r * self.layer_row_nbytes)
@@ -291,20 +293,11 @@ class PackedFormat:
                    version, region)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_index(value, size: int, what: str) -> None:
-    if not _is_int(value) or not 0 <= value < size:
-        raise ValueError(f"{what}: expected an int in [0, {size}), got {value!r}")
-
-
 MAX_FIELD = (1 << 31) - 1  # token, layer, head and row counts: kernels index them in 32 bits
 
 
 def _field_int(value, what: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"packed format: {what} expected an int >= {minimum}, got {value!r}")
     if value > MAX_FIELD:
         raise ValueError(f"packed format: {what} expected an int <= {MAX_FIELD}, got "
@@ -380,15 +373,15 @@ class PagedKVCache:
         """Allocate a pool (uninitialised memory) for the given components."""
         for what, v in (("num_layers", num_layers), ("num_pages", num_pages),
                         ("page_size", page_size)):
-            _check_positive(v, what)
+            check_count(v, what, 1)
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         comps = {}
         for s in specs:
             if not isinstance(s, ComponentSpec):
                 raise TypeError(f"specs: expected ComponentSpec, got {type(s).__name__}")
-            _check_positive(s.num_heads, f"component {s.name!r} num_heads")
-            _check_positive(s.head_dim, f"component {s.name!r} head_dim")
+            check_count(s.num_heads, f"component {s.name!r} num_heads", 1)
+            check_count(s.head_dim, f"component {s.name!r} head_dim", 1)
             if not isinstance(s.dtype, torch.dtype):
                 raise TypeError(f"component {s.name!r} dtype: expected a torch.dtype, "
                                 f"got {s.dtype!r}")
@@ -535,8 +528,7 @@ def check_region_tokens(region_tokens, num_tokens: int) -> None:
     """``region_tokens``: None, or a positive int dividing ``num_tokens``."""
     if region_tokens is None:
         return
-    if not _is_int(region_tokens) or region_tokens < 1:
-        raise ValueError(f"region_tokens: expected a positive int, got {region_tokens!r}")
+    check_count(region_tokens, "region_tokens", 1)
     if num_tokens % region_tokens:
         raise ValueError(f"region_tokens: num_tokens {num_tokens} expected a multiple of "
                          f"region_tokens {region_tokens}")
@@ -558,16 +550,11 @@ def as_range(value, size: int, what: str) -> range:
         start, stop = value
     else:
         raise TypeError(f"{what}: expected None, (start, stop), range or slice, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)):
+    if not all(is_int(v) for v in (start, stop)):
         raise TypeError(f"{what}: expected int bounds, got ({start!r}, {stop!r})")
     if not 0 <= start <= stop <= size:
         raise ValueError(f"{what}: expected a range inside [0, {size}), got [{start}, {stop})")
     return range(start, stop)
-
-
-def _check_positive(value, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what}: expected a positive int, got {value!r}")
 
 
 def _expected(layout: str, latent: bool) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._checks import as_page_ids
+from .._checks import as_page_ids, is_index, is_int
 from ..kernels import reorganize_pages
 from ..layout import PagedKVCache, as_range
 from ..parallel import LAYER_GROUP_BYTES, layer_groups
@@ -91,8 +91,7 @@ def gather_chunks(cache: PagedKVCache, plan: SplitPlan, *,
 
 
 def _is_id_list(v) -> bool:
-    return isinstance(v, (list, tuple)) and all(
-        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+    return isinstance(v, (list, tuple)) and all(is_index(x) for x in v)
 
 
 def _id_lists(plan: SplitPlan, page_ids) -> list:
@@ -111,11 +110,9 @@ def _id_lists(plan: SplitPlan, page_ids) -> list:
 
 
 def _offsets(token_offset, n_seqs: int) -> tuple[int, ...]:
-    vals = [token_offset] * n_seqs if isinstance(token_offset, (int, np.integer)) \
-        and not isinstance(token_offset, bool) else token_offset
+    vals = [token_offset] * n_seqs if is_index(token_offset) else token_offset
     if not isinstance(vals, (list, tuple)) or len(vals) != n_seqs or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-            for v in vals):
+            is_index(v) and v >= 0 for v in vals):
         raise ValueError(f"token_offset: expected a non-negative int (or one per sequence, "
                          f"{n_seqs}), got {token_offset!r}")
     return tuple(int(v) for v in vals)
@@ -197,7 +194,7 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
 
 
 def _layer_range(cache: PagedKVCache, layers) -> range:
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if is_int(layers):
         if not 0 <= layers < cache.num_layers:
             raise ValueError(f"layers: expected a layer in [0, {cache.num_layers}), got {layers}")
         return range(layers, layers + 1)
@@ -315,7 +312,7 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     if not isinstance(plan, SplitPlan):
         raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    one_layer = isinstance(layers, int) and not isinstance(layers, bool)
+    one_layer = is_int(layers)
     layer_range = _layer_range(cache, layers)
     if world != plan.cp_size:
         raise ValueError(f"plan: expected cp_size equal to the group size {world}, "

@@ -42,7 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import as_page_ids, byte_span, check_buffer, check_no_alias, check_num_tokens
+from .._checks import (
+    as_page_ids,
+    byte_span,
+    check_buffer,
+    check_count,
+    check_no_alias,
+    check_num_tokens,
+)
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .digest import add_digest, digest_terms
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
@@ -569,8 +576,7 @@ def check_reorganize(gathered, cache, page_ids, token_map, *, rows_per_rank: int
         raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
     layer_range = as_range(layers, cache.num_layers, "layers")
     page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=True)
-    if not isinstance(rows_per_rank, int) or isinstance(rows_per_rank, bool) or rows_per_rank < 0:
-        raise ValueError(f"rows_per_rank: expected a non-negative int, got {rows_per_rank!r}")
+    check_count(rows_per_rank, "rows_per_rank")
     if not isinstance(token_map, torch.Tensor) or token_map.dtype != torch.int64:
         raise TypeError(f"token_map: expected an int64 tensor, got "
                         f"{getattr(token_map, 'dtype', type(token_map).__name__)}")

@@ -22,6 +22,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .._checks import check_count, is_index
 from ..cp.keys import is_key_writer, storage_key
 from ..parallel import ParallelRank, ParallelSizes
 
@@ -43,8 +44,7 @@ def _tokens(token_ids) -> np.ndarray:
                             f"of shape {token_ids.shape}")
         return token_ids.astype("<i8", copy=False)
     if isinstance(token_ids, (list, tuple)):
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                   for t in token_ids):
+        if not all(is_index(t) for t in token_ids):
             raise TypeError("token_ids: expected a list of ints")
         return np.asarray(token_ids, dtype="<i8")
     raise TypeError(f"token_ids: expected a tensor, numpy array or list of ints, got "
@@ -57,8 +57,7 @@ def page_hashes(token_ids, page_size: int, namespace: str = "cpkv") -> list[str]
     >>> len(page_hashes(list(range(40)), 16))
     2
     """
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
-        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+    check_count(page_size, "page_size", 1)
     if not isinstance(namespace, str) or not namespace or "/" in namespace:
         raise ValueError(f"namespace: expected a non-empty str without '/', got {namespace!r}")
     tokens = _tokens(token_ids).astype("<i8", copy=False)

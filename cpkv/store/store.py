@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .._checks import as_page_ids
+from .._checks import as_page_ids, check_count, check_seconds, is_int
 from .._closing import Closing
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
@@ -101,12 +101,6 @@ class LoadResult:
     requested: int
     nbytes: int
     reason: str | None = None
-
-
-def _positive(value, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what}: expected a positive int, got {value!r}")
-    return value
 
 
 def _word(*quantities: int) -> torch.dtype:
@@ -181,20 +175,19 @@ class KVStore(Closing):
                  namespace: str = "cpkv", segment_nbytes: int = 256 << 20,
                  staging_nbytes: int = 64 << 20, local_buffer_nbytes: int = 16 << 20,
                  batch_pages: int = 64, connect_timeout: float = 2.0, host: str = "127.0.0.1"):
-        self.page_size = _positive(page_size, "page_size")
+        self.page_size = check_count(page_size, "page_size", 1)
         self.rank, self.sizes = at(rank, sizes)
         if kind not in ("mha", "mla"):
             raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
-        self.kind, self.num_kv_heads, self.namespace = kind, _positive(num_kv_heads,
-                                                                       "num_kv_heads"), namespace
+        self.kind, self.num_kv_heads, self.namespace = kind, check_count(
+            num_kv_heads, "num_kv_heads", 1), namespace
         page_keys([], 1, self.rank, self.sizes, namespace=namespace, kind=kind,
                   num_kv_heads=num_kv_heads)  # validates namespace and the TP/head split
-        self.batch_pages = _positive(batch_pages, "batch_pages")
+        self.batch_pages = check_count(batch_pages, "batch_pages", 1)
         for what, v in (("segment_nbytes", segment_nbytes), ("staging_nbytes", staging_nbytes),
                         ("local_buffer_nbytes", local_buffer_nbytes)):
-            _positive(v, what)
-        if not isinstance(connect_timeout, (int, float)) or connect_timeout <= 0:
-            raise ValueError(f"connect_timeout: expected seconds > 0, got {connect_timeout!r}")
+            check_count(v, what, 1)
+        check_seconds(connect_timeout, "connect_timeout")
         if master is not None and not isinstance(master, (str, MasterProcess)):
             raise TypeError(f"master: expected 'host:port', MasterProcess or None, got "
                             f"{type(master).__name__}")
@@ -431,8 +424,7 @@ class KVStore(Closing):
         lr, hr, obj = self._check_cache(cache, layers, heads)
         if num_pages is None:
             num_pages = self.match_prefix(token_ids, rank=rank, sizes=sizes)
-        if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
-                or not 0 <= num_pages <= len(keys):
+        if not is_int(num_pages) or not 0 <= num_pages <= len(keys):
             raise ValueError(f"num_pages: expected an int in [0, {len(keys)}] (full store "
                              f"pages of the prompt), got {num_pages!r}")
         T, R = self.page_size, cache.page_size
@@ -504,7 +496,7 @@ class KVStore(Closing):
         """
         self._check_open()
         keys = self.keys(token_ids, rank, sizes)
-        if not isinstance(start, int) or not 0 <= start <= len(keys):
+        if not is_int(start) or not 0 <= start <= len(keys):
             raise ValueError(f"start: expected an int in [0, {len(keys)}], got {start!r}")
         return sum(self._client.remove(key, True) == 0 for key in keys[start:])
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_seconds
 from .._closing import Closing
 from ..layout import PackedFormat, PagedKVCache
 from ..parallel import DcpLayout, ParallelRank, ParallelSizes, dcp_heads_of, layers_of
@@ -184,8 +184,7 @@ class Endpoint(Closing):
         if not isinstance(sizes, ParallelSizes):
             raise TypeError(f"sizes: expected a ParallelSizes, got {type(sizes).__name__}")
         sizes.check(rank)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+        check_seconds(timeout, "timeout")
         self.cache, self.instance, self.rank, self.sizes = cache, instance, rank, sizes
         self.dcp = check_dcp(dcp, rank, sizes)
         self.model = model_shape(cache, rank, sizes, kind, num_kv_heads, num_layers, self.dcp)

@@ -51,6 +51,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .._checks import is_int
 from ..layout import PackedFormat
 from ..parallel import DcpLayout, DcpSelection, ParallelRank, ParallelSizes, dcp_select
 
@@ -108,7 +109,7 @@ def _check(value, hint, what: str):
             raise ProtocolError(f"{what}: expected a bool, got {_show(value)}")
         return value
     if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
+        if not is_int(value) or not 0 <= value < U64:
             raise ProtocolError(f"{what}: expected an int in [0, 2**64), got {_show(value)}")
         return value
     if hint is str:

@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from .._checks import as_page_ids, check_int, check_num_tokens, is_int
+from .._checks import as_page_ids, check_int, check_num_tokens, check_seconds, is_int
 from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
 from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
@@ -242,8 +242,7 @@ class KVSender(Endpoint):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         check_int(coalesce, "coalesce")
-        if not isinstance(idle, (int, float)) or isinstance(idle, bool) or idle <= 0:
-            raise ValueError(f"idle: expected a positive number of seconds, got {idle!r}")
+        check_seconds(idle, "idle")
         policy = SenderPolicy(policy)
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
                          num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
