@@ -350,8 +350,6 @@ class PagedKVCache:
                 raise TypeError(f"component names: expected str, got {type(name).__name__}")
             self.buffers[name] = _layer_list(name, layers, layout, stacked, name in latent)
         self._validate()
-        self._kernel_tables: dict = {}  # per-pool launch data cached by cpkv.kernels
-        self._token_maps: dict = {}  # split token maps cached by cpkv.cp (die with the pool)
 
     # -- constructors ----------------------------------------------------------------------
 

@@ -89,7 +89,7 @@ MUTANTS: list[Mutant] = [
       "every value of a cut slot written over the first one",
       ("tests/kernels/test_regions.py", "-k", "triton")),
     M("k-region-align", KERNEL,
-      "align = _align([slot_alignment(slot), region_nbytes])",
+      "align = widest_word([slot_alignment(slot), region_nbytes], _MAX_ALIGN)",
       "align = slot_alignment(slot)",
       "values of a cut slot that start 4-byte aligned are accessed in 16-byte words",
       ("tests/kernels/test_regions.py", "-k", "triton")),

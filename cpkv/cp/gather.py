@@ -39,6 +39,7 @@ __all__ = ["GatherDone", "GatherTimeoutError", "all_gather_kv", "gather_chunks",
 
 GATHER_CHUNK_BYTES = LAYER_GROUP_BYTES  # layer chunks gathered and reorganized in turn
 _MAP_CACHE_SIZE = 32
+_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {key: token map}
 
 
 class GatherTimeoutError(TimeoutError):
@@ -144,9 +145,10 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     reads gathered row ``plan.gather_index[p]`` (every other token maps to -1: untouched).
 
     The ids are checked once, when the map is built (in range, no page listed twice), unless
-    ``validate=False``. The result is cached on the pool per (plan, page ids, offset) (tensor
-    ids by identity and version, weakly), so a layer-by-layer gather neither rebuilds it, nor
-    copies it from the host, nor synchronises with the device again.
+    ``validate=False``. The result is kept per pool (a weak key: it dies with the pool) and per
+    (plan, page ids, offset) (tensor ids by identity and version, weakly), so a layer-by-layer
+    gather neither rebuilds it, nor copies it from the host, nor synchronises with the device
+    again.
     """
     if not isinstance(plan, SplitPlan):
         raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
@@ -154,7 +156,9 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
         raise TypeError(f"cache: expected a PagedKVCache, got {type(cache).__name__}")
     lists = _id_lists(plan, page_ids)
     offsets = _offsets(token_offset, len(lists))
-    maps = cache._token_maps
+    maps = _MAPS.get(cache)
+    if maps is None:
+        maps = _MAPS.setdefault(cache, {})
     key = (id(plan), tuple(_ids_key(ids) for ids in lists), offsets)
     hit = maps.pop(key, None)
     if hit is not None:

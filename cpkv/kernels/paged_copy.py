@@ -12,9 +12,9 @@ to its width. Bytes move as same-width integer words (8, 4, 2 or 1 bytes), never
 
 Each program copies a [BLOCK_T tokens, CHUNK_WORDS words] tile of one block in BLOCK_R-word
 steps; a row longer than CHUNK_WORDS is split across programs (grid axis 2), so a request of
-few tokens still fills the GPU. Tile sizes depend only on the geometry and are budgeted in bytes
-(see `_TILE_BYTES`). A per-group descriptor table (cached on the pool: its tensors never move)
-holds each block's pool base address, strides and packed offset.
+few tokens still fills the GPU. Tile sizes depend only on the specialisation and are budgeted in
+bytes (see `_TILE_BYTES`). A per-group descriptor table (kept per pool, `words.pool_memo`: its
+tensors never move) holds each block's pool base address, strides and packed offset.
 
 Slot side: packed row j of block b sits at ``rows_per_region * pre_words[b] + j * ROW_WORDS``
 (the packed format). A slot cut into values (regions: `pack_pages(region_tokens=)`, and the
@@ -53,7 +53,7 @@ from .._checks import (
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .digest import add_digest, digest_terms
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
-from .words import WORD_DTYPES
+from .words import WORD_DTYPES, pool_memo, widest_word
 
 __all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]
 
@@ -199,19 +199,10 @@ class LaunchGroup:
     rows: tuple[tuple[int, ...], ...]
 
 
-def _align(quantities) -> int:
-    """Widest power of two, at most 16, dividing every quantity (bytes)."""
-    a = _MAX_ALIGN
-    for q in quantities:
-        while q % a:
-            a //= 2
-    return a
-
-
 def slot_alignment(slot: torch.Tensor) -> int:
     """Bytes (<= 16) the slot's address is a multiple of; also its offset in its storage, so
     the slot can be viewed as words of that width."""
-    return _align([slot.data_ptr(), slot.storage_offset() * slot.element_size()])
+    return widest_word([slot.data_ptr(), slot.storage_offset() * slot.element_size()], _MAX_ALIGN)
 
 
 def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, int, int]:
@@ -256,7 +247,7 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
     groups: dict[tuple, list] = {}
     for base, strides, head, row, contig, pre_b in blocks:
         quantities = [base, *strides, head, row, pre_b, slot_align]
-        align = _align(quantities)
+        align = widest_word(quantities, _MAX_ALIGN)
         word = min(align, 8)
         key = (word, align // word, head // word, row // word, contig)
         groups.setdefault(key, []).append(
@@ -289,16 +280,17 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: 
     has_map, regions, has_list = token_map is not None, rows_per_region is not None, \
         tokens is not None
     has_digest = digest is not None
-    align = _align([slot_alignment(slot), region_nbytes])  # every value's start
+    align = widest_word([slot_alignment(slot), region_nbytes], _MAX_ALIGN)  # every value's start
     key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, regions,
            has_list, has_digest, align)
-    launches = cache._kernel_tables.get(key)
+    memo = pool_memo(cache)
+    launches = memo.get(key)
     if launches is None:
         plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map,
                            regions=regions, token_list=has_list, digest=has_digest)
         launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
                     for g in plan]
-        cache._kernel_tables[key] = launches
+        memo[key] = launches
     rows = num_rows if rows_per_region is None else rows_per_region
     with _device_guard(cache.device):
         for spec, table in launches:
@@ -327,11 +319,12 @@ def _use_triton(backend: str, device: torch.device) -> bool:
 
 def _pool_spans(cache: PagedKVCache) -> list[tuple[int, int]]:
     """The byte spans of the pool's layer tensors (cached: the pool never moves)."""
-    spans = cache._kernel_tables.get("spans")
+    memo = pool_memo(cache)
+    spans = memo.get("spans")
     if spans is None:
         spans = [byte_span(t) for layers in cache.buffers.values() for t in layers
                  if t.numel()]
-        cache._kernel_tables["spans"] = spans
+        memo["spans"] = spans
     return spans
 
 

@@ -19,12 +19,10 @@ temporary), else through a temporary of the block.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..layout import PagedKVCache
-from .words import WORD_DTYPES, word_bytes
+from .words import WORD_DTYPES, pool_memo, word_bytes
 
 __all__ = ["pack_pages_torch", "reorganize_torch", "token_slots", "unpack_pages_torch"]
 
@@ -97,15 +95,12 @@ def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> No
 STACKED_MAX_ROWS = 16  # pages (or tokens) per block up to which all layers move in one op
 
 
-_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {key: views}
-
-
 def _stacked_pools(cache: PagedKVCache, layers: range, heads: range, word: int):
     """Per component, the layers [L, P, ps, nh, row_words] as one strided view when they sit
     at equal distances in memory with equal strides (a stacked pool, as `PagedKVCache.empty`
     allocates), else None. Cached per pool: its memory never moves."""
-    memo = _STACKED.setdefault(cache, {})
-    key = (layers.start, layers.stop, heads.start, heads.stop, word)
+    memo = pool_memo(cache)
+    key = ("stacked", layers.start, layers.stop, heads.start, heads.stop, word)
     if key not in memo:
         pools = []
         for spec in cache.components:
