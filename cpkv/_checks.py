@@ -64,7 +64,7 @@ def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "
 
 
 def check_num_tokens(num_tokens, n_pages: int, page_size: int, token_offset: int = 0) -> int:
-    """``num_tokens`` defaults to every slot of the listed pages after the first
+    """``num_tokens`` defaults to every entry of the listed pages after the first
     ``token_offset`` tokens and may not exceed them."""
     if not is_int(token_offset):
         raise TypeError(f"token_offset: expected int, got {type(token_offset).__name__}")

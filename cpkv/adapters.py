@@ -5,8 +5,9 @@ FlashInfer is imported. Every adapter states the runner's shape it expects and r
 else with a ValueError naming the shape it got; layouts that no strided view can express (a
 token's row not contiguous, or not at a fixed stride) are refused with the reason.
 
-A runner's page (block) index is cpkv's page id: token slot ``loc`` of SGLang's token-major
-buffers is page ``loc // page_size``, slot ``loc % page_size``; vLLM's block ``b`` is page ``b``.
+A runner's page (block) index is cpkv's page id: token ``loc`` of SGLang's token-major buffers
+(SGLang's token slot) is page ``loc // page_size``, entry ``loc % page_size``; vLLM's block ``b``
+is page ``b``.
 
     from cpkv.adapters import from_sglang_mha, from_vllm
     cache = from_sglang_mha(pool.k_buffer, pool.v_buffer, page_size=pool.page_size)
@@ -32,7 +33,7 @@ UNVIEWABLE = {
                   "row at a fixed stride",
     "interleaved": "SGLang's MXFP8 KV scales (page size 128) are interleaved across the tokens "
                    "of a page in the tile order of the attention kernel, so one token's scales "
-                   "are not one row at a fixed (page, slot, head) stride",
+                   "are not one row at a fixed (page, entry, head) stride",
 }
 
 
@@ -70,7 +71,7 @@ def _token_major_pages(t: torch.Tensor, page_size: int, layout: str, what: str) 
     """One SGLang layer buffer as pages (a view).
 
     NHD: the token-major ``[size + page_size, heads, dim]`` buffer as
-    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, slot loc % ps).
+    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, entry loc % ps).
     HND (``use_hnd``): SGLang allocates ``[num_pages, heads, page_size, dim]`` itself."""
     if layout == "HND":
         _check_dims(t, 4, what, "[num_pages, head_num, page_size, head_dim] (SGLang use_hnd)")
@@ -99,7 +100,7 @@ def from_sglang_mha(k_buffer, v_buffer, *, page_size: int, layout: str = "NHD",
             padding page); HND (``use_hnd``): each ``[num_pages, head_num, page_size,
             head_dim]``. ``v_head_dim`` may differ from K's; K and V may be halves of one fused
             buffer (views that share no bytes).
-        page_size: the pool's page size; token slot ``loc`` is page ``loc // page_size``, slot
+        page_size: the pool's page size; token ``loc`` is page ``loc // page_size``, entry
             ``loc % page_size``.
         layout: "NHD" or "HND", as the pool was allocated.
         extras: more per-layer buffers addressed like K (same layout and head count), e.g.

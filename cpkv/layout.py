@@ -33,7 +33,8 @@ piece by piece (each CP sender of a transfer packs its own tokens [t0, t1) alone
 where a segment lies does not depend on the other pieces. `PackedFormat` is the one place that
 computes these byte positions (`PackedFormat.region`, `segment`, `block`, `locate`).
 
-Token t of a request is page ``page_ids[t // page_size]``, slot ``t % page_size``.
+Token t of a request is page ``page_ids[t // page_size]``, entry ``t % page_size`` (FlashInfer's
+word for the position inside a page; a "slot" in cpkv is always a staging slot).
 """
 
 from __future__ import annotations
@@ -155,6 +156,12 @@ class PackedFormat:
         """Bytes of one value."""
         return self.rows_per_region * self.token_nbytes
 
+    @property
+    def layer_nbytes(self) -> int:
+        """Bytes of one layer of one value: from a block to the same component's block of the
+        next layer."""
+        return self.rows_per_region * self.layer_row_nbytes
+
     def region(self, index: int) -> Span:
         """Value ``index``: tokens [index * R, index * R + R), every layer."""
         check_index(index, "region", self.num_regions)
@@ -176,6 +183,41 @@ class PackedFormat:
         pre = layer * self.layer_row_nbytes + sum(rows[:component])  # bytes of earlier rows
         return Span(region * self.region_nbytes + self.rows_per_region * pre,
                     self.rows_per_region * rows[component])
+
+    def component_view(self, slot: torch.Tensor, component: int) -> torch.Tensor:
+        """Component ``component`` of every value and layer of a slot of this format, as one
+        strided view of ``slot``: ``[num_regions, num_layers, rows_per_region, num_heads,
+        head_dim * itemsize / slot.element_size()]``, the blocks `block` names.
+
+        ``slot`` is 1-D and dense, holds the slot from its element 0, and is viewed in its own
+        elements (bytes for uint8, or wider words): their size must divide the component's head
+        row and every offset. Writing through the view fills the slot (a CP rank's shard, a
+        reference copy), reading it reads the blocks.
+
+        Example::
+
+            fmt = cache.packed_format(20)                   # K and V, 20 tokens, all layers
+            k = fmt.component_view(slot, 0)[0]              # [layers, 20, heads, head bytes]
+        """
+        check_index(component, "component", len(self.components))
+        if not isinstance(slot, torch.Tensor) or slot.dim() != 1 or (
+                slot.numel() > 1 and slot.stride(0) != 1):
+            raise ValueError(f"slot: expected a dense 1-D tensor, got "
+                             f"{getattr(slot, 'shape', type(slot).__name__)}")
+        word, spec = slot.element_size(), self.components[component]
+        first = self.block(0, component).offset if self.num_regions and self.num_layers else 0
+        bytes_ = (self.region_nbytes, self.layer_nbytes, self.row_nbytes[component],
+                  spec.head_nbytes, first)
+        if any(b % word for b in bytes_):
+            raise ValueError(f"slot: elements of {word} bytes do not divide component "
+                             f"{spec.name!r}'s rows and offsets {bytes_}")
+        if slot.numel() * word < self.nbytes:
+            raise ValueError(f"slot: expected at least {self.nbytes} bytes, got "
+                             f"{slot.numel() * word}")
+        return slot.as_strided(
+            (self.num_regions, self.num_layers, self.rows_per_region, spec.num_heads,
+             spec.head_nbytes // word), tuple(b // word for b in bytes_[:4]) + (1,),
+            slot.storage_offset() + first // word)
 
     def segment(self, t0: int, t1: int, l0: int = 0, l1: int | None = None) -> Span:
         """Layers [l0, l1) (format-local; default all) of the segment of tokens [t0, t1): the
@@ -437,8 +479,11 @@ class PagedKVCache:
         return self._first.device
 
     @property
-    def num_token_slots(self) -> int:
+    def num_entries(self) -> int:
+        """Token positions of the pool: ``num_pages * page_size``."""
         return self.num_pages * self.page_size
+
+    num_token_slots = num_entries  # the former name ("slot" now means a staging slot only)
 
     def layer(self, component: str, layer: int) -> torch.Tensor:
         return self.buffers[component][layer]
@@ -624,13 +669,13 @@ def _footprint(t: torch.Tensor, layout: str, where: str):
     row = nhd.shape[3] * isz
     span = row
     axes = sorted((nhd.stride(a) * isz, nhd.shape[a], a) for a in range(3) if nhd.shape[a] > 1)
-    names = ("page", "slot", "head")
+    names = ("page", "entry", "head")
     for stride, size, a in axes:
         if stride < span:
             what = "stride 0: every index aliases one memory" if stride == 0 else \
                 f"byte stride {stride} < {span} bytes it must step over"
             raise ValueError(f"{where}: the {names[a]} axis overlaps itself ({what}); "
-                             f"expected every (page, slot, head) row at its own bytes")
+                             f"expected every (page, entry, head) row at its own bytes")
         span += (size - 1) * stride
     page_stride = nhd.stride(0) * isz if nhd.shape[0] > 1 else span
     o_s = np.arange(nhd.shape[1], dtype=np.int64)[:, None] * (nhd.stride(1) * isz)

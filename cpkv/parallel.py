@@ -241,7 +241,7 @@ class DcpLayout:
         rank: r, this rank's index in the group, in ``[0, D)``.
         interleave: I, consecutive tokens a rank takes per turn (default 1; vLLM's NixlConnector
             sets it to the page size, TRT-LLM Helix places whole pages: I = B).
-        page_size: B, when pages matter (`slot_of`, `num_pages`); I must divide it, as vLLM
+        page_size: B, when pages matter (`place_of`, `num_pages`); I must divide it, as vLLM
             requires: otherwise a rank's tokens would outgrow the shared page list.
 
     The arithmetic methods trust their arguments (non-negative ints, or int64 tensors: they
@@ -250,7 +250,7 @@ class DcpLayout:
     holds 4 in 2):
 
     >>> lay = DcpLayout(size=2, interleave=2, page_size=2)
-    >>> [lay.slot_of(t) for t in range(10)]  # doctest: +NORMALIZE_WHITESPACE
+    >>> [lay.place_of(t) for t in range(10)]  # doctest: +NORMALIZE_WHITESPACE
     [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 1, 1),
      (0, 2, 0), (0, 2, 1)]
     >>> [r.count(10) for r in lay.ranks()], lay.num_pages(10)
@@ -333,11 +333,13 @@ class DcpLayout:
             raise ValueError("page_size: expected an int for page arithmetic, got None")
         return self.page_size
 
-    def slot_of(self, t: int) -> tuple[int, int, int]:
+    def place_of(self, t: int) -> tuple[int, int, int]:
         """``(rank, page index, entry)`` of token t: the page is an index into the request's
-        page ids (the same list on every rank)."""
+        page ids (the same list on every rank), the entry the position inside the page."""
         page, entry = divmod(self.local_of(t), self._pages())
         return self.rank_of(t), page, entry
+
+    slot_of = place_of  # the former name ("slot" now means a staging slot only)
 
     def num_pages(self, n: int) -> int:
         """Pages a request of n tokens holds on every rank: ``ceil(n / (B*D))``, as vLLM sizes
@@ -433,10 +435,10 @@ class DcpSelection:
         if self.src is not None:
             if self.count < len(cand):
                 keep = self.src.owns(t)
-                slot = torch.where(keep, torch.cumsum(keep, 0) - 1, self.count)
+                index = torch.where(keep, torch.cumsum(keep, 0) - 1, self.count)
                 both = torch.stack((t, j))
                 out = torch.empty((2, self.count + 1), dtype=torch.int64, device=device)
-                out.scatter_(1, slot.expand(2, -1), both)  # rows not kept land past the end
+                out.scatter_(1, index.expand(2, -1), both)  # rows not kept land past the end
                 t, j = out[0, :self.count], out[1, :self.count]
             t = self.src.local_of(t)
         return t - src_base, j - dst_base

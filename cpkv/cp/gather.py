@@ -344,24 +344,18 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
 
     # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its
     # own rank regions: every chunk's gather is issued at once (the group runs them in order)
-    # and chunk k is reorganized while chunk k+1 is still on the wire. Within a chunk,
-    # component c of every layer sits at a fixed stride, so one strided copy moves it.
+    # and chunk k is reorganized while chunk k+1 is still on the wire. A rank's region is a
+    # packed slot of padded_len tokens over the chunk's layers; component c of every layer is
+    # one strided view of it (`PackedFormat.component_view`), so one copy moves it.
     padded = plan.padded_len
-    rows = cache.packed_format(1).row_nbytes  # bytes of one token's row, per component
-    layer_bytes = padded * sum(rows)
     pending = []
     for chunk, where in gather_chunks(cache, plan, layers=layer_range):
         l0 = chunk.start - layer_range.start
         part = buf[where]
         mine = part.view(world, -1)[rank]
-        base = mine.storage_offset()
+        rank_fmt = cache.packed_format(padded, layers=chunk)
         for c, block in enumerate(blocks):
-            src = block[l0:l0 + len(chunk)]
-            head_bytes = src.shape[-1]
-            dst = mine.as_strided((len(chunk), n_local, src.shape[2], head_bytes),
-                                  (layer_bytes, rows[c], head_bytes, 1),
-                                  base + padded * sum(rows[:c]))
-            dst.copy_(src)
+            rank_fmt.component_view(mine, c)[0, :, :n_local].copy_(block[l0:l0 + len(chunk)])
         pending.append((chunk, part, _all_gather(part, mine, group)))
     for chunk, part, work in pending:
         if not host_wait:

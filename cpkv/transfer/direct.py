@@ -49,7 +49,7 @@ def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
 
 def pool_addresses(cache: PagedKVCache) -> list[dict]:
     """What a sender needs to address a receiver's pool: per (layer, component), the base
-    address and the (page, slot, head) byte strides of the NHD view, layer-major."""
+    address and the (page, entry, head) byte strides of the NHD view, layer-major."""
     out = []
     for layer in range(cache.num_layers):
         for spec in cache.components:

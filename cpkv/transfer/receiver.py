@@ -243,7 +243,7 @@ class KVReceiver(Endpoint):
         """Reserve a slot for a request from prefill instance ``source`` (its DP rank
         ``source_dp``) and tell its senders where to write it, as each announces it.
 
-        ``num_tokens`` is the request's length (default: every slot of ``page_ids``; with DCP,
+        ``num_tokens`` is the request's length (default: every entry of ``page_ids``; with DCP,
         required: the pages hold this rank's share). Its first ``prefix`` tokens are in the
         pages already (a prefix-cache hit): senders send the rest.
 

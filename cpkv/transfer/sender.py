@@ -300,7 +300,7 @@ class KVSender(Endpoint):
             to: the decode receivers of this request: an address ("host:port") or a list of
                 them (e.g. every rank of the decode instance); the same on every call of the
                 request. This rank ships to each the route it feeds it, if any.
-            num_tokens: tokens of the whole request (default: every slot of its pages).
+            num_tokens: tokens of the whole request (default: every entry of its pages).
             chunk: request-local pages [start, stop) of this prefill chunk (default: all).
             last: whether this is the request's last call; decide it before filtering by
                 share, so every rank agrees (a rank with an empty share still sends it). Every
