@@ -3,17 +3,17 @@
 One embedded `mooncake_master` and one Mooncake Store client on TCP loopback; fragmented pool
 page ids; pool page size = store page size. Providers, per (shape, page size):
 
-* cpkv-put:  `KVStore.put_prefix` (existence check, pack, page-major reorder into the registered
-             slot, ``batch_put_from`` per batch of store pages); the keys are evicted between
-             repeats (untimed) so every repeat writes
+* cpkv-put:  `KVStore.put_prefix` (existence check, a pack cut into store pages, page-major,
+             into the registered slot, ``batch_put_from`` per batch of store pages); the keys
+             are evicted between repeats (untimed) so every repeat writes
 * raw-put:   one ``put_from`` of the same number of bytes as one object (the store's ceiling)
-* cpkv-get:  `KVStore.load_prefix` into a reader pool (``batch_get_into``, reorder, unpack)
+* cpkv-get:  `KVStore.load_prefix` into a reader pool (``batch_get_into``, unpack)
 * raw-get:   one ``get_into`` of that object
 
 torch runs one intra-op thread. A cpkv case and its raw case take turns within every repeat
 (same load on a shared machine).
 One client holds the only segment, so every object lands in local memory: the sweep isolates
-cpkv's own cost (pack, reorder, per-key metadata) from the TCP path, which `cpkv demo --store`
+cpkv's own cost (pack, unpack, per-key metadata) from the TCP path, which `cpkv demo --store`
 shows across processes.
 
 Rows: time (ms), bandwidth (GB/s over the payload bytes, counted once), ``ratio_to_raw``
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
             p.error(f"--repeats: expected a positive int, got {args.repeats}")
         repeats = args.repeats
     # One intra-op thread: on a shared, loaded CPU box torch's thread barriers made the pack and
-    # reorder copies 50x slower at random (measured); the raw path uses no torch threads.
+    # page-major copies 50x slower at random (measured); the raw path uses no torch threads.
     torch.set_num_threads(1)
     out = CsvWriter(args.out, provenance(torch.device("cpu")))
     with MasterProcess() as master:

@@ -16,14 +16,15 @@ Write path (`put_prefix`)
     Keys of the prompt's full store pages; this rank's share is ``page_share(n_pages, cp_size,
     cp_rank)`` (every CP rank writes, so write bandwidth scales with CP; among TP replicas of one
     head shard only the lowest writes). Keys that exist are skipped (one ``batch_is_exist``). The
-    rest go in batches: one `pack_pages` of the batch's tokens, reordered page-major into a
-    staging slot registered with the store, then one ``batch_put_from`` straight from the slot.
+    rest go in batches: one `pack_pages` of the batch's tokens cut into store pages
+    (``region_tokens=T``: page-major, each value a store page) into a staging slot registered
+    with the store, then one ``batch_put_from`` straight from the slot.
 
 Read path (`match_prefix`, `load_prefix`)
     ``match_prefix`` counts leading stored pages and MIN-reduces the count over the given process
     groups (CP and TP: ranks must agree on one hit length or they diverge). ``load_prefix`` gets
-    batches with ``batch_get_into`` into a registered slot, reorders them layer-major and unpacks
-    into the pool with one `unpack_pages` per batch. It stops at the first page that did not
+    batches with ``batch_get_into`` into a registered slot and unpacks them into the pool with one
+    `unpack_pages` (``region_tokens=T``) per batch. It stops at the first page that did not
     arrive whole (evicted since the match, master gone, size mismatch) and reports how many pages
     it loaded; pages past that are never written.
 
@@ -101,43 +102,6 @@ class LoadResult:
     requested: int
     nbytes: int
     reason: str | None = None
-
-
-def _word(*quantities: int) -> torch.dtype:
-    for size, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
-        if all(q % size == 0 for q in quantities):
-            return dt
-    return torch.uint8
-
-
-def _reorder(src: torch.Tensor, dst: torch.Tensor, rows: list[int], k: int, tokens: int,
-             to_page_major: bool) -> None:
-    """Layer-major ``[blocks][k*tokens rows]`` -> page-major ``[k][blocks][tokens rows]``
-    (``to_page_major``), or back.
-
-    ``rows`` are the row bytes of each block (layer x component) in format order. Both are flat
-    uint8 buffers of ``k * tokens * sum(rows)`` bytes; one copy when all rows are equal.
-    """
-    obj = tokens * sum(rows)
-    word = _word(obj, *(tokens * r for r in rows), src.data_ptr(), dst.data_ptr())
-    size = torch.empty((), dtype=word).element_size()
-    lm, pm = (src, dst) if to_page_major else (dst, src)
-    lm, pm = lm[:k * obj].view(word), pm[:k * obj].view(word)
-    if len(set(rows)) == 1:
-        span = tokens * rows[0] // size
-        a = lm.view(len(rows), k, span).transpose(0, 1)
-        b = pm.view(k, len(rows), span)
-        (b.copy_(a) if to_page_major else a.copy_(b))
-        return
-    pages = pm.view(k, obj // size)
-    lm_off = pm_off = 0
-    for r in rows:
-        span = tokens * r // size
-        block = lm[lm_off:lm_off + k * span].view(k, span)
-        part = pages[:, pm_off:pm_off + span]
-        (part.copy_(block) if to_page_major else block.copy_(part))
-        lm_off += k * span
-        pm_off += span
 
 
 class KVStore(Closing):
@@ -265,7 +229,8 @@ class KVStore(Closing):
 
     @property
     def _room(self) -> int:
-        """Bytes two slots may hold together (each slot is rounded up to the arena alignment)."""
+        """Bytes batches are sized against: room for two slots (each rounded up to the arena
+        alignment), the staging contract ``staging_nbytes`` documents and checks."""
         return self._arena.nbytes - 2 * ALIGN
 
     def _exists(self, keys: list[str]) -> list[int]:
@@ -273,17 +238,6 @@ class KVStore(Closing):
         for i in range(0, len(keys), EXIST_CHUNK):
             out.extend(self._client.batch_is_exist(keys[i:i + EXIST_CHUNK]))
         return out
-
-    def _buffers(self, cache, nbytes: int):
-        """A registered host slot, and a scratch buffer on the pool's device (a slot on CPU)."""
-        slot = self._arena.alloc(nbytes)
-        if cache.device.type != "cpu":
-            return slot, None
-        try:
-            return slot, self._arena.alloc(nbytes)
-        except BaseException:
-            slot.release()
-            raise
 
     # -- write -----------------------------------------------------------------------------
 
@@ -328,36 +282,23 @@ class KVStore(Closing):
                                  f"{self.master_address})", code=rc, key=keys[i])
         todo = [i for i, rc in zip(share, present, strict=True) if rc == 0]
         k = max(1, min(self.batch_pages, self._room // (2 * obj)))
-        rows = cache.packed_format(1, layers=lr, heads=hr).row_nbytes * len(lr)
         offs = torch.arange(per, device=ids.device)
+        on_host = cache.device.type == "cpu"
         for b in range(0, len(todo), k):
             batch = todo[b:b + k]
             sel = ids[(torch.tensor(batch, device=ids.device)[:, None] * per + offs).reshape(-1)]
-            slot, scratch = self._buffers(cache, len(batch) * obj)
-            try:
+            with self._arena.alloc(len(batch) * obj) as slot:
                 dst = slot.tensor
-                if len(batch) == 1 or len(rows) == 1:
-                    src = pack_pages(cache, sel, num_tokens=len(batch) * self.page_size,
-                                     layers=lr, heads=hr,
-                                     out=dst if scratch is not None else None, validate=False)
-                    if scratch is None:
-                        dst.copy_(src)
-                else:
-                    src = pack_pages(cache, sel, num_tokens=len(batch) * self.page_size,
-                                     layers=lr, heads=hr,
-                                     out=scratch.tensor if scratch is not None else None,
-                                     validate=False)
-                    if scratch is None:
-                        src = src.cpu()
-                    _reorder(src, dst, rows, len(batch), self.page_size, to_page_major=True)
+                # Cut into store pages by the kernel (page-major): value j is key j's bytes.
+                src = pack_pages(cache, sel, num_tokens=len(batch) * self.page_size, layers=lr,
+                                 heads=hr, region_tokens=self.page_size,
+                                 out=dst if on_host else None, validate=False)
+                if not on_host:
+                    dst.copy_(src)
                 base = dst.data_ptr()
                 rcs = self._client.batch_put_from([keys[i] for i in batch],
                                                   [base + j * obj for j in range(len(batch))],
                                                   [obj] * len(batch))
-            finally:
-                slot.release()
-                if scratch is not None:
-                    scratch.release()
             for i, rc in zip(batch, rcs, strict=True):
                 if rc != 0:
                     raise StoreError("put", f"batch of {len(batch)} store pages refused "
@@ -440,12 +381,10 @@ class KVStore(Closing):
                              f"({2 * step * obj} bytes) to start on reader pages, got "
                              f"{self._arena.nbytes}")
         k = max(step, min(self.batch_pages, cap) // step * step)
-        rows = cache.packed_format(1, layers=lr, heads=hr).row_nbytes * len(lr)
         loaded, reason = 0, None
         for s in range(0, num_pages, k):
             batch = keys[s:min(num_pages, s + k)]
-            slot, scratch = self._buffers(cache, len(batch) * obj)
-            try:
+            with self._arena.alloc(len(batch) * obj) as slot:
                 base = slot.tensor.data_ptr()
                 rcs = self._client.batch_get_into(batch, [base + j * obj
                                                           for j in range(len(batch))],
@@ -458,32 +397,20 @@ class KVStore(Closing):
                                  f"got {rc} bytes, expected {obj}" if rc >= 0 else
                                  f"code {rc}"))
                 if good:
-                    self._unpack(slot.tensor, scratch, cache, ids, s, good, obj, lr, hr, rows)
-            finally:
-                slot.release()
-                if scratch is not None:
-                    scratch.release()
+                    self._unpack(slot.tensor[:good * obj], cache, ids, s, good, lr, hr)
             loaded += good
             if reason is not None:
                 break
         return LoadResult(loaded, loaded * T, loaded * T // R, num_pages, loaded * obj, reason)
 
-    def _unpack(self, got, scratch, cache, ids, start, n, obj, lr, hr, rows) -> None:
-        """Unpack ``n`` page-major store pages (store page ``start`` on) into the pool."""
+    def _unpack(self, got, cache, ids, start, n, lr, hr) -> None:
+        """Unpack ``n`` store pages (store page ``start`` on; page-major, as `put_prefix` packs
+        them) into the pool."""
         T, R = self.page_size, cache.page_size
         tokens = n * T
-        if n == 1 or len(rows) == 1:
-            packed = got[:n * obj]
-        else:
-            out = scratch.tensor if scratch is not None else torch.empty(
-                n * obj, dtype=torch.uint8, device=cache.device)
-            src = got if scratch is not None else got[:n * obj].to(cache.device)
-            _reorder(src, out, rows, n, T, to_page_major=False)
-            packed = out[:n * obj]
-        packed = packed.to(cache.device)
         first = start * T // R
-        unpack_pages(packed, cache, ids[first:first + -(-tokens // R)], num_tokens=tokens,
-                     layers=lr, heads=hr, validate=False)
+        unpack_pages(got.to(cache.device), cache, ids[first:first + -(-tokens // R)],
+                     num_tokens=tokens, layers=lr, heads=hr, region_tokens=T, validate=False)
 
     # -- removal and teardown --------------------------------------------------------------
 
