@@ -316,7 +316,7 @@ MUTANTS: list[Mutant] = [
       "a layer/head range one past the end is accepted",
       ("tests/kernels/test_bad_input.py", "tests/test_layout.py")),
     M("l-overlap-check", LAYOUT,
-      "            _check_no_overlap(self.buffers, self.layout)\n",
+      "            check_no_overlap(self.buffers, self.layout)\n",
       "            pass\n",
       "components or layers sharing memory accepted (one write corrupts another)",
       ("tests/test_layout.py",)),
