@@ -38,6 +38,7 @@ ENGINE = "cpkv/transfer/engine.py"
 MAPPING = "cpkv/transfer/mapping.py"
 DIRECT = "cpkv/transfer/direct.py"
 STATUS = "cpkv/transfer/status.py"
+GROUPS = "cpkv/_groups.py"
 ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_layouts.py", "-k",
                 "transport_limit or batch or unregistered")
 LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py")
@@ -601,12 +602,12 @@ MUTANTS: list[Mutant] = [
       "or status > self._status):",
       "or status != self._status):",
       "a status can move back (Success -> Transferring)", AGREE),
-    M("st-agree-max", STATUS,
+    M("st-agree-max", GROUPS,
       "op=dist.ReduceOp.MIN",
       "op=dist.ReduceOp.MAX",
       "a group agrees on its best status: one Failed rank reads Success",
       ("tests/cp/test_gather_mp.py", "-k", "status and agreement")),
-    M("st-agree-skip", STATUS,
+    M("st-agree-skip", GROUPS,
       "if group is None or dist.get_world_size(group) > 1:",
       "if group is None:",
       "explicit groups never reduce", ("tests/cp/test_gather_mp.py", "-k",

@@ -51,10 +51,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .._checks import as_page_ids, check_count, check_seconds, is_int
 from .._closing import Closing
+from .._groups import group_min
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
 from ..layout import PagedKVCache, as_range
@@ -332,12 +332,7 @@ class KVStore(Closing):
         """MIN of ``count`` over ``group`` (None, a process group, or a sequence of groups)."""
         groups = [] if group is None else list(group) if isinstance(group, Sequence) \
             else [group]
-        for g in groups:
-            device = "cuda" if dist.get_backend(g) == "nccl" else "cpu"
-            t = torch.tensor([count], dtype=torch.int64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
-            count = int(t.item())
-        return count
+        return group_min([count], groups)[0]
 
     def load_prefix(self, cache: PagedKVCache, page_ids, token_ids, *,
                     num_pages: int | None = None, layers=None, heads=None,
