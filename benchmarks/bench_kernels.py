@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
 from cpkv.cp import split_token_map, zigzag_split
 from cpkv.kernels import pack_pages, reorganize_pages, unpack_pages
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 
 FULL_TOKENS = {"cpu": [256, 1024, 4096], "cuda": [4096, 8192, 32768]}
@@ -72,9 +72,7 @@ def e2e_seconds(fn, device: torch.device, *, repeats: int) -> tuple[float, float
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    q = torch.tensor(times, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
+    return quantiles(times)
 
 
 def bench_config(writer, device, provider, name, ps, tokens, pattern, *, layers, repeats,

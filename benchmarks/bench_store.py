@@ -33,18 +33,12 @@ import torch
 
 from benchmarks.common import RESULTS, page_ids, random_fill
 from cpkv.kernels import pack_pages
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 from cpkv.store import KVStore, MasterProcess
 
 PAGE_SIZES = (1, 16, 64)
 SHAPE_NAMES = ("A", "C")
-
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    q = torch.tensor(times, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
 
 
 def interleaved(cases: dict, repeats: int, warmup: int = 3) -> dict:

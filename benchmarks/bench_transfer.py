@@ -29,7 +29,6 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
-from cpkv.demo import descriptors_per_request
 from cpkv.kernels import pack_pages, unpack_pages
 from cpkv.layout import PackedFormat, PagedKVCache
 from cpkv.parallel import ParallelRank, ParallelSizes
@@ -37,7 +36,7 @@ from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
-from cpkv.transfer.policy import CostModel
+from cpkv.transfer.cost import CostModel, descriptors_per_request
 
 FULL_TOKENS = [1024, 4096]
 DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed

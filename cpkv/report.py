@@ -17,6 +17,14 @@ COLUMNS = ["op", "provider", "shape", "page_size", "tokens", "pattern", "metric"
            "p50", "p20", "p80", "device", "torch", "triton", "mooncake", "git_sha", "timestamp"]
 
 
+def quantiles(values) -> tuple[float, float, float]:
+    """(p50, p20, p80) of repeated measurements, as every sweep and the demo report them
+    (torch's linear interpolation, float64)."""
+    q = torch.tensor(list(values), dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(float(x) for x in q)
+
+
 def checkout() -> Path | None:
     """The source checkout cpkv runs from (an editable install, or PYTHONPATH), else None (an
     installed copy: its parent folder is site-packages, nothing to ask git about)."""

@@ -25,7 +25,7 @@ from .._checks import check_count, is_index, is_int
 from ..parallel import balanced_split
 
 __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page_share",
-           "senders_for", "zigzag_split"]
+           "pages_sent_by", "zigzag_split"]
 
 
 MAX_CP_SIZE = 1 << 16  # far above any CP group; bounds the per-rank bookkeeping of a split
@@ -56,7 +56,7 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
                 chunk_stop: int, *, policy: SenderPolicy | str = "all",
                 request_id: int = 0) -> range:
     """The pages the rank sends of one prefill chunk ``[chunk_start, chunk_stop)``: its share
-    under the sender ``policy`` (`senders_for`; default its balanced `page_share`) intersected
+    under the sender ``policy`` (`pages_sent_by`; default its balanced `page_share`) intersected
     with the chunk.
 
     May be empty; an empty share still takes part in the transfer (it reports zero bytes).
@@ -64,7 +64,7 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
     >>> [chunk_share(10, 4, r, 0, 4) for r in range(4)]
     [range(0, 3), range(3, 4), range(6, 6), range(8, 8)]
     """
-    share = senders_for(policy, num_pages, cp_size, cp_rank, request_id)
+    share = pages_sent_by(policy, num_pages, cp_size, cp_rank, request_id)
     check_count(chunk_start, "chunk_start")
     check_count(chunk_stop, "chunk_stop")
     if not chunk_start <= chunk_stop <= num_pages:
@@ -82,8 +82,8 @@ class SenderPolicy(enum.Enum):
     ROTATE = "rotate"  # one rank per request, rank = request_id % cp_size
 
 
-def senders_for(policy: SenderPolicy | str, num_pages: int, cp_size: int, cp_rank: int,
-                request_id: int = 0) -> range:
+def pages_sent_by(policy: SenderPolicy | str, num_pages: int, cp_size: int, cp_rank: int,
+                  request_id: int = 0) -> range:
     """Request-local pages ``cp_rank`` sends under ``policy`` (empty: it sends no bytes)."""
     policy = SenderPolicy(policy)
     _check_cp(cp_size, cp_rank)
@@ -93,6 +93,9 @@ def senders_for(policy: SenderPolicy | str, num_pages: int, cp_size: int, cp_ran
     check_count(request_id, "request_id")
     owner = 0 if policy is SenderPolicy.RANK0 else request_id % cp_size
     return range(num_pages) if cp_rank == owner else range(0)
+
+
+senders_for = pages_sent_by  # the former name (it returns pages, not senders)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import threading
 import time
 import weakref
 from pathlib import Path
+
+from .._closing import Closing
+from .._net import free_port, port_open
 
 __all__ = ["MasterError", "MasterProcess", "find_master_binary"]
 
@@ -62,12 +64,6 @@ def find_master_binary() -> str:
                       "mooncake package: install mooncake-transfer-engine(-non-cuda)")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -75,16 +71,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def port_open(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connect to (host, port) succeeds within ``timeout`` seconds."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class MasterProcess:
+class MasterProcess(Closing):
     """A `mooncake_master` child process on loopback.
 
     Args:
@@ -108,7 +95,7 @@ class MasterProcess:
         self.proc: subprocess.Popen | None = None
         errors = []
         for _ in range(attempts):
-            self.port, self.metrics_port = _free_port(host), _free_port(host)
+            self.port, self.metrics_port = free_port(host), free_port(host)
             args = [self.binary, f"-rpc_port={self.port}", f"-rpc_address={host}",
                     f"-metrics_port={self.metrics_port}", f"-metrics_host={host}",
                     "-enable_http_metadata_server=false", "-logtostderr",
@@ -172,21 +159,11 @@ class MasterProcess:
                 proc.wait(timeout)
 
     def close(self) -> None:
-        """Stop the master and delete its log folder."""
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> MasterProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # cpkv._closing.Closing's, repeated: this module imports nothing of cpkv
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Stop the master and delete its log folder. Idempotent; copes with a half-built one."""
+        if getattr(self, "proc", None) is not None:
+            self.stop()
+        if getattr(self, "_dir", None) is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @atexit.register

@@ -55,13 +55,14 @@ import torch
 from .._checks import as_page_ids, check_count, check_seconds, is_int
 from .._closing import Closing
 from .._groups import group_min
+from .._net import port_open
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
 from ..layout import PagedKVCache, as_range
 from ..parallel import ParallelRank, ParallelSizes
 from ..staging import ALIGN, StagingArena
 from .keys import at, is_store_writer, page_keys
-from .master import MasterProcess, port_open
+from .master import MasterProcess
 
 __all__ = ["KVStore", "LoadResult", "PutResult", "StoreError"]
 

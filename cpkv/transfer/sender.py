@@ -52,12 +52,12 @@ from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
 from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
 from ..staging import StagingArena
+from .cost import CostModel
 from .direct import direct_descriptors, direct_segments, whole_pages
 from .endpoint import Endpoint, check_peer, check_ready, dcp_of, feeds, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
-from .policy import CostModel
 from .protocol import (
     Announce,
     Destination,

@@ -9,9 +9,9 @@ from txtest import Rogue, wait_all
 
 from cpkv.parallel import ParallelSizes
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine, TransferError
+from cpkv.transfer.cost import CostModel
 from cpkv.transfer.engine import MAX_BATCH
 from cpkv.transfer.mapping import map_ranks
-from cpkv.transfer.policy import CostModel
 from cpkv.transfer.protocol import Announce, End, Note
 
 # Prefill with fewer (or differently cut) PP stages than decode: some routes' source layers
