@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -43,6 +44,29 @@ def figures_dir() -> Path:
     them), or beside the CSVs for an installed copy."""
     root = checkout()
     return root / "plots" if root else results_dir()
+
+
+class CompanionError(RuntimeError):
+    """The `benchmarks` or `plots` package that ships with cpkv is missing or shadowed."""
+
+
+def companion(package: str, module: str):
+    """Import ``package.module`` from the `benchmarks`/`plots` package installed with cpkv
+    (beside it, in a checkout or in site-packages), refusing a same-named package from
+    elsewhere on sys.path (e.g. the current directory's). A missing dependency of the module
+    raises as Python says (ModuleNotFoundError naming it)."""
+    try:
+        mod = importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in (package, f"{package}.{module}"):
+            raise
+        raise CompanionError(f"the {package!r} package that ships with cpkv is not installed "
+                             f"(reinstall cpkv)") from None
+    where = Path(mod.__file__).resolve().parents[1]
+    if where != ROOT:
+        raise CompanionError(f"{package}.{module} was imported from {where}, not from cpkv's "
+                             f"{ROOT}: another {package!r} package shadows it")
+    return mod
 
 
 def git_sha() -> str:

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
-import os
 import queue as queue_mod
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 
 import torch
 
+from .._net import free_port
 from ..kernels import pack_pages
+from ..layout import PackedFormat
 from ..parallel import ParallelRank, ParallelSizes
 from ..shapes import SHAPES
-from .master import MasterProcess
-from .store import KVStore
+from ..store import KVStore, MasterProcess
+from .common import fill_random, share_cores
 
 TIMEOUT = 300.0
 
@@ -62,8 +62,7 @@ def _pool(cfg: StoreDemoConfig, page_size: int, seed: int | None):
         g = torch.Generator().manual_seed(seed)
         for layers in cache.buffers.values():
             for t in layers:
-                b = t.view(torch.uint8)
-                b.copy_(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
+                fill_random(t, g)
     return cache, ids.to(cfg.device)
 
 
@@ -81,15 +80,10 @@ def _store(cfg, master, namespace, rank, sizes, segment) -> KVStore:
                    namespace=namespace, segment_nbytes=segment, staging_nbytes=64 << 20)
 
 
-def _threads(cfg: StoreDemoConfig) -> None:
-    """Share the cores among the cp writers and the reader (oversubscribed torch threads spin)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
-
-
 def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
     import torch.distributed as dist
 
-    _threads(cfg)
+    share_cores(cfg.cp + 1)  # the cp writers and the reader
     store = None
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -125,12 +119,9 @@ def run(cfg: StoreDemoConfig) -> int:
     shape = SHAPES[cfg.shape]
     T, R = cfg.page_size, cfg.reader_ps
     n_pages = cfg.tokens // T
-    page_nbytes = T * (cfg.layers or shape.num_layers) * sum(
-        c.num_heads * c.head_nbytes for c in shape.components)
+    page_nbytes = PackedFormat(T, cfg.layers or shape.num_layers, shape.components).nbytes
     segment = max(64 << 20, 3 * n_pages * page_nbytes // cfg.cp + (32 << 20))  # 2 prompts
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     print(f"store demo: shape {cfg.shape} ({shape.model}), {cfg.tokens} tokens, "
           f"{cfg.layers or shape.num_layers} layers, store page {T} tokens "
           f"({n_pages} full pages), CP {cfg.cp} writers, reader page size {R}", flush=True)
@@ -168,7 +159,7 @@ def run(cfg: StoreDemoConfig) -> int:
 
 
 def _read(cfg: StoreDemoConfig, master: str, namespace: str) -> dict:
-    _threads(cfg)
+    share_cores(cfg.cp + 1)  # the cp writers and the reader
     prompt = _prompt(cfg)
     store = _store(cfg, master, namespace, None, None, 64 << 20)
     try:
