@@ -53,8 +53,7 @@ def _request_bytes(tokens: int) -> int:
     """Packed bytes of a request (every layer, K and V, every head)."""
     from cpkv.shapes import SHAPES
 
-    shape = SHAPES[SHAPE]
-    return tokens * shape.num_layers * sum(c.num_heads * c.head_nbytes for c in shape.components)
+    return SHAPES[SHAPE].packed_format(tokens).nbytes
 
 
 def window(tokens: int) -> int:

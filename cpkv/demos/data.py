@@ -40,9 +40,8 @@ def packed_format(cfg: DemoConfig, num_tokens: int | None = None, *,
                   num_layers: int | None = None) -> PackedFormat:
     """The packed slot of ``num_tokens`` (default: a request's) over the demo's layers: every
     packed size the demo uses is asked of it."""
-    return PackedFormat(cfg.tokens if num_tokens is None else num_tokens,
-                        cfg.num_layers if num_layers is None else num_layers,
-                        SHAPES[cfg.shape].components)
+    return SHAPES[cfg.shape].packed_format(cfg.tokens if num_tokens is None else num_tokens,
+                                           cfg.num_layers if num_layers is None else num_layers)
 
 
 def pool_pages(cfg: DemoConfig) -> int:

@@ -26,7 +26,6 @@ import torch
 
 from .._net import free_port
 from ..kernels import pack_pages
-from ..layout import PackedFormat
 from ..parallel import ParallelRank, ParallelSizes
 from ..shapes import SHAPES
 from ..store import KVStore, MasterProcess
@@ -119,7 +118,7 @@ def run(cfg: StoreDemoConfig) -> int:
     shape = SHAPES[cfg.shape]
     T, R = cfg.page_size, cfg.reader_ps
     n_pages = cfg.tokens // T
-    page_nbytes = PackedFormat(T, cfg.layers or shape.num_layers, shape.components).nbytes
+    page_nbytes = shape.packed_format(T, cfg.layers).nbytes
     segment = max(64 << 20, 3 * n_pages * page_nbytes // cfg.cp + (32 << 20))  # 2 prompts
     port = free_port()
     print(f"store demo: shape {cfg.shape} ({shape.model}), {cfg.tokens} tokens, "
