@@ -433,24 +433,31 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
                      ndim=1)
         check_no_alias(out[:nbytes], _pool_spans(cache), what="out")
     out = out[:nbytes]
-    use_triton = _use_triton(backend, cache.device)
-    if nbytes:
-        if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False,
-                    **_regions(fmt), **place, digest=digest)
-        else:
-            pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out,
-                             region_tokens=region_tokens, **place)
-            if digest is not None:
-                add_digest(out, digest)
+    _move(cache, page_ids, fmt, layer_range, head_range, out, place, digest,
+          _use_triton(backend, cache.device), unpack=False)
     return out
 
 
-def _regions(fmt: PackedFormat) -> dict:
-    """`_launch`'s region arguments for a slot of this format (none when it is not cut)."""
-    if fmt.region_tokens is None:
-        return {}
-    return {"rows_per_region": fmt.region_tokens, "region_nbytes": fmt.region_nbytes}
+def _move(cache: PagedKVCache, page_ids: torch.Tensor, fmt: PackedFormat, layers: range,
+          heads: range, slot: torch.Tensor, place: dict, digest, use_triton: bool, *,
+          unpack: bool) -> None:
+    """Pack into (or unpack from) ``slot``, of format ``fmt``, on the chosen path; the digest
+    inside the kernel, or over the slot after the torch path."""
+    if not fmt.nbytes:
+        return
+    if use_triton:
+        regions = {} if fmt.region_tokens is None else {
+            "rows_per_region": fmt.region_tokens, "region_nbytes": fmt.region_nbytes}
+        _launch(cache, page_ids, fmt.num_tokens, layers, heads, slot, unpack=unpack,
+                **regions, **place, digest=digest)
+        return
+    where = dict(region_tokens=fmt.region_tokens, **place)
+    if unpack:
+        unpack_pages_torch(slot, cache, page_ids, fmt.num_tokens, layers, heads, **where)
+    else:
+        pack_pages_torch(cache, page_ids, fmt.num_tokens, layers, heads, slot, **where)
+    if digest is not None:  # the torch path reads the slot again
+        add_digest(slot, digest)
 
 
 def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor, *,
@@ -511,16 +518,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     packed = packed.reshape(-1)
-    use_triton = _use_triton(backend, cache.device)
-    if expected.nbytes:
-        if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True,
-                    **_regions(expected), **place, digest=digest)
-        else:
-            unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range,
-                               region_tokens=region_tokens, **place)
-            if digest is not None:
-                add_digest(packed, digest)
+    _move(cache, page_ids, expected, layer_range, head_range, packed, place, digest,
+          _use_triton(backend, cache.device), unpack=True)
 
 
 def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
