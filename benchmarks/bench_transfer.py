@@ -4,7 +4,7 @@
 * cpkv-packed:  pack, write in layer groups, notify, unpack
 * direct:       one descriptor per (layer x component x contiguous page run), or per token for
                 a head slice, straight into the receiver's pool (the SGLang-style baseline)
-* cpkv-auto:    the cost-model policy choosing per request
+* cpkv-auto:    the cost model choosing the mode per request
 
 ``-tp2to1`` rows (shape A): a TP 2 prefill instance (two ranks of half the KV heads each, in
 this process) feeds a TP 1 decode rank, each rank its half into the full pool (per token, for
