@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -274,3 +275,29 @@ def test_staging_too_small_is_a_value_error(master):
 def test_arena_empty_after_every_test(store):
     """Runs last in the module: every put and load above released its staging slots."""
     assert store._arena.live_slots == [] and store._arena.bytes_in_use == 0
+
+
+def test_embedded_master_outlives_the_thread_that_made_the_store():
+    """Issue 18 item 5: PR_SET_PDEATHSIG fires when the *thread* that forked the master exits,
+    so a store made in a worker thread used to lose its master with that thread while the
+    owner process lived on. The master lives as long as the store (and the process)."""
+    box = {}
+
+    def make():
+        box["store"] = KVStore(page_size=4, segment_nbytes=16 << 20, staging_nbytes=1 << 20,
+                               local_buffer_nbytes=4 << 20)
+
+    worker = threading.Thread(target=make)
+    worker.start()
+    worker.join(60)
+    s = box["store"]
+    try:
+        proc = s._owned_master.proc
+        time.sleep(1.0)  # the parent-death signal, if any, arrives at the thread's exit
+        assert proc.poll() is None, f"the master died with its creating thread: {proc.returncode}"
+        src, ids = writer_pool(mla(), 4, 2)
+        assert s.put_prefix(src, ids, list(range(8))).written == 2
+        assert s.match_prefix(list(range(8))) == 2
+    finally:
+        s.close()
+    assert proc.poll() is not None  # and it still stops with the store
