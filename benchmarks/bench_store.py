@@ -84,7 +84,7 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
     dst_ids = page_ids("fragmented", n_pages, pool_pages, "cpu", seed=2)
     prompt = torch.randint(0, 100_000, (tokens,), generator=torch.Generator().manual_seed(3))
     store.page_size = page_size
-    store.namespace = f"bench-{shape_name}-{page_size}-{tokens}"
+    store.model = f"bench-{shape_name}-{page_size}-{tokens}"
     nbytes = src.packed_nbytes(tokens)
     base = dict(op="store", shape=shape_name, page_size=page_size, tokens=tokens,
                 pattern="fragmented")
@@ -105,10 +105,10 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
     client = store.client
     check(client.register_buffer(raw.data_ptr(), nbytes), "register_buffer")
     check(client.register_buffer(back.data_ptr(), nbytes), "register_buffer")
-    key = f"{store.namespace}/raw"
+    key = f"{store.model}/raw"
     try:
         t = interleaved({
-            "cpkv-put": (put, lambda: store.evict(prompt)),
+            "cpkv-put": (put, lambda: store.evict(prompt, src)),
             "raw-put": (lambda: check(client.put_from(key, raw.data_ptr(), nbytes), "put_from"),
                         lambda: client.remove(key, True)),
         }, repeats)
@@ -124,7 +124,7 @@ def sweep_one(store: KVStore, out: CsvWriter, shape_name: str, page_size: int, t
             raise RuntimeError(f"shape {shape_name} page size {page_size}: loaded bytes differ")
         if not torch.equal(raw, back):
             raise RuntimeError("raw get returned other bytes")
-        store.evict(prompt)
+        store.evict(prompt, src)
         client.remove(key, True)
     finally:
         client.unregister_buffer(raw.data_ptr())
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = CsvWriter(args.out, provenance(torch.device("cpu")))
     with MasterProcess() as master:
-        store = KVStore(page_size=1, master=master.address, segment_nbytes=1 << 30,
+        store = KVStore(page_size=1, model="bench", master=master.address, segment_nbytes=1 << 30,
                         staging_nbytes=64 << 20, batch_pages=64)
         try:
             for shape in shapes:

@@ -41,7 +41,8 @@ ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_lay
 LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py")
 GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
-KEYS = "cpkv/cp/keys.py"
+KEYS = "cpkv/store/keys.py"
+KEY_TESTS = "tests/store/test_key_suffixes.py"
 PARALLEL = "cpkv/parallel.py"
 ADAPT = "cpkv/adapters.py"
 ADAPT_TESTS = ("tests/test_adapters.py",)
@@ -331,16 +332,16 @@ MUTANTS: list[Mutant] = [
       "return heads.start // len(heads)",
       "return tp_rank",
       "replicated TP ranks name different head shards",
-      ("tests/cp/test_keys.py", "tests/test_parallel.py")),
+      (KEY_TESTS, "tests/test_parallel.py")),
     M("key-writer", KEYS,
       "first_tp = rank.tp == 0 if shard is None else is_first_holder(rank.tp, sizes.tp,",
       "first_tp = True if shard is None else is_first_holder(rank.tp, sizes.tp,",
-      "with one shard (MLA, TP 1) every TP rank writes the same key", ("tests/cp/test_keys.py",)),
+      "with one shard (MLA, TP 1) every TP rank writes the same key", (KEY_TESTS,)),
     M("par-first-holder", PARALLEL,
       "return tp_rank == 0 or heads_of(tp_rank - 1, tp_size, num_kv_heads) != heads",
       "return True",
       "every replica of a head sends / writes it (the same bytes twice)",
-      ("tests/cp/test_keys.py", "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
+      (KEY_TESTS, "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
     # -- transfer: engine batching, rank mapping, direct descriptors, status -------------------
     M("e-batches-in-flight", ENGINE,
       "if pending.batch_ids:  # more than MAX_BATCH",

@@ -56,10 +56,10 @@ from .._checks import as_page_ids
 from .._closing import Closing
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
-from ..layout import PagedKVCache, as_range
+from ..layout import PackedFormat, PagedKVCache, as_range
 from ..parallel import ParallelRank, ParallelSizes
 from ..staging import ALIGN, StagingArena
-from .keys import at, is_store_writer, page_keys
+from .keys import at, check_model, is_store_writer, page_keys, value_geometry
 from .master import MasterProcess, port_open
 
 __all__ = ["KVStore", "LoadResult", "PutResult", "StoreError"]
@@ -158,7 +158,9 @@ class KVStore(Closing):
             default a single rank.
         kind: "mha" (K/V per head shard) or "mla" (latent, replicated over TP).
         num_kv_heads: the model's total KV heads (decides TP key suffixes for "mha").
-        namespace: model/deployment name, first part of every key (no "/").
+        model: whose KV this is: a model id (weights, revision, quantisation; no "/"), first
+            part of every key and seed of every page hash. Required: two models with the same
+            geometry (e.g. two fine-tunes of one base) must never share values.
         segment_nbytes: memory this client contributes to the store (where puts land).
         staging_nbytes: the registered staging arena (two slots of a batch must fit).
         local_buffer_nbytes: Mooncake's own client buffer (cpkv's transfers do not use it).
@@ -168,27 +170,28 @@ class KVStore(Closing):
 
     Example::
 
-        store = KVStore(page_size=16)                    # embedded master on 127.0.0.1
+        store = KVStore(page_size=16, model="llama-3.1-8b")  # embedded master on 127.0.0.1
         store.put_prefix(cache, page_ids, prompt)        # this rank's share of full pages
-        hit = store.match_prefix(prompt, group=cp_group) # pages stored, agreed over the group
+        hit = store.match_prefix(prompt, cache, group=cp_group)  # agreed over the group
         got = store.load_prefix(reader_cache, reader_ids, prompt, num_pages=hit)
         store.close()
     """
 
-    def __init__(self, *, page_size: int, master: str | MasterProcess | None = None,
+    def __init__(self, *, page_size: int, model: str,
+                 master: str | MasterProcess | None = None,
                  rank: ParallelRank | None = None, sizes: ParallelSizes | None = None,
-                 kind: str = "mha", num_kv_heads: int = 1,
-                 namespace: str = "cpkv", segment_nbytes: int = 256 << 20,
+                 kind: str = "mha", num_kv_heads: int = 1, segment_nbytes: int = 256 << 20,
                  staging_nbytes: int = 64 << 20, local_buffer_nbytes: int = 16 << 20,
                  batch_pages: int = 64, connect_timeout: float = 2.0, host: str = "127.0.0.1"):
         self.page_size = _positive(page_size, "page_size")
         self.rank, self.sizes = at(rank, sizes)
         if kind not in ("mha", "mla"):
             raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
-        self.kind, self.num_kv_heads, self.namespace = kind, _positive(num_kv_heads,
-                                                                       "num_kv_heads"), namespace
-        page_keys([], 1, self.rank, self.sizes, namespace=namespace, kind=kind,
-                  num_kv_heads=num_kv_heads)  # validates namespace and the TP/head split
+        self.kind, self.num_kv_heads = kind, _positive(num_kv_heads, "num_kv_heads")
+        self.model = check_model(model)
+        at(self.rank, self.sizes)
+        is_store_writer(self.rank, self.sizes, kind=kind,
+                        num_kv_heads=num_kv_heads)  # validates the TP/head split
         self.batch_pages = _positive(batch_pages, "batch_pages")
         for what, v in (("segment_nbytes", segment_nbytes), ("staging_nbytes", staging_nbytes),
                         ("local_buffer_nbytes", local_buffer_nbytes)):
@@ -239,13 +242,23 @@ class KVStore(Closing):
 
     # -- keys ------------------------------------------------------------------------------
 
-    def keys(self, token_ids, rank: ParallelRank | None = None,
-             sizes: ParallelSizes | None = None) -> list[str]:
-        """Keys of the full store pages of ``token_ids`` for ``rank`` of ``sizes`` (default
-        this store's)."""
-        return page_keys(token_ids, self.page_size, rank or self.rank, sizes or self.sizes,
-                         namespace=self.namespace, kind=self.kind,
-                         num_kv_heads=self.num_kv_heads)
+    def value_format(self, cache: PagedKVCache, *, layers=None, heads=None) -> PackedFormat:
+        """The geometry of one stored value for this pool's ``layers``/``heads`` slice: the
+        packed format of one store page. Part of every key (`cpkv.store.keys`)."""
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
+        return cache.packed_format(self.page_size, layers=layers, heads=heads)
+
+    def keys(self, token_ids, cache: PagedKVCache, *, layers=None, heads=None,
+             rank: ParallelRank | None = None, sizes: ParallelSizes | None = None) -> list[str]:
+        """Keys of the full store pages of ``token_ids`` holding this pool's ``layers`` /
+        ``heads`` slice, for ``rank`` of ``sizes`` (default this store's)."""
+        return self._keys(token_ids, self.value_format(cache, layers=layers, heads=heads),
+                          rank, sizes)
+
+    def _keys(self, token_ids, fmt: PackedFormat, rank, sizes) -> list[str]:
+        return page_keys(token_ids, fmt, rank or self.rank, sizes or self.sizes,
+                         model=self.model, kind=self.kind, num_kv_heads=self.num_kv_heads)
 
     @property
     def client(self):
@@ -314,8 +327,8 @@ class KVStore(Closing):
         """
         self._check_open()
         rank, sizes = at(rank or self.rank, sizes or self.sizes)
-        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
+        keys = self.keys(token_ids, cache, layers=lr, heads=hr, rank=rank, sizes=sizes)
         if self.page_size % cache.page_size:
             raise ValueError(f"cache.page_size: expected a divisor of the store page size "
                              f"{self.page_size}, got {cache.page_size}")
@@ -373,17 +386,19 @@ class KVStore(Closing):
 
     # -- read ------------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids, *, group=None, rank: ParallelRank | None = None,
+    def match_prefix(self, token_ids, cache: PagedKVCache, *, layers=None, heads=None,
+                     group=None, rank: ParallelRank | None = None,
                      sizes: ParallelSizes | None = None) -> int:
-        """Leading full store pages of ``token_ids`` stored under the keys of ``rank`` of
-        ``sizes`` (default this store's).
+        """Leading full store pages of ``token_ids`` stored for this pool's ``layers`` /
+        ``heads`` slice (its value geometry is part of the keys: values of another geometry are
+        never counted) under the keys of ``rank`` of ``sizes`` (default this store's).
 
         ``group``: a process group, or a sequence of them (e.g. the CP group and the TP group);
         the count is MIN-reduced over each, so every rank of them gets the same answer. An
         existence check that fails (master gone) ends the count there: a clean miss.
         """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
+        keys = self.keys(token_ids, cache, layers=layers, heads=heads, rank=rank, sizes=sizes)
         hit = 0
         for i in range(0, len(keys), EXIST_CHUNK):
             chunk = self._client.batch_is_exist(keys[i:i + EXIST_CHUNK])
@@ -427,10 +442,12 @@ class KVStore(Closing):
         (evicted, master gone, wrong size); later pool pages are not written.
         """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
+        fmt = self.value_format(cache, layers=lr, heads=hr)
+        keys = self._keys(token_ids, fmt, rank, sizes)
         if num_pages is None:
-            num_pages = self.match_prefix(token_ids, rank=rank, sizes=sizes)
+            num_pages = self.match_prefix(token_ids, cache, layers=lr, heads=hr, rank=rank,
+                                          sizes=sizes)
         if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
                 or not 0 <= num_pages <= len(keys):
             raise ValueError(f"num_pages: expected an int in [0, {len(keys)}] (full store "
@@ -462,7 +479,9 @@ class KVStore(Closing):
                 if good < len(batch):
                     rc = rcs[good]
                     reason = (f"store page {s + good} ({batch[good]!r}) did not arrive: "
-                              + ("missing or evicted" if rc in (-704,) else
+                              + (f"no value of geometry [{value_geometry(fmt)}] (never "
+                                 f"written, evicted, or stored with another geometry)"
+                                 if rc in (-704,) else
                                  f"got {rc} bytes, expected {obj}" if rc >= 0 else
                                  f"code {rc}"))
                 if good:
@@ -495,18 +514,21 @@ class KVStore(Closing):
 
     # -- removal and teardown --------------------------------------------------------------
 
-    def evict(self, token_ids, *, start: int = 0, rank: ParallelRank | None = None,
-              sizes: ParallelSizes | None = None) -> int:
-        """Remove the stored pages ``start..`` of ``token_ids`` (forcibly); returns how many.
+    def evict(self, token_ids, cache: PagedKVCache, *, start: int = 0, layers=None, heads=None,
+              rank: ParallelRank | None = None, sizes: ParallelSizes | None = None) -> int:
+        """Remove the stored pages ``start..`` of ``token_ids`` holding this pool's ``layers``
+        / ``heads`` slice (forcibly, one batched call); returns how many were removed.
 
         A prefix stays valid: later pages name longer prefixes, so removing from ``start`` on
         never leaves a page whose predecessors are gone.
         """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
-        if not isinstance(start, int) or not 0 <= start <= len(keys):
+        keys = self.keys(token_ids, cache, layers=layers, heads=heads, rank=rank, sizes=sizes)
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= len(keys):
             raise ValueError(f"start: expected an int in [0, {len(keys)}], got {start!r}")
-        return sum(self._client.remove(key, True) == 0 for key in keys[start:])
+        if start == len(keys):
+            return 0
+        return sum(rc == 0 for rc in self._client.batch_remove(keys[start:], True))
 
     def close(self) -> None:
         """Unregister the staging buffer, close the client, free the arena, stop an embedded

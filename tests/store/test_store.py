@@ -33,7 +33,7 @@ def master():
 
 @pytest.fixture(scope="module")
 def store(master):
-    s = KVStore(page_size=T, master=master.address, segment_nbytes=64 << 20,
+    s = KVStore(page_size=T, model="t", master=master.address, segment_nbytes=64 << 20,
                 staging_nbytes=4 << 20, local_buffer_nbytes=4 << 20, batch_pages=3)
     yield s
     s.close()
@@ -48,9 +48,9 @@ def prompt(n_tokens: int, seed: int) -> torch.Tensor:
 
 
 def fresh(store: KVStore) -> str:
-    """A namespace no earlier test wrote (tests share the master)."""
-    store.namespace = f"t{next(_ns)}"
-    return store.namespace
+    """A model id no earlier test wrote (tests share the master)."""
+    store.model = f"t{next(_ns)}"
+    return store.model
 
 
 def writer_pool(specs, page_size, n_pages, layers=3, seed=0):
@@ -68,7 +68,7 @@ def test_roundtrip_any_reader_page_size(store, specs, reader_ps):
     src, src_ids = writer_pool(specs, 8, 11)  # pool page 8 divides the store page
     put = store.put_prefix(src, src_ids, tokens)
     assert (put.share, put.written, put.skipped) == (range(5), 5, 0)
-    assert store.match_prefix(tokens) == 5
+    assert store.match_prefix(tokens, src) == 5
     dst = fill_sentinel(make_cache(specs, num_layers=3, num_pages=90, page_size=reader_ps))
     need = -(-5 * T // reader_ps)
     dst_ids = torch.randperm(90, generator=torch.Generator().manual_seed(1))[:need]
@@ -101,9 +101,9 @@ def test_layer_range_and_head_slice(store):
     store.num_kv_heads = 4  # four KV heads over TP2: rank 1 holds heads [2, 4), its own shard
     try:
         put = store.put_prefix(src, ids, tokens, **stage1_tp1)
-        assert store.keys(tokens, **stage1_tp1)[0].endswith("/pp1/tp1")
-        assert store.match_prefix(tokens) == 0  # the single-rank keys are different keys
-        assert store.match_prefix(tokens, **stage1_tp1) == 3
+        assert store.keys(tokens, src, **stage1_tp1)[0].endswith("/pp1/tp1")
+        assert store.match_prefix(tokens, src) == 0  # the single-rank keys are different keys
+        assert store.match_prefix(tokens, src, **stage1_tp1) == 3
         got = _load_into_full_model(store, src, ids, tokens, stage1_tp1)
     finally:
         store.num_kv_heads = 1
@@ -139,9 +139,9 @@ def test_eviction_between_match_and_load(store):
     tokens = prompt(7 * T, seed=6)
     src, ids = writer_pool(mha(), T, 7)
     store.put_prefix(src, ids, tokens)
-    hit = store.match_prefix(tokens)
+    hit = store.match_prefix(tokens, src)
     assert hit == 7
-    key4 = store.keys(tokens)[4]
+    key4 = store.keys(tokens, src)[4]
     assert store.client.remove(key4, True) == 0  # evicted behind the reader's back
     dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=10, page_size=T))
     dst_ids = torch.arange(7)
@@ -151,7 +151,7 @@ def test_eviction_between_match_and_load(store):
     assert (got.num_pages, got.num_tokens, got.requested) == (4, 4 * T, 7)
     assert key4 in got.reason
     assert_cache_equals(dst, want)  # pages 4.. (positions of dst_ids) untouched
-    assert store.match_prefix(tokens) == 4
+    assert store.match_prefix(tokens, src) == 4
 
 
 def test_evict_from_a_page(store):
@@ -159,8 +159,8 @@ def test_evict_from_a_page(store):
     tokens = prompt(5 * T, seed=7)
     src, ids = writer_pool(mla(), T, 5)
     store.put_prefix(src, ids, tokens)
-    assert store.evict(tokens, start=2) == 3
-    assert store.match_prefix(tokens) == 2
+    assert store.evict(tokens, src, start=2) == 3
+    assert store.match_prefix(tokens, src) == 2
 
 
 def test_validation_writes_nothing(store):
@@ -178,7 +178,7 @@ def test_validation_writes_nothing(store):
         store.put_prefix(odd, odd_ids, tokens)
     with pytest.raises(TypeError, match="token_ids"):
         store.put_prefix(src, ids, torch.zeros(32))
-    assert store.match_prefix(tokens) == 0  # nothing was written
+    assert store.match_prefix(tokens, src) == 0  # nothing was written
     dst = make_cache(mha(), num_layers=3, num_pages=4, page_size=T)
     with pytest.raises(ValueError, match=r"num_pages: expected an int in \[0, 2\]"):
         store.load_prefix(dst, [0, 1], tokens, num_pages=3)
@@ -190,14 +190,16 @@ def test_validation_writes_nothing(store):
 
 def test_constructor_validation_and_unreachable_master():
     with pytest.raises(ValueError, match="page_size"):
-        KVStore(page_size=0, master="127.0.0.1:1")
+        KVStore(page_size=0, model="m", master="127.0.0.1:1")
     with pytest.raises(ValueError, match="kind"):
-        KVStore(page_size=4, master="127.0.0.1:1", kind="gqa")
-    with pytest.raises(ValueError, match="namespace"):
-        KVStore(page_size=4, master="127.0.0.1:1", namespace="a/b")
+        KVStore(page_size=4, model="m", master="127.0.0.1:1", kind="gqa")
+    with pytest.raises(ValueError, match="model"):
+        KVStore(page_size=4, model="a/b", master="127.0.0.1:1")
+    with pytest.raises(TypeError, match="model"):  # no default: whose KV it is must be said
+        KVStore(page_size=4, master="127.0.0.1:1")
     t0 = time.monotonic()
     with pytest.raises(StoreError, match="unreachable"):
-        KVStore(page_size=4, master=f"127.0.0.1:{free_port()}", connect_timeout=0.5)
+        KVStore(page_size=4, model="m", master=f"127.0.0.1:{free_port()}", connect_timeout=0.5)
     assert time.monotonic() - t0 < 5  # a probe, not Mooncake's 90 s of retries
 
 
@@ -205,16 +207,16 @@ def test_master_down_mid_run(store):
     """Reads miss cleanly, a put is a StoreError, close returns: all within Mooncake's RPC
     timeouts (~4 s a call here; the bounds leave room for a loaded machine)."""
     with MasterProcess() as m:
-        s = KVStore(page_size=T, master=m.address, segment_nbytes=16 << 20,
+        s = KVStore(page_size=T, model="t", master=m.address, segment_nbytes=16 << 20,
                     staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20)
         try:
             tokens = prompt(3 * T, seed=9)
             src, ids = writer_pool(mha(), T, 3)
             s.put_prefix(src, ids, tokens[:T])
-            assert s.match_prefix(tokens) == 1
+            assert s.match_prefix(tokens, src) == 1
             m.stop()
             t0 = time.monotonic()
-            assert s.match_prefix(tokens) == 0
+            assert s.match_prefix(tokens, src) == 0
             dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=3, page_size=T))
             before = snapshot(dst)
             got = s.load_prefix(dst, [0, 1, 2], tokens, num_pages=1)
@@ -231,17 +233,17 @@ def test_master_down_mid_run(store):
             s.close()
             assert time.monotonic() - t0 < 60
     with pytest.raises(StoreError, match="closed"):
-        s.match_prefix(tokens)
+        s.match_prefix(tokens, src)
 
 
 def test_embedded_master_owned_by_store():
-    s = KVStore(page_size=4, segment_nbytes=16 << 20, staging_nbytes=1 << 20,
+    s = KVStore(page_size=4, model="m", segment_nbytes=16 << 20, staging_nbytes=1 << 20,
                 local_buffer_nbytes=4 << 20)
     proc = s._owned_master.proc
     assert proc.poll() is None
     src, ids = writer_pool(mla(), 4, 2)
     s.put_prefix(src, ids, list(range(8)))
-    assert s.match_prefix(list(range(8))) == 2
+    assert s.match_prefix(list(range(8)), src) == 2
     s.close()
     assert proc.poll() is not None  # stopped and reaped
     s.close()  # idempotent
@@ -264,12 +266,12 @@ def test_strided_writer_to_hnd_reader(store):
 
 
 def test_staging_too_small_is_a_value_error(master):
-    with KVStore(page_size=64, master=master.address, segment_nbytes=16 << 20,
+    with KVStore(page_size=64, model="t", master=master.address, segment_nbytes=16 << 20,
                  staging_nbytes=64 << 10, local_buffer_nbytes=4 << 20) as s:
         big = make_cache(mha(num_heads=2), num_layers=3, num_pages=2, page_size=64)
         with pytest.raises(ValueError, match="staging_nbytes: expected room for two store pages"):
             s.put_prefix(big, [0, 1], list(range(128)))
-        assert s.match_prefix(list(range(128))) == 0
+        assert s.match_prefix(list(range(128)), big) == 0
 
 
 def test_arena_empty_after_every_test(store):
@@ -284,8 +286,8 @@ def test_embedded_master_outlives_the_thread_that_made_the_store():
     box = {}
 
     def make():
-        box["store"] = KVStore(page_size=4, segment_nbytes=16 << 20, staging_nbytes=1 << 20,
-                               local_buffer_nbytes=4 << 20)
+        box["store"] = KVStore(page_size=4, model="m", segment_nbytes=16 << 20,
+                               staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20)
 
     worker = threading.Thread(target=make)
     worker.start()
@@ -297,7 +299,34 @@ def test_embedded_master_outlives_the_thread_that_made_the_store():
         assert proc.poll() is None, f"the master died with its creating thread: {proc.returncode}"
         src, ids = writer_pool(mla(), 4, 2)
         assert s.put_prefix(src, ids, list(range(8))).written == 2
-        assert s.match_prefix(list(range(8))) == 2
+        assert s.match_prefix(list(range(8)), src) == 2
     finally:
         s.close()
     assert proc.poll() is not None  # and it still stops with the store
+
+
+GEOMETRIES = {  # writer pool, reader pool: the same bytes per store page, other geometry
+    "heads-4x32-vs-2x64": ((mha(num_heads=4, head_dim=32, dtype=torch.float16), 3),
+                           (mha(num_heads=2, head_dim=64, dtype=torch.float16), 3)),
+    "fp16-vs-bf16": ((mha(dtype=torch.float16), 3), (mha(dtype=torch.bfloat16), 3)),
+    "6x1-vs-3x2-heads": ((mha(num_heads=1), 6), (mha(num_heads=2), 3)),
+}
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=list(GEOMETRIES))
+def test_other_geometry_of_equal_size_is_a_miss_with_a_reason(store, case):
+    """Issue 18 item 3: values carry their geometry, so a reader of another geometry whose
+    store pages have the same byte size never sees a hit and never loads them."""
+    fresh(store)
+    (wspec, wlayers), (rspec, rlayers) = GEOMETRIES[case]
+    tokens = prompt(3 * T, seed=11)
+    src = make_cache(wspec, num_layers=wlayers, num_pages=4, page_size=T, seed=2)
+    dst = fill_sentinel(make_cache(rspec, num_layers=rlayers, num_pages=4, page_size=T))
+    assert src.packed_nbytes(T) == dst.packed_nbytes(T)  # equal size: a size check cannot tell
+    assert store.put_prefix(src, [0, 1, 2], tokens).written == 3
+    before = snapshot(dst)
+    assert store.match_prefix(tokens, dst) == 0  # never a hit
+    assert store.match_prefix(tokens, src) == 3  # (the writer's geometry finds them)
+    got = store.load_prefix(dst, [0, 1, 2], tokens, num_pages=3)
+    assert got.num_pages == 0 and got.reason and "geometry" in got.reason, got
+    assert_cache_equals(dst, before)
