@@ -60,6 +60,13 @@ def cp_writers_reader(rank, store_for, kind):
         got = store.load_prefix(dst, dst_ids, tokens, num_pages=hit)
         assert (got.num_pages, got.num_tokens, got.full_pages) == (N_PAGES, N_PAGES * T, 6)
         assert_cache_equals(dst, want)
+        # Streaming: ranged reads of values held in the writers' segments (other processes).
+        again = fill_sentinel(make_cache(make(), num_layers=LAYERS, num_pages=12,
+                                         page_size=READER_PS))
+        streamed = store.load_prefix_async(again, dst_ids, tokens, num_pages=hit).result(60)
+        assert (streamed.num_pages, streamed.num_layers, streamed.reason) == (N_PAGES, LAYERS,
+                                                                             None), streamed
+        assert_cache_equals(again, want)
     finally:
         dist.barrier()
 

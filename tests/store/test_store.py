@@ -214,8 +214,19 @@ def test_master_down_mid_run(store):
             src, ids = writer_pool(mha(), T, 3)
             s.put_prefix(src, ids, tokens[:T])
             assert s.match_prefix(tokens, src) == 1
+            streamed = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=3, page_size=T))
+            load = s.load_prefix_async(streamed, [2], tokens, num_pages=1, layer_groups=[1, 2],
+                                       start=False)
+            assert load.step() and load.layers_ready == 1  # layer 0 in, then the master dies
             m.stop()
             t0 = time.monotonic()
+            assert not load.step()  # a dead master mid-load: stops cleanly, says what loaded
+            mid = load.result()
+            assert (mid.num_pages, mid.num_layers) == (1, 1) and "layers [1, 3)" in mid.reason
+            assert_cache_equals(streamed, oracle_unpack(
+                src, ids, streamed, [2], T, range(1), range(2), range(1), range(2),
+                want=snapshot(fill_sentinel(make_cache(mha(), num_layers=3, num_pages=3,
+                                                       page_size=T)))))
             assert s.match_prefix(tokens, src) == 0
             dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=3, page_size=T))
             before = snapshot(dst)
@@ -330,3 +341,94 @@ def test_other_geometry_of_equal_size_is_a_miss_with_a_reason(store, case):
     got = store.load_prefix(dst, [0, 1, 2], tokens, num_pages=3)
     assert got.num_pages == 0 and got.reason and "geometry" in got.reason, got
     assert_cache_equals(dst, before)
+
+
+# -- streaming loads (layer group by layer group) ---------------------------------------------
+
+
+def stored_prompt(store, specs, n_pages, layers=4, seed=20, page_size=8):
+    """A prompt of ``n_pages`` full store pages (and a tail) written from a fresh pool."""
+    fresh(store)
+    tokens = prompt(n_pages * T + 3, seed=seed)
+    src, ids = writer_pool(specs, page_size, n_pages * T // page_size + 1, layers=layers,
+                           seed=seed)
+    assert store.put_prefix(src, ids, tokens).written == n_pages
+    return tokens, src, ids
+
+
+@pytest.mark.parametrize("specs", [mha(), mla(), three()], ids=["mha", "mla", "3comp"])
+@pytest.mark.parametrize("groups", [None, 2, [1, 3, 1]], ids=["doubling", "two", "1-3-1"])
+@pytest.mark.parametrize("reader_ps", [16, 24], ids=lambda p: f"read_ps{p}")
+def test_streaming_load_bytes(store, specs, groups, reader_ps):
+    """Every group of every page lands bit-exactly at any reader page size; nothing else."""
+    tokens, src, ids = stored_prompt(store, specs, 7, layers=5)
+    dst = fill_sentinel(make_cache(specs, num_layers=5, num_pages=20, page_size=reader_ps))
+    dst_ids = torch.randperm(20, generator=torch.Generator().manual_seed(3))[:-(-7 * T //
+                                                                              reader_ps)]
+    want = oracle_unpack(src, ids, dst, dst_ids, 7 * T, range(5), range(dst.num_heads),
+                         range(5), range(dst.num_heads))
+    load = store.load_prefix_async(dst, dst_ids, tokens, layer_groups=groups)
+    got = load.result(timeout=60)
+    assert (got.num_pages, got.num_layers, got.reason, got.requested) == (7, 5, None, 7)
+    assert load.layers_ready == 5 and load.done
+    assert got.nbytes == 7 * src.packed_nbytes(T)
+    assert_cache_equals(dst, want)
+
+
+def test_layers_ready_counts_whole_groups_only(store):
+    """Driven group by group: after each step exactly the finished groups' layers hold their
+    bytes for every page, later layers are untouched; a group that lost a page mid-way (its
+    first batches landed) is never counted, and the load says which layers did load."""
+    tokens, src, ids = stored_prompt(store, mha(), 9, layers=6)  # batches of 3 pages
+    dst = fill_sentinel(make_cache(mha(), num_layers=6, num_pages=12, page_size=T))
+    dst_ids = torch.randperm(12, generator=torch.Generator().manual_seed(4))[:9]
+    load = store.load_prefix_async(dst, dst_ids, tokens, num_pages=9, start=False)
+    assert [(g.start, g.stop) for g in load.layer_groups] == [(0, 1), (1, 2), (2, 4), (4, 6)]
+    assert load.layers_ready == 0
+    for ready in (1, 2):
+        assert load.step()
+        assert load.layers_ready == ready
+        want = oracle_unpack(src, ids, dst, dst_ids, 9 * T, range(ready), range(2),
+                             range(ready), range(2), want=snapshot(fill_sentinel(
+                                 make_cache(mha(), num_layers=6, num_pages=12, page_size=T))))
+        assert_cache_equals(dst, want)  # layers >= ready: still the sentinel
+    assert store.client.remove(store.keys(tokens, src)[7], True) == 0  # evicted mid-load
+    assert not load.step()  # group [2, 4): pages 0-5 landed in two batches, page 7 did not
+    got = load.result()
+    assert (got.num_pages, got.num_layers, load.layers_ready) == (9, 2, 2)
+    assert "layers [2, 4) stopped" in got.reason and "store page 7" in got.reason
+    assert "not stored" in got.reason
+    assert not store._arena.live_slots
+
+
+def test_streaming_load_stops_at_the_first_missing_page(store):
+    """A page missing when the load starts ends the prefix there for every layer: the first
+    group finds it, later groups load only the pages before it, pages past it are untouched."""
+    tokens, src, ids = stored_prompt(store, mla(), 8, layers=4)
+    store.client.remove(store.keys(tokens, src)[5], True)
+    dst = fill_sentinel(make_cache(mla(), num_layers=4, num_pages=10, page_size=T))
+    dst_ids = torch.arange(8).flip(0)
+    want = oracle_unpack(src, ids, dst, dst_ids[:5], 5 * T, range(4), range(1), range(4),
+                         range(1))
+    got = store.load_prefix_async(dst, dst_ids, tokens, num_pages=8).result(timeout=60)
+    assert (got.num_pages, got.num_tokens, got.num_layers, got.requested) == (5, 5 * T, 4, 8)
+    assert "store page 5" in got.reason and "geometry" in got.reason
+    assert_cache_equals(dst, want)
+
+
+def test_background_load_wait_and_validation(store):
+    tokens, src, ids = stored_prompt(store, mha(num_heads=1), 6, layers=3)
+    dst = make_cache(mha(num_heads=1), num_layers=3, num_pages=6, page_size=T)
+    load = store.load_prefix_async(dst, torch.arange(6), tokens, layer_groups=[1, 2])
+    assert load.wait(1, timeout=60) >= 1  # the first layer of every page is in
+    with pytest.raises(RuntimeError, match="background"):
+        load.step()
+    got = load.result(timeout=60)
+    assert (got.num_pages, got.num_layers) == (6, 3)
+    empty = store.load_prefix_async(dst, [], tokens, num_pages=0).result(timeout=60)
+    assert (empty.num_pages, empty.num_layers, empty.reason) == (0, 0, None)
+    for bad, err in (([2, 2], ValueError), (0, ValueError), (4, ValueError), ("two", TypeError),
+                     ([1, 1.5, 0.5], ValueError)):
+        with pytest.raises(err, match="layer_groups"):
+            store.load_prefix_async(dst, torch.arange(6), tokens, layer_groups=bad)
+    assert not store._arena.live_slots

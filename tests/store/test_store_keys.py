@@ -105,7 +105,8 @@ def test_store_api():
     import cpkv.store
 
     assert sorted(cpkv.store.__all__) == ["KVStore", "LoadResult", "MasterError", "MasterProcess",
-                                          "PutResult", "StoreError", "find_master_binary",
-                                          "is_store_writer", "page_hashes", "page_keys",
+                                          "PrefixLoad", "PutResult", "StoreError",
+                                          "find_master_binary", "is_store_writer",
+                                          "page_hashes", "page_keys", "plan_layer_groups",
                                           "value_geometry"]
     assert all(hasattr(cpkv.store, n) for n in cpkv.store.__all__)
