@@ -6,8 +6,9 @@ for a GPU target this machine does not have, and read its code quality from the 
 No GPU is needed: Triton lowers the kernel to PTX for the target, and the ``ptxas`` / ``cuobjdump``
 bundled with Triton's wheel give registers, spills and SASS. The specialisations come from
 `cpkv.kernels.paged_copy.plan_launch` (the launcher's own planning code) on shapes A, B, C
-(../shared/BENCHMARKS.md) at page sizes 1, 16, 64 with fragmented page ids, for pack, unpack and
-reorganize. One row per specialisation:
+(../shared/BENCHMARKS.md) at page sizes 1, 16, 64 with fragmented page ids, for every op of `OPS`
+(pack, unpack, reorganize, and the variants of pack / unpack: a slot cut into values). One row
+per specialisation:
 
 - ``vector_bits``: the narrowest of the widest global load and widest global store in SASS
   (128 = ``LDG.E.128`` and ``STG.E.128``);
@@ -34,7 +35,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 
 
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
 TARGETS = {"vector_bits": 128, "registers": 64, "spills": 0, "div_rem": 0}
-OPS = ("pack", "unpack", "reorganize")
+# op -> the plan_launch flags the launcher uses for it
+OPS = {
+    "pack": dict(unpack=False),
+    "unpack": dict(unpack=True),
+    "reorganize": dict(unpack=True, token_map=True),
+    "pack-regions": dict(unpack=False, regions=True),
+    "unpack-regions": dict(unpack=True, regions=True),
+}
 COLUMNS = ["op", "shape", "page_size", "arch", "vector_bits", "registers", "spills", "div_rem",
            "sass_instructions", "word_bytes", "vec", "head_words", "row_words", "contig_heads",
            "block_t", "block_r", "chunk_words", "blocks", "triton", "ptxas", "git_sha",
@@ -112,7 +120,7 @@ def launch_specs(shape: str, page_size: int, op: str):
 
     cache = SHAPES[shape].cache(num_pages=2, page_size=page_size)  # only shapes/strides matter
     plan = plan_launch(cache, range(cache.num_layers), range(cache.num_heads), 16,
-                       unpack=op != "pack", token_map=op == "reorganize", interpret=False)
+                       interpret=False, **OPS[op])
     return [(g.spec, len(g.rows)) for g in plan]
 
 
@@ -121,7 +129,7 @@ def signature(spec) -> dict:
     word = {8: "i64", 4: "i32", 2: "i16", 1: "u8"}[spec.word]
     sig = {"slot": f"*{word}", "desc": "*i64", "page_ids": "*i32",
            "token_map": "*i64" if spec.has_token_map else "*i32",
-           "num_tokens": "i32", "rows_per_rank": "i32", "rank_words": "i32"}
+           "num_rows": "i32", "rows_per_region": "i32", "region_words": "i32"}
     sig.update({name: "constexpr" for name in spec.constexprs()})
     return sig
 

@@ -25,6 +25,14 @@ Blocks follow each other with no padding, so block b starts at byte
 ``num_tokens * num_layers * sum(row_nbytes)``, where a component's row is its selected heads of
 one token.
 
+Regions (``region_tokens=R``): the slot is a sequence of values of R tokens each; value v holds
+tokens [vR, vR + R) laid out as an ordinary packed slot of R tokens (layer-major inside the
+value), so each value can be stored or sent on its own (a store page). Segments: a slot filled
+piece by piece (each CP sender of a transfer packs its own tokens [t0, t1) alone) holds, at byte
+``t0 * token_nbytes``, the packed slot of those tokens; because the format is linear in tokens,
+where a segment lies does not depend on the other pieces. `PackedFormat` is the one place that
+computes these byte positions (`PackedFormat.region`, `segment`, `block`, `locate`).
+
 Token t of a request is page ``page_ids[t // page_size]``, slot ``t % page_size``.
 """
 
@@ -32,11 +40,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_VERSION", "ComponentSpec", "PackedFormat", "PagedKVCache"]
+__all__ = ["FORMAT_VERSION", "ComponentSpec", "Location", "PackedFormat", "PagedKVCache", "Span"]
 
 FORMAT_VERSION = 1
 LAYOUTS = ("NHD", "HND")
@@ -61,38 +70,155 @@ class ComponentSpec:
         return self.head_dim * self.itemsize
 
 
+class Span(NamedTuple):
+    """``nbytes`` bytes at byte ``offset`` of a slot; ``slot[span.slice]`` views them."""
+
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.nbytes)
+
+
+class Location(NamedTuple):
+    """Where a byte of a packed slot comes from: request-local token (counted from the slot's
+    first token), format-local layer, component name and byte inside that token's row."""
+
+    token: int
+    layer: int
+    component: str
+    byte: int
+
+
 @dataclass(frozen=True)
 class PackedFormat:
-    """The geometry of one packed slot; equal formats are byte-compatible.
+    """The geometry of one packed slot; equal formats are byte-compatible. The one place that
+    says where bytes lie in a slot (module docstring: blocks, regions, segments).
 
     ``components`` lists each component with ``num_heads`` already narrowed to the packed head
     slice, so a sender packing heads [2, 4) of 8 and a receiver unpacking at heads [0, 2) of 2
-    agree on the format.
+    agree on the format. ``region_tokens`` (None: one region of ``num_tokens``) cuts the slot
+    into values of that many tokens, each an ordinary packed slot (a divisor of ``num_tokens``).
+
+    Example::
+
+        fmt = cache.packed_format(64, region_tokens=16)   # 4 values, page-major for a store
+        slot[fmt.region(2).slice]                          # tokens [32, 48), all layers
+        fmt.segment(0, 16, 1, 3)                           # layers 1, 2 of a 16-token segment
     """
 
     num_tokens: int
     num_layers: int
     components: tuple[ComponentSpec, ...]
     version: int = FORMAT_VERSION
+    region_tokens: int | None = None
 
     @property
     def row_nbytes(self) -> list[int]:
         """Bytes of one token's selected heads, per component."""
         return [c.num_heads * c.head_nbytes for c in self.components]
 
-    def block_offsets(self) -> list[int]:
-        """Byte offset of every block, in layer-major order (index ``layer * n_comp + comp``)."""
-        rows = self.row_nbytes * self.num_layers
-        return [self.num_tokens * sum(rows[:b]) for b in range(len(rows))]
+    @property
+    def layer_row_nbytes(self) -> int:
+        """Bytes one token packs to in one layer (every component)."""
+        return sum(self.row_nbytes)
+
+    @property
+    def token_nbytes(self) -> int:
+        """Bytes one token packs to over every layer: the slot is ``num_tokens`` of these."""
+        return self.num_layers * self.layer_row_nbytes
 
     @property
     def nbytes(self) -> int:
         """Total packed size in bytes (0 for an empty request or no layers)."""
         return self.num_tokens * self.num_layers * sum(self.row_nbytes)
 
+    @property
+    def rows_per_region(self) -> int:
+        """Tokens per value (``num_tokens`` when the slot is not cut)."""
+        return self.num_tokens if self.region_tokens is None else self.region_tokens
+
+    @property
+    def num_regions(self) -> int:
+        """Values in the slot (0 for an empty one)."""
+        return self.num_tokens // self.rows_per_region if self.num_tokens else 0
+
+    @property
+    def region_nbytes(self) -> int:
+        """Bytes of one value."""
+        return self.rows_per_region * self.token_nbytes
+
+    def region(self, index: int) -> Span:
+        """Value ``index``: tokens [index * R, index * R + R), every layer."""
+        _check_index(index, self.num_regions, "region")
+        return Span(index * self.region_nbytes, self.region_nbytes)
+
+    def block_offsets(self) -> list[int]:
+        """Byte offset of every block of the first value (the whole slot when it is not cut),
+        in layer-major order (index ``layer * n_comp + comp``)."""
+        rows = self.row_nbytes * self.num_layers
+        return [self.rows_per_region * sum(rows[:b]) for b in range(len(rows))]
+
+    def block(self, layer: int, component: int, region: int = 0) -> Span:
+        """Block (format-local ``layer``, ``component`` index) of value ``region``:
+        ``[rows_per_region, heads, head_dim]`` of that component, dense."""
+        _check_index(layer, self.num_layers, "layer")
+        _check_index(component, len(self.components), "component")
+        _check_index(region, max(self.num_regions, 1), "region")
+        rows = self.row_nbytes
+        pre = layer * self.layer_row_nbytes + sum(rows[:component])  # bytes of earlier rows
+        return Span(region * self.region_nbytes + self.rows_per_region * pre,
+                    self.rows_per_region * rows[component])
+
+    def segment(self, t0: int, t1: int, l0: int = 0, l1: int | None = None) -> Span:
+        """Layers [l0, l1) (format-local; default all) of the segment of tokens [t0, t1): the
+        bytes a pack of those tokens alone writes when the slot is filled segment by segment
+        (a transfer slot: each CP sender packs its share), or, in a cut slot, the values
+        [t0, t1) span (region-aligned; a layer range only inside one value).
+
+        The segment starts at ``t0 * token_nbytes``; inside it, layer l starts at
+        ``l * (t1 - t0) * layer_row_nbytes``.
+        """
+        l1 = self.num_layers if l1 is None else l1
+        if not (_is_int(t0) and _is_int(t1) and 0 <= t0 <= t1 <= self.num_tokens):
+            raise ValueError(f"segment: expected tokens 0 <= t0 <= t1 <= {self.num_tokens}, "
+                             f"got [{t0}, {t1})")
+        if not (_is_int(l0) and _is_int(l1) and 0 <= l0 <= l1 <= self.num_layers):
+            raise ValueError(f"segment: expected layers 0 <= l0 <= l1 <= {self.num_layers}, "
+                             f"got [{l0}, {l1})")
+        if self.region_tokens is not None and t1 > t0:
+            r = self.region_tokens
+            if t0 % r or t1 % r:
+                raise ValueError(f"segment: tokens [{t0}, {t1}) do not start and end on values "
+                                 f"of {r} tokens")
+            if t1 - t0 > r and (l0, l1) != (0, self.num_layers):
+                raise ValueError(f"segment: layers [{l0}, {l1}) of several values are not "
+                                 f"contiguous; ask one value at a time")
+        n = t1 - t0
+        return Span(t0 * self.token_nbytes + l0 * n * self.layer_row_nbytes,
+                    (l1 - l0) * n * self.layer_row_nbytes)
+
+    def locate(self, offset: int) -> Location:
+        """The token, layer, component and row byte that byte ``offset`` of the slot holds."""
+        _check_index(offset, self.nbytes, "offset")
+        region, offset = divmod(offset, self.region_nbytes)
+        rows, r = self.row_nbytes, self.rows_per_region
+        layer, offset = divmod(offset, r * self.layer_row_nbytes)
+        comp = 0
+        while offset >= r * rows[comp]:
+            offset -= r * rows[comp]
+            comp += 1
+        token, byte = divmod(offset, rows[comp])
+        return Location(region * r + token, layer, self.components[comp].name, byte)
+
     def check_matches(self, expected: PackedFormat) -> None:
         """Raise ValueError naming the first field where this (received) format differs."""
-        for field in ("version", "num_tokens", "num_layers"):
+        for field in ("version", "num_tokens", "num_layers", "region_tokens"):
             if getattr(self, field) != getattr(expected, field):
                 raise ValueError(
                     f"packed format: {field} expected {getattr(expected, field)}, "
@@ -113,8 +239,9 @@ class PackedFormat:
                     )
 
     def to_dict(self) -> dict:
-        """A JSON-able description (for control-plane messages)."""
-        return {
+        """A JSON-able description (for control-plane messages); ``region_tokens`` only when
+        the slot is cut."""
+        d = {
             "version": self.version,
             "num_tokens": self.num_tokens,
             "num_layers": self.num_layers,
@@ -123,6 +250,9 @@ class PackedFormat:
                 for c in self.components
             ],
         }
+        if self.region_tokens is not None:
+            d["region_tokens"] = self.region_tokens
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> PackedFormat:
@@ -150,8 +280,24 @@ class PackedFormat:
             comps.append(ComponentSpec(name, _field_int(h, f"{name}.num_heads", 1),
                                        _field_int(hd, f"{name}.head_dim", 1),
                                        _dtype_from_name(dt)))
-        return cls(_field_int(d["num_tokens"], "num_tokens", 0),
-                   _field_int(d["num_layers"], "num_layers", 0), tuple(comps), version)
+        num_tokens = _field_int(d["num_tokens"], "num_tokens", 0)
+        region = d.get("region_tokens")
+        if region is not None:
+            region = _field_int(region, "region_tokens", 1)
+            if num_tokens % region:
+                raise ValueError(f"packed format: num_tokens {num_tokens} expected a multiple "
+                                 f"of region_tokens {region}")
+        return cls(num_tokens, _field_int(d["num_layers"], "num_layers", 0), tuple(comps),
+                   version, region)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_index(value, size: int, what: str) -> None:
+    if not _is_int(value) or not 0 <= value < size:
+        raise ValueError(f"{what}: expected an int in [0, {size}), got {value!r}")
 
 
 def _field_int(value, what: str, minimum: int) -> int:
@@ -310,15 +456,18 @@ class PagedKVCache:
         h = as_range(heads, self.num_heads, "heads")
         return sum(len(h) * c.head_nbytes for c in self._specs)
 
-    def packed_format(self, num_tokens: int, *, layers=None, heads=None) -> PackedFormat:
-        """The packed format of ``num_tokens`` tokens over a layer range and head slice."""
+    def packed_format(self, num_tokens: int, *, layers=None, heads=None,
+                      region_tokens: int | None = None) -> PackedFormat:
+        """The packed format of ``num_tokens`` tokens over a layer range and head slice, cut
+        into values of ``region_tokens`` tokens when given (a divisor of ``num_tokens``)."""
         lr = as_range(layers, self.num_layers, "layers")
         hr = as_range(heads, self.num_heads, "heads")
+        check_region_tokens(region_tokens, num_tokens)
         comps = tuple(ComponentSpec(c.name, len(hr), c.head_dim, c.dtype) for c in self._specs)
-        return PackedFormat(int(num_tokens), len(lr), comps)
+        return PackedFormat(int(num_tokens), len(lr), comps, region_tokens=region_tokens)
 
     def packed_nbytes(self, num_tokens: int, *, layers=None, heads=None) -> int:
-        """Bytes of the packed slot for ``num_tokens`` tokens."""
+        """Bytes of the packed slot for ``num_tokens`` tokens (cut or not: the same)."""
         return self.packed_format(num_tokens, layers=layers, heads=heads).nbytes
 
     def __repr__(self) -> str:
@@ -374,6 +523,17 @@ class PagedKVCache:
         self._specs = tuple(specs)
         if ref.device.type != "meta":
             _check_no_overlap(self.buffers, self.layout)
+
+
+def check_region_tokens(region_tokens, num_tokens: int) -> None:
+    """``region_tokens``: None, or a positive int dividing ``num_tokens``."""
+    if region_tokens is None:
+        return
+    if not _is_int(region_tokens) or region_tokens < 1:
+        raise ValueError(f"region_tokens: expected a positive int, got {region_tokens!r}")
+    if num_tokens % region_tokens:
+        raise ValueError(f"region_tokens: num_tokens {num_tokens} expected a multiple of "
+                         f"region_tokens {region_tokens}")
 
 
 def as_range(value, size: int, what: str) -> range:

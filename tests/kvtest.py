@@ -9,6 +9,7 @@ import torch
 from cpkv import ComponentSpec, PagedKVCache
 
 SENTINEL = 0xA5  # poison byte for outputs and guarded destinations
+GUARD = 64  # poisoned bytes past the packed size that must stay poisoned
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -77,17 +78,31 @@ def three(num_heads=2):
 
 def oracle_pack(cache: PagedKVCache, page_ids, num_tokens, layers: range, heads: range):
     """Expected packed bytes by walking tokens one by one (independent of cpkv.kernels)."""
+    return oracle_pack_tokens(cache, page_ids, range(num_tokens), layers, heads)
+
+
+def oracle_pack_tokens(cache: PagedKVCache, page_ids, tokens, layers: range, heads: range):
+    """The packed slot of the request-local ``tokens`` (any sequence), in that order."""
     ps = cache.page_size
     ids = [int(i) for i in page_ids]
     parts = []
     for layer in layers:
         for spec in cache.components:
             pool = as_bytes(cache.nhd_view(spec.name, layer))
-            for t in range(num_tokens):
+            for t in tokens:
                 parts.append(pool[ids[t // ps], t % ps, heads.start:heads.stop].reshape(-1))
     if not parts:
         return torch.empty(0, dtype=torch.uint8)
     return torch.cat(parts)
+
+
+def oracle_pack_regions(cache: PagedKVCache, page_ids, num_tokens, region_tokens,
+                        layers: range, heads: range):
+    """A slot cut into values of ``region_tokens``: value v is the packed slot of tokens
+    [v R, v R + R), values back to back."""
+    parts = [oracle_pack_tokens(cache, page_ids, range(v, v + region_tokens), layers, heads)
+             for v in range(0, num_tokens, region_tokens)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
 def oracle_unpack(src: PagedKVCache, src_ids, dst: PagedKVCache, dst_ids, num_tokens,
@@ -256,3 +271,58 @@ def assert_untouched_outside(dst, before, pages):
         for i, t in enumerate(layers):
             before[name][i][pages] = t[pages]
     assert_cache_equals(dst, before, "pages outside the request")
+
+
+# -- pack and round-trip checks shared by the kernel tests: the call under test runs on
+# `kernel_device(backend)`, the comparison on the CPU.
+
+def check_pack(cache, ids, num_tokens, backend, *, layers=None, heads=None, want=None,
+               **kwargs):
+    """Pack (``kwargs`` go to `pack_pages`, e.g. ``region_tokens``) into a poisoned buffer; the
+    packed bytes equal ``want`` (default: the oracle of tokens [0, num_tokens)) and the guard
+    past them is intact. Returns the packed bytes (CPU)."""
+    from cpkv.kernels import pack_pages
+
+    lr = range(cache.num_layers) if layers is None else range(*layers)
+    hr = range(cache.num_heads) if heads is None else range(*heads)
+    want = oracle_pack(cache, ids, num_tokens, lr, hr) if want is None else want
+    nbytes = want.numel()
+    dev = kernel_device(backend)
+    out = torch.full((nbytes + GUARD,), SENTINEL, dtype=torch.uint8, device=dev)
+    got = pack_pages(pool_on(cache, dev), on(ids, dev), num_tokens=num_tokens, layers=layers,
+                     heads=heads, out=out, backend=backend, **kwargs)
+    assert got.numel() == nbytes and (nbytes == 0 or got.data_ptr() == out.data_ptr())
+    assert_bytes_equal(got.cpu(), want, "packed")
+    assert bool((out[nbytes:] == SENTINEL).all()), "pack wrote past the packed size"
+    return got.cpu()
+
+
+def round_trip(src, dst, src_ids, dst_ids, num_tokens, backend, *, layers=None, heads=None,
+               dst_layers=None, dst_heads=None, oracle=None, pack_kw=None, unpack_kw=None,
+               **kwargs):
+    """Pack from src, unpack into a sentinel-filled dst; compare dst with the oracle, all bytes.
+
+    ``kwargs`` go to both calls (e.g. ``region_tokens``), ``pack_kw`` / ``unpack_kw`` to one;
+    ``oracle()`` (called after the fill) gives the expected destination, by default the tokens
+    [0, num_tokens) moved one by one."""
+    from cpkv.kernels import pack_pages, unpack_pages
+
+    fill_sentinel(dst)
+    lr = range(src.num_layers) if layers is None else range(*layers)
+    hr = range(src.num_heads) if heads is None else range(*heads)
+    dlr = range(dst.num_layers) if dst_layers is None else range(*dst_layers)
+    dhr = range(dst.num_heads) if dst_heads is None else range(*dst_heads)
+    want = oracle() if oracle is not None else \
+        oracle_unpack(src, src_ids, dst, dst_ids, num_tokens, lr, hr, dlr, dhr)
+    dev = kernel_device(backend)
+    packed = pack_pages(pool_on(src, dev), on(src_ids, dev), num_tokens=num_tokens,
+                        layers=layers, heads=heads, backend=backend,
+                        **{**kwargs, **(pack_kw or {})})
+    fmt = src.packed_format(num_tokens, layers=layers, heads=heads,
+                            region_tokens=kwargs.get("region_tokens"))
+    moved = pool_on(dst, dev)
+    unpack_pages(packed, moved, on(dst_ids, dev), num_tokens=num_tokens, layers=dst_layers,
+                 heads=dst_heads, format=fmt, backend=backend, **{**kwargs, **(unpack_kw or {})})
+    copy_back(moved, dst)
+    assert_cache_equals(dst, want, "destination")
+    return packed.cpu()

@@ -33,7 +33,8 @@ def sm90_rows(tmp_path_factory):
 def test_every_specialisation_meets_the_sm90_targets(sm90_rows):
     rows, proc = sm90_rows
     combos = {(r["op"], r["shape"], r["page_size"]) for r in rows}
-    assert combos == {(op, s, str(ps)) for op in ("pack", "unpack", "reorganize")
+    assert combos == {(op, s, str(ps)) for op in ("pack", "unpack", "reorganize", "pack-regions",
+                                                  "unpack-regions")
                       for s in "ABC" for ps in (1, 16, 64)}
     for r in rows:
         where = f"{r['op']} {r['shape']} ps={r['page_size']}"

@@ -211,3 +211,91 @@ def test_layers_interleaved_in_one_buffer():
     flat = raw.view(6, -1)
     shifted = flat[:, 8:8 + 16 * 2 * 8].view(6, 16, 2, 8)  # half a head row into layer 0's K
     _refused({"k": [k[0]], "v": [shifted]}, "share memory")
+
+
+def _three(num_layers=2):
+    specs = [ComponentSpec("k", 2, 64, torch.float8_e4m3fn),
+             ComponentSpec("v", 2, 64, torch.float8_e4m3fn),
+             ComponentSpec("scale", 2, 1, torch.float32)]
+    return PagedKVCache.empty(specs, num_layers=num_layers, num_pages=4, page_size=8)
+
+
+def test_format_sizes_per_token_layer_and_value():
+    c = _three(num_layers=3)
+    fmt = c.packed_format(12, region_tokens=4)
+    assert fmt.row_nbytes == [128, 128, 8]
+    assert (fmt.layer_row_nbytes, fmt.token_nbytes) == (264, 3 * 264)
+    assert (fmt.rows_per_region, fmt.num_regions, fmt.region_nbytes) == (4, 3, 4 * 3 * 264)
+    assert fmt.nbytes == 12 * 3 * 264 == c.packed_nbytes(12)
+    plain = c.packed_format(12)
+    assert (plain.rows_per_region, plain.num_regions, plain.region_nbytes) == (12, 1, plain.nbytes)
+    assert c.packed_format(0, region_tokens=4).num_regions == 0
+
+
+def test_values_blocks_and_segments_by_hand():
+    """Offsets worked out by hand for 3 components x 2 layers, values of 4 tokens."""
+    fmt = _three().packed_format(8, region_tokens=4)
+    value = 4 * 2 * 264  # 2112
+    assert fmt.region(1) == (value, value) and fmt.region(1).slice == slice(value, 2 * value)
+    assert fmt.block_offsets() == [0, 512, 1024, 1056, 1568, 2080]  # inside a value
+    assert fmt.block(1, 2, region=1) == (value + 2080, 32)
+    assert fmt.block(0, 1) == (512, 512)
+    assert fmt.segment(4, 8) == (value, value)
+    assert fmt.segment(4, 8, 1, 2) == (value + 4 * 264, 4 * 264)
+    assert fmt.segment(0, 8) == (0, 2 * value)
+    # an uncut slot filled by two senders: tokens [0, 3) then [3, 8), layer-major each
+    plain = _three().packed_format(8)
+    assert plain.segment(3, 8) == (3 * 528, 5 * 528)
+    assert plain.segment(3, 8, 1, 2) == (3 * 528 + 5 * 264, 5 * 264)
+    assert plain.segment(0, 8, 1, 2).offset == plain.block(1, 0).offset
+    assert plain.segment(5, 5).nbytes == 0
+
+
+def test_locate_names_token_layer_component_byte():
+    fmt = _three().packed_format(8, region_tokens=4)
+    value = 2112
+    assert fmt.locate(0) == (0, 0, "k", 0)
+    assert fmt.locate(129) == (1, 0, "k", 1)
+    assert fmt.locate(512 + 3 * 128 + 5) == (3, 0, "v", 5)
+    assert fmt.locate(1024 + 8 + 7) == (1, 0, "scale", 7)
+    assert fmt.locate(value + 1056) == (4, 1, "k", 0)
+    assert fmt.locate(2 * value - 1) == (7, 1, "scale", 7)
+    plain = _three().packed_format(8)
+    assert plain.locate(8 * 128) == (0, 0, "v", 0)
+    with pytest.raises(ValueError, match=r"offset: expected an int in \[0, 4224\), got 4224"):
+        plain.locate(4224)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda f: f.region(2), "region: expected an int in [0, 2), got 2"),
+    (lambda f: f.region(-1), "region: expected an int in [0, 2), got -1"),
+    (lambda f: f.block(2, 0), "layer: expected an int in [0, 2), got 2"),
+    (lambda f: f.block(0, 3), "component: expected an int in [0, 3), got 3"),
+    (lambda f: f.block(0, 0, region=2), "region: expected an int in [0, 2), got 2"),
+    (lambda f: f.segment(0, 9), "expected tokens 0 <= t0 <= t1 <= 8, got [0, 9)"),
+    (lambda f: f.segment(5, 4), "got [5, 4)"),
+    (lambda f: f.segment(0, 4, 1, 3), "expected layers 0 <= l0 <= l1 <= 2, got [1, 3)"),
+    (lambda f: f.segment(2, 6), "tokens [2, 6) do not start and end on values of 4 tokens"),
+    (lambda f: f.segment(0, 8, 0, 1), "layers [0, 1) of several values are not contiguous"),
+])
+def test_addressing_refuses_what_is_not_there(call, message):
+    with pytest.raises(ValueError) as info:
+        call(_three().packed_format(8, region_tokens=4))
+    assert message in str(info.value)
+
+
+def test_cut_formats_on_the_wire():
+    c = _three()
+    fmt = c.packed_format(8, region_tokens=4)
+    d = fmt.to_dict()
+    assert d["region_tokens"] == 4 and "region_tokens" not in c.packed_format(8).to_dict()
+    assert PackedFormat.from_dict(d) == fmt
+    with pytest.raises(ValueError, match="region_tokens expected 4, got None"):
+        c.packed_format(8).check_matches(fmt)
+    for bad, message in ((0, "region_tokens expected an int >= 1, got 0"),
+                         (3, "num_tokens 8 expected a multiple of region_tokens 3")):
+        with pytest.raises(ValueError, match=message):
+            PackedFormat.from_dict({**d, "region_tokens": bad})
+    with pytest.raises(ValueError, match="region_tokens: num_tokens 8 expected a multiple of "
+                                         "region_tokens 3"):
+        c.packed_format(8, region_tokens=3)

@@ -16,10 +16,12 @@ few tokens still fills the GPU. Tile sizes depend only on the geometry and are b
 (see `_TILE_BYTES`). A per-group descriptor table (cached on the pool: its tensors never move)
 holds each block's pool base address, strides and packed offset.
 
-Slot side: token t's row of block b sits at ``rows_per_rank * pre_words[b] + t * ROW_WORDS``
-(the packed format). With a token map (reorganize), token t instead reads gathered row
-``g = map[t]`` of rank region ``g // rows_per_rank`` (regions ``rank_words`` apart, each a packed
-slot of ``rows_per_rank`` tokens), and is skipped where ``g < 0``.
+Slot side: packed row j of block b sits at ``rows_per_region * pre_words[b] + j * ROW_WORDS``
+(the packed format). A slot cut into values (regions: `pack_pages(region_tokens=)`, and the
+rank regions of a CP all-gather) puts row j in value ``j // rows_per_region``, values
+``region_words`` apart, each an ordinary packed slot of ``rows_per_region`` rows: one 32-bit
+division per token, never in the copy loop. With a token map (reorganize), pool token t instead
+reads packed row ``map[t]`` (regions of ``rows_per_rank`` rows), and is skipped where it is < 0.
 """
 
 from __future__ import annotations
@@ -52,15 +54,15 @@ _CHUNK_MAX_BYTES = 8192  # row bytes one program covers; longer rows split acros
 _MAX_ALIGN = 16  # bytes of the widest access (128-bit)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rows_per_rank", "rank_words"])
+@triton.jit(do_not_specialize=["num_rows", "rows_per_region", "region_words"])
 def _paged_copy_kernel(
     slot,  # *word: the packed slot (or the gathered regions)
     desc,  # *int64 [n_blocks, _N_FIELDS] of this group
     page_ids,  # *int32 | *int64 [n_pages of the request]
-    token_map,  # *int64 [num_tokens] gathered row per token, -1 to skip (HAS_TOKEN_MAP)
-    num_tokens,
-    rows_per_rank,
-    rank_words,
+    token_map,  # *int64 [num_rows] packed row per token, -1 to skip (HAS_TOKEN_MAP)
+    num_rows,  # packed rows (pack, unpack) or request-local tokens (token map)
+    rows_per_region,  # rows of one value (HAS_REGIONS), else of the whole slot
+    region_words,  # words from one value to the next (HAS_REGIONS)
     PAGE_SIZE: tl.constexpr,
     HEAD_WORDS: tl.constexpr,
     ROW_WORDS: tl.constexpr,
@@ -72,6 +74,7 @@ def _paged_copy_kernel(
     CHUNK_WORDS: tl.constexpr,  # a multiple of BLOCK_R
     IS_UNPACK: tl.constexpr,
     HAS_TOKEN_MAP: tl.constexpr,
+    HAS_REGIONS: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -82,19 +85,22 @@ def _paged_copy_kernel(
     stride_page = tl.multiple_of(tl.load(p_desc + 1), VEC)
     stride_slot = tl.multiple_of(tl.load(p_desc + 2), VEC)
     stride_head = tl.multiple_of(tl.load(p_desc + 3), VEC)
-    o_block = tl.multiple_of(rows_per_rank.to(tl.int64) * tl.load(p_desc + 4), VEC)
+    o_block = tl.multiple_of(rows_per_region.to(tl.int64) * tl.load(p_desc + 4), VEC)
 
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: token counts stay far below 2**31
-    m_t = o_t < num_tokens
+    m_t = o_t < num_rows
     if HAS_TOKEN_MAP:
         g = tl.load(token_map + o_t, mask=m_t, other=-1)
         m_t = m_t & (g >= 0)
-        g32 = g.to(tl.int32)
-        region = g32 // rows_per_rank  # once per token, 32-bit; never in the copy loop
-        o_tok_slot = region.to(tl.int64) * rank_words + o_block \
-            + (g32 - region * rows_per_rank).to(tl.int64) * ROW_WORDS
+        row = g.to(tl.int32)
     else:
-        o_tok_slot = o_block + o_t.to(tl.int64) * ROW_WORDS
+        row = o_t
+    if HAS_REGIONS:
+        region = row // rows_per_region  # once per token, 32-bit; never in the copy loop
+        o_tok_slot = region.to(tl.int64) * region_words + o_block \
+            + (row - region * rows_per_region).to(tl.int64) * ROW_WORDS
+    else:
+        o_tok_slot = o_block + row.to(tl.int64) * ROW_WORDS
     page = tl.load(page_ids + o_t // PAGE_SIZE, mask=m_t, other=0).to(tl.int64)
     o_tok_pool = tl.multiple_of(page * stride_page + (o_t % PAGE_SIZE).to(tl.int64) * stride_slot,
                                 VEC)
@@ -130,6 +136,7 @@ class KernelSpec:
     chunk_words: int
     is_unpack: bool
     has_token_map: bool
+    has_regions: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -140,7 +147,8 @@ class KernelSpec:
                     ROW_WORDS=self.row_words, CONTIG_HEADS=self.contig_heads, VEC=self.vec,
                     ALIGN_BYTES=self.vec * self.word, BLOCK_T=self.block_t,
                     BLOCK_R=self.block_r, CHUNK_WORDS=self.chunk_words,
-                    IS_UNPACK=self.is_unpack, HAS_TOKEN_MAP=self.has_token_map)
+                    IS_UNPACK=self.is_unpack, HAS_TOKEN_MAP=self.has_token_map,
+                    HAS_REGIONS=self.has_regions)
 
 
 @dataclass(frozen=True)
@@ -179,14 +187,16 @@ def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, i
 
 
 def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: int = 16, *,
-                unpack: bool, token_map: bool = False, interpret: bool = _INTERPRET,
-                ) -> list[LaunchGroup]:
+                unpack: bool, token_map: bool = False, regions: bool = False,
+                interpret: bool = _INTERPRET) -> list[LaunchGroup]:
     """Group the packed format's blocks by geometry: one `LaunchGroup` per specialisation.
 
     Pure host work on the pool's shapes, strides and addresses (no device access); the same
     code serves `_launch` and the codegen report (`benchmarks.codegen`). ``slot_align`` is the
-    slot's alignment in bytes (`slot_alignment`; it caps the word); ``token_map`` selects the
-    reorganize kernel, whose regions are ``rows_per_rank`` whole packed rows apart.
+    alignment in bytes of every value's start in the slot (`slot_alignment`, with the distance
+    between values where the slot is cut); it caps the word. ``regions`` addresses a slot cut
+    into values (`pack_pages(region_tokens=)`); ``token_map`` selects the reorganize kernel
+    (packed rows chosen per pool token, in regions: it implies ``regions``).
     """
     blocks, pre = [], 0
     for layer in layers:
@@ -200,12 +210,9 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
             base = t.data_ptr() + heads.start * t.stride(2) * isz
             blocks.append((base, strides, spec.head_nbytes, row, contig, pre))
             pre += row
-    total_row = pre  # bytes of one packed token: regions are rows_per_rank of them apart
     groups: dict[tuple, list] = {}
     for base, strides, head, row, contig, pre_b in blocks:
         quantities = [base, *strides, head, row, pre_b, slot_align]
-        if token_map:
-            quantities.append(total_row)
         align = _align(quantities)
         word = min(align, 8)
         key = (word, align // word, head // word, row // word, contig)
@@ -215,7 +222,7 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
     for (word, vec, head_words, row_words, contig), rows in groups.items():
         block_t, block_r, chunk = _tiles(row_words, vec, word, interpret)
         spec = KernelSpec(word, vec, cache.page_size, head_words, row_words, contig, block_t,
-                          block_r, chunk, unpack, token_map)
+                          block_r, chunk, unpack, token_map, regions or token_map)
         plan.append(LaunchGroup(spec, tuple(rows)))
     return plan
 
@@ -225,28 +232,32 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int, layers: range,
+def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: range,
             heads: range, slot: torch.Tensor, *, unpack: bool, token_map=None,
-            rows_per_rank: int | None = None, rank_nbytes: int = 0) -> None:
+            rows_per_region: int | None = None, region_nbytes: int = 0) -> None:
     """One launch per geometry group for every layer and component. Inputs are trusted; no host
-    synchronisation (the descriptor tables are built and copied once per pool and geometry)."""
-    has_map = token_map is not None
-    align = slot_alignment(slot)
-    key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, align)
+    synchronisation (the descriptor tables are built and copied once per pool and geometry).
+    ``rows_per_region`` / ``region_nbytes``: the slot is cut into values of that many rows,
+    that many bytes apart (regions); else it is one packed slot of ``num_rows`` rows."""
+    has_map, regions = token_map is not None, rows_per_region is not None
+    align = _align([slot_alignment(slot), region_nbytes])  # every value's start
+    key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, regions,
+           align)
     launches = cache._kernel_tables.get(key)
     if launches is None:
-        plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map)
+        plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map,
+                           regions=regions)
         launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
                     for g in plan]
         cache._kernel_tables[key] = launches
-    rows = num_tokens if rows_per_rank is None else rows_per_rank
+    rows = num_rows if rows_per_region is None else rows_per_region
     with _device_guard(cache.device):
         for spec, table in launches:
             words = slot[:slot.numel() // spec.word * spec.word].view(WORD_DTYPES[spec.word])
-            grid = (triton.cdiv(num_tokens, spec.block_t), table.shape[0], spec.n_chunks)
+            grid = (triton.cdiv(num_rows, spec.block_t), table.shape[0], spec.n_chunks)
             _paged_copy_kernel[grid](
                 words, table, page_ids, page_ids if token_map is None else token_map,
-                num_tokens, rows, rank_nbytes // spec.word, **spec.constexprs())
+                num_rows, rows, region_nbytes // spec.word, **spec.constexprs())
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
@@ -287,7 +298,8 @@ def _request(cache, page_ids, num_tokens, layers, heads, validate, *, unique):
 
 
 def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int | None = None,
-               layers=None, heads=None, out: torch.Tensor | None = None, backend: str = "auto",
+               layers=None, heads=None, region_tokens: int | None = None,
+               out: torch.Tensor | None = None, backend: str = "auto",
                validate: bool = True) -> torch.Tensor:
     """Gather a request's tokens from a paged pool into one contiguous packed slot.
 
@@ -298,6 +310,9 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
         num_tokens: tokens [0, num_tokens) are packed; default every slot of the listed pages.
         layers: layer range to pack (a pipeline stage): None, (start, stop), range or slice.
         heads: head range to pack (a tensor-parallel slice), same forms; default all heads.
+        region_tokens: cut the slot into values of this many tokens (a divisor of
+            ``num_tokens``): value v is the packed slot of tokens [v R, v R + R), so each value
+            is one store page, page-major, straight from the kernel. Default: one slot.
         out: optional contiguous 1-D uint8 buffer (e.g. a staging slot) of at least the packed
             size, apart from the pool's memory (an overlapping one is refused).
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
@@ -307,17 +322,21 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
 
     Returns:
         [packed_nbytes] uint8, the packed slot (a view of ``out`` when given); its layout is
-        ``cache.packed_format(num_tokens, layers=layers, heads=heads)``.
+        ``cache.packed_format(num_tokens, layers=layers, heads=heads,
+        region_tokens=region_tokens)``, which also says where each value and block lies.
 
     Example::
 
         cache = PagedKVCache.empty_mha(num_layers=2, num_pages=8, page_size=16, num_heads=4,
                                        head_dim=128, dtype=torch.bfloat16)
         slot = pack_pages(cache, torch.tensor([5, 2]), num_tokens=20)  # [20*2*2*4*256] uint8
+        values = pack_pages(cache, torch.tensor([5, 2]), region_tokens=16)  # 2 store pages
     """
     page_ids, num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers,
                                                              heads, validate, unique=False)
-    nbytes = cache.packed_nbytes(num_tokens, layers=layer_range, heads=head_range)
+    fmt = cache.packed_format(num_tokens, layers=layer_range, heads=head_range,
+                              region_tokens=region_tokens)
+    nbytes = fmt.nbytes
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
     elif validate:
@@ -328,16 +347,25 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
     use_triton = _use_triton(backend, cache.device)
     if nbytes:
         if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False)
+            _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False,
+                    **_regions(fmt))
         else:
-            pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out)
+            pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out,
+                             region_tokens=region_tokens)
     return out
+
+
+def _regions(fmt: PackedFormat) -> dict:
+    """`_launch`'s region arguments for a slot of this format (none when it is not cut)."""
+    if fmt.region_tokens is None:
+        return {}
+    return {"rows_per_region": fmt.region_tokens, "region_nbytes": fmt.region_nbytes}
 
 
 def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor, *,
                  num_tokens: int | None = None, layers=None, heads=None,
-                 format: PackedFormat | None = None, backend: str = "auto",
-                 validate: bool = True) -> None:
+                 region_tokens: int | None = None, format: PackedFormat | None = None,
+                 backend: str = "auto", validate: bool = True) -> None:
     """Scatter a packed slot into a paged pool: the inverse of `pack_pages`.
 
     Token t lands in page ``page_ids[t // cache.page_size]``, slot ``t % cache.page_size``; the
@@ -351,8 +379,10 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
         cache: the destination pool.
         page_ids: [n_pages] int32/int64 distinct destination page ids, in request order.
         num_tokens, layers, heads, backend, validate: as in `pack_pages`, for the destination.
+        region_tokens: ``packed`` is cut into values of this many tokens (as `pack_pages`
+            writes them: store pages, page-major); any destination page size.
         format: the sender's `PackedFormat`; when given it must equal the destination's, which
-            catches a head_dim, dtype, head-count or token-count mismatch by name.
+            catches a head_dim, dtype, head-count, token-count or region mismatch by name.
 
     Example::
 
@@ -360,7 +390,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     """
     page_ids, num_tokens, layer_range, head_range = _request(cache, page_ids, num_tokens, layers,
                                                              heads, validate, unique=True)
-    expected = cache.packed_format(num_tokens, layers=layer_range, heads=head_range)
+    expected = cache.packed_format(num_tokens, layers=layer_range, heads=head_range,
+                                   region_tokens=region_tokens)
     if validate:
         if format is not None:
             if not isinstance(format, PackedFormat):
@@ -379,9 +410,11 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     use_triton = _use_triton(backend, cache.device)
     if expected.nbytes:
         if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True)
+            _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True,
+                    **_regions(expected))
         else:
-            unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range)
+            unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range,
+                               region_tokens=region_tokens)
 
 
 def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
@@ -419,8 +452,8 @@ def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     if _use_triton(backend, cache.device):
         _launch(cache, page_ids, num_tokens, layer_range, range(cache.num_heads),
                 gathered.reshape(-1),
-                unpack=True, token_map=token_map, rows_per_rank=rows_per_rank,
-                rank_nbytes=region)
+                unpack=True, token_map=token_map, rows_per_region=rows_per_rank,
+                region_nbytes=region)
     else:
         reorganize_torch(gathered, cache, page_ids, token_map, layer_range, rows_per_rank)
 

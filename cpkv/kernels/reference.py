@@ -10,6 +10,11 @@ Per (layer, component) block, the cheapest form that the pool's strides allow:
     (2-D rows gather ~1.35x faster than [tokens, heads, row] on the CPU);
   * tokens: page and slot axes merge, so tokens move as rows of ``[num_pages * page_size]``;
   * otherwise advanced indexing over (page, slot).
+
+A slot cut into values (``region_tokens``) is seen as ``[values, rows, ...]`` strided views of
+each block (`_blocks`): unpack scatters from them with one ``index_put_``; pack gathers into
+them with one ``index_select`` per row position of a value when a value holds a few pages (no
+temporary), else through a temporary of the block.
 """
 
 from __future__ import annotations
@@ -45,53 +50,80 @@ def _token_rows(pool: torch.Tensor) -> torch.Tensor | None:
                            (pool.stride(1), *pool.stride()[2:]))
 
 
-def _blocks(cache: PagedKVCache, packed: torch.Tensor, num_tokens: int, layers: range,
-            heads: range):
-    """Yield (pool [P, ps, nh, row_words], packed block [T, nh, row_words]) in format order."""
-    word = word_bytes(cache, layers, heads, packed)
+def _blocks(cache: PagedKVCache, packed: torch.Tensor, rows: int, n_regions: int,
+            layers: range, heads: range):
+    """Yield (pool [P, ps, nh, row_words], block [n_regions, rows, nh, row_words]) in format
+    order: one (layer, component) block of every value, values of ``rows`` tokens back to back
+    (one value: an uncut slot). Positions come from `PackedFormat`."""
+    fmt = cache.packed_format(rows, layers=layers, heads=heads)
+    word = word_bytes(cache, layers, heads, packed)  # divides every row, so the value stride
     words = packed.view(WORD_DTYPES[word])
-    pos = 0
-    for layer in layers:
-        for spec in cache.components:
+    base, region = words.storage_offset(), fmt.region_nbytes // word
+    for i, layer in enumerate(layers):
+        for c, spec in enumerate(cache.components):
             pool = cache.nhd_view(spec.name, layer)[:, :, heads.start:heads.stop]
             pool = pool.view(torch.uint8).view(WORD_DTYPES[word])
             row = spec.head_nbytes // word
-            n = num_tokens * len(heads) * row
-            yield pool, words[pos:pos + n].view(num_tokens, len(heads), row)
-            pos += n
+            offset = base + fmt.block(i, c).offset // word
+            yield pool, words.as_strided((n_regions, rows, len(heads), row),
+                                         (region, len(heads) * row, row, 1), offset)
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[v, j] <- src[idx[v, j]] for ``dst`` [values, k, ...] (values strided apart)."""
+    n_values, k = idx.shape
+    if n_values == 1:
+        torch.index_select(src, 0, idx[0], out=dst[0])
+    elif k <= 8:  # a few rows per value: straight into the strided view, no temporary
+        for j in range(k):
+            torch.index_select(src, 0, idx[:, j], out=dst[:, j])
+    else:
+        dst.copy_(torch.index_select(src, 0, idx.reshape(-1)).view(dst.shape))
+
+
+def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[idx[v, j]] <- src[v, j] for ``src`` [values, k, ...] (values strided apart)."""
+    if idx.shape[0] == 1:
+        dst.index_copy_(0, idx[0], src[0])
+    else:
+        dst.index_put_((idx,), src)
 
 
 def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num_tokens: int,
-          layers: range, heads: range, *, unpack: bool) -> None:
+          layers: range, heads: range, *, unpack: bool, region_tokens: int | None = None) -> None:
     ps = cache.page_size
     ids = page_ids.to(torch.int64)
+    rows = num_tokens if region_tokens is None else region_tokens
+    n_regions = 1 if region_tokens is None else num_tokens // region_tokens
     full, tail = divmod(num_tokens, ps)
     flat_idx = None
-    for pool, block in _blocks(cache, packed, num_tokens, layers, heads):
+    for pool, blocks in _blocks(cache, packed, rows, n_regions, layers, heads):
         pages = _page_rows(pool)
-        if pages is not None:
-            whole = block[:full * ps].reshape(full, pages.shape[1])
+        if pages is not None and (n_regions == 1 or rows % ps == 0):
+            k = rows // ps  # whole pages per value
+            whole = blocks[:, :k * ps].view(n_regions, k, pages.shape[1])
+            page_idx = ids[:n_regions * k].view(n_regions, k)
+            block = blocks[0]
             tail_ids, tail_rows = ids[full:full + 1], block[full * ps:].unsqueeze(0)
             if unpack:
-                pages.index_copy_(0, ids[:full], whole)
+                _scatter_rows(pages, page_idx, whole)
                 if tail:
                     pool[tail_ids, :tail] = tail_rows
             else:
-                torch.index_select(pages, 0, ids[:full], out=whole)
+                _gather_rows(pages, page_idx, whole)
                 if tail:
                     tail_rows.copy_(pool[tail_ids, :tail])
             continue
         if flat_idx is None:
             p, s = token_slots(page_ids, num_tokens, ps)
-            flat_idx = p * ps + s
-        if unpack:
-            _scatter_tokens(pool, flat_idx, block)
+            flat_idx = (p * ps + s).view(n_regions, rows)
+        tokens = _token_rows(pool)
+        if tokens is not None:
+            (_scatter_rows if unpack else _gather_rows)(tokens, flat_idx, blocks)
+        elif unpack:
+            pool[flat_idx // ps, flat_idx % ps] = blocks
         else:
-            tokens = _token_rows(pool)
-            if tokens is not None:
-                torch.index_select(tokens, 0, flat_idx, out=block)
-            else:
-                block.copy_(pool[flat_idx // pool.shape[1], flat_idx % pool.shape[1]])
+            blocks.copy_(pool[flat_idx // ps, flat_idx % ps])
 
 
 def _scatter_tokens(pool: torch.Tensor, flat_idx: torch.Tensor, rows: torch.Tensor) -> None:
@@ -105,15 +137,19 @@ def _scatter_tokens(pool: torch.Tensor, flat_idx: torch.Tensor, rows: torch.Tens
 
 
 def pack_pages_torch(cache: PagedKVCache, page_ids: torch.Tensor, num_tokens: int,
-                     layers: range, heads: range, out: torch.Tensor) -> None:
+                     layers: range, heads: range, out: torch.Tensor, *,
+                     region_tokens: int | None = None) -> None:
     """Gather into ``out`` (uint8, exactly the packed size). Inputs are trusted."""
-    _copy(cache, out, page_ids, num_tokens, layers, heads, unpack=False)
+    _copy(cache, out, page_ids, num_tokens, layers, heads, unpack=False,
+          region_tokens=region_tokens)
 
 
 def unpack_pages_torch(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
-                       num_tokens: int, layers: range, heads: range) -> None:
+                       num_tokens: int, layers: range, heads: range, *,
+                       region_tokens: int | None = None) -> None:
     """Scatter ``packed`` (uint8, exactly the packed size) into ``cache``. Inputs are trusted."""
-    _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True)
+    _copy(cache, packed, page_ids, num_tokens, layers, heads, unpack=True,
+          region_tokens=region_tokens)
 
 
 def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
@@ -134,5 +170,6 @@ def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
             continue
         # A region's rows usually land in order from row 0 (a split's local order): slice then.
         prefix = bool(torch.equal(local, torch.arange(local.numel(), device=local.device)))
-        for pool, block in _blocks(cache, region, rows_per_rank, layers, heads):
+        for pool, blocks in _blocks(cache, region, rows_per_rank, 1, layers, heads):
+            block = blocks[0]
             _scatter_tokens(pool, dst, block[:local.numel()] if prefix else block[local])

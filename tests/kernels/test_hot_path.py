@@ -59,6 +59,10 @@ def test_validate_false_makes_no_host_sync(monkeypatch, kernel_device):
     def calls():
         pack_pages(src, ids, num_tokens=10, out=out, backend="triton", validate=False)
         unpack_pages(out, dst, ids, num_tokens=10, backend="triton", validate=False)
+        pack_pages(src, ids, num_tokens=10, region_tokens=5, out=out, backend="triton",
+                   validate=False)
+        unpack_pages(out, dst, ids, num_tokens=10, region_tokens=5, backend="triton",
+                     validate=False)
         reorganize_pages(gathered, dst, ids, token_map, rows_per_rank=8, backend="triton",
                          validate=False)
 

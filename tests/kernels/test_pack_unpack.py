@@ -5,20 +5,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvtest import (
+    GUARD,
     SENTINEL,
     as_bytes,
     assert_bytes_equal,
-    assert_cache_equals,
+    check_pack,
     copy_back,
-    fill_sentinel,
     kernel_device,
     make_cache,
     mha,
     mla,
     on,
     oracle_pack,
-    oracle_unpack,
     pool_on,
+    round_trip,
     three,
 )
 
@@ -27,7 +27,6 @@ from cpkv.kernels import pack_pages, unpack_pages
 
 BACKENDS = ["torch", "triton"]
 KINDS = {"mha": mha, "mla": mla, "three": three}
-GUARD = 64  # poisoned bytes past the packed size that must stay poisoned
 
 
 def request_ids(pattern, n_pages, num_pages, dtype, seed=0):
@@ -38,21 +37,6 @@ def request_ids(pattern, n_pages, num_pages, dtype, seed=0):
     else:
         ids = torch.arange(n_pages) + (num_pages - n_pages) // 2
     return ids.to(dtype)
-
-
-def check_pack(cache, ids, num_tokens, backend, layers=None, heads=None):
-    """Pack into a poisoned buffer; the packed bytes equal the oracle and the guard is intact."""
-    lr = range(cache.num_layers) if layers is None else range(*layers)
-    hr = range(cache.num_heads) if heads is None else range(*heads)
-    nbytes = cache.packed_nbytes(num_tokens, layers=lr, heads=hr)
-    dev = kernel_device(backend)
-    out = torch.full((nbytes + GUARD,), SENTINEL, dtype=torch.uint8, device=dev)
-    got = pack_pages(pool_on(cache, dev), on(ids, dev), num_tokens=num_tokens, layers=layers,
-                     heads=heads, out=out, backend=backend)
-    assert got.numel() == nbytes and (nbytes == 0 or got.data_ptr() == out.data_ptr())
-    assert_bytes_equal(got.cpu(), oracle_pack(cache, ids, num_tokens, lr, hr), "packed")
-    assert bool((out[nbytes:] == SENTINEL).all()), "pack wrote past the packed size"
-    return got.cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,26 +93,6 @@ def test_pack_awkward(case, backend):
     got = check_pack(cache, ids, n, backend, layers=layers, heads=heads)
     if case.startswith("zero"):
         assert got.numel() == 0
-
-
-def round_trip(src, dst, src_ids, dst_ids, num_tokens, backend, *, layers=None, heads=None,
-               dst_layers=None, dst_heads=None):
-    """Pack from src, unpack into a sentinel-filled dst; compare dst with the oracle, all bytes."""
-    fill_sentinel(dst)
-    lr = range(src.num_layers) if layers is None else range(*layers)
-    hr = range(src.num_heads) if heads is None else range(*heads)
-    dlr = range(dst.num_layers) if dst_layers is None else range(*dst_layers)
-    dhr = range(dst.num_heads) if dst_heads is None else range(*dst_heads)
-    want = oracle_unpack(src, src_ids, dst, dst_ids, num_tokens, lr, hr, dlr, dhr)
-    dev = kernel_device(backend)
-    packed = pack_pages(pool_on(src, dev), on(src_ids, dev), num_tokens=num_tokens,
-                        layers=layers, heads=heads, backend=backend)
-    fmt = src.packed_format(num_tokens, layers=layers, heads=heads)
-    moved = pool_on(dst, dev)
-    unpack_pages(packed, moved, on(dst_ids, dev), num_tokens=num_tokens, layers=dst_layers,
-                 heads=dst_heads, format=fmt, backend=backend)
-    copy_back(moved, dst)
-    assert_cache_equals(dst, want, "destination")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
