@@ -257,15 +257,15 @@ class PrefixLoad:
         first = self._next == 0
         l0, l1 = group.start - self._layers.start, group.stop - self._layers.start
         whole = (l0, l1) == (0, len(self._layers))
-        span = layer_span(self._fmt, l0, l1)  # (offset, nbytes) of the group in one value
-        batch = self._store._reader_batch(self._cache, span[1])
+        span = self._fmt.segment(0, self._fmt.num_tokens, l0, l1)  # the group in one value
+        batch = self._store._reader_batch(self._cache, span.nbytes)
         for s in range(0, self.num_pages, batch):
             keys = self._keys[s:min(self.num_pages, s + batch)]
             got, rc = self._store._fetch(keys, span, whole, self._cache, self._ids, s, group,
                                          self._heads)
-            self._nbytes += got * span[1]
+            self._nbytes += got * span.nbytes
             if got < len(keys):
-                why = _why(s + got, keys[got], rc, span[1], self._geometry)
+                why = _why(s + got, keys[got], rc, span.nbytes, self._geometry)
                 if first:  # the loaded prefix ends here
                     self.num_pages, self.reason = s + got, why
                     break
@@ -287,12 +287,6 @@ class PrefixLoad:
                 self._events.append((upto, event))
             self._cond.notify_all()
         return self._next < len(self._groups)
-
-
-def layer_span(fmt: PackedFormat, l0: int, l1: int) -> tuple[int, int]:
-    """(offset, nbytes) of format-local layers [l0, l1) inside one value of format ``fmt``."""
-    layer = fmt.num_tokens * sum(fmt.row_nbytes)
-    return l0 * layer, (l1 - l0) * layer
 
 
 def reader_batch(store_page: int, reader_page: int, value_nbytes: int, room: int,

@@ -62,7 +62,7 @@ from .._checks import as_page_ids
 from .._closing import Closing
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
-from ..layout import PackedFormat, PagedKVCache, as_range
+from ..layout import PackedFormat, PagedKVCache, Span, as_range
 from ..parallel import ParallelRank, ParallelSizes
 from ..staging import ALIGN, StagingArena
 from .keys import at, check_model, is_store_writer, page_keys, value_geometry
@@ -298,10 +298,16 @@ class KVStore(Closing):
         for b in range(0, len(todo), k):
             batch = todo[b:b + k]
             sel = pool_pages[torch.tensor(batch, device=ids.device)].view(-1)
-            with self._arena.alloc(len(batch) * obj, timeout=SLOT_WAIT) as slot:
-                self._pack_values(cache, sel, len(batch), lr, hr, slot.tensor)
+            fmt = cache.packed_format(len(batch) * self.page_size, layers=lr, heads=hr,
+                                      region_tokens=self.page_size)
+            with self._arena.alloc(fmt.nbytes, timeout=SLOT_WAIT) as slot:
+                values = pack_pages(cache, sel, num_tokens=fmt.num_tokens, layers=lr, heads=hr,
+                                    region_tokens=self.page_size, validate=False,
+                                    out=slot.tensor if cache.device.type == "cpu" else None)
+                if values.data_ptr() != slot.tensor.data_ptr():
+                    slot.tensor[:fmt.nbytes].copy_(values)  # a GPU pool: one copy to the host
                 rcs = self._client.batch_put_from([keys[i] for i in batch],
-                                                  _addresses(slot.tensor, len(batch), obj),
+                                                  _addresses(slot.tensor, fmt),
                                                   [obj] * len(batch))
             for i, rc in zip(batch, rcs, strict=True):
                 if rc != 0:
@@ -313,19 +319,6 @@ class KVStore(Closing):
         """Store pages per put batch: half the arena's room, ``batch_pages``, 1,024 keys."""
         return max(1, min(self._room // 2 // value_nbytes, self.batch_pages or MAX_BATCH_KEYS,
                           MAX_BATCH_KEYS))
-
-    def _pack_values(self, cache: PagedKVCache, sel: torch.Tensor, n: int, lr: range,
-                     hr: range, out: torch.Tensor) -> None:
-        """Pack ``n`` store pages (pool pages ``sel``) into ``out`` as page-major values."""
-        T = self.page_size
-        fmt = self.value_format(cache, layers=lr, heads=hr)
-        on_host = cache.device.type == "cpu"
-        packed = pack_pages(cache, sel, num_tokens=n * T, layers=lr, heads=hr,
-                            out=None if n > 1 or not on_host else out, validate=False)
-        if n > 1:
-            _to_page_major(packed.cpu(), out, fmt, n)
-        elif not on_host:
-            out.copy_(packed)
 
     # -- read ------------------------------------------------------------------------------
 
@@ -433,16 +426,17 @@ class KVStore(Closing):
         return reader_batch(self.page_size, cache.page_size, value_nbytes, self._room // 2,
                             self.batch_pages)
 
-    def _fetch(self, keys: list[str], span: tuple[int, int], whole: bool, cache: PagedKVCache,
+    def _fetch(self, keys: list[str], span: Span, whole: bool, cache: PagedKVCache,
                ids: torch.Tensor, start: int, layers: range, heads: range) -> tuple[int, int]:
-        """Fetch bytes ``span`` of the values under ``keys`` (store pages ``start`` on) and
-        unpack the leading ones that arrived whole into ``layers`` of the pool.
+        """Fetch bytes ``span`` (the values' ``layers``) of the values under ``keys`` (store
+        pages ``start`` on) and unpack the leading ones that arrived whole into the pool.
 
         Returns (values that arrived whole, the first bad one's code or 0)."""
         self._check_open()
-        (offset, size), n = span, len(keys)
-        with self._arena.alloc(n * size, timeout=SLOT_WAIT) as slot:
-            addresses = _addresses(slot.tensor, n, size)
+        (offset, size), n, T = span, len(keys), self.page_size
+        fmt = cache.packed_format(n * T, layers=layers, heads=heads, region_tokens=T)
+        with self._arena.alloc(fmt.nbytes, timeout=SLOT_WAIT) as slot:
+            addresses = _addresses(slot.tensor, fmt)
             if whole:
                 rcs = self._client.batch_get_into(keys, addresses, [size] * n)
             else:
@@ -454,25 +448,13 @@ class KVStore(Closing):
                     self._client.batch_get_session_end(keys)
                 rcs = [o if o < 0 else rc for o, rc in zip(opened, rcs, strict=True)]
             good = next((j for j, rc in enumerate(rcs) if rc != size), n)
-            if good:
-                self._unpack_values(slot.tensor[:good * size], cache, ids, start, good, layers,
-                                    heads)
+            if good:  # the leading values that arrived, from a reader page on
+                tokens, first = good * T, start * T // cache.page_size
+                values = slot.tensor[:fmt.segment(0, tokens).end]
+                unpack_pages(values.to(cache.device), cache,
+                             ids[first:first + -(-tokens // cache.page_size)], num_tokens=tokens,
+                             layers=layers, heads=heads, region_tokens=T, validate=False)
         return good, (rcs[good] if good < n else 0)
-
-    def _unpack_values(self, values: torch.Tensor, cache: PagedKVCache, ids: torch.Tensor,
-                       start: int, n: int, layers: range, heads: range) -> None:
-        """Unpack ``n`` page-major values of ``layers`` (store pages ``start`` on) into the
-        pool; the batch starts on a reader page."""
-        T, R = self.page_size, cache.page_size
-        tokens = n * T
-        if n > 1:
-            fmt = cache.packed_format(T, layers=layers, heads=heads)
-            layer_major = torch.empty_like(values)
-            _to_page_major(layer_major, values, fmt, n, back=True)
-            values = layer_major
-        first = start * T // R
-        unpack_pages(values.to(cache.device), cache, ids[first:first + -(-tokens // R)],
-                     num_tokens=tokens, layers=layers, heads=heads, validate=False)
 
     # -- removal and teardown --------------------------------------------------------------
 
@@ -524,24 +506,8 @@ class KVStore(Closing):
             raise StoreError("close", f"releasing the client failed: {errors}")
 
 
-def _addresses(slot: torch.Tensor, n: int, value_nbytes: int) -> list[int]:
-    """Address of each of ``n`` back-to-back values in ``slot``."""
+def _addresses(slot: torch.Tensor, fmt: PackedFormat) -> list[int]:
+    """Address of every value of a slot of format ``fmt`` (cut into store pages)."""
     base = slot.data_ptr()
-    return [base + j * value_nbytes for j in range(n)]
+    return [base + fmt.region(j).offset for j in range(fmt.num_regions)]
 
-
-def _to_page_major(layer_major: torch.Tensor, page_major: torch.Tensor, fmt: PackedFormat,
-                   n: int, back: bool = False) -> None:
-    """Layer-major packed slot of ``n`` store pages <-> ``n`` page-major values of ``fmt``."""
-    rows = fmt.row_nbytes * fmt.num_layers
-    T = fmt.num_tokens
-    lm = layer_major[:n * fmt.nbytes]
-    pm = page_major[:n * fmt.nbytes].view(n, fmt.nbytes)
-    lm_off = pm_off = 0
-    for r in rows:
-        span = T * r
-        block = lm[lm_off:lm_off + n * span].view(n, span)
-        part = pm[:, pm_off:pm_off + span]
-        (block.copy_(part) if back else part.copy_(block))
-        lm_off += n * span
-        pm_off += span
