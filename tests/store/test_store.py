@@ -87,6 +87,11 @@ def test_existing_keys_skipped(store):
     assert store.put_prefix(src, ids, tokens[:2 * T]).written == 2
     again = store.put_prefix(src, ids, tokens)
     assert (again.written, again.skipped) == (2, 2)
+    dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=4, page_size=T))
+    want = oracle_unpack(src, ids, dst, [3, 2, 1, 0], 4 * T, range(3), range(2), range(3),
+                         range(2))
+    assert store.load_prefix(dst, [3, 2, 1, 0], tokens).num_pages == 4
+    assert_cache_equals(dst, want)  # the pages written second are pages 2 and 3, not 0 and 1
 
 
 def test_layer_range_and_head_slice(store):
@@ -285,11 +290,6 @@ def test_staging_too_small_is_a_value_error(master):
         assert s.match_prefix(list(range(128)), big) == 0
 
 
-def test_arena_empty_after_every_test(store):
-    """Runs last in the module: every put and load above released its staging slots."""
-    assert store._arena.live_slots == [] and store._arena.bytes_in_use == 0
-
-
 def test_embedded_master_outlives_the_thread_that_made_the_store():
     """Issue 18 item 5: PR_SET_PDEATHSIG fires when the *thread* that forked the master exits,
     so a store made in a worker thread used to lose its master with that thread while the
@@ -432,3 +432,29 @@ def test_background_load_wait_and_validation(store):
         with pytest.raises(err, match="layer_groups"):
             store.load_prefix_async(dst, torch.arange(6), tokens, layer_groups=bad)
     assert not store._arena.live_slots
+
+
+@pytest.mark.parametrize("reader_ps", [24, 64], ids=lambda p: f"read_ps{p}")
+def test_batches_start_on_reader_pages(store, reader_ps):
+    """A batch cap that is not a whole number of reader pages (5 store pages of 16 tokens vs
+    reader pages of 24 or 64) is rounded down to one, streamed or not."""
+    tokens, src, ids = stored_prompt(store, mha(), 11, layers=3)
+    store.batch_pages = 5
+    try:
+        for groups in (1, None):
+            dst = fill_sentinel(make_cache(mha(), num_layers=3, num_pages=9,
+                                           page_size=reader_ps))
+            dst_ids = torch.randperm(9, generator=torch.Generator().manual_seed(5))
+            dst_ids = dst_ids[:-(-11 * T // reader_ps)]
+            want = oracle_unpack(src, ids, dst, dst_ids, 11 * T, range(3), range(2), range(3),
+                                 range(2))
+            got = store.load_prefix_async(dst, dst_ids, tokens, layer_groups=groups)
+            assert got.result(timeout=60).num_pages == 11
+            assert_cache_equals(dst, want)
+    finally:
+        store.batch_pages = 3
+
+
+def test_arena_empty_after_every_test(store):
+    """Runs last in the module: every put and load above released its staging slots."""
+    assert store._arena.live_slots == [] and store._arena.bytes_in_use == 0
