@@ -260,7 +260,10 @@ def test_embedded_master_owned_by_store():
     src, ids = writer_pool(mla(), 4, 2)
     s.put_prefix(src, ids, list(range(8)))
     assert s.match_prefix(list(range(8)), src) == 2
-    s.close()
+    dst = make_cache(mla(), num_layers=3, num_pages=2, page_size=4)
+    load = s.load_prefix_async(dst, [1, 0], list(range(8)))  # still running at close
+    s.close()  # waits for the background load before releasing the client and the arena
+    assert load.done and load.result().num_layers == 3
     assert proc.poll() is not None  # stopped and reaped
     s.close()  # idempotent
 
