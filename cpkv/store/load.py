@@ -181,6 +181,15 @@ class PrefixLoad:
                 break
         return self.layers_ready
 
+    def event(self, layers: int, timeout: float | None = None):
+        """CUDA pools: the event after which ``layers`` leading layers are in the pool, for a
+        runner's stream to wait on (``stream.wait_event``) without a host synchronisation;
+        blocks the host only until that group's unpack has been issued. None on the CPU (the
+        bytes are in the pool once `wait` returns), or when the load ended without them."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done_layers >= layers or self._stopped, timeout)
+            return next((e for upto, e in self._events if upto >= layers), None)
+
     def result(self, timeout: float | None = None) -> LoadResult:
         """The outcome once the load has ended (blocks up to ``timeout`` s; TimeoutError)."""
         with self._cond:
