@@ -10,7 +10,7 @@
 4. A table: per writer the share, bytes, put time and throughput; the reader's get.
 
 Writers keep their clients (and the segments holding their pages) open until the reader is done.
-Times cover the store calls only (pack/reorder/put, get/reorder/unpack); verification is not
+Times cover the store calls only (existence check, pack, put; get, unpack); verification is not
 timed.
 """
 
