@@ -6,7 +6,8 @@ Time runs from the senders' `send` to every DCP rank's Success; descriptors per 
 writes submitted (packed: one per sender, DCP rank and layer group; direct: one per token, layer
 and component where I = 1, per page run where I = B). Rows: ``op=transfer``, shape
 ``<shape>-cp2-dcp<D>-i<I>``, providers ``cpkv-packed`` and ``direct``, metrics ``time`` (ms) and
-``descriptors``, and for packed ``speedup`` (direct time over packed, same run).
+``descriptors``, and for packed ``speedup`` (direct time over packed, same run), in
+``benchmarks/results/dcp.csv``.
 
     python -m benchmarks.bench_dcp [--quick] [--shapes A,C] [--tokens N] [--repeats N]
     python -m benchmarks.bench_transfer --dcp     (the same, as part of the transfer sweep)
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="A,C")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
+    p.add_argument("--out", default=str(RESULTS / "dcp.csv"))
     args = p.parse_args(argv)
     tokens, repeats = (64, 1) if args.quick else (args.tokens, args.repeats)
     run(args.shapes.split(","), tokens, repeats, args.out)

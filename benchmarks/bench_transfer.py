@@ -221,8 +221,9 @@ def main(argv=None) -> int:
     if args.dcp:  # its own set-up: a CP 2 instance into DCP groups, shapes A and C
         from benchmarks import bench_dcp
 
+        out = args.out if args.out != str(RESULTS / "transfer.csv") else str(RESULTS / "dcp.csv")
         return bench_dcp.main((["--quick"] if args.quick else []) + [
-            "--out", args.out, "--repeats", str(min(args.repeats, 3))] + (
+            "--out", out, "--repeats", str(min(args.repeats, 3))] + (
             ["--tokens", str(args.tokens[0])] if args.tokens else []))
     tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
