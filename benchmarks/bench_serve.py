@@ -41,6 +41,8 @@ FULL = dict(latency=[16, 128, 1024, 4096], rate_tokens=[16, 1024], inflight=[1, 
             requests=200, rounds=3, mesh_requests=200)
 QUICK = dict(latency=[16, 128], rate_tokens=[16], inflight=[1, 4, 16], requests=40, rounds=2,
              mesh_requests=40)
+SMOKE = dict(latency=[16], rate_tokens=[16], inflight=[1, 4], requests=8, rounds=1,
+             mesh_requests=8)  # every phase once, for the tests of the sweep and its figure
 WINDOW = 80  # requests a receiver keeps expected ahead (each on its own pages), at most
 DECODE_BYTES = 1 << 30  # and within this much pool (a decode engine's pool is finite too)
 
@@ -245,10 +247,9 @@ def _q(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(quick: bool, rounds: int | None, out) -> list[dict]:
+def run(cfg: dict, rounds: int | None, out) -> list[dict]:
     from cpkv.report import CsvWriter, provenance
 
-    cfg = QUICK if quick else FULL
     rounds = rounds or cfg["rounds"]
     tokens_all = sorted(set(cfg["latency"]) | set(cfg["rate_tokens"]))
     writer = CsvWriter(out, provenance(torch.device("cpu")))
@@ -314,10 +315,11 @@ def run(quick: bool, rounds: int | None, out) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cpkv bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small sweep (minutes on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="every phase once, tiny (the tests)")
     p.add_argument("--rounds", type=int, default=None, help="alternating cpkv/raw rounds")
     p.add_argument("--out", default=str(RESULTS / "serve.csv"))
     args = p.parse_args(argv)
-    run(args.quick, args.rounds, args.out)
+    run(SMOKE if args.smoke else QUICK if args.quick else FULL, args.rounds, args.out)
     return 0
 
 
