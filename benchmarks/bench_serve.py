@@ -17,7 +17,9 @@ descriptor per request into the decode process's registered memory at the same c
 rows report the rounds' medians. Rows (``benchmarks/results/serve.csv``): ``op=serve``,
 ``provider`` cpkv or raw, ``pattern`` ``inflight<k>`` (``mesh<k>`` for the mesh), metrics
 ``requests_per_s``, ``latency_p50`` and ``latency_p99`` (ms), and for cpkv ``ratio_to_raw``
-(its rate over raw's at the same in-flight count and tokens).
+(its rate over raw's at the same in-flight count and tokens); with one request in flight,
+``stage_pack`` / ``stage_wire`` / ``stage_unpack`` / ``stage_other`` say where a request's
+time goes (`stages`).
 
     python -m benchmarks.bench_serve [--quick] [--rounds N] [--out PATH]
 """
@@ -94,6 +96,7 @@ def _decode(conn, instance: str, tokens_list: list[int], sources: dict):
             break
         phase, tokens, plan = cmd  # plan: [(rid, source)] this rank expects, in order
         n_pages, ahead = _pages(tokens), window(tokens)
+        recv.trace = []  # the unpacks' spans (the breakdown)
         done, pending, expected, failed = {}, list(enumerate(plan)), [], []
         while pending and len(expected) < ahead:
             expected.append(_expect(recv, pending.pop(0), n_pages, ahead, tokens))
@@ -107,7 +110,7 @@ def _decode(conn, instance: str, tokens_list: list[int], sources: dict):
             recv.forget(rid)
             if pending:
                 expected.append(_expect(recv, pending.pop(0), n_pages, ahead, tokens))
-        conn.send((done, failed))
+        conn.send((done, failed, recv.trace))
     recv.close()
     engine.unregister(raw.data_ptr())
     arena.close()
@@ -145,6 +148,7 @@ def _prefill(conn, instance: str, tokens_list: list[int]):
         nbytes = cache.packed_nbytes(tokens)
         started, landed, failed = {}, {}, []
         flying: list = []
+        sender.trace = []  # the packs' and writes' spans (the breakdown)
         t_begin = time.monotonic()
         for rid, where in plan:
             if len(flying) >= inflight:
@@ -158,7 +162,7 @@ def _prefill(conn, instance: str, tokens_list: list[int]):
                 flying.append((rid, engine.submit(session, [(src.data_ptr(), addr, nbytes)])))
         while flying:
             _finish(phase, flying.pop(0), sender, engine, landed, failed)
-        conn.send((started, landed, failed, time.monotonic() - t_begin))
+        conn.send((started, landed, failed, time.monotonic() - t_begin, sender.trace))
     sender.close()
 
 
@@ -205,20 +209,22 @@ class Deployment:
         for name, conn in self.p.items():
             conn.send(("cpkv", tokens, inflight, [(r, self.info[d][0]) for r, p, d in requests
                                                    if p == name]))
-        started, walls, failed = {}, [], []
+        started, failed, trace = {}, [], []
         for conn in self.p.values():
-            s, _, f, wall = conn.recv()
+            s, _, f, _, t = conn.recv()
             started.update(s)
-            walls.append(wall)
             failed += f
+            trace += t
         done = {}
         for conn in self.d.values():
-            d, f = conn.recv()
+            d, f, t = conn.recv()
             done.update(d)
             failed += f
+            trace += t
         if failed:
             raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[:3]}")
         lat = [done[r] - started[r] for r in started]
+        self.stages = stages(trace, lat)
         return lat, len(lat) / (max(done.values()) - min(started.values()))
 
     def raw(self, tokens: int, inflight: int, requests: list[tuple[int, str, str]]):
@@ -227,7 +233,7 @@ class Deployment:
             conn.send(("raw", tokens, inflight, mine))
         started, landed = {}, {}
         for conn in self.p.values():
-            s, land, _, _ = conn.recv()
+            s, land, _, _, _ = conn.recv()
             started.update(s)
             landed.update(land)
         lat = [landed[r] - started[r] for r in started]
@@ -240,6 +246,21 @@ class Deployment:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
+
+
+def stages(trace: list, latencies: list[float]) -> dict[str, float]:
+    """Where a request's time goes, p50 over requests in ms: ``pack`` (the sender's kernel
+    into staging), ``wire`` (its write, submit to landed), ``unpack`` (the receiver's kernel
+    into the pool), ``other`` (the rest: hand-offs between threads and processes, the
+    notification and the verdict). The spans are the agents' traces (perf_counter, the host's
+    monotonic clock in both processes); meaningful with one request in flight."""
+    per: dict[str, dict] = {"pack": {}, "wire": {}, "unpack": {}}
+    for what, rid, _, _, t0, t1 in trace:
+        per[what][rid] = per[what].get(rid, 0.0) + (t1 - t0)
+    out = {k: 1e3 * statistics.median(v.values()) for k, v in per.items() if v}
+    if len(out) == 3:
+        out["other"] = 1e3 * statistics.median(latencies) - sum(out.values())
+    return out
 
 
 def _q(values, q):
@@ -265,18 +286,24 @@ def run(cfg: dict, rounds: int | None, out) -> list[dict]:
 
     def phase(dep, tokens, inflight, n, route, pattern):
         """Alternate cpkv and raw for ``rounds``; emit the medians over rounds."""
-        per = {"cpkv": [], "raw": []}
+        per, split = {"cpkv": [], "raw": []}, []
         for _ in range(rounds):
             reqs = [(next(rid), *route()) for _ in range(n)]
             for provider in ("cpkv", "raw"):
                 lat, rate = getattr(dep, provider)(tokens, inflight, reqs)
                 per[provider].append((rate, _q(lat, 0.5) * 1e3, _q(lat, 0.99) * 1e3))
+            split.append(dep.stages)
         for provider, runs in per.items():
             emit(provider, tokens, pattern, "requests_per_s", "1/s", [r[0] for r in runs])
             emit(provider, tokens, pattern, "latency_p50", "ms", [r[1] for r in runs])
             emit(provider, tokens, pattern, "latency_p99", "ms", [r[2] for r in runs])
         ratios = [c[0] / r[0] for c, r in zip(per["cpkv"], per["raw"], strict=True)]
         emit("cpkv", tokens, pattern, "ratio_to_raw", "x", ratios)
+        if inflight == 1 and all(len(x) == 4 for x in split):  # spans overlap with more
+            for stage in split[0]:
+                emit("cpkv", tokens, pattern, f"stage_{stage}", "ms", [x[stage] for x in split])
+            print("  " + " ".join(f"{k} {statistics.median(x[k] for x in split):.2f}"
+                                  for k in split[0]) + " ms", flush=True)
         c50 = statistics.median(r[1] for r in per["cpkv"])
         w50 = statistics.median(r[1] for r in per["raw"])
         rate = {k: statistics.median(r[0] for r in v) for k, v in per.items()}
@@ -285,8 +312,15 @@ def run(cfg: dict, rounds: int | None, out) -> list[dict]:
               f"ms p99 {c99:7.2f} ms | raw {rate['raw']:7.1f} req/s p50 {w50:7.2f} ms | rate "
               f"ratio {statistics.median(ratios):.2f}", flush=True)
 
+    def warm(dep, pairs):
+        """Unmeasured: every route and size once (connections, Mooncake segments, caches)."""
+        for tokens in tokens_all:
+            for provider in ("cpkv", "raw"):
+                getattr(dep, provider)(tokens, 1, [(next(rid), *pair) for pair in pairs])
+
     dep = Deployment(["prefill"], ["decode"], tokens_all)
     try:
+        warm(dep, [("prefill", "decode")])
         print("one request in flight", flush=True)
         for tokens in cfg["latency"]:
             phase(dep, tokens, 1, max(10, cfg["requests"] // 4), lambda: ("prefill", "decode"),
@@ -304,6 +338,7 @@ def run(cfg: dict, rounds: int | None, out) -> list[dict]:
     rng = random.Random(0)
     mesh = Deployment(["prefill-a", "prefill-b"], ["decode-0", "decode-1"], tokens_all)
     try:
+        warm(mesh, [(p, d) for p in ("prefill-a", "prefill-b") for d in ("decode-0", "decode-1")])
         phase(mesh, min(cfg["rate_tokens"]), 16, cfg["mesh_requests"],
               lambda: (rng.choice(["prefill-a", "prefill-b"]),
                        rng.choice(["decode-0", "decode-1"])), "mesh16")

@@ -1,6 +1,7 @@
 """Serving figure (``benchmarks/results/serve.csv``, `cpkv bench serve`): requests per second
 against requests in flight, cpkv next to raw writes of the same bytes at the same concurrency
-(one panel per request size), and one request's p50 latency against its size."""
+(one panel per request size), one request's p50 latency against its size, and where that
+request's time goes (pack, wire, unpack, the rest) as shares of it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def _inflight(r) -> int:
 def plot(results: Path = RESULTS, out: Path = Path("plots")) -> list[Path]:
     rows = [r for r in load(results / "serve.csv") if r["pattern"].startswith("inflight")]
     rated = sorted({r["tokens"] for r in rows if _inflight(r) > 1})
-    fig, axes = plt.subplots(1, len(rated) + 1, figsize=(4.0 * (len(rated) + 1), 3.6),
-                             squeeze=False)
+    staged = sorted({r["tokens"] for r in pick(rows, pattern="inflight1", metric="stage_pack")})
+    panels = len(rated) + 1 + bool(staged)
+    fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels, 3.6), squeeze=False)
     for ax, tokens in zip(axes[0], rated, strict=False):
         for provider, color, style in (("cpkv", OURS, "-o"), ("raw", GREYS[0], "--s")):
             pts = sorted((_inflight(r), r["p50"]) for r in pick(
@@ -30,7 +32,7 @@ def plot(results: Path = RESULTS, out: Path = Path("plots")) -> list[Path]:
         ax.set_title(f"{tokens} tokens", fontsize=9)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    ax = axes[0][-1]
+    ax = axes[0][len(rated)]
     for provider, color, style in (("cpkv", OURS, "-o"), ("raw", GREYS[0], "--s")):
         pts = sorted((r["tokens"], r["p50"]) for r in pick(
             rows, pattern="inflight1", provider=provider, metric="latency_p50"))
@@ -41,5 +43,28 @@ def plot(results: Path = RESULTS, out: Path = Path("plots")) -> list[Path]:
     ax.set_xlabel("tokens per request (one in flight)")
     ax.set_ylabel("latency p50 (ms)")
     ax.legend(fontsize=7)
+    if staged:
+        _stages(axes[0][-1], rows, staged)
     title(fig, "Serving: one prefill and one decode process, shape A, pages of 16", rows)
     return [save(fig, out / "serve.png")]
+
+
+STAGES = (("pack", OURS), ("wire", GREYS[0]), ("unpack", "#edae49"), ("other", GREYS[2]))
+
+
+def _stages(ax, rows, sizes) -> None:
+    """One bar per request size: the p50 of each stage as a share of their sum."""
+    bottom = [0.0] * len(sizes)
+    for stage, color in STAGES:
+        ms = [next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
+                                           metric=f"stage_{stage}")), 0.0) for t in sizes]
+        totals = [sum(next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
+                                                   metric=f"stage_{s}")), 0.0)
+                      for s, _ in STAGES) for t in sizes]
+        share = [m / total if total > 0 else 0.0 for m, total in zip(ms, totals, strict=True)]
+        ax.bar([str(t) for t in sizes], share, bottom=bottom, color=color, label=stage)
+        bottom = [b + x for b, x in zip(bottom, share, strict=True)]
+    ax.set_xlabel("tokens per request (one in flight)")
+    ax.set_ylabel("share of a request's time (p50s)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)

@@ -46,7 +46,8 @@ def test_quick_sweep_rows_carry_provenance(results, sweep):
         assert float(r["p50"]) > 0, r
     assert {r["metric"] for r in rows} >= {
         "dcp": {"time", "descriptors", "speedup"},
-        "serve": {"requests_per_s", "latency_p50", "latency_p99", "ratio_to_raw"},
+        "serve": {"requests_per_s", "latency_p50", "latency_p99", "ratio_to_raw", "stage_pack",
+                  "stage_wire", "stage_unpack", "stage_other"},
     }.get(sweep, {"time", "bandwidth"})
 
 

@@ -69,7 +69,7 @@ def test_soak_many_to_many_with_stalls_and_restarts():
     # timeout: a stalled sender that still holds a destination is not past the grace.
     recvs = [KVReceiver(dst, instance=f"decode-{j}", engine=engine, arena=arena,
                         timeout=TIMEOUT, checksum=True, grace=12.0)
-             for j, (dst, arena) in enumerate(zip(dsts, arenas))]
+             for j, (dst, arena) in enumerate(zip(dsts, arenas, strict=True))]
     addresses = [recv.address for recv in recvs]
     baseline = gauges(recvs)
     ctx = multiprocessing.get_context("spawn")
@@ -142,7 +142,7 @@ def test_soak_many_to_many_with_stalls_and_restarts():
     while gauges(recvs) != baseline and time.monotonic() < deadline:
         time.sleep(0.01)
     left = [{k: (was[k], v) for k, v in now.items() if v != was[k]}
-            for was, now in zip(baseline, gauges(recvs))]
+            for was, now in zip(baseline, gauges(recvs), strict=True)]
     left = [x for x in left if x]
     quarantined = sum(recv.stats()["quarantined_past_grace"] for recv in recvs)
     for recv in recvs:
