@@ -5,7 +5,7 @@ Prefill and decode run in their own processes (one `KVSender` each prefill rank,
 
 * ``latency``: one request in flight, 16 / 128 / 1,024 / 4,096 tokens: a request's time runs
   from the sender's `send` call (it has the page ids) to the receiver's `wait` returning
-  Success (the pool holds the bytes), both read on the host's monotonic clock;
+  Success (the pool holds the bytes), both read on the host's monotonic clock (perf_counter);
 * ``rate``: 1 / 4 / 16 / 64 requests in flight of 16 and 1,024 tokens: requests per second
   over the run, p50 and p99 latency;
 * ``mesh``: 2 prefill instances x 2 decode receivers, each request routed at random, 16 in
@@ -104,7 +104,7 @@ def _decode(conn, instance: str, tokens_list: list[int], sources: dict):
         while expected:
             rid = expected.pop(0)
             status = recv.wait(rid, 120)
-            done[rid] = time.monotonic()
+            done[rid] = time.perf_counter()
             if status.name != "Success":
                 failed.append((rid, recv.reason(rid)))
             recv.forget(rid)
@@ -149,11 +149,11 @@ def _prefill(conn, instance: str, tokens_list: list[int]):
         started, landed, failed = {}, {}, []
         flying: list = []
         sender.trace = []  # the packs' and writes' spans (the breakdown)
-        t_begin = time.monotonic()
+        t_begin = time.perf_counter()
         for rid, where in plan:
             if len(flying) >= inflight:
                 _finish(phase, flying.pop(0), sender, engine, landed, failed)
-            started[rid] = time.monotonic()
+            started[rid] = time.perf_counter()
             if phase == "cpkv":
                 sender.send(rid, ids, to=where, num_tokens=tokens)
                 flying.append(rid)
@@ -162,7 +162,7 @@ def _prefill(conn, instance: str, tokens_list: list[int]):
                 flying.append((rid, engine.submit(session, [(src.data_ptr(), addr, nbytes)])))
         while flying:
             _finish(phase, flying.pop(0), sender, engine, landed, failed)
-        conn.send((started, landed, failed, time.monotonic() - t_begin, sender.trace))
+        conn.send((started, landed, failed, time.perf_counter() - t_begin, sender.trace))
     sender.close()
 
 
@@ -175,7 +175,7 @@ def _finish(phase, item, sender, engine, landed, failed):
     else:
         rid, pending = item
         engine.wait(pending)
-        landed[rid] = time.monotonic()
+        landed[rid] = time.perf_counter()
 
 
 class Deployment:
@@ -224,7 +224,7 @@ class Deployment:
         if failed:
             raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[:3]}")
         lat = [done[r] - started[r] for r in started]
-        self.stages = stages(trace, lat)
+        self.stages = stages(trace, started, done)
         return lat, len(lat) / (max(done.values()) - min(started.values()))
 
     def raw(self, tokens: int, inflight: int, requests: list[tuple[int, str, str]]):
@@ -248,19 +248,37 @@ class Deployment:
                 proc.kill()
 
 
-def stages(trace: list, latencies: list[float]) -> dict[str, float]:
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for t0, t1 in sorted(spans):
+        if t1 > reach:
+            total += t1 - max(t0, reach)
+            reach = t1
+    return total
+
+
+def stages(trace: list, started: dict, done: dict) -> dict[str, float]:
     """Where a request's time goes, p50 over requests in ms: ``pack`` (the sender's kernel
-    into staging), ``wire`` (its write, submit to landed), ``unpack`` (the receiver's kernel
-    into the pool), ``other`` (the rest: hand-offs between threads and processes, the
-    notification and the verdict). The spans are the agents' traces (perf_counter, the host's
-    monotonic clock in both processes); meaningful with one request in flight."""
-    per: dict[str, dict] = {"pack": {}, "wire": {}, "unpack": {}}
+    into staging, summed over its layer groups), ``wire`` (its writes, submit to landed: the
+    union of their spans), ``unpack`` (the receiver's kernel into the pool, summed) and
+    ``other``: the request's time during which none of them ran (hand-offs between threads
+    and processes, the notification, the verdict). Spans overlap once a request is cut into
+    layer groups (the next group packs while one is on the wire), so the stages can sum to
+    more than the request. From the agents' traces (perf_counter: the host's monotonic clock
+    in both processes); meaningful with one request in flight."""
+    spans: dict = {}
     for what, rid, _, _, t0, t1 in trace:
-        per[what][rid] = per[what].get(rid, 0.0) + (t1 - t0)
-    out = {k: 1e3 * statistics.median(v.values()) for k, v in per.items() if v}
-    if len(out) == 3:
-        out["other"] = 1e3 * statistics.median(latencies) - sum(out.values())
-    return out
+        spans.setdefault(rid, {}).setdefault(what, []).append((t0, t1))
+    per: dict[str, list[float]] = {"pack": [], "wire": [], "unpack": [], "other": []}
+    for rid, got in spans.items():
+        if rid not in done or set(got) != {"pack", "wire", "unpack"}:
+            continue
+        per["pack"].append(sum(t1 - t0 for t0, t1 in got["pack"]))
+        per["wire"].append(_union(got["wire"]))
+        per["unpack"].append(sum(t1 - t0 for t0, t1 in got["unpack"]))
+        per["other"].append(done[rid] - started[rid] - _union(sum(got.values(), [])))
+    return {k: 1e3 * statistics.median(v) for k, v in per.items() if v}
 
 
 def _q(values, q):

@@ -1,7 +1,7 @@
 """Serving figure (``benchmarks/results/serve.csv``, `cpkv bench serve`): requests per second
 against requests in flight, cpkv next to raw writes of the same bytes at the same concurrency
 (one panel per request size), one request's p50 latency against its size, and where that
-request's time goes (pack, wire, unpack, the rest) as shares of it."""
+request's time goes (pack, wire, unpack, the rest, each over the request's p50)."""
 
 from __future__ import annotations
 
@@ -53,18 +53,30 @@ STAGES = (("pack", OURS), ("wire", GREYS[0]), ("unpack", "#edae49"), ("other", G
 
 
 def _stages(ax, rows, sizes) -> None:
-    """One bar per request size: the p50 of each stage as a share of their sum."""
-    bottom = [0.0] * len(sizes)
-    for stage, color in STAGES:
-        ms = [next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
-                                           metric=f"stage_{stage}")), 0.0) for t in sizes]
-        totals = [sum(next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
-                                                   metric=f"stage_{s}")), 0.0)
-                      for s, _ in STAGES) for t in sizes]
-        share = [m / total if total > 0 else 0.0 for m, total in zip(ms, totals, strict=True)]
-        ax.bar([str(t) for t in sizes], share, bottom=bottom, color=color, label=stage)
-        bottom = [b + x for b, x in zip(bottom, share, strict=True)]
+    """Per request size, each stage's p50 over the request's p50 latency (stages overlap once
+    a request is cut into layer groups, so they may sum past 1); raw's latency as a tick."""
+    width = 0.8 / len(STAGES)
+    for i, (stage, color) in enumerate(STAGES):
+        xs, ys = [], []
+        for j, t in enumerate(sizes):
+            total = next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
+                                                 provider="cpkv", metric="latency_p50")), None)
+            ms = next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
+                                              metric=f"stage_{stage}")), None)
+            if total and ms is not None:
+                xs.append(j + (i - (len(STAGES) - 1) / 2) * width)
+                ys.append(ms / total)
+        ax.bar(xs, ys, width=width, color=color, label=stage)
+    for j, t in enumerate(sizes):
+        total = next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t,
+                                             provider="cpkv", metric="latency_p50")), None)
+        raw = next((r["p50"] for r in pick(rows, pattern="inflight1", tokens=t, provider="raw",
+                                           metric="latency_p50")), None)
+        if total and raw:
+            ax.hlines(raw / total, j - 0.45, j + 0.45, colors="black", linestyles="--",
+                      label="raw write" if j == 0 else None)
+    ax.set_xticks(range(len(sizes)), [str(t) for t in sizes])
     ax.set_xlabel("tokens per request (one in flight)")
-    ax.set_ylabel("share of a request's time (p50s)")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("stage p50 / request p50")
+    ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=7)
