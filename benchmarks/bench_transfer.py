@@ -213,8 +213,17 @@ def main(argv=None) -> int:
     p.add_argument("--checksum", action="store_true",
                    help="receivers verify a CRC32C of every packed segment (as the demo does)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dcp", action="store_true",
+                   help="the decode-context-parallel rows instead (benchmarks/bench_dcp.py)")
     p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
     args = p.parse_args(argv)
+    if args.dcp:  # its own set-up: a CP 2 instance into DCP groups, shapes A and C
+        from benchmarks import bench_dcp
+
+        out = args.out if args.out != str(RESULTS / "transfer.csv") else str(RESULTS / "dcp.csv")
+        return bench_dcp.main((["--quick"] if args.quick else []) + [
+            "--out", out, "--repeats", str(min(args.repeats, 3))] + (
+            ["--tokens", str(args.tokens[0])] if args.tokens else []))
     tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
     biggest = max(PackedFormat(max(tokens_list), SHAPES[s].num_layers, SHAPES[s].components).nbytes

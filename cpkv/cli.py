@@ -20,8 +20,8 @@ from .report import CompanionError, companion, figures_dir, results_dir
 from .shapes import SHAPES
 
 # benchmarks/bench_<name>.py, each with main(argv); plots/plot_<name>.py with plot(results, out)
-SWEEPS = ("kernels", "cp", "transfer", "store", "layerwise")
-PLOTS = ("kernels", "transfer", "cp", "store", "layerwise", "timeline")
+SWEEPS = ("kernels", "cp", "transfer", "store", "layerwise", "dcp", "serve")
+PLOTS = ("kernels", "transfer", "cp", "store", "layerwise", "timeline", "dcp", "serve")
 MAX_CP = 8
 
 

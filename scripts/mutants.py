@@ -44,7 +44,11 @@ ENGINE_TESTS = ("tests/transfer/test_mutation_gaps.py", "tests/transfer/test_lay
 LAYOUTS = ("tests/transfer/test_layouts.py", "tests/transfer/test_mutation_gaps.py")
 GAPS_PP = ("tests/transfer/test_mutation_gaps.py", "-k", "source_layers")
 AGREE = ("tests/transfer/test_transfer_local.py", "-k", "status_cell or agree")
-KEYS = "cpkv/cp/keys.py"
+KEYS = "cpkv/store/keys.py"
+KEY_TESTS = "tests/store/test_key_suffixes.py"
+STORE_KEY_TESTS = "tests/store/test_store_keys.py"
+STORE = "cpkv/store/store.py"
+LOAD = "cpkv/store/load.py"
 PARALLEL = "cpkv/parallel.py"
 ADAPT = "cpkv/adapters.py"
 ADAPT_TESTS = ("tests/test_adapters.py",)
@@ -514,16 +518,54 @@ MUTANTS: list[Mutant] = [
       "return heads.start // len(heads)",
       "return tp_rank",
       "replicated TP ranks name different head shards",
-      ("tests/cp/test_keys.py", "tests/test_parallel.py")),
+      (KEY_TESTS, "tests/test_parallel.py")),
     M("key-writer", KEYS,
       "first_tp = rank.tp == 0 if shard is None else is_first_holder(rank.tp, sizes.tp,",
       "first_tp = True if shard is None else is_first_holder(rank.tp, sizes.tp,",
-      "with one shard (MLA, TP 1) every TP rank writes the same key", ("tests/cp/test_keys.py",)),
+      "with one shard (MLA, TP 1) every TP rank writes the same key", (KEY_TESTS,)),
     M("par-first-holder", PARALLEL,
       "return tp_rank == 0 or heads_of(tp_rank - 1, tp_size, num_kv_heads) != heads",
       "return True",
       "every replica of a head sends / writes it (the same bytes twice)",
-      ("tests/cp/test_keys.py", "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
+      (KEY_TESTS, "tests/test_parallel.py", "tests/transfer/test_mapping.py")),
+    M("key-geometry", KEYS,
+      'seed = f"{SCHEME}|{check_model(model)}|{value_geometry(fmt)}"',
+      'seed = f"{SCHEME}|{check_model(model)}|{fmt.num_tokens}|{fmt.nbytes}"',
+      "values of another geometry but the same byte size share keys (loaded as hits)",
+      (KEY_TESTS, STORE_KEY_TESTS, "tests/store/test_store.py", "-k", "geometry")),
+    # -- store tier: where each value, layer group and reader page lies -------------------------
+    M("s-put-pages", STORE,
+      "sel = pool_pages[torch.tensor(batch, device=ids.device)].view(-1)",
+      "sel = pool_pages[b:b + len(batch)].view(-1)",
+      "a put that skips stored keys packs the pages from the share's start, not the missing ones",
+      ("tests/store/test_store.py", "-k", "skipped")),
+    M("s-reader-page-of-batch", STORE,
+      "tokens, first = good * T, start * T // cache.page_size",
+      "tokens, first = good * T, start",
+      "a batch lands at reader page = its store page index (wrong when the page sizes differ)",
+      ("tests/store/test_store.py", "-k", "reader_page or streaming_load_bytes")),
+    M("s-group-range", STORE,
+      "keys, [[a] for a in addresses], [[size]] * n, [[offset]] * n)",
+      "keys, [[a] for a in addresses], [[size]] * n, [[0]] * n)",
+      "every layer group reads the first layers' bytes of each value",
+      ("tests/store/test_store.py", "-k", "streaming_load_bytes")),
+    M("s-batch-on-reader-pages", LOAD,
+      "return max(step, cap // step * step)",
+      "return max(step, cap)",
+      "a batch cap that is not whole reader pages starts the next batch inside a reader page",
+      ("tests/store/test_store.py", "-k", "reader_pages")),
+    M("s-later-group-shrinks", LOAD,
+      "if first:  # the loaded prefix ends here",
+      "if True:  # the loaded prefix ends here",
+      "a later group's failure shortens the prefix (earlier groups' layers of the dropped "
+      "pages were already counted) instead of stopping with the layers loaded",
+      ("tests/store/test_store.py", "-k", "layers_ready or master_down")),
+    M("s-ready-before-landed", LOAD,
+      "        batch = self._store._reader_batch(self._cache, span.nbytes)\n",
+      "        batch = self._store._reader_batch(self._cache, span.nbytes)\n"
+      "        with self._cond:\n            self._done_layers = l1\n",
+      "a group counts as ready before its pages have landed (and even when it fails)",
+      ("tests/store/test_store.py", "-k", "layers_ready or master_down")),
     # -- transfer: engine batching, rank mapping, direct descriptors, status -------------------
     M("e-batches-in-flight", ENGINE,
       "if pending.batch_ids:  # more than MAX_BATCH",

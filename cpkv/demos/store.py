@@ -10,7 +10,8 @@
 4. A table: per writer the share, bytes, put time and throughput; the reader's get.
 
 Writers keep their clients (and the segments holding their pages) open until the reader is done.
-Times cover the store calls only (pack/put, get/unpack); verification is not timed.
+Times cover the store calls only (existence check, pack, put; get, unpack); verification is not
+timed.
 """
 
 from __future__ import annotations
@@ -71,15 +72,15 @@ def _prompt(cfg: StoreDemoConfig, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, 128_000, (cfg.tokens,), generator=torch.Generator().manual_seed(seed))
 
 
-def _store(cfg, master, namespace, rank, sizes, segment) -> KVStore:
+def _store(cfg, master, model, rank, sizes, segment) -> KVStore:
     shape = SHAPES[cfg.shape]
     mla = shape.components[0].name == "latent"
     return KVStore(page_size=cfg.page_size, master=master, rank=rank, sizes=sizes,
                    kind="mla" if mla else "mha", num_kv_heads=shape.components[0].num_heads,
-                   namespace=namespace, segment_nbytes=segment, staging_nbytes=64 << 20)
+                   model=model, segment_nbytes=segment, staging_nbytes=64 << 20)
 
 
-def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
+def _writer(rank, cfg, master, port, model, segment, results, done) -> None:
     import torch.distributed as dist
 
     share_cores(cfg.cp + 1)  # the cp writers and the reader
@@ -88,7 +89,7 @@ def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=cfg.cp, timeout=datetime.timedelta(seconds=120))
         cache, ids = _pool(cfg, cfg.page_size, seed=1)
-        store = _store(cfg, master, namespace, ParallelRank(cp=rank), ParallelSizes(cp=cfg.cp),
+        store = _store(cfg, master, model, ParallelRank(cp=rank), ParallelSizes(cp=cfg.cp),
                        segment)
         prompt = _prompt(cfg)
         store.put_prefix(cache, ids, _prompt(cfg, seed=8))  # warm-up, untimed
@@ -97,7 +98,7 @@ def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
         put = store.put_prefix(cache, ids, prompt)
         seconds = time.perf_counter() - t0
         dist.barrier()
-        agreed = store.match_prefix(prompt, group=dist.group.WORLD)
+        agreed = store.match_prefix(prompt, cache, group=dist.group.WORLD)
         again = store.put_prefix(cache, ids, prompt)
         results.put(dict(rank=rank, share=(put.share.start, put.share.stop),
                          written=put.written, nbytes=put.nbytes, seconds=seconds,
@@ -114,7 +115,7 @@ def run(cfg: StoreDemoConfig) -> int:
     """Run the store demo; prints the table; 0 when every byte matched."""
     ctx = multiprocessing.get_context("spawn")
     results, done = ctx.Queue(), ctx.Event()
-    namespace = f"demo-{uuid.uuid4().hex[:8]}"
+    model = f"demo-{cfg.shape}-{uuid.uuid4().hex[:8]}"  # a fresh model id per run
     shape = SHAPES[cfg.shape]
     T, R = cfg.page_size, cfg.reader_ps
     n_pages = cfg.tokens // T
@@ -127,7 +128,7 @@ def run(cfg: StoreDemoConfig) -> int:
     with MasterProcess() as master:
         print(f"mooncake_master on {master.address} (embedded, log {master.log_path})",
               flush=True)
-        procs = [ctx.Process(target=_writer, args=(r, cfg, master.address, port, namespace,
+        procs = [ctx.Process(target=_writer, args=(r, cfg, master.address, port, model,
                                                    segment, results, done))
                  for r in range(cfg.cp)]
         for p in procs:
@@ -145,7 +146,7 @@ def run(cfg: StoreDemoConfig) -> int:
             if errors:
                 raise RuntimeError(f"a CP writer failed: {errors[0]}")
             writers.sort(key=lambda w: w["rank"])
-            reader = _read(cfg, master.address, namespace)
+            reader = _read(cfg, master.address, model)
         finally:
             done.set()
             for p in procs:
@@ -157,15 +158,15 @@ def run(cfg: StoreDemoConfig) -> int:
     return 0 if reader["verified"] else 1
 
 
-def _read(cfg: StoreDemoConfig, master: str, namespace: str) -> dict:
+def _read(cfg: StoreDemoConfig, master: str, model: str) -> dict:
     share_cores(cfg.cp + 1)  # the cp writers and the reader
     prompt = _prompt(cfg)
-    store = _store(cfg, master, namespace, None, None, 64 << 20)
+    store = _store(cfg, master, model, None, None, 64 << 20)
     try:
         cache, ids = _pool(cfg, cfg.reader_ps, seed=None)
         warm = _prompt(cfg, seed=8)
-        store.load_prefix(cache, ids, warm, num_pages=store.match_prefix(warm))  # untimed
-        hit = store.match_prefix(prompt)
+        store.load_prefix(cache, ids, warm, num_pages=store.match_prefix(warm, cache))  # untimed
+        hit = store.match_prefix(prompt, cache)
         t0 = time.perf_counter()
         got = store.load_prefix(cache, ids, prompt, num_pages=hit)
         seconds = time.perf_counter() - t0

@@ -5,6 +5,7 @@ change, and the lifecycle (``with``, `close`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -134,8 +135,15 @@ def routes_between(source: Hello | Welcome, dest: Hello | Welcome) -> list[Route
         return replace(peer.sizes, tp=peer.sizes.tp // d), peer.rank.tp // d
     src_sizes, _ = groups(source)
     dst_sizes, dst_tp = groups(dest)
-    return map_ranks(src_sizes, dst_sizes, num_kv_heads=dest.model.num_kv_heads,
-                     num_layers=dest.model.num_layers, kind=dest.model.kind)[(dst_tp, dest.rank.pp)]
+    return list(_routes(src_sizes, dst_sizes, dest.model, dst_tp, dest.rank.pp))
+
+
+@functools.lru_cache(maxsize=1024)
+def _routes(src_sizes: ParallelSizes, dst_sizes: ParallelSizes, model: ModelSpec, tp: int,
+            pp: int) -> tuple[Route, ...]:
+    """`map_ranks` for one decode rank, once per pair of sizes (routes are frozen)."""
+    return tuple(map_ranks(src_sizes, dst_sizes, num_kv_heads=model.num_kv_heads,
+                           num_layers=model.num_layers, kind=model.kind)[(tp, pp)])
 
 
 def route_senders(route: Route, source: Hello | Welcome, dp: int) -> list[ParallelRank]:

@@ -836,6 +836,7 @@ class KVSender(Endpoint):
             self._live(leg)
             leg.writes += 1
             leg.state.cell.update(KVStatus.Transferring)
+        submitted = time.perf_counter()  # the trace's wire span (a small write may go in submit)
         try:
             pending = self.engine.submit(leg.welcome.session, segments)
         except BaseException:
@@ -843,7 +844,7 @@ class KVSender(Endpoint):
                 leg.writes -= 1
                 self._maybe_end(leg)
             raise
-        self._landing.put((leg, pending, slot, check, note, time.perf_counter()))
+        self._landing.put((leg, pending, slot, check, note, submitted))
 
     def _queue_note(self, leg: _Leg, slot, check, note: dict) -> None:
         """A note with no write of its own, sent after the leg's earlier writes landed."""
