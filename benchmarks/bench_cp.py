@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing
-import socket
 import sys
 import time
 
@@ -20,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import RESULTS, page_ids, random_fill
+from cpkv._net import free_port
 from cpkv.cp import all_gather_kv, gather_nbytes, zigzag_split
 from cpkv.cp.gather import gather_chunks
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 
 FULL_TOKENS = [1024, 4096]
@@ -38,9 +38,7 @@ def _timed(fn, repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    q = torch.tensor(times, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
+    return quantiles(times)
 
 
 def _bench_config(rank, world, writer, name, tokens, args) -> str:
@@ -113,9 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "cp.csv"))
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank, args=(r, args.world, port, args))
              for r in range(args.world)]

@@ -33,7 +33,7 @@ import torch
 from benchmarks.bench_kernels import _ints, device_name
 from benchmarks.common import RESULTS, page_ids, random_fill
 from cpkv.kernels import pack_pages, packed_digest, unpack_pages
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 
 
@@ -63,12 +63,6 @@ def _timer(device: torch.device):
         fn()
         return time.perf_counter() - t0
     return timed
-
-
-def _quantiles(values) -> tuple[float, float, float]:
-    q = torch.tensor(values, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
 
 
 def variants(src, dst, ids, dst_ids, tokens, slot, digest, provider, crc):
@@ -116,11 +110,11 @@ def bench_config(writer, device, provider, name, ps, tokens, *, repeats) -> str:
     base = dict(shape=name, page_size=ps, tokens=tokens, pattern="fragmented")
     summary = []
     for (op, prov), ts in times.items():
-        p50, p20, p80 = _quantiles(ts)
+        p50, p20, p80 = quantiles(ts)
         writer.write(op=op, provider=prov, **base, metric="time", unit="ms", p50=p50 * 1e3,
                      p20=p20 * 1e3, p80=p80 * 1e3)
         plain = times.get((op, provider)) or times[("pack", provider)]
-        ratio = _quantiles([t / p for t, p in zip(ts, plain, strict=True)])
+        ratio = quantiles([t / p for t, p in zip(ts, plain, strict=True)])
         writer.write(op=op, provider=prov, **base, metric="cost_vs_plain", unit="x",
                      p50=ratio[0], p20=ratio[1], p80=ratio[2])
         if prov != provider:

@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
 from cpkv.cp import split_token_map, zigzag_split
 from cpkv.kernels import pack_pages, reorganize_pages, unpack_pages
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 
 FULL_TOKENS = {"cpu": [256, 1024, 4096], "cuda": [4096, 8192, 32768]}
@@ -50,15 +50,13 @@ def naive_pack(cache, ids, num_tokens, out):
 def naive_unpack(packed, cache, ids, num_tokens):
     """The baseline: per layer and component, index_put the tokens in the pool's dtype."""
     t = torch.arange(num_tokens, device=ids.device)
-    pages, slots = ids.long()[t // cache.page_size], t % cache.page_size
-    pos = 0
+    pages, entries = ids.long()[t // cache.page_size], t % cache.page_size
+    fmt = cache.packed_format(num_tokens)
     for layer in range(cache.num_layers):
-        for spec in cache.components:
+        for c, spec in enumerate(cache.components):
             pool = cache.nhd_view(spec.name, layer)
-            n = num_tokens * spec.num_heads * spec.head_nbytes
-            block = packed[pos:pos + n].view(spec.dtype).view(num_tokens, spec.num_heads, -1)
-            pool[pages, slots] = block
-            pos += n
+            block = packed[fmt.block(layer, c).slice].view(spec.dtype)
+            pool[pages, entries] = block.view(num_tokens, spec.num_heads, -1)
 
 
 def e2e_seconds(fn, device: torch.device, *, repeats: int) -> tuple[float, float, float]:
@@ -72,9 +70,7 @@ def e2e_seconds(fn, device: torch.device, *, repeats: int) -> tuple[float, float
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    q = torch.tensor(times, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
+    return quantiles(times)
 
 
 def bench_config(writer, device, provider, name, ps, tokens, pattern, *, layers, repeats,

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, page_ids, random_fill
-from cpkv.report import CsvWriter, provenance
+from cpkv.report import CsvWriter, provenance, quantiles
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
@@ -114,12 +114,6 @@ def one_request(rig, src_ids, dst_ids, tokens, layers, compute_s, layerwise):
     recv.forget(rid)
     sender.forget(rid)
     return done["t"] - computed, start, computed, done["t"], spans
-
-
-def quantiles(xs):
-    q = torch.tensor(xs, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(v) for v in q)
 
 
 def bench_config(writer, name, ps, tokens, layers, repeats, timeline=None) -> str:

@@ -4,7 +4,7 @@
 * cpkv-packed:  pack, write in layer groups, notify, unpack
 * direct:       one descriptor per (layer x component x contiguous page run), or per token for
                 a head slice, straight into the receiver's pool (the SGLang-style baseline)
-* cpkv-auto:    the cost-model policy choosing per request
+* cpkv-auto:    the cost model choosing the mode per request
 
 ``-tp2to1`` rows (shape A): a TP 2 prefill instance (two ranks of half the KV heads each, in
 this process) feeds a TP 1 decode rank, each rank its half into the full pool (per token, for
@@ -29,7 +29,6 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, measure, page_ids, random_fill
-from cpkv.demo import descriptors_per_request
 from cpkv.kernels import pack_pages, unpack_pages
 from cpkv.layout import PackedFormat, PagedKVCache
 from cpkv.parallel import ParallelRank, ParallelSizes
@@ -37,7 +36,7 @@ from cpkv.report import CsvWriter, provenance
 from cpkv.shapes import SHAPES
 from cpkv.staging import StagingArena
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, TransferEngine
-from cpkv.transfer.policy import CostModel
+from cpkv.transfer.cost import CostModel, descriptors_per_request
 
 FULL_TOKENS = [1024, 4096]
 DIRECT_MAX_DESCRIPTORS = 300_000  # past this the baseline takes >10 s a request: not timed
@@ -214,8 +213,17 @@ def main(argv=None) -> int:
     p.add_argument("--checksum", action="store_true",
                    help="receivers verify a CRC32C of every packed segment (as the demo does)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dcp", action="store_true",
+                   help="the decode-context-parallel rows instead (benchmarks/bench_dcp.py)")
     p.add_argument("--out", default=str(RESULTS / "transfer.csv"))
     args = p.parse_args(argv)
+    if args.dcp:  # its own set-up: a CP 2 instance into DCP groups, shapes A and C
+        from benchmarks import bench_dcp
+
+        out = args.out if args.out != str(RESULTS / "transfer.csv") else str(RESULTS / "dcp.csv")
+        return bench_dcp.main((["--quick"] if args.quick else []) + [
+            "--out", out, "--repeats", str(min(args.repeats, 3))] + (
+            ["--tokens", str(args.tokens[0])] if args.tokens else []))
     tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     layers = 2 if args.quick else None
     biggest = max(PackedFormat(max(tokens_list), SHAPES[s].num_layers, SHAPES[s].components).nbytes

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from cpkv.report import results_dir
+from cpkv.report import quantiles, results_dir
 
 os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # Mooncake logs every transfer at INFO
 
@@ -30,9 +30,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, repeats: int = 7,
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8],
-                                                                       dtype=torch.float64))
-    return tuple(float(x) for x in q)
+    return quantiles(times)
 
 
 def random_fill(cache) -> None:

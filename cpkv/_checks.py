@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The int predicates live in cpkv.parallel (which may import nothing of cpkv); from here on,
+# every module takes them from this one.
+from .parallel import check_count, check_index, is_int
+
+__all__ = ["as_page_ids", "byte_span", "check_buffer", "check_count", "check_index", "check_int",
+           "check_no_alias", "check_num_tokens", "check_seconds", "is_index", "is_int"]
+
 INDEX_DTYPES = (torch.int32, torch.int64)
+SMALL_IDS = 4096  # up to here a Python set finds duplicates faster than torch.unique (CPU)
 
 
 def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "page_ids",
@@ -32,8 +40,7 @@ def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "
                                 f"got dtype {page_ids.dtype}")
             page_ids = torch.from_numpy(np.ascontiguousarray(page_ids)).to(device)
         elif isinstance(page_ids, (list, tuple)):
-            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                       for v in page_ids):
+            if not all(is_index(v) for v in page_ids):
                 raise TypeError(f"{what}: expected a list of ints")
             page_ids = torch.tensor(page_ids, dtype=torch.int64, device=device)
         else:
@@ -51,16 +58,18 @@ def as_page_ids(page_ids, num_pages: int, device: torch.device, *, what: str = "
     lo, hi = int(page_ids.min()), int(page_ids.max())
     if lo < 0 or hi >= num_pages:
         raise ValueError(f"{what}: expected values in [0, {num_pages}), got min {lo}, max {hi}")
-    if unique and torch.unique(page_ids).numel() != page_ids.numel():
+    if unique and (len(set(page_ids.tolist())) if page_ids.numel() <= SMALL_IDS and
+                   page_ids.device.type == "cpu" else torch.unique(page_ids).numel()
+                   ) != page_ids.numel():
         raise ValueError(f"{what}: expected distinct {items} (one written twice is a race), "
                          f"got duplicates")
     return page_ids
 
 
 def check_num_tokens(num_tokens, n_pages: int, page_size: int, token_offset: int = 0) -> int:
-    """``num_tokens`` defaults to every slot of the listed pages after the first
+    """``num_tokens`` defaults to every entry of the listed pages after the first
     ``token_offset`` tokens and may not exceed them."""
-    if not isinstance(token_offset, int) or isinstance(token_offset, bool):
+    if not is_int(token_offset):
         raise TypeError(f"token_offset: expected int, got {type(token_offset).__name__}")
     if not 0 <= token_offset <= n_pages * page_size:
         raise ValueError(f"token_offset: expected 0 <= token_offset <= {n_pages * page_size} "
@@ -68,7 +77,7 @@ def check_num_tokens(num_tokens, n_pages: int, page_size: int, token_offset: int
     capacity = n_pages * page_size - token_offset
     if num_tokens is None:
         return capacity
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool):
+    if not is_int(num_tokens):
         raise TypeError(f"num_tokens: expected int, got {type(num_tokens).__name__}")
     if not 0 <= num_tokens <= capacity:
         after = f" after token_offset {token_offset}" if token_offset else ""
@@ -98,7 +107,6 @@ def check_buffer(buf, *, what: str, device: torch.device, min_nbytes: int | None
         raise ValueError(f"{what}: expected {nbytes} bytes for this geometry, got {size}")
 
 
-
 def byte_span(t: torch.Tensor) -> tuple[int, int]:
     """[lo, hi) addresses a (possibly strided) tensor view's bytes lie in."""
     lo = t.data_ptr()
@@ -118,9 +126,19 @@ def check_no_alias(buf: torch.Tensor, spans, *, what: str) -> None:
                              f"a pool tensor's memory ({hi - lo} bytes at {lo:#x})")
 
 
-def is_int(value) -> bool:
-    """An int that is not a bool (``True`` is an int to Python, never a count to cpkv)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_index(value) -> bool:
+    """An int or numpy integer that is not a bool: an element of a host id or length list."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_seconds(value, what: str, *, allow_zero: bool = False) -> float:
+    """``value`` as seconds: an int or float (not a bool), positive (or, with ``allow_zero``,
+    non-negative); ValueError naming ``what`` otherwise."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+            or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{what}: expected a {kind} number of seconds, got {value!r}")
+    return value
 
 
 def check_int(value, what: str, minimum: int | None = 0, maximum: int | None = None) -> int:

@@ -5,8 +5,9 @@ FlashInfer is imported. Every adapter states the runner's shape it expects and r
 else with a ValueError naming the shape it got; layouts that no strided view can express (a
 token's row not contiguous, or not at a fixed stride) are refused with the reason.
 
-A runner's page (block) index is cpkv's page id: token slot ``loc`` of SGLang's token-major
-buffers is page ``loc // page_size``, slot ``loc % page_size``; vLLM's block ``b`` is page ``b``.
+A runner's page (block) index is cpkv's page id: token ``loc`` of SGLang's token-major buffers
+(SGLang's token slot) is page ``loc // page_size``, entry ``loc % page_size``; vLLM's block ``b``
+is page ``b``.
 
     from cpkv.adapters import from_sglang_mha, from_vllm
     cache = from_sglang_mha(pool.k_buffer, pool.v_buffer, page_size=pool.page_size)
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._checks import check_count, is_int
 from .layout import PagedKVCache
 
 __all__ = ["from_flashinfer", "from_sglang_mha", "from_sglang_mla", "from_vllm"]
@@ -31,7 +33,7 @@ UNVIEWABLE = {
                   "row at a fixed stride",
     "interleaved": "SGLang's MXFP8 KV scales (page size 128) are interleaved across the tokens "
                    "of a page in the tile order of the attention kernel, so one token's scales "
-                   "are not one row at a fixed (page, slot, head) stride",
+                   "are not one row at a fixed (page, entry, head) stride",
 }
 
 
@@ -57,8 +59,7 @@ def _check_dims(t: torch.Tensor, dims: int, what: str, expected: str) -> None:
 
 
 def _check_page_size(page_size) -> None:
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
-        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+    check_count(page_size, "page_size", 1)
 
 
 def _check_layout(layout) -> None:
@@ -70,7 +71,7 @@ def _token_major_pages(t: torch.Tensor, page_size: int, layout: str, what: str) 
     """One SGLang layer buffer as pages (a view).
 
     NHD: the token-major ``[size + page_size, heads, dim]`` buffer as
-    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, slot loc % ps).
+    ``[num_pages, page_size, heads, dim]`` (token loc at page loc // ps, entry loc % ps).
     HND (``use_hnd``): SGLang allocates ``[num_pages, heads, page_size, dim]`` itself."""
     if layout == "HND":
         _check_dims(t, 4, what, "[num_pages, head_num, page_size, head_dim] (SGLang use_hnd)")
@@ -99,7 +100,7 @@ def from_sglang_mha(k_buffer, v_buffer, *, page_size: int, layout: str = "NHD",
             padding page); HND (``use_hnd``): each ``[num_pages, head_num, page_size,
             head_dim]``. ``v_head_dim`` may differ from K's; K and V may be halves of one fused
             buffer (views that share no bytes).
-        page_size: the pool's page size; token slot ``loc`` is page ``loc // page_size``, slot
+        page_size: the pool's page size; token ``loc`` is page ``loc // page_size``, entry
             ``loc % page_size``.
         layout: "NHD" or "HND", as the pool was allocated.
         extras: more per-layer buffers addressed like K (same layout and head count), e.g.
@@ -172,8 +173,7 @@ def _indexer_components(buffers, page_size: int, head_dim, num_pages: int,
     "index_k_scale" (uint8 rows; pages past ``num_pages`` unused). Takes a page as
     ``[pages, page_size * row]`` (SGLang) or ``[pages, page_size, row]`` (vLLM's shape of the
     same bytes)."""
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 128 \
-            or head_dim % 128:
+    if not is_int(head_dim) or head_dim < 128 or head_dim % 128:
         raise ValueError(f"index_head_dim: expected a positive multiple of 128, "
                          f"got {head_dim!r}")
     n_scale = head_dim // 128 * 4
@@ -244,7 +244,7 @@ def _version(v) -> tuple[int, int]:
             return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
         except (ValueError, IndexError):
             pass
-    elif isinstance(v, tuple) and len(v) >= 2 and all(isinstance(x, int) for x in v[:2]):
+    elif isinstance(v, tuple) and len(v) >= 2 and all(is_int(x) for x in v[:2]):
         return v[0], v[1]
     raise ValueError(f"vllm_version: expected a release such as '0.32.0', got {v!r}")
 
@@ -291,7 +291,7 @@ def _vllm_kv(t: torch.Tensor, kind: str, head_size, what: str) -> tuple[torch.Te
         return t[:, 0], t[:, 1]
     width = t.shape[3]
     d = width // 2 if head_size is None else head_size
-    if not isinstance(d, int) or isinstance(d, bool) or not 0 < d < width:
+    if not is_int(d) or not 0 < d < width:
         raise ValueError(f"head_size: expected an int in (0, {width}) (K's part of the "
                          f"{width} values of each head), got {head_size!r}")
     # fused, >= 0.26: kv_cache.transpose(1, 2).split(head_size, -1)

@@ -9,19 +9,19 @@ The sweeps and figures are the top-level packages `benchmarks` and `plots`, inst
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from .report import ROOT, figures_dir, results_dir
+from .demos.common import missing_extra
+from .report import CompanionError, companion, figures_dir, results_dir
 from .shapes import SHAPES
 
 # benchmarks/bench_<name>.py, each with main(argv); plots/plot_<name>.py with plot(results, out)
-SWEEPS = ("kernels", "cp", "transfer", "store", "layerwise")
-PLOTS = ("kernels", "transfer", "cp", "store", "layerwise", "timeline")
+SWEEPS = ("kernels", "cp", "transfer", "store", "layerwise", "dcp", "serve")
+PLOTS = ("kernels", "transfer", "cp", "store", "layerwise", "timeline", "dcp", "serve")
 MAX_CP = 8
 
 
@@ -40,8 +40,9 @@ def _positive(text: str) -> int:
 
 
 def demo(args) -> int:
-    """Check the arguments against this machine, then run the end-to-end demo."""
-    from . import demo as demo_mod
+    """Check the arguments and the extras against this machine, then run the end-to-end demo
+    (`cpkv.demos`): a missing extra fails at once, before any process starts."""
+    from .demos import store, transfer
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device on this machine")
@@ -57,30 +58,32 @@ def demo(args) -> int:
         raise CliError(f"--layers: shape {args.shape} has {SHAPES[args.shape].num_layers} "
                        f"layers, got {args.layers}")
     if args.store:
-        return _store_demo(args)
-    cfg = demo_mod.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
+        if args.tokens < args.page_size * args.cp:
+            raise CliError(f"--tokens: --store needs a full store page per CP rank "
+                           f"({args.page_size * args.cp}), got {args.tokens}")
+        _check_extras(["mooncake.store"], "cpkv demo --store")
+        return store.run(store.StoreDemoConfig(
+            shape=args.shape, page_size=args.page_size, tokens=args.tokens, cp=args.cp,
+            layers=args.layers, device=args.device))
+    cfg = transfer.DemoConfig(shape=args.shape, page_size=args.page_size, tokens=args.tokens,
                               requests=args.requests, cp=args.cp, layers=args.layers,
                               mode=args.mode, protocol=args.protocol, device=args.device,
                               out=args.out, checksum=args.checksum,
                               corrupt_byte=args.corrupt_byte)
-    need, have = demo_mod.estimated_bytes(cfg), _physical_memory()
+    need, have = transfer.estimated_bytes(cfg), _physical_memory()
     if have and need > 0.8 * have:
         raise CliError(f"this run needs about {need / 2**30:.1f} GiB of memory, the machine "
                        f"has {have / 2**30:.1f} GiB: use fewer --tokens, --requests or --cp")
     _check_writable(Path(args.out))
-    return demo_mod.run(cfg)
+    _check_extras(transfer.needs(cfg), "cpkv demo")
+    _companion("plots", "plot_demo")  # its figure: the plots package shipped with cpkv
+    return transfer.run(cfg)
 
 
-def _store_demo(args) -> int:
-    """`cpkv demo --store`: the CP group stores a prompt, a reader of another page size loads it."""
-    from .store import demo as store_demo
-
-    if args.tokens < args.page_size * args.cp:
-        raise CliError(f"--tokens: --store needs a full store page per CP rank "
-                       f"({args.page_size * args.cp}), got {args.tokens}")
-    return store_demo.run(store_demo.StoreDemoConfig(
-        shape=args.shape, page_size=args.page_size, tokens=args.tokens, cp=args.cp,
-        layers=args.layers, device=args.device))
+def _check_extras(modules, what: str) -> None:
+    missing = missing_extra(modules)
+    if missing:
+        raise CliError(f"{what} {missing}")
 
 
 def _physical_memory() -> int:
@@ -101,20 +104,11 @@ def _check_writable(path: Path) -> None:
 
 
 def _companion(package: str, module: str):
-    """Import ``package.module`` from the `benchmarks`/`plots` package installed with cpkv,
-    refusing a same-named package from elsewhere on sys.path (e.g. the current directory's)."""
+    """`cpkv.report.companion`, its refusals as one-line CLI errors."""
     try:
-        mod = importlib.import_module(f"{package}.{module}")
-    except ModuleNotFoundError as e:
-        if e.name not in (package, f"{package}.{module}"):
-            raise  # a dependency of the module is missing: say which, as Python does
-        raise CliError(f"the {package!r} package that ships with cpkv is not installed "
-                       f"(reinstall cpkv)") from None
-    where = Path(mod.__file__).resolve().parents[1]
-    if where != ROOT:
-        raise CliError(f"{package}.{module} was imported from {where}, not from cpkv's "
-                       f"{ROOT}: another {package!r} package shadows it")
-    return mod
+        return companion(package, module)
+    except CompanionError as e:
+        raise CliError(str(e)) from None
 
 
 def bench(args) -> int:

@@ -33,7 +33,8 @@ piece by piece (each CP sender of a transfer packs its own tokens [t0, t1) alone
 where a segment lies does not depend on the other pieces. `PackedFormat` is the one place that
 computes these byte positions (`PackedFormat.region`, `segment`, `block`, `locate`).
 
-Token t of a request is page ``page_ids[t // page_size]``, slot ``t % page_size``.
+Token t of a request is page ``page_ids[t // page_size]``, entry ``t % page_size`` (FlashInfer's
+word for the position inside a page; a "slot" in cpkv is always a staging slot).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
+
+from ._checks import check_count, check_index, is_int
+from ._overlap import check_no_overlap
 
 __all__ = ["FORMAT_VERSION", "ComponentSpec", "Location", "PackedFormat", "PagedKVCache", "Span"]
 
@@ -153,9 +156,15 @@ class PackedFormat:
         """Bytes of one value."""
         return self.rows_per_region * self.token_nbytes
 
+    @property
+    def layer_nbytes(self) -> int:
+        """Bytes of one layer of one value: from a block to the same component's block of the
+        next layer."""
+        return self.rows_per_region * self.layer_row_nbytes
+
     def region(self, index: int) -> Span:
         """Value ``index``: tokens [index * R, index * R + R), every layer."""
-        _check_index(index, self.num_regions, "region")
+        check_index(index, "region", self.num_regions)
         return Span(index * self.region_nbytes, self.region_nbytes)
 
     def block_offsets(self) -> list[int]:
@@ -167,13 +176,48 @@ class PackedFormat:
     def block(self, layer: int, component: int, region: int = 0) -> Span:
         """Block (format-local ``layer``, ``component`` index) of value ``region``:
         ``[rows_per_region, heads, head_dim]`` of that component, dense."""
-        _check_index(layer, self.num_layers, "layer")
-        _check_index(component, len(self.components), "component")
-        _check_index(region, max(self.num_regions, 1), "region")
+        check_index(layer, "layer", self.num_layers)
+        check_index(component, "component", len(self.components))
+        check_index(region, "region", max(self.num_regions, 1))
         rows = self.row_nbytes
         pre = layer * self.layer_row_nbytes + sum(rows[:component])  # bytes of earlier rows
         return Span(region * self.region_nbytes + self.rows_per_region * pre,
                     self.rows_per_region * rows[component])
+
+    def component_view(self, slot: torch.Tensor, component: int) -> torch.Tensor:
+        """Component ``component`` of every value and layer of a slot of this format, as one
+        strided view of ``slot``: ``[num_regions, num_layers, rows_per_region, num_heads,
+        head_dim * itemsize / slot.element_size()]``, the blocks `block` names.
+
+        ``slot`` is 1-D and dense, holds the slot from its element 0, and is viewed in its own
+        elements (bytes for uint8, or wider words): their size must divide the component's head
+        row and every offset. Writing through the view fills the slot (a CP rank's shard, a
+        reference copy), reading it reads the blocks.
+
+        Example::
+
+            fmt = cache.packed_format(20)                   # K and V, 20 tokens, all layers
+            k = fmt.component_view(slot, 0)[0]              # [layers, 20, heads, head bytes]
+        """
+        check_index(component, "component", len(self.components))
+        if not isinstance(slot, torch.Tensor) or slot.dim() != 1 or (
+                slot.numel() > 1 and slot.stride(0) != 1):
+            raise ValueError(f"slot: expected a dense 1-D tensor, got "
+                             f"{getattr(slot, 'shape', type(slot).__name__)}")
+        word, spec = slot.element_size(), self.components[component]
+        first = self.block(0, component).offset if self.num_regions and self.num_layers else 0
+        bytes_ = (self.region_nbytes, self.layer_nbytes, self.row_nbytes[component],
+                  spec.head_nbytes, first)
+        if any(b % word for b in bytes_):
+            raise ValueError(f"slot: elements of {word} bytes do not divide component "
+                             f"{spec.name!r}'s rows and offsets {bytes_}")
+        if slot.numel() * word < self.nbytes:
+            raise ValueError(f"slot: expected at least {self.nbytes} bytes, got "
+                             f"{slot.numel() * word}")
+        return slot.as_strided(
+            (self.num_regions, self.num_layers, self.rows_per_region, spec.num_heads,
+             spec.head_nbytes // word), tuple(b // word for b in bytes_[:4]) + (1,),
+            slot.storage_offset() + first // word)
 
     def segment(self, t0: int, t1: int, l0: int = 0, l1: int | None = None) -> Span:
         """Layers [l0, l1) (format-local; default all) of the segment of tokens [t0, t1): the
@@ -185,10 +229,10 @@ class PackedFormat:
         ``l * (t1 - t0) * layer_row_nbytes``.
         """
         l1 = self.num_layers if l1 is None else l1
-        if not (_is_int(t0) and _is_int(t1) and 0 <= t0 <= t1 <= self.num_tokens):
+        if not (is_int(t0) and is_int(t1) and 0 <= t0 <= t1 <= self.num_tokens):
             raise ValueError(f"segment: expected tokens 0 <= t0 <= t1 <= {self.num_tokens}, "
                              f"got [{t0}, {t1})")
-        if not (_is_int(l0) and _is_int(l1) and 0 <= l0 <= l1 <= self.num_layers):
+        if not (is_int(l0) and is_int(l1) and 0 <= l0 <= l1 <= self.num_layers):
             raise ValueError(f"segment: expected layers 0 <= l0 <= l1 <= {self.num_layers}, "
                              f"got [{l0}, {l1})")
         if self.region_tokens is not None and t1 > t0:
@@ -205,7 +249,7 @@ class PackedFormat:
 
     def locate(self, offset: int) -> Location:
         """The token, layer, component and row byte that byte ``offset`` of the slot holds."""
-        _check_index(offset, self.nbytes, "offset")
+        check_index(offset, "offset", self.nbytes)
         region, offset = divmod(offset, self.region_nbytes)
         rows, r = self.row_nbytes, self.rows_per_region
         layer, offset = divmod(offset, r * self.layer_row_nbytes)
@@ -291,20 +335,11 @@ class PackedFormat:
                    version, region)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_index(value, size: int, what: str) -> None:
-    if not _is_int(value) or not 0 <= value < size:
-        raise ValueError(f"{what}: expected an int in [0, {size}), got {value!r}")
-
-
 MAX_FIELD = (1 << 31) - 1  # token, layer, head and row counts: kernels index them in 32 bits
 
 
 def _field_int(value, what: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"packed format: {what} expected an int >= {minimum}, got {value!r}")
     if value > MAX_FIELD:
         raise ValueError(f"packed format: {what} expected an int <= {MAX_FIELD}, got "
@@ -357,8 +392,6 @@ class PagedKVCache:
                 raise TypeError(f"component names: expected str, got {type(name).__name__}")
             self.buffers[name] = _layer_list(name, layers, layout, stacked, name in latent)
         self._validate()
-        self._kernel_tables: dict = {}  # per-pool launch data cached by cpkv.kernels
-        self._token_maps: dict = {}  # split token maps cached by cpkv.cp (die with the pool)
 
     # -- constructors ----------------------------------------------------------------------
 
@@ -380,15 +413,15 @@ class PagedKVCache:
         """Allocate a pool (uninitialised memory) for the given components."""
         for what, v in (("num_layers", num_layers), ("num_pages", num_pages),
                         ("page_size", page_size)):
-            _check_positive(v, what)
+            check_count(v, what, 1)
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         comps = {}
         for s in specs:
             if not isinstance(s, ComponentSpec):
                 raise TypeError(f"specs: expected ComponentSpec, got {type(s).__name__}")
-            _check_positive(s.num_heads, f"component {s.name!r} num_heads")
-            _check_positive(s.head_dim, f"component {s.name!r} head_dim")
+            check_count(s.num_heads, f"component {s.name!r} num_heads", 1)
+            check_count(s.head_dim, f"component {s.name!r} head_dim", 1)
             if not isinstance(s.dtype, torch.dtype):
                 raise TypeError(f"component {s.name!r} dtype: expected a torch.dtype, "
                                 f"got {s.dtype!r}")
@@ -446,8 +479,11 @@ class PagedKVCache:
         return self._first.device
 
     @property
-    def num_token_slots(self) -> int:
+    def num_entries(self) -> int:
+        """Token positions of the pool: ``num_pages * page_size``."""
         return self.num_pages * self.page_size
+
+    num_token_slots = num_entries  # the former name ("slot" now means a staging slot only)
 
     def layer(self, component: str, layer: int) -> torch.Tensor:
         return self.buffers[component][layer]
@@ -528,15 +564,14 @@ class PagedKVCache:
             specs.append(spec)
         self._specs = tuple(specs)
         if ref.device.type != "meta":
-            _check_no_overlap(self.buffers, self.layout)
+            check_no_overlap(self.buffers, self.layout)
 
 
 def check_region_tokens(region_tokens, num_tokens: int) -> None:
     """``region_tokens``: None, or a positive int dividing ``num_tokens``."""
     if region_tokens is None:
         return
-    if not _is_int(region_tokens) or region_tokens < 1:
-        raise ValueError(f"region_tokens: expected a positive int, got {region_tokens!r}")
+    check_count(region_tokens, "region_tokens", 1)
     if num_tokens % region_tokens:
         raise ValueError(f"region_tokens: num_tokens {num_tokens} expected a multiple of "
                          f"region_tokens {region_tokens}")
@@ -558,16 +593,11 @@ def as_range(value, size: int, what: str) -> range:
         start, stop = value
     else:
         raise TypeError(f"{what}: expected None, (start, stop), range or slice, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)):
+    if not all(is_int(v) for v in (start, stop)):
         raise TypeError(f"{what}: expected int bounds, got ({start!r}, {stop!r})")
     if not 0 <= start <= stop <= size:
         raise ValueError(f"{what}: expected a range inside [0, {size}), got [{start}, {stop})")
     return range(start, stop)
-
-
-def _check_positive(value, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what}: expected a positive int, got {value!r}")
 
 
 def _expected(layout: str, latent: bool) -> str:
@@ -629,71 +659,6 @@ def _layer_list(name: str, layers, layout: str, stacked: bool,
             t = t.unsqueeze(2 if layout == "NHD" else 1)
         out.append(t)
     return out
-
-
-def _footprint(t: torch.Tensor, layout: str, where: str):
-    """(first byte, byte span, page stride in bytes, row bytes, row starts of page 0) of a
-    layer tensor; raises if it overlaps itself (a stride-0 axis, interleaved axes)."""
-    nhd = t if layout == "NHD" else t.transpose(1, 2)
-    isz = t.element_size()
-    row = nhd.shape[3] * isz
-    span = row
-    axes = sorted((nhd.stride(a) * isz, nhd.shape[a], a) for a in range(3) if nhd.shape[a] > 1)
-    names = ("page", "slot", "head")
-    for stride, size, a in axes:
-        if stride < span:
-            what = "stride 0: every index aliases one memory" if stride == 0 else \
-                f"byte stride {stride} < {span} bytes it must step over"
-            raise ValueError(f"{where}: the {names[a]} axis overlaps itself ({what}); "
-                             f"expected every (page, slot, head) row at its own bytes")
-        span += (size - 1) * stride
-    page_stride = nhd.stride(0) * isz if nhd.shape[0] > 1 else span
-    o_s = np.arange(nhd.shape[1], dtype=np.int64)[:, None] * (nhd.stride(1) * isz)
-    o_h = np.arange(nhd.shape[2], dtype=np.int64)[None, :] * (nhd.stride(2) * isz)
-    return t.data_ptr(), span, page_stride, row, np.sort((o_s + o_h).ravel())
-
-
-def _rows_intersect(a: np.ndarray, ra: int, b: np.ndarray, rb: int) -> bool:
-    """Do intervals [a_i, a_i + ra) and [b_j, b_j + rb) meet (a, b sorted)?"""
-    i = np.searchsorted(b, a + ra, side="left")  # b_j < a_i + ra  <=>  j < i
-    return bool(np.any((i > 0) & (b[np.maximum(i - 1, 0)] + rb > a)))
-
-
-def _check_no_overlap(buffers: Mapping[str, list[torch.Tensor]], layout: str) -> None:
-    """Refuse a pool whose layer tensors share bytes (K and V aliasing, a layer twice, a
-    stride-0 axis): a write through one would silently change another. Views of one buffer
-    that interleave without sharing bytes (fused K|V halves, values + scales in one page) pass."""
-    items = []
-    for name, layers in buffers.items():
-        for i, t in enumerate(layers):
-            where = f"component {name!r} layer {i}"
-            start, span, pstride, row, rows = _footprint(t, layout, where)
-            n_pages = t.shape[0]
-            items.append((t.untyped_storage().data_ptr(), start, start + span, pstride, row,
-                          rows, n_pages, where))
-    items.sort(key=lambda x: (x[0], x[1]))
-    for i, a in enumerate(items):
-        for b in items[i + 1:]:
-            if b[0] != a[0] or b[1] >= a[2]:
-                break
-            if _shares_bytes(a, b):
-                raise ValueError(f"{a[7]} and {b[7]} share memory (overlapping bytes); "
-                                 f"expected every component and layer at its own bytes")
-
-
-def _shares_bytes(a, b) -> bool:
-    (_, sa, _, pa, ra, rows_a, na, _), (_, sb, _, pb, rb, rows_b, nb, _) = a, b
-    fa, fb = int(rows_a[-1]) + ra, int(rows_b[-1]) + rb  # footprint of one page
-    if pa != pb or fa > pa or fb > pb:
-        return True  # not the same page period: cannot prove the rows disjoint
-    if (sb - sa) % pa >= fa and (sa - sb) % pa >= fb:
-        return False  # the page footprints never meet, whatever the page (e.g. other layers)
-    k0 = (sb - sa) // pa  # page i of a meets page j of b only where i - j is near k0
-    for k in range(k0 - 1, k0 + 2):
-        if -(nb - 1) <= k <= na - 1 and _rows_intersect(rows_a + sa + k * pa, ra,
-                                                         rows_b + sb, rb):
-            return True
-    return False
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

@@ -48,22 +48,35 @@ LAYER_GROUP_BYTES = 16 << 20  # layer groups of at least this size are moved in 
 AXES = ("dp", "cp", "tp", "pp")
 
 
-def _check_int(value, name: str, lowest: int) -> None:
-    """ValueError unless ``value`` is an int (not a bool) of at least ``lowest`` (0 or 1)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-        what = "non-negative" if lowest == 0 else "positive"
-        raise ValueError(f"{name}: expected a {what} int, got {value!r}")
+# The int checks every cpkv module shares live here, at the bottom of the import graph: this
+# module imports nothing of cpkv (pure integers, importable anywhere), so whatever it checks with
+# must be defined in it; `cpkv._checks` re-exports them for every other module.
+
+def is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to cpkv)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_index(value, name: str, size: int) -> None:
-    """ValueError unless ``value`` is an int (not a bool) in ``[0, size)``."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
-        raise ValueError(f"{name}: expected an int in [0, {size}), got {value!r}")
+def check_count(value, what: str, lowest: int = 0) -> int:
+    """``value`` if it is an int (not a bool) of at least ``lowest`` (0 or 1), else a
+    ValueError naming ``what``."""
+    if not is_int(value) or value < lowest:
+        kind = "non-negative" if lowest == 0 else "positive" if lowest == 1 else f">= {lowest}"
+        raise ValueError(f"{what}: expected a {kind} int, got {value!r}")
+    return value
+
+
+def check_index(value, what: str, size: int) -> int:
+    """``value`` if it is an int (not a bool) in ``[0, size)``, else a ValueError naming
+    ``what``."""
+    if not is_int(value) or not 0 <= value < size:
+        raise ValueError(f"{what}: expected an int in [0, {size}), got {value!r}")
+    return value
 
 
 def _check_axes(obj, lowest: int) -> None:
     for a in AXES:
-        _check_int(getattr(obj, a), a, lowest)
+        check_count(getattr(obj, a), a, lowest)
 
 
 @dataclass(frozen=True)
@@ -198,7 +211,7 @@ def layer_groups(layers: int | range, layer_nbytes: int,
     >>> layer_groups(range(2, 4), 64 << 20)
     [range(2, 3), range(3, 4)]
     """
-    r = range(layers) if isinstance(layers, int) else layers
+    r = range(layers) if is_int(layers) else layers
     step = max(1, -(-min_nbytes // max(layer_nbytes, 1)))
     return [range(l0, min(l0 + step, r.stop)) for l0 in range(r.start, r.stop, step)]
 
@@ -228,7 +241,7 @@ class DcpLayout:
         rank: r, this rank's index in the group, in ``[0, D)``.
         interleave: I, consecutive tokens a rank takes per turn (default 1; vLLM's NixlConnector
             sets it to the page size, TRT-LLM Helix places whole pages: I = B).
-        page_size: B, when pages matter (`slot_of`, `num_pages`); I must divide it, as vLLM
+        page_size: B, when pages matter (`place_of`, `num_pages`); I must divide it, as vLLM
             requires: otherwise a rank's tokens would outgrow the shared page list.
 
     The arithmetic methods trust their arguments (non-negative ints, or int64 tensors: they
@@ -237,7 +250,7 @@ class DcpLayout:
     holds 4 in 2):
 
     >>> lay = DcpLayout(size=2, interleave=2, page_size=2)
-    >>> [lay.slot_of(t) for t in range(10)]  # doctest: +NORMALIZE_WHITESPACE
+    >>> [lay.place_of(t) for t in range(10)]  # doctest: +NORMALIZE_WHITESPACE
     [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 1, 1),
      (0, 2, 0), (0, 2, 1)]
     >>> [r.count(10) for r in lay.ranks()], lay.num_pages(10)
@@ -252,11 +265,11 @@ class DcpLayout:
     page_size: int | None = None
 
     def __post_init__(self):
-        _check_int(self.size, "dcp size", 1)
-        _check_int(self.interleave, "interleave", 1)
-        _check_index(self.rank, "dcp rank", self.size)
+        check_count(self.size, "dcp size", 1)
+        check_count(self.interleave, "interleave", 1)
+        check_index(self.rank, "dcp rank", self.size)
         if self.page_size is not None:
-            _check_int(self.page_size, "page_size", 1)
+            check_count(self.page_size, "page_size", 1)
             if self.page_size % self.interleave:
                 raise ValueError(f"interleave: expected a divisor of page_size {self.page_size}, "
                                  f"got {self.interleave}")
@@ -272,10 +285,10 @@ class DcpLayout:
         >>> DcpLayout.from_pcp(pcp_size=2, pcp_rank=1, dcp_size=2, dcp_rank=0)
         DcpLayout(size=4, rank=2, interleave=1, page_size=None)
         """
-        _check_int(pcp_size, "pcp size", 1)
-        _check_int(dcp_size, "dcp size", 1)
-        _check_index(pcp_rank, "pcp rank", pcp_size)
-        _check_index(dcp_rank, "dcp rank", dcp_size)
+        check_count(pcp_size, "pcp size", 1)
+        check_count(dcp_size, "dcp size", 1)
+        check_index(pcp_rank, "pcp rank", pcp_size)
+        check_index(dcp_rank, "dcp rank", dcp_size)
         return cls(pcp_size * dcp_size, pcp_rank * dcp_size + dcp_rank, interleave, page_size)
 
     @property
@@ -320,11 +333,13 @@ class DcpLayout:
             raise ValueError("page_size: expected an int for page arithmetic, got None")
         return self.page_size
 
-    def slot_of(self, t: int) -> tuple[int, int, int]:
+    def place_of(self, t: int) -> tuple[int, int, int]:
         """``(rank, page index, entry)`` of token t: the page is an index into the request's
-        page ids (the same list on every rank)."""
+        page ids (the same list on every rank), the entry the position inside the page."""
         page, entry = divmod(self.local_of(t), self._pages())
         return self.rank_of(t), page, entry
+
+    slot_of = place_of  # the former name ("slot" now means a staging slot only)
 
     def num_pages(self, n: int) -> int:
         """Pages a request of n tokens holds on every rank: ``ceil(n / (B*D))``, as vLLM sizes
@@ -420,10 +435,10 @@ class DcpSelection:
         if self.src is not None:
             if self.count < len(cand):
                 keep = self.src.owns(t)
-                slot = torch.where(keep, torch.cumsum(keep, 0) - 1, self.count)
+                index = torch.where(keep, torch.cumsum(keep, 0) - 1, self.count)
                 both = torch.stack((t, j))
                 out = torch.empty((2, self.count + 1), dtype=torch.int64, device=device)
-                out.scatter_(1, slot.expand(2, -1), both)  # rows not kept land past the end
+                out.scatter_(1, index.expand(2, -1), both)  # rows not kept land past the end
                 t, j = out[0, :self.count], out[1, :self.count]
             t = self.src.local_of(t)
         return t - src_base, j - dst_base
@@ -459,7 +474,7 @@ def dcp_select(dst: DcpLayout, start: int, stop: int, *, src: DcpLayout | None =
     if src is not None and not isinstance(src, DcpLayout):
         raise TypeError(f"src: expected a DcpLayout or None, got {type(src).__name__}")
     for name, value in (("start", start), ("stop", stop), ("prefix", prefix)):
-        _check_int(value, name, 0)
+        check_count(value, name, 0)
     if start > stop:
         raise ValueError(f"token range: expected start <= stop, got [{start}, {stop})")
     start = min(max(start, prefix), stop)
@@ -493,10 +508,10 @@ def dcp_rank_of(tp_rank: int, dcp_size: int, *, pcp_size: int = 1, pcp_rank: int
     >>> [dcp_rank_of(t, 2) for t in range(4)], dcp_rank_of(1, 4, pcp_size=2, pcp_rank=1)
     ([0, 1, 0, 1], 3)
     """
-    _check_int(tp_rank, "tp rank", 0)
-    _check_int(dcp_size, "dcp size", 1)
-    _check_int(pcp_size, "pcp size", 1)
-    _check_index(pcp_rank, "pcp rank", pcp_size)
+    check_count(tp_rank, "tp rank", 0)
+    check_count(dcp_size, "dcp size", 1)
+    check_count(pcp_size, "pcp size", 1)
+    check_index(pcp_rank, "pcp rank", pcp_size)
     return (tp_rank * pcp_size + pcp_rank) % dcp_size
 
 
@@ -516,8 +531,8 @@ def dcp_heads_of(tp_rank: int, tp_size: int, dcp_size: int, num_kv_heads: int) -
     >>> dcp_heads_of(3, 4, 2, 8)
     range(4, 8)
     """
-    _check_int(dcp_size, "dcp size", 1)
-    _check_int(num_kv_heads, "num_kv_heads", 1)
+    check_count(dcp_size, "dcp size", 1)
+    check_count(num_kv_heads, "num_kv_heads", 1)
     if tp_size % dcp_size:
         raise ValueError(f"dcp size: expected a divisor of tp {tp_size}, got {dcp_size}")
     groups = tp_size // dcp_size

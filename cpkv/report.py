@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -15,6 +16,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding cpkv/, benchmarks/, plots/
 COLUMNS = ["op", "provider", "shape", "page_size", "tokens", "pattern", "metric", "unit",
            "p50", "p20", "p80", "device", "torch", "triton", "mooncake", "git_sha", "timestamp"]
+
+
+def quantiles(values) -> tuple[float, float, float]:
+    """(p50, p20, p80) of repeated measurements, as every sweep and the demo report them
+    (torch's linear interpolation, float64)."""
+    q = torch.tensor(list(values), dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(float(x) for x in q)
 
 
 def checkout() -> Path | None:
@@ -35,6 +44,29 @@ def figures_dir() -> Path:
     them), or beside the CSVs for an installed copy."""
     root = checkout()
     return root / "plots" if root else results_dir()
+
+
+class CompanionError(RuntimeError):
+    """The `benchmarks` or `plots` package that ships with cpkv is missing or shadowed."""
+
+
+def companion(package: str, module: str):
+    """Import ``package.module`` from the `benchmarks`/`plots` package installed with cpkv
+    (beside it, in a checkout or in site-packages), refusing a same-named package from
+    elsewhere on sys.path (e.g. the current directory's). A missing dependency of the module
+    raises as Python says (ModuleNotFoundError naming it)."""
+    try:
+        mod = importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in (package, f"{package}.{module}"):
+            raise
+        raise CompanionError(f"the {package!r} package that ships with cpkv is not installed "
+                             f"(reinstall cpkv)") from None
+    where = Path(mod.__file__).resolve().parents[1]
+    if where != ROOT:
+        raise CompanionError(f"{package}.{module} was imported from {where}, not from cpkv's "
+                             f"{ROOT}: another {package!r} package shadows it")
+    return mod
 
 
 def git_sha() -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import ComponentSpec, PagedKVCache
+from .layout import ComponentSpec, PackedFormat, PagedKVCache
 
 __all__ = ["SHAPES", "ModelShape"]
 
@@ -18,10 +18,10 @@ class ModelShape:
     components: tuple[ComponentSpec, ...]
     num_layers: int
 
-    @property
-    def row_nbytes(self) -> int:
-        """Bytes of one token of one component in one layer (the unit a gather moves)."""
-        return self.components[0].num_heads * self.components[0].head_nbytes
+    def packed_format(self, num_tokens: int, num_layers: int | None = None) -> PackedFormat:
+        """The packed slot of ``num_tokens`` tokens over every head and (default) every layer."""
+        return PackedFormat(num_tokens, self.num_layers if num_layers is None else num_layers,
+                            self.components)
 
     def cache(self, *, num_pages: int, page_size: int, num_layers: int | None = None,
               layout: str = "NHD", device="cpu") -> PagedKVCache:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ._checks import check_count
 from ._closing import Closing
 
 __all__ = ["ALIGN", "ArenaError", "ArenaFullError", "Slot", "StagingArena"]
@@ -113,8 +114,7 @@ class StagingArena(Closing):
 
     def __init__(self, nbytes: int, *, backend: str = "auto", device=None, group=None,
                  name: str | None = None, symmetric_backend: str | None = None):
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
-            raise ValueError(f"nbytes: expected a positive int, got {nbytes!r}")
+        check_count(nbytes, "nbytes", 1)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.group = group
@@ -269,8 +269,7 @@ class StagingArena(Closing):
         Raises ArenaFullError when no range fits; with ``timeout`` (seconds), waits that long
         for releases first.
         """
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise ValueError(f"nbytes: expected a non-negative int, got {nbytes!r}")
+        check_count(nbytes, "nbytes")
         if nbytes > self.nbytes:
             raise ArenaFullError(f"slot of {nbytes} bytes cannot fit an arena of "
                                  f"{self.nbytes} bytes")

@@ -17,14 +17,20 @@ OURS = "#d1495b"  # cpkv stands out; baselines and ceilings are grey
 GREYS = ["#4d4d4d", "#8c8c8c", "#b3b3b3"]
 
 
-def load(path: Path) -> list[dict]:
-    """Rows of the latest run per device (a run shares one timestamp)."""
+def read_rows(path: Path, what: str = "results", command: str = "cpkv bench") -> list[dict]:
+    """A CSV's rows as dicts of strings; a missing file says which command writes it."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no results yet (run `cpkv bench` first)")
+        raise FileNotFoundError(f"{path}: no {what} yet (run `{command}` first)")
     with path.open() as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load(path: Path) -> list[dict]:
+    """Rows of the latest run per device (a run shares one timestamp)."""
+    rows = read_rows(path)
     latest = {}
     for r in rows:
         latest[r["device"]] = max(latest.get(r["device"], ""), r["timestamp"])

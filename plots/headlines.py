@@ -33,7 +33,7 @@ def main() -> None:
           f"{max(r['tokens'] for r in t)} tokens\n")
     print("\n".join(_grid(t, "throughput_vs_raw", "cpkv-packed")) + "\n")
     for metric, what in (("speedup_vs_direct", "packed speedup over direct"),
-                         ("time_vs_best_mode", "auto policy time / the better mode")):
+                         ("time_vs_best_mode", "auto (cost model) time / the better mode")):
         rows = pick(t, metric=metric)
         if rows:
             for tokens in sorted({r["tokens"] for r in rows}):

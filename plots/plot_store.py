@@ -1,42 +1,56 @@
-"""Store figure: put and get bandwidth through cpkv's store tier vs one raw object of the same
-bytes, against page size, one panel per shape (largest request size measured)."""
+"""Store figure: cpkv's put/get time against Mooncake Store's own zero-copy calls on the same
+keys and bytes (the anchor, ``ratio_to_anchor``), and how early a streaming load's first layer
+group is in the pool (``first_fraction``), against prompt length, one column per shape."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from plots.common import GREYS, OURS, RESULTS, load, pick, plt, save, title
+from plots.common import GREYS, RESULTS, load, pick, plt, save, title
 
-STYLE = {"raw-put": (GREYS[1], "--", "s"), "raw-get": (GREYS[1], ":", "o"),
-         "cpkv-put": (OURS, "-", "s"), "cpkv-get": (OURS, ":", "o")}
+SHADES = {1: "#f08a93", 16: "#d1495b", 64: "#7a1e2c"}  # cpkv, one shade per store page size
+TARGETS = {"put/get, page 16 and 64": 0.8, "put/get, page 1": 0.5}
+
+
+def _line(ax, rows, color, style, marker, label) -> None:
+    pts = sorted((r["tokens"], r["p50"], r["p20"], r["p80"]) for r in rows)
+    if not pts:
+        return
+    xs, ys, lo, hi = zip(*pts, strict=True)
+    ax.errorbar(xs, ys, yerr=[[max(y - a, 0) for y, a in zip(ys, lo, strict=True)],
+                              [max(b - y, 0) for y, b in zip(ys, hi, strict=True)]],
+                fmt=style, marker=marker, color=color, linewidth=1.6, capsize=2, label=label)
 
 
 def plot(results: Path = RESULTS, out: Path = Path("plots")) -> list[Path]:
-    rows = pick(load(results / "store.csv"), metric="bandwidth")
+    rows = load(results / "store.csv")
     shapes = sorted({r["shape"] for r in rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(3.4 * len(shapes), 3.4), sharey=True,
+    sizes = sorted({r["page_size"] for r in rows})
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 6.4), sharex=True,
                              squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
-        tokens = max(r["tokens"] for r in pick(rows, shape=shape))
-        for provider, (color, style, marker) in STYLE.items():
-            pts = sorted((r["page_size"], r["p50"], r["p20"], r["p80"])
-                         for r in pick(rows, shape=shape, provider=provider, tokens=tokens))
-            if not pts:
-                continue
-            xs, ys, lo, hi = zip(*pts, strict=True)
-            ours = provider.startswith("cpkv")
-            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo, strict=True)],
-                                      [b - y for y, b in zip(ys, hi, strict=True)]],
-                        fmt=style, marker=marker, color=color, linewidth=2.0 if ours else 1.2,
-                        label=provider, capsize=2, zorder=3 if ours else 2)
-        sizes = sorted({r["page_size"] for r in rows})
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.set_xlabel("store page size (tokens)")
-        ax.set_title(f"shape {shape}, {tokens} tokens", fontsize=9)
-    axes[0][0].set_ylabel("GB/s (p50, p20-p80)")
-    axes[0][-1].legend(fontsize=7)
-    title(fig, "Store put/get of one prompt: cpkv (batched pages) vs one raw object, "
-               "Mooncake Store TCP loopback", rows)
+    for col, shape in enumerate(shapes):
+        top, bottom = axes[0][col], axes[1][col]
+        for ps in sizes:
+            color = SHADES.get(ps, GREYS[0])
+            for provider, style, marker in (("cpkv-put", "-", "s"), ("cpkv-get", "--", "o")):
+                _line(top, pick(rows, shape=shape, page_size=ps, provider=provider,
+                                metric="ratio_to_anchor"),
+                      color, style, marker, f"{provider.split('-')[1]}, page {ps}")
+            _line(bottom, pick(rows, shape=shape, page_size=ps, provider="cpkv-stream",
+                               metric="first_fraction"), color, "-", "^", f"page {ps}")
+        for (what, y), style in zip(TARGETS.items(), ("--", ":"), strict=True):
+            top.axhline(y, color=GREYS[1], linestyle=style, linewidth=1, label=f"target {what}")
+        bottom.axhline(0.25, color=GREYS[1], linestyle="--", linewidth=1, label="target")
+        top.set_title(f"shape {shape}", fontsize=9)
+        top.set_ylim(0, 1.2)
+        bottom.set_ylim(0, max(0.5, *(r["p80"] for r in pick(rows, shape=shape,
+                                                                 metric="first_fraction"))))
+        bottom.set_xscale("log", base=2)
+        bottom.set_xlabel("prompt tokens")
+    axes[0][0].set_ylabel("anchor time / cpkv time (p50)")
+    axes[1][0].set_ylabel("streaming load: first layer group\n/ whole load (p50)")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    axes[1][-1].legend(fontsize=6)
+    title(fig, "Store: cpkv vs Mooncake's batch_put_from / batch_get_into\n(same keys, "
+               "same page-major bytes, one client)", rows)
     return [save(fig, out / "store.png")]

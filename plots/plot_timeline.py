@@ -5,10 +5,9 @@ Success) is shaded."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from plots.common import GREYS, OURS, RESULTS, load, plt, save, title
+from plots.common import GREYS, OURS, RESULTS, load, plt, read_rows, save, title
 
 LANES = (("prefill", "compute", "prefill: compute", GREYS[1]),
          ("prefill", "pack", "prefill: pack", OURS),
@@ -17,12 +16,7 @@ LANES = (("prefill", "compute", "prefill: compute", GREYS[1]),
 
 
 def read(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no timeline yet (run `cpkv bench layerwise` first)")
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
+    rows = read_rows(path, "timeline", "cpkv bench layerwise")
     for r in rows:
         r["start_ms"], r["end_ms"] = float(r["start_ms"]), float(r["end_ms"])
         r["l0"], r["l1"] = int(r["l0"]), int(r["l1"])

@@ -7,17 +7,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cpkv._net import free_port  # noqa: F401 - the tests' free port, from here
 
 
 def spawn_group(target, world: int, *args, timeout: float = 300.0,

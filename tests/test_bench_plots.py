@@ -14,6 +14,8 @@ SWEEPS = {
     "kernels": ["--quick", "--shapes", "B", "--page-sizes", "16", "--repeats", "1"],
     "cp": ["--quick", "--shapes", "C", "--repeats", "1"],
     "transfer": ["--quick", "--shapes", "C", "--page-sizes", "1,16", "--repeats", "1"],
+    "dcp": ["--quick", "--shapes", "C"],
+    "serve": ["--smoke"],
 }
 PROVENANCE = ["device", "torch", "triton", "mooncake", "git_sha", "timestamp"]
 
@@ -44,10 +46,14 @@ def test_quick_sweep_rows_carry_provenance(results, sweep):
         for col in PROVENANCE:
             assert r[col], f"{sweep}: empty {col} in {r}"
         assert float(r["p50"]) > 0, r
-    assert {r["metric"] for r in rows} >= {"time", "bandwidth"}
+    assert {r["metric"] for r in rows} >= {
+        "dcp": {"time", "descriptors", "speedup"},
+        "serve": {"requests_per_s", "latency_p50", "latency_p99", "ratio_to_raw", "stage_pack",
+                  "stage_wire", "stage_unpack", "stage_other"},
+    }.get(sweep, {"time", "bandwidth"})
 
 
-@pytest.mark.parametrize("figure", ["kernels", "transfer", "cp"])
+@pytest.mark.parametrize("figure", ["kernels", "transfer", "cp", "dcp", "serve"])
 def test_plot_from_small_csv(results, tmp_path, figure):
     cli("plot", figure, "--results", str(results), "--out", str(tmp_path))
     png = tmp_path / f"{figure}.png"

@@ -46,6 +46,6 @@ def test_coordinates_import_nothing_of_cpkv():
 
 def test_rank_arithmetic_and_the_wire_do_not_import_the_agents():
     for path in (PKG / "transfer" / "mapping.py", PKG / "transfer" / "protocol.py",
-                 PKG / "cp" / "keys.py", PKG / "cp" / "partition.py"):
+                 PKG / "store" / "keys.py", PKG / "cp" / "partition.py"):
         agents = {"cpkv.transfer.sender", "cpkv.transfer.receiver", "cpkv.transfer.link"}
         assert not agents & cpkv_imports(path), path.name

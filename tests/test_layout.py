@@ -32,7 +32,7 @@ def test_hnd_geometry():
                                head_dim=96, dtype=torch.float16, layout="HND")
     assert c.layer("k", 0).shape == (3, 4, 16, 96)
     assert c.nhd_view("k", 0).shape == (3, 16, 4, 96)
-    assert (c.page_size, c.num_heads, c.num_token_slots) == (16, 4, 48)
+    assert (c.page_size, c.num_heads, c.num_entries) == (16, 4, 48)
 
 
 def test_generic_components_with_mixed_dtypes():

@@ -21,7 +21,7 @@ def test_kernels_api():
 def test_cp_api():
     assert sorted(cpkv.cp.__all__) == ["GatherDone", "GatherTimeoutError", "SenderPolicy",
                                        "SplitPlan", "all_gather_kv", "chunk_share", "gather_nbytes",
-                                       "interleave_split", "page_share", "senders_for",
+                                       "interleave_split", "page_share", "pages_sent_by",
                                        "split_token_map", "zigzag_split"]
 
 

@@ -7,10 +7,11 @@ from .partition import (
     chunk_share,
     interleave_split,
     page_share,
-    senders_for,
+    pages_sent_by,
+    senders_for,  # noqa: F401 - the former name of pages_sent_by
     zigzag_split,
 )
 
 __all__ = ["GatherDone", "GatherTimeoutError", "SenderPolicy", "SplitPlan", "all_gather_kv",
-           "chunk_share", "gather_nbytes", "interleave_split", "page_share", "senders_for",
+           "chunk_share", "gather_nbytes", "interleave_split", "page_share", "pages_sent_by",
            "split_token_map", "zigzag_split"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._checks import as_page_ids
+from .._checks import as_page_ids, is_index, is_int
 from ..kernels import reorganize_pages
 from ..layout import PagedKVCache, as_range
 from ..parallel import LAYER_GROUP_BYTES, layer_groups
@@ -39,6 +39,7 @@ __all__ = ["GatherDone", "GatherTimeoutError", "all_gather_kv", "gather_chunks",
 
 GATHER_CHUNK_BYTES = LAYER_GROUP_BYTES  # layer chunks gathered and reorganized in turn
 _MAP_CACHE_SIZE = 32
+_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {key: token map}
 
 
 class GatherTimeoutError(TimeoutError):
@@ -91,8 +92,7 @@ def gather_chunks(cache: PagedKVCache, plan: SplitPlan, *,
 
 
 def _is_id_list(v) -> bool:
-    return isinstance(v, (list, tuple)) and all(
-        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+    return isinstance(v, (list, tuple)) and all(is_index(x) for x in v)
 
 
 def _id_lists(plan: SplitPlan, page_ids) -> list:
@@ -111,11 +111,9 @@ def _id_lists(plan: SplitPlan, page_ids) -> list:
 
 
 def _offsets(token_offset, n_seqs: int) -> tuple[int, ...]:
-    vals = [token_offset] * n_seqs if isinstance(token_offset, (int, np.integer)) \
-        and not isinstance(token_offset, bool) else token_offset
+    vals = [token_offset] * n_seqs if is_index(token_offset) else token_offset
     if not isinstance(vals, (list, tuple)) or len(vals) != n_seqs or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-            for v in vals):
+            is_index(v) and v >= 0 for v in vals):
         raise ValueError(f"token_offset: expected a non-negative int (or one per sequence, "
                          f"{n_seqs}), got {token_offset!r}")
     return tuple(int(v) for v in vals)
@@ -147,9 +145,10 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
     reads gathered row ``plan.gather_index[p]`` (every other token maps to -1: untouched).
 
     The ids are checked once, when the map is built (in range, no page listed twice), unless
-    ``validate=False``. The result is cached on the pool per (plan, page ids, offset) (tensor
-    ids by identity and version, weakly), so a layer-by-layer gather neither rebuilds it, nor
-    copies it from the host, nor synchronises with the device again.
+    ``validate=False``. The result is kept per pool (a weak key: it dies with the pool) and per
+    (plan, page ids, offset) (tensor ids by identity and version, weakly), so a layer-by-layer
+    gather neither rebuilds it, nor copies it from the host, nor synchronises with the device
+    again.
     """
     if not isinstance(plan, SplitPlan):
         raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
@@ -157,7 +156,9 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
         raise TypeError(f"cache: expected a PagedKVCache, got {type(cache).__name__}")
     lists = _id_lists(plan, page_ids)
     offsets = _offsets(token_offset, len(lists))
-    maps = cache._token_maps
+    maps = _MAPS.get(cache)
+    if maps is None:
+        maps = _MAPS.setdefault(cache, {})
     key = (id(plan), tuple(_ids_key(ids) for ids in lists), offsets)
     hit = maps.pop(key, None)
     if hit is not None:
@@ -197,7 +198,7 @@ def split_token_map(plan: SplitPlan, cache: PagedKVCache, page_ids, *, token_off
 
 
 def _layer_range(cache: PagedKVCache, layers) -> range:
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if is_int(layers):
         if not 0 <= layers < cache.num_layers:
             raise ValueError(f"layers: expected a layer in [0, {cache.num_layers}), got {layers}")
         return range(layers, layers + 1)
@@ -315,7 +316,7 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
     if not isinstance(plan, SplitPlan):
         raise TypeError(f"plan: expected a SplitPlan, got {type(plan).__name__}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    one_layer = isinstance(layers, int) and not isinstance(layers, bool)
+    one_layer = is_int(layers)
     layer_range = _layer_range(cache, layers)
     if world != plan.cp_size:
         raise ValueError(f"plan: expected cp_size equal to the group size {world}, "
@@ -343,24 +344,18 @@ def all_gather_kv(local: Mapping[str, torch.Tensor], plan: SplitPlan, cache: Pag
 
     # Layer chunks of >= GATHER_CHUNK_BYTES gathered, each its own slice of the slot holding its
     # own rank regions: every chunk's gather is issued at once (the group runs them in order)
-    # and chunk k is reorganized while chunk k+1 is still on the wire. Within a chunk,
-    # component c of every layer sits at a fixed stride, so one strided copy moves it.
+    # and chunk k is reorganized while chunk k+1 is still on the wire. A rank's region is a
+    # packed slot of padded_len tokens over the chunk's layers; component c of every layer is
+    # one strided view of it (`PackedFormat.component_view`), so one copy moves it.
     padded = plan.padded_len
-    rows = cache.packed_format(1).row_nbytes  # bytes of one token's row, per component
-    layer_bytes = padded * sum(rows)
     pending = []
     for chunk, where in gather_chunks(cache, plan, layers=layer_range):
         l0 = chunk.start - layer_range.start
         part = buf[where]
         mine = part.view(world, -1)[rank]
-        base = mine.storage_offset()
+        rank_fmt = cache.packed_format(padded, layers=chunk)
         for c, block in enumerate(blocks):
-            src = block[l0:l0 + len(chunk)]
-            head_bytes = src.shape[-1]
-            dst = mine.as_strided((len(chunk), n_local, src.shape[2], head_bytes),
-                                  (layer_bytes, rows[c], head_bytes, 1),
-                                  base + padded * sum(rows[:c]))
-            dst.copy_(src)
+            rank_fmt.component_view(mine, c)[0, :, :n_local].copy_(block[l0:l0 + len(chunk)])
         pending.append((chunk, part, _all_gather(part, mine, group)))
     for chunk, part, work in pending:
         if not host_wait:

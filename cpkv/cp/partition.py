@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._checks import is_int
+from .._checks import check_count, is_index, is_int
 from ..parallel import balanced_split
 
 __all__ = ["SenderPolicy", "SplitPlan", "chunk_share", "interleave_split", "page_share",
-           "senders_for", "zigzag_split"]
+           "pages_sent_by", "zigzag_split"]
 
 
 MAX_CP_SIZE = 1 << 16  # far above any CP group; bounds the per-rank bookkeeping of a split
@@ -41,18 +41,13 @@ def _check_cp(cp_size, cp_rank=None) -> None:
         raise ValueError(f"cp_rank: expected an int in [0, {cp_size}), got {cp_rank!r}")
 
 
-def _check_count(value, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{what}: expected a non-negative int, got {value!r}")
-
-
 def page_share(num_pages: int, cp_size: int, cp_rank: int) -> range:
     """Request-local page positions CP rank ``cp_rank`` owns (balanced contiguous split).
 
     >>> [page_share(10, 4, r) for r in range(4)]
     [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     """
-    _check_count(num_pages, "num_pages")
+    check_count(num_pages, "num_pages")
     _check_cp(cp_size, cp_rank)
     return balanced_split(num_pages, cp_size, cp_rank)
 
@@ -61,7 +56,7 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
                 chunk_stop: int, *, policy: SenderPolicy | str = "all",
                 request_id: int = 0) -> range:
     """The pages the rank sends of one prefill chunk ``[chunk_start, chunk_stop)``: its share
-    under the sender ``policy`` (`senders_for`; default its balanced `page_share`) intersected
+    under the sender ``policy`` (`pages_sent_by`; default its balanced `page_share`) intersected
     with the chunk.
 
     May be empty; an empty share still takes part in the transfer (it reports zero bytes).
@@ -69,9 +64,9 @@ def chunk_share(num_pages: int, cp_size: int, cp_rank: int, chunk_start: int,
     >>> [chunk_share(10, 4, r, 0, 4) for r in range(4)]
     [range(0, 3), range(3, 4), range(6, 6), range(8, 8)]
     """
-    share = senders_for(policy, num_pages, cp_size, cp_rank, request_id)
-    _check_count(chunk_start, "chunk_start")
-    _check_count(chunk_stop, "chunk_stop")
+    share = pages_sent_by(policy, num_pages, cp_size, cp_rank, request_id)
+    check_count(chunk_start, "chunk_start")
+    check_count(chunk_stop, "chunk_stop")
     if not chunk_start <= chunk_stop <= num_pages:
         raise ValueError(f"chunk: expected 0 <= start <= stop <= {num_pages}, "
                          f"got [{chunk_start}, {chunk_stop})")
@@ -87,17 +82,20 @@ class SenderPolicy(enum.Enum):
     ROTATE = "rotate"  # one rank per request, rank = request_id % cp_size
 
 
-def senders_for(policy: SenderPolicy | str, num_pages: int, cp_size: int, cp_rank: int,
-                request_id: int = 0) -> range:
+def pages_sent_by(policy: SenderPolicy | str, num_pages: int, cp_size: int, cp_rank: int,
+                  request_id: int = 0) -> range:
     """Request-local pages ``cp_rank`` sends under ``policy`` (empty: it sends no bytes)."""
     policy = SenderPolicy(policy)
     _check_cp(cp_size, cp_rank)
-    _check_count(num_pages, "num_pages")
+    check_count(num_pages, "num_pages")
     if policy is SenderPolicy.ALL:
         return page_share(num_pages, cp_size, cp_rank)
-    _check_count(request_id, "request_id")
+    check_count(request_id, "request_id")
     owner = 0 if policy is SenderPolicy.RANK0 else request_id % cp_size
     return range(num_pages) if cp_rank == owner else range(0)
+
+
+senders_for = pages_sent_by  # the former name (it returns pages, not senders)
 
 
 @dataclass(frozen=True)
@@ -192,12 +190,11 @@ class SplitPlan:
 
 
 def _seq_lens(seq_lens) -> list[int]:
-    lens = [seq_lens] if isinstance(seq_lens, int) and not isinstance(seq_lens, bool) \
-        else list(seq_lens)
+    lens = [seq_lens] if is_int(seq_lens) else list(seq_lens)
     if not lens:
         raise ValueError("seq_lens: expected at least one sequence, got none")
     for n in lens:
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        if not is_index(n) or n < 1:
             raise ValueError(f"seq_lens: expected positive ints, got {n!r}")
     if sum(int(n) for n in lens) > MAX_SPLIT_TOKENS:
         raise ValueError(f"seq_lens: expected at most {MAX_SPLIT_TOKENS} tokens in a batch, got "

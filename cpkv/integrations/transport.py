@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 
+from .._closing import Closing
 from ..parallel import ParallelRank, ParallelSizes
 from ..transfer import KVReceiver, KVSender, KVStatus, TransferEngine
 from ..transfer.protocol import check_request_id
@@ -56,7 +57,7 @@ def receiver_addresses(host: str, kv_port: int, tp: int = 1, pp: int = 1,
     return [f"{host}:{port}" for port in ports]
 
 
-class KVTransport:
+class KVTransport(Closing):
     """One worker's transfers, by runner request id (a str).
 
     Args:
@@ -88,7 +89,7 @@ class KVTransport:
         self.cache, self.timeout = cache, float(timeout)
         self._ids: dict[str, tuple[object, object]] = {}  # rid -> (agent, transfer id)
         self._failed: dict[str, str] = {}  # rid -> reason, for what no agent took
-        self.sender = self.receiver = None
+        self.sender = self.receiver = self.engine = None
         self.address = None
         agent = dict(instance=instance, rank=rank, sizes=sizes, kind=kind,
                      num_kv_heads=num_kv_heads, num_layers=num_layers, timeout=self.timeout,

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_count
+
 __all__ = ["add_digest", "packed_digest", "unit_keys"]
 
 _C1, _C2, _C3 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35  # odd: multiplying by them is a bijection
@@ -169,8 +171,7 @@ def packed_digest(buf: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
     if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
         raise ValueError(f"buf: expected a contiguous 1-D uint8 tensor, got {buf.dtype} of "
                          f"shape {tuple(buf.shape)}")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValueError(f"offset: expected a non-negative int, got {offset!r}")
+    check_count(offset, "offset")
     acc = torch.zeros(1, dtype=torch.int64, device=buf.device)
     add_digest(buf, acc, offset)
     return acc

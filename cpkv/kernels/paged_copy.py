@@ -2,8 +2,8 @@
 a CP all-gather into a pool: one Triton kernel, O(1) launches per call.
 
 The launcher (`plan_launch`) sorts the packed format's blocks (one per layer and component) into
-groups of equal geometry: word width, alignment, heads contiguous or strided, head and row
-length. Each group is one launch of a kernel specialised to it, whatever the number of layers
+groups of one specialisation: word width, alignment, heads contiguous or strided, head and
+row length. Each group is one launch of a kernel specialised to it, whatever the number of layers
 and pages: page size, head words and row words are compile-time constants (no division by a
 run-time value, no recompile per request size), and the alignment the host checked is asserted
 to the compiler, so a 16-byte aligned row moves in 128-bit accesses. A narrower component (fp32
@@ -12,9 +12,9 @@ to its width. Bytes move as same-width integer words (8, 4, 2 or 1 bytes), never
 
 Each program copies a [BLOCK_T tokens, CHUNK_WORDS words] tile of one block in BLOCK_R-word
 steps; a row longer than CHUNK_WORDS is split across programs (grid axis 2), so a request of
-few tokens still fills the GPU. Tile sizes depend only on the geometry and are budgeted in bytes
-(see `_TILE_BYTES`). A per-group descriptor table (cached on the pool: its tensors never move)
-holds each block's pool base address, strides and packed offset.
+few tokens still fills the GPU. Tile sizes depend only on the specialisation and are budgeted in
+bytes (see `_TILE_BYTES`). A per-group descriptor table (kept per pool, `words.pool_memo`: its
+tensors never move) holds each block's pool base address, strides and packed offset.
 
 Slot side: packed row j of block b sits at ``rows_per_region * pre_words[b] + j * ROW_WORDS``
 (the packed format). A slot cut into values (regions: `pack_pages(region_tokens=)`, and the
@@ -42,17 +42,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import as_page_ids, byte_span, check_buffer, check_no_alias, check_num_tokens
+from .._checks import (
+    as_page_ids,
+    byte_span,
+    check_buffer,
+    check_count,
+    check_no_alias,
+    check_num_tokens,
+)
 from ..layout import PackedFormat, PagedKVCache, as_range
 from .digest import add_digest, digest_terms
 from .reference import pack_pages_torch, reorganize_torch, unpack_pages_torch
-from .words import WORD_DTYPES
+from .words import WORD_DTYPES, pool_memo, widest_word
 
 __all__ = ["pack_pages", "reorganize_pages", "unpack_pages"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Descriptor row per block of a group, int64 fields in this order: pool base address (bytes),
-# page / slot / head strides (words), words of every earlier block's row in the packed format.
+# page / entry / head strides (words), words of every earlier block's row in the packed format.
 _N_FIELDS = 5
 # Bytes one tile step moves: 8 KiB over 4 warps is 64 B (four 128-bit accesses) per thread.
 # The interpreter runs programs one by one, so it gets far larger tiles.
@@ -97,7 +104,7 @@ def _paged_copy_kernel(
     p_pool = tl.load(p_desc).to(tl.pointer_type(slot.dtype.element_ty))
     p_pool = tl.multiple_of(p_pool, ALIGN_BYTES)
     stride_page = tl.multiple_of(tl.load(p_desc + 1), VEC)
-    stride_slot = tl.multiple_of(tl.load(p_desc + 2), VEC)
+    stride_entry = tl.multiple_of(tl.load(p_desc + 2), VEC)
     stride_head = tl.multiple_of(tl.load(p_desc + 3), VEC)
     o_block = tl.multiple_of(rows_per_region.to(tl.int64) * tl.load(p_desc + 4), VEC)
 
@@ -118,10 +125,10 @@ def _paged_copy_kernel(
     if HAS_TOKEN_LIST:  # pool side: which request-local token this row is
         tok = tl.load(tokens + o_t, mask=m_t, other=0).to(tl.uint32)
     else:
-        tok = (o_t + token_offset).to(tl.uint32)  # unsigned: page and slot are a shift and a mask
+        tok = (o_t + token_offset).to(tl.uint32)  # unsigned: page and entry: a shift and a mask
     page = tl.load(page_ids + tok // PAGE_SIZE, mask=m_t, other=0).to(tl.int64)
-    o_tok_pool = tl.multiple_of(page * stride_page + (tok % PAGE_SIZE).to(tl.int64) * stride_slot,
-                                VEC)
+    o_tok_pool = tl.multiple_of(
+        page * stride_page + (tok % PAGE_SIZE).to(tl.int64) * stride_entry, VEC)
     o_tok_slot = tl.multiple_of(o_tok_slot, VEC)
     if HAS_DIGEST:
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.uint64)
@@ -192,23 +199,14 @@ class LaunchGroup:
     rows: tuple[tuple[int, ...], ...]
 
 
-def _align(quantities) -> int:
-    """Widest power of two, at most 16, dividing every quantity (bytes)."""
-    a = _MAX_ALIGN
-    for q in quantities:
-        while q % a:
-            a //= 2
-    return a
-
-
 def slot_alignment(slot: torch.Tensor) -> int:
     """Bytes (<= 16) the slot's address is a multiple of; also its offset in its storage, so
     the slot can be viewed as words of that width."""
-    return _align([slot.data_ptr(), slot.storage_offset() * slot.element_size()])
+    return widest_word([slot.data_ptr(), slot.storage_offset() * slot.element_size()], _MAX_ALIGN)
 
 
 def _tiles(row_words: int, vec: int, word: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_R, CHUNK_WORDS) for a row: fixed by the geometry, budgeted in bytes."""
+    """(BLOCK_T, BLOCK_R, CHUNK_WORDS) for a row: fixed by the specialisation, budgeted in bytes."""
     # The widest power-of-two step (<= 2 KiB) whose padding wastes at most 1/8 of the row.
     block_r, cap = vec, max(vec, min(triton.next_power_of_2(row_words), _STEP_MAX_BYTES // word))
     while block_r * 2 <= cap and -(-row_words // (block_r * 2)) * block_r * 2 * 8 <= row_words * 9:
@@ -223,7 +221,8 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
                 unpack: bool, token_map: bool = False, regions: bool = False,
                 token_list: bool = False, digest: bool = False,
                 interpret: bool = _INTERPRET) -> list[LaunchGroup]:
-    """Group the packed format's blocks by geometry: one `LaunchGroup` per specialisation.
+    """Group the packed format's blocks by specialisation (word, alignment, head and row
+    words, contiguous heads): one `LaunchGroup` each.
 
     Pure host work on the pool's shapes, strides and addresses (no device access); the same
     code serves `_launch` and the codegen report (`benchmarks.codegen`). ``slot_align`` is the
@@ -234,22 +233,24 @@ def plan_launch(cache: PagedKVCache, layers: range, heads: range, slot_align: in
     reads the request-local token of each packed row from a list (`pack_pages(tokens=)`);
     ``digest`` adds the packed bytes' digest (`cpkv.kernels.digest`) to a device counter.
     """
-    blocks, pre = [], 0
-    for layer in layers:
-        for spec in cache.components:
+    # Block (layer, component) of a value starts at rows_per_region times its offset in a
+    # slot of one token: the kernel multiplies by the run-time row count.
+    unit = cache.packed_format(1, layers=layers, heads=heads)
+    blocks = []
+    for i, layer in enumerate(layers):
+        for c, spec in enumerate(cache.components):
             t = cache.nhd_view(spec.name, layer)
             isz = spec.itemsize
-            row = len(heads) * spec.head_nbytes
             contig = len(heads) == 1 or t.stride(2) * isz == spec.head_nbytes
             strides = (t.stride(0) * isz, t.stride(1) * isz,
                        t.stride(2) * isz if len(heads) > 1 else spec.head_nbytes)
             base = t.data_ptr() + heads.start * t.stride(2) * isz
-            blocks.append((base, strides, spec.head_nbytes, row, contig, pre))
-            pre += row
+            blocks.append((base, strides, spec.head_nbytes, unit.row_nbytes[c], contig,
+                           unit.block(i, c).offset))
     groups: dict[tuple, list] = {}
     for base, strides, head, row, contig, pre_b in blocks:
         quantities = [base, *strides, head, row, pre_b, slot_align]
-        align = _align(quantities)
+        align = widest_word(quantities, _MAX_ALIGN)
         word = min(align, 8)
         key = (word, align // word, head // word, row // word, contig)
         groups.setdefault(key, []).append(
@@ -273,8 +274,8 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: 
             heads: range, slot: torch.Tensor, *, unpack: bool, token_map=None,
             rows_per_region: int | None = None, region_nbytes: int = 0, token_offset: int = 0,
             tokens: torch.Tensor | None = None, digest: torch.Tensor | None = None) -> None:
-    """One launch per geometry group for every layer and component. Inputs are trusted; no host
-    synchronisation (the descriptor tables are built and copied once per pool and geometry).
+    """One launch per specialisation for every layer and component. Inputs are trusted; no host
+    synchronisation (the descriptor tables are built and copied once per pool and launch key).
     ``rows_per_region`` / ``region_nbytes``: the slot is cut into values of that many rows,
     that many bytes apart (regions); else it is one packed slot of ``num_rows`` rows. Packed
     row j is request-local token ``token_offset + j``, or ``tokens[j]``. ``digest`` ([1] int64)
@@ -282,16 +283,17 @@ def _launch(cache: PagedKVCache, page_ids: torch.Tensor, num_rows: int, layers: 
     has_map, regions, has_list = token_map is not None, rows_per_region is not None, \
         tokens is not None
     has_digest = digest is not None
-    align = _align([slot_alignment(slot), region_nbytes])  # every value's start
+    align = widest_word([slot_alignment(slot), region_nbytes], _MAX_ALIGN)  # every value's start
     key = ("plan", layers.start, layers.stop, heads.start, heads.stop, unpack, has_map, regions,
            has_list, has_digest, align)
-    launches = cache._kernel_tables.get(key)
+    memo = pool_memo(cache)
+    launches = memo.get(key)
     if launches is None:
         plan = plan_launch(cache, layers, heads, align, unpack=unpack, token_map=has_map,
                            regions=regions, token_list=has_list, digest=has_digest)
         launches = [(g.spec, torch.tensor(g.rows, dtype=torch.int64).to(cache.device))
                     for g in plan]
-        cache._kernel_tables[key] = launches
+        memo[key] = launches
     rows = num_rows if rows_per_region is None else rows_per_region
     with _device_guard(cache.device):
         for spec, table in launches:
@@ -320,11 +322,12 @@ def _use_triton(backend: str, device: torch.device) -> bool:
 
 def _pool_spans(cache: PagedKVCache) -> list[tuple[int, int]]:
     """The byte spans of the pool's layer tensors (cached: the pool never moves)."""
-    spans = cache._kernel_tables.get("spans")
+    memo = pool_memo(cache)
+    spans = memo.get("spans")
     if spans is None:
         spans = [byte_span(t) for layers in cache.buffers.values() for t in layers
                  if t.numel()]
-        cache._kernel_tables["spans"] = spans
+        memo["spans"] = spans
     return spans
 
 
@@ -378,10 +381,10 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
         cache: the source pool.
         page_ids: [n_pages] int32/int64 pool page ids of the request, in request order (a
             numpy array or list is converted; a strided tensor is made contiguous).
-        num_tokens: how many tokens (packed rows); default every slot of the listed pages
+        num_tokens: how many tokens (packed rows); default every entry of the listed pages
             after ``token_offset``.
         token_offset: packed row j is request-local token ``token_offset + j`` (page
-            ``page_ids[(token_offset + j) // page_size]``, slot ``(token_offset + j) %
+            ``page_ids[(token_offset + j) // page_size]``, entry ``(token_offset + j) %
             page_size``): a segment that starts mid-page. Default 0.
         tokens: [n_rows] int32/int64 tensor on the pool's device: packed row j is request-local
             token ``tokens[j]`` (a selection, e.g. the tokens a decode-context-parallel rank
@@ -430,24 +433,31 @@ def pack_pages(cache: PagedKVCache, page_ids: torch.Tensor, *, num_tokens: int |
                      ndim=1)
         check_no_alias(out[:nbytes], _pool_spans(cache), what="out")
     out = out[:nbytes]
-    use_triton = _use_triton(backend, cache.device)
-    if nbytes:
-        if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, out, unpack=False,
-                    **_regions(fmt), **place, digest=digest)
-        else:
-            pack_pages_torch(cache, page_ids, num_tokens, layer_range, head_range, out,
-                             region_tokens=region_tokens, **place)
-            if digest is not None:
-                add_digest(out, digest)
+    _move(cache, page_ids, fmt, layer_range, head_range, out, place, digest,
+          _use_triton(backend, cache.device), unpack=False)
     return out
 
 
-def _regions(fmt: PackedFormat) -> dict:
-    """`_launch`'s region arguments for a slot of this format (none when it is not cut)."""
-    if fmt.region_tokens is None:
-        return {}
-    return {"rows_per_region": fmt.region_tokens, "region_nbytes": fmt.region_nbytes}
+def _move(cache: PagedKVCache, page_ids: torch.Tensor, fmt: PackedFormat, layers: range,
+          heads: range, slot: torch.Tensor, place: dict, digest, use_triton: bool, *,
+          unpack: bool) -> None:
+    """Pack into (or unpack from) ``slot``, of format ``fmt``, on the chosen path; the digest
+    inside the kernel, or over the slot after the torch path."""
+    if not fmt.nbytes:
+        return
+    if use_triton:
+        regions = {} if fmt.region_tokens is None else {
+            "rows_per_region": fmt.region_tokens, "region_nbytes": fmt.region_nbytes}
+        _launch(cache, page_ids, fmt.num_tokens, layers, heads, slot, unpack=unpack,
+                **regions, **place, digest=digest)
+        return
+    where = dict(region_tokens=fmt.region_tokens, **place)
+    if unpack:
+        unpack_pages_torch(slot, cache, page_ids, fmt.num_tokens, layers, heads, **where)
+    else:
+        pack_pages_torch(cache, page_ids, fmt.num_tokens, layers, heads, slot, **where)
+    if digest is not None:  # the torch path reads the slot again
+        add_digest(slot, digest)
 
 
 def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor, *,
@@ -459,10 +469,10 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     """Scatter a packed slot into a paged pool: the inverse of `pack_pages`.
 
     Packed row j lands at request-local token t = ``token_offset + j`` (or ``tokens[j]``): page
-    ``page_ids[t // cache.page_size]``, slot ``t % cache.page_size``; the destination page size
+    ``page_ids[t // cache.page_size]``, entry ``t % cache.page_size``; the destination page size
     need not be the sender's. ``heads`` places the packed head slice at any head offset of the
-    destination. Pages not listed, and slots of listed pages no row lands in (the first
-    ``token_offset`` tokens: a prefix already there; slots past the last token), are never
+    destination. Pages not listed, and entries of listed pages no row lands in (the first
+    ``token_offset`` tokens: a prefix already there; entries past the last token), are never
     written.
 
     Args:
@@ -508,16 +518,8 @@ def unpack_pages(packed: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tens
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     packed = packed.reshape(-1)
-    use_triton = _use_triton(backend, cache.device)
-    if expected.nbytes:
-        if use_triton:
-            _launch(cache, page_ids, num_tokens, layer_range, head_range, packed, unpack=True,
-                    **_regions(expected), **place, digest=digest)
-        else:
-            unpack_pages_torch(packed, cache, page_ids, num_tokens, layer_range, head_range,
-                               region_tokens=region_tokens, **place)
-            if digest is not None:
-                add_digest(packed, digest)
+    _move(cache, page_ids, expected, layer_range, head_range, packed, place, digest,
+          _use_triton(backend, cache.device), unpack=True)
 
 
 def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torch.Tensor,
@@ -526,10 +528,10 @@ def reorganize_pages(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     """Write gathered packed regions into the pool through a token map, in one launch.
 
     ``gathered`` holds equal regions, each a packed slot (see `pack_pages`) of ``rows_per_rank``
-    tokens over ``layers`` and all heads. Request-local token t (page ``page_ids[t // ps]``, slot
-    ``t % ps``) receives gathered row ``g = token_map[t]`` (row ``g % rows_per_rank`` of region
-    ``g // rows_per_rank``), and is left untouched where ``g < 0``. Nothing else in the pool is
-    written. `cpkv.cp` builds the map from a split plan (undoing zigzag/interleave, skipping
+    tokens over ``layers`` and all heads. Request-local token t (page ``page_ids[t // ps]``,
+    entry ``t % ps``) receives gathered row ``g = token_map[t]`` (row ``g % rows_per_rank`` of
+    region ``g // rows_per_rank``), and is left untouched where ``g < 0``. Nothing else in the
+    pool is written. `cpkv.cp` builds the map from a split plan (undoing zigzag/interleave, skipping
     padding and tokens already in the pages); the kernels know nothing of splits.
 
     Args:
@@ -569,8 +571,7 @@ def check_reorganize(gathered, cache, page_ids, token_map, *, rows_per_rank: int
         raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
     layer_range = as_range(layers, cache.num_layers, "layers")
     page_ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=True)
-    if not isinstance(rows_per_rank, int) or isinstance(rows_per_rank, bool) or rows_per_rank < 0:
-        raise ValueError(f"rows_per_rank: expected a non-negative int, got {rows_per_rank!r}")
+    check_count(rows_per_rank, "rows_per_rank")
     if not isinstance(token_map, torch.Tensor) or token_map.dtype != torch.int64:
         raise TypeError(f"token_map: expected an int64 tensor, got "
                         f"{getattr(token_map, 'dtype', type(token_map).__name__)}")

@@ -8,8 +8,8 @@ Per (layer, component) block, the cheapest form that the pool's strides allow:
   * pages: each page is one contiguous run (no head slice, NHD), so whole pages move as 2-D rows
     with one ``index_select`` / ``index_copy_`` and the partial last page with one slice copy
     (2-D rows gather ~1.35x faster than [tokens, heads, row] on the CPU);
-  * tokens: page and slot axes merge, so tokens move as rows of ``[num_pages * page_size]``;
-  * otherwise advanced indexing over (page, slot).
+  * tokens: page and entry axes merge, so tokens move as rows of ``[num_pages * page_size]``;
+  * otherwise advanced indexing over (page, entry).
 
 A slot cut into values (``region_tokens``) is seen as ``[values, rows, ...]`` strided views of
 each block (`_blocks`): unpack scatters from them with one ``index_put_``; pack gathers into
@@ -19,20 +19,18 @@ temporary), else through a temporary of the block.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from ..layout import PagedKVCache
-from .words import WORD_DTYPES, word_bytes
+from ..layout import PackedFormat, PagedKVCache
+from .words import WORD_DTYPES, pool_memo, word_bytes
 
-__all__ = ["pack_pages_torch", "reorganize_torch", "token_slots", "unpack_pages_torch"]
+__all__ = ["pack_pages_torch", "reorganize_torch", "token_entries", "unpack_pages_torch"]
 
 
-def token_slots(page_ids: torch.Tensor, num_tokens: int, page_size: int, *,
-                token_offset: int = 0, tokens: torch.Tensor | None = None):
-    """(page, slot) of packed rows [0, num_tokens) as int64 tensors: row j is request-local
-    token ``token_offset + j``, or ``tokens[j]``."""
+def token_entries(page_ids: torch.Tensor, num_tokens: int, page_size: int, *,
+                  token_offset: int = 0, tokens: torch.Tensor | None = None):
+    """(page, entry) of packed rows [0, num_tokens) as int64 tensors: row j is request-local
+    token ``token_offset + j``, or ``tokens[j]`` (entry: the position inside the page)."""
     t = torch.arange(token_offset, token_offset + num_tokens, device=page_ids.device) \
         if tokens is None else tokens.to(torch.int64)
     pages = page_ids.to(torch.int64)[t // page_size]
@@ -48,30 +46,26 @@ def _page_rows(pool: torch.Tensor) -> torch.Tensor | None:
 
 
 def _token_rows(pool: torch.Tensor) -> torch.Tensor | None:
-    """[P, ps, nh, row] -> [P * ps, nh, row] when page and slot axes merge."""
+    """[P, ps, nh, row] -> [P * ps, nh, row] when page and entry axes merge."""
     if pool.stride(0) != pool.shape[1] * pool.stride(1):
         return None
     return pool.as_strided((pool.shape[0] * pool.shape[1], *pool.shape[2:]),
                            (pool.stride(1), *pool.stride()[2:]))
 
 
-def _blocks(cache: PagedKVCache, packed: torch.Tensor, rows: int, n_regions: int,
-            layers: range, heads: range):
-    """Yield (pool [P, ps, nh, row_words], block [n_regions, rows, nh, row_words]) in format
-    order: one (layer, component) block of every value, values of ``rows`` tokens back to back
-    (one value: an uncut slot). Positions come from `PackedFormat`."""
-    fmt = cache.packed_format(rows, layers=layers, heads=heads)
-    word = word_bytes(cache, layers, heads, packed)  # divides every row, so the value stride
+def _blocks(cache: PagedKVCache, packed: torch.Tensor, fmt: PackedFormat, layers: range,
+            heads: range):
+    """Yield (pool [P, ps, nh, row_words], block [values, rows, nh, row_words]) in format
+    order: one (layer, component) block of every value of a slot of format ``fmt`` (one value:
+    an uncut slot). Positions come from `PackedFormat.component_view`."""
+    word = word_bytes(cache, layers, heads, packed)  # divides every row, so every offset
     words = packed.view(WORD_DTYPES[word])
-    base, region = words.storage_offset(), fmt.region_nbytes // word
+    views = [fmt.component_view(words, c) for c in range(len(cache.components))]
     for i, layer in enumerate(layers):
         for c, spec in enumerate(cache.components):
             pool = cache.nhd_view(spec.name, layer)[:, :, heads.start:heads.stop]
             pool = pool.view(torch.uint8).view(WORD_DTYPES[word])
-            row = spec.head_nbytes // word
-            offset = base + fmt.block(i, c).offset // word
-            yield pool, words.as_strided((n_regions, rows, len(heads), row),
-                                         (region, len(heads) * row, row, 1), offset)
+            yield pool, views[c][:, i]
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor) -> None:
@@ -97,15 +91,12 @@ def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> No
 STACKED_MAX_ROWS = 16  # pages (or tokens) per block up to which all layers move in one op
 
 
-_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> {key: views}
-
-
 def _stacked_pools(cache: PagedKVCache, layers: range, heads: range, word: int):
     """Per component, the layers [L, P, ps, nh, row_words] as one strided view when they sit
     at equal distances in memory with equal strides (a stacked pool, as `PagedKVCache.empty`
     allocates), else None. Cached per pool: its memory never moves."""
-    memo = _STACKED.setdefault(cache, {})
-    key = (layers.start, layers.stop, heads.start, heads.stop, word)
+    memo = pool_memo(cache)
+    key = ("stacked", layers.start, layers.stop, heads.start, heads.stop, word)
     if key not in memo:
         pools = []
         for spec in cache.components:
@@ -138,15 +129,7 @@ def _stacked(cache: PagedKVCache, packed: torch.Tensor, num_tokens: int, layers:
         return None
     fmt = cache.packed_format(num_tokens, layers=layers, heads=heads)
     words = packed.view(WORD_DTYPES[word])
-    out = []
-    for c, (spec, pool) in enumerate(zip(cache.components, pools, strict=True)):
-        block = fmt.block(0, c).offset // word
-        stride = (fmt.block(1, c).offset - fmt.block(0, c).offset) // word
-        row = spec.head_nbytes // word
-        out.append((pool, words.as_strided((len(layers), num_tokens, len(heads), row),
-                                           (stride, len(heads) * row, row, 1),
-                                           words.storage_offset() + block)))
-    return out
+    return [(pool, fmt.component_view(words, c)[0]) for c, pool in enumerate(pools)]
 
 
 def _as_rows(pool: torch.Tensor, unit: int):
@@ -165,7 +148,7 @@ def _as_rows(pool: torch.Tensor, unit: int):
 def _copy_stacked(stacked, ids: torch.Tensor, flat_idx: torch.Tensor | None, num_tokens: int,
                   ps: int, unpack: bool) -> bool:
     """Every layer of each component in one op: whole pages (the partial last page in one
-    more) where the rows start on a page, else token rows (``flat_idx``: page * ps + slot of
+    more) where the rows start on a page, else token rows (``flat_idx``: page * ps + entry of
     each row), gathered by one flat index over the layers (a dim-0 gather: the fast one).
     Only for a few rows per block, where the per-op cost dominates; False if not taken."""
     full, tail = divmod(num_tokens, ps)
@@ -208,28 +191,26 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
           layers: range, heads: range, *, unpack: bool, region_tokens: int | None = None,
           token_offset: int = 0, tokens: torch.Tensor | None = None) -> None:
     ps = cache.page_size
-    stacked = _stacked(cache, packed, num_tokens, layers, heads) \
-        if region_tokens is None else None
-    if stacked is not None:
-        ids = page_ids.to(torch.int64)
-        flat = None
-        if tokens is not None or token_offset % ps:
-            p, s = token_slots(page_ids, num_tokens, ps, token_offset=token_offset,
-                               tokens=tokens)
-            flat = p * ps + s
-        else:
-            ids = ids[token_offset // ps:]
-        if _copy_stacked(stacked, ids, flat, num_tokens, ps, unpack):
-            return
     ids = page_ids.to(torch.int64)
     whole_pages = tokens is None and token_offset % ps == 0  # rows start on a page
     if whole_pages:
         ids = ids[token_offset // ps:]
-    rows = num_tokens if region_tokens is None else region_tokens
-    n_regions = 1 if region_tokens is None else num_tokens // region_tokens
+    stacked = _stacked(cache, packed, num_tokens, layers, heads) \
+        if region_tokens is None else None
+    if stacked is not None:
+        flat = None
+        if not whole_pages:
+            p, e = token_entries(page_ids, num_tokens, ps, token_offset=token_offset,
+                                 tokens=tokens)
+            flat = p * ps + e
+        if _copy_stacked(stacked, ids, flat, num_tokens, ps, unpack):
+            return
+    fmt = cache.packed_format(num_tokens, layers=layers, heads=heads,
+                              region_tokens=region_tokens)
+    rows, n_regions = fmt.rows_per_region, fmt.num_regions
     full, tail = divmod(num_tokens, ps)
     flat_idx = None
-    for pool, blocks in _blocks(cache, packed, rows, n_regions, layers, heads):
+    for pool, blocks in _blocks(cache, packed, fmt, layers, heads):
         pages = _page_rows(pool) if whole_pages else None
         if pages is not None and (n_regions == 1 or rows % ps == 0):
             k = rows // ps  # whole pages per value
@@ -247,9 +228,9 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
                     tail_rows.copy_(pool[tail_ids, :tail])
             continue
         if flat_idx is None:
-            p, s = token_slots(page_ids, num_tokens, ps, token_offset=token_offset,
-                               tokens=tokens)
-            flat_idx = (p * ps + s).view(n_regions, rows)
+            p, e = token_entries(page_ids, num_tokens, ps, token_offset=token_offset,
+                                 tokens=tokens)
+            flat_idx = (p * ps + e).view(n_regions, rows)
         tokens = _token_rows(pool)
         if tokens is not None:
             (_scatter_rows if unpack else _gather_rows)(tokens, flat_idx, blocks)
@@ -260,7 +241,7 @@ def _copy(cache: PagedKVCache, packed: torch.Tensor, page_ids: torch.Tensor, num
 
 
 def _scatter_tokens(pool: torch.Tensor, flat_idx: torch.Tensor, rows: torch.Tensor) -> None:
-    """pool token (page * ps + slot) flat_idx[i] <- rows[i]."""
+    """pool token (page * ps + entry) flat_idx[i] <- rows[i]."""
     tokens = _token_rows(pool)
     if tokens is not None:
         tokens.index_copy_(0, flat_idx, rows)
@@ -290,9 +271,10 @@ def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
     ps = cache.page_size
     tokens = torch.nonzero(token_map >= 0).flatten()
     rows = token_map[tokens]
-    pages, slots = token_slots(page_ids, token_map.numel(), ps)
-    flat_idx = (pages * ps + slots)[tokens]
-    regions = gathered.view(-1, cache.packed_nbytes(rows_per_rank, layers=layers))
+    pages, entries = token_entries(page_ids, token_map.numel(), ps)
+    flat_idx = (pages * ps + entries)[tokens]
+    fmt = cache.packed_format(rows_per_rank, layers=layers)  # one rank's region
+    regions = gathered.view(-1, fmt.nbytes)
     heads = range(cache.num_heads)
     for r, region in enumerate(regions):
         mine = (rows >= r * rows_per_rank) & (rows < (r + 1) * rows_per_rank)
@@ -301,6 +283,6 @@ def reorganize_torch(gathered: torch.Tensor, cache: PagedKVCache, page_ids: torc
             continue
         # A region's rows usually land in order from row 0 (a split's local order): slice then.
         prefix = bool(torch.equal(local, torch.arange(local.numel(), device=local.device)))
-        for pool, blocks in _blocks(cache, region, rows_per_rank, 1, layers, heads):
+        for pool, blocks in _blocks(cache, region, fmt, layers, heads):
             block = blocks[0]
             _scatter_tokens(pool, dst, block[:local.numel()] if prefix else block[local])

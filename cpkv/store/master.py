@@ -11,6 +11,10 @@ live in the clients' segments. `MasterProcess` runs one as a child process:
   on Linux the child also gets PR_SET_PDEATHSIG, so a parent killed by SIGTERM/SIGKILL (no atexit)
   still takes its master down, and it runs in its own session, so a terminal's Ctrl-C reaches the
   parent only (which then stops it in order). No orphan on any of these paths.
+  The parent-death signal follows the *thread* that forked the child, not the process: every
+  master is therefore forked by one daemon thread of this module (`_Spawner`) that lives as long
+  as the process, so a master made from a short-lived thread (a store built in a worker) lives
+  as long as its owner object, never only as long as that thread.
 
 Example::
 
@@ -23,16 +27,20 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 from pathlib import Path
+
+from .._closing import Closing
+from .._net import free_port, port_open
 
 __all__ = ["MasterError", "MasterProcess", "find_master_binary"]
 
@@ -62,29 +70,55 @@ def find_master_binary() -> str:
                       "mooncake package: install mooncake-transfer-engine(-non-cuda)")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
-def port_open(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connect to (host, port) succeeds within ``timeout`` seconds."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+class _Spawner:
+    """The one thread that forks masters: a daemon that lives as long as the process.
+
+    Linux delivers PR_SET_PDEATHSIG when the thread that forked the child exits (prctl(2)), so
+    a master forked by a worker thread would die with that worker while its owner lives on.
+    Forking from this thread ties the signal to the process's life instead. Re-created lazily
+    in a forked child (threads do not survive ``fork``).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid = None
+
+    def call(self, fn):
+        """Run ``fn()`` on the spawner thread and return its result (or raise its error)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
+                                 name="cpkv-master-spawner").start()
+                self._pid = os.getpid()
+            done: Future = Future()
+            self._jobs.put((fn, done))
+        return done.result()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            fn, done = jobs.get()
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
 
 
-class MasterProcess:
+_SPAWNER = _Spawner()
+
+
+class MasterProcess(Closing):
     """A `mooncake_master` child process on loopback.
 
     Args:
@@ -108,15 +142,12 @@ class MasterProcess:
         self.proc: subprocess.Popen | None = None
         errors = []
         for _ in range(attempts):
-            self.port, self.metrics_port = _free_port(host), _free_port(host)
+            self.port, self.metrics_port = free_port(host), free_port(host)
             args = [self.binary, f"-rpc_port={self.port}", f"-rpc_address={host}",
                     f"-metrics_port={self.metrics_port}", f"-metrics_host={host}",
                     "-enable_http_metadata_server=false", "-logtostderr",
                     *(extra_args or [])]
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
+            self.proc = _SPAWNER.call(lambda args=args: self._popen(args))
             with _LIVE_LOCK:
                 _LIVE.add(self)
             why = self._wait_ready(start_timeout)
@@ -126,6 +157,13 @@ class MasterProcess:
             self.stop()
         raise MasterError(f"mooncake_master did not start ({'; '.join(errors)}); log tail:\n"
                           f"{self.log_text()[-2000:]}")
+
+    def _popen(self, args: list[str]) -> subprocess.Popen:
+        parent = os.getpid()
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=lambda: _die_with_parent(parent))
 
     def _wait_ready(self, timeout: float) -> str | None:
         deadline = time.monotonic() + timeout
@@ -172,21 +210,11 @@ class MasterProcess:
                 proc.wait(timeout)
 
     def close(self) -> None:
-        """Stop the master and delete its log folder."""
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> MasterProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # cpkv._closing.Closing's, repeated: this module imports nothing of cpkv
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Stop the master and delete its log folder. Idempotent; copes with a half-built one."""
+        if getattr(self, "proc", None) is not None:
+            self.stop()
+        if getattr(self, "_dir", None) is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @atexit.register

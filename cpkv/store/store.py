@@ -2,9 +2,10 @@
 
 Store pages and values
     The store's ``page_size`` T is the key granularity (see `cpkv.store.keys`). The value under a
-    key is one store page packed in cpkv's packed format (`cpkv.layout`) for T tokens: for each
-    layer of the rank's slice, for each component, ``[T, heads of the slice, head_dim]``, bytes
-    unchanged. Its size is ``cache.packed_nbytes(T, layers=..., heads=...)``.
+    key is one store page, page-major: the packed format (`cpkv.layout`) of T tokens of the
+    rank's slice, i.e. for each layer of the slice, for each component, ``[T, heads of the slice,
+    head_dim]``, bytes unchanged. Its size is ``cache.packed_nbytes(T, layers=..., heads=...)``
+    and its geometry (`value_format`) is part of its key, with the model id.
 
 Page sizes
     A writer's pool page size W must divide T (a store page starts on a pool page); a reader's
@@ -15,56 +16,63 @@ Page sizes
 Write path (`put_prefix`)
     Keys of the prompt's full store pages; this rank's share is ``page_share(n_pages, cp_size,
     cp_rank)`` (every CP rank writes, so write bandwidth scales with CP; among TP replicas of one
-    head shard only the lowest writes). Keys that exist are skipped (one ``batch_is_exist``). The
-    rest go in batches: one `pack_pages` of the batch's tokens, reordered page-major into a
-    staging slot registered with the store, then one ``batch_put_from`` straight from the slot.
+    head shard only the lowest writes). Keys that exist are skipped (``batch_is_exist``, 1,024
+    keys a call). The rest go in batches as large as half the staging arena holds (so a load can
+    run beside a put): one `pack_pages` of the batch's pages writes the page-major values
+    straight into a staging slot registered with the store, then one ``batch_put_from`` puts
+    them from the slot. Per key, only the key string and its slot address are built in Python.
 
-Read path (`match_prefix`, `load_prefix`)
+Read path (`match_prefix`, `load_prefix`, `load_prefix_async`)
     ``match_prefix`` counts leading stored pages and MIN-reduces the count over the given process
     groups (CP and TP: ranks must agree on one hit length or they diverge). ``load_prefix`` gets
-    batches with ``batch_get_into`` into a registered slot, reorders them layer-major and unpacks
-    into the pool with one `unpack_pages` per batch. It stops at the first page that did not
-    arrive whole (evicted since the match, master gone, size mismatch) and reports how many pages
-    it loaded; pages past that are never written.
+    batches of whole values with ``batch_get_into`` into a registered slot and unpacks each
+    batch into the pool with one `unpack_pages`. ``load_prefix_async`` streams: layer group by
+    layer group (ranged reads of every value, see `cpkv.store.load`), with a handle that says
+    how many leading layers are in the pool. Both stop at the first page that did not arrive
+    whole (evicted since the match, master gone, size mismatch) and report how many pages
+    (and layers) they loaded; pool pages past those are never written.
 
 Faults
     The master is probed with a TCP connect (``connect_timeout``) before set-up, so an unreachable
     master is a `StoreError` at once instead of Mooncake's ~90 s of retries. With the master gone
     mid-run, existence checks and gets fail (a clean miss: ``match_prefix`` returns the pages
-    found before the failure, ``load_prefix`` stops) and a put raises `StoreError`, each at once
-    or after Mooncake's RPC timeout (~4 s a call here); ``close`` then takes ~11 s (Mooncake's
-    unmount retries), bounded. A frozen master (alive, not answering) costs Mooncake's 30 s RPC
-    timeout per call, with the same outcome.
+    found before the failure, a load stops) and a put raises `StoreError`, each at once or after
+    Mooncake's RPC timeout (~4 s a call here); ``close`` then takes ~11 s (Mooncake's unmount
+    retries), bounded. A frozen master (alive, not answering) costs Mooncake's 30 s RPC timeout
+    per call, with the same outcome.
 
 Lifetime
     Objects live in the segments of the clients that wrote them (``segment_nbytes`` each): they
     disappear with the writer's `KVStore` (Mooncake unmounts its segment on close). ``close()``
-    unregisters the staging buffer, closes the client, frees the staging arena and stops an
-    embedded master.
+    waits for background loads, unregisters the staging buffer, closes the client, frees the
+    staging arena and stops an embedded master.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from .._checks import as_page_ids
+from .._checks import as_page_ids, check_count, check_seconds, is_int
 from .._closing import Closing
+from .._groups import group_min
+from .._net import port_open
 from ..cp.partition import page_share
 from ..kernels import pack_pages, unpack_pages
-from ..layout import PagedKVCache, as_range
+from ..layout import PackedFormat, PagedKVCache, Span, as_range
 from ..parallel import ParallelRank, ParallelSizes
 from ..staging import ALIGN, StagingArena
-from .keys import at, is_store_writer, page_keys
-from .master import MasterProcess, port_open
+from .keys import at, check_model, is_store_writer, page_keys, value_geometry
+from .load import MAX_BATCH_KEYS, LoadResult, PrefixLoad, plan_layer_groups, reader_batch
+from .master import MasterProcess
 
-__all__ = ["KVStore", "LoadResult", "PutResult", "StoreError"]
+__all__ = ["KVStore", "LoadResult", "PrefixLoad", "PutResult", "StoreError"]
 
-EXIST_CHUNK = 1024  # keys per batch_is_exist call
+SLOT_WAIT = 120.0  # seconds a batch waits for staging room held by a concurrent put or load
 
 
 class StoreError(RuntimeError):
@@ -86,71 +94,15 @@ class PutResult:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class LoadResult:
-    """What one `KVStore.load_prefix` loaded.
-
-    ``num_pages`` leading store pages (``num_tokens`` tokens, ``full_pages`` whole reader pages)
-    are in the pool; nothing past them was written. ``reason`` says why fewer than
-    ``requested`` arrived (None when all did).
-    """
-
-    num_pages: int
-    num_tokens: int
-    full_pages: int
-    requested: int
-    nbytes: int
-    reason: str | None = None
-
-
-def _positive(value, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what}: expected a positive int, got {value!r}")
-    return value
-
-
-def _word(*quantities: int) -> torch.dtype:
-    for size, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
-        if all(q % size == 0 for q in quantities):
-            return dt
-    return torch.uint8
-
-
-def _reorder(src: torch.Tensor, dst: torch.Tensor, rows: list[int], k: int, tokens: int,
-             to_page_major: bool) -> None:
-    """Layer-major ``[blocks][k*tokens rows]`` -> page-major ``[k][blocks][tokens rows]``
-    (``to_page_major``), or back.
-
-    ``rows`` are the row bytes of each block (layer x component) in format order. Both are flat
-    uint8 buffers of ``k * tokens * sum(rows)`` bytes; one copy when all rows are equal.
-    """
-    obj = tokens * sum(rows)
-    word = _word(obj, *(tokens * r for r in rows), src.data_ptr(), dst.data_ptr())
-    size = torch.empty((), dtype=word).element_size()
-    lm, pm = (src, dst) if to_page_major else (dst, src)
-    lm, pm = lm[:k * obj].view(word), pm[:k * obj].view(word)
-    if len(set(rows)) == 1:
-        span = tokens * rows[0] // size
-        a = lm.view(len(rows), k, span).transpose(0, 1)
-        b = pm.view(k, len(rows), span)
-        (b.copy_(a) if to_page_major else a.copy_(b))
-        return
-    pages = pm.view(k, obj // size)
-    lm_off = pm_off = 0
-    for r in rows:
-        span = tokens * r // size
-        block = lm[lm_off:lm_off + k * span].view(k, span)
-        part = pages[:, pm_off:pm_off + span]
-        (part.copy_(block) if to_page_major else block.copy_(part))
-        lm_off += k * span
-        pm_off += span
-
 
 class KVStore(Closing):
     """A rank's client of Mooncake Store for paged KV, with a registered staging arena.
 
     Args:
         page_size: the store page T in tokens (key granularity; equal on every rank and reader).
+        model: whose KV this is: a model id (weights, revision, quantisation; no "/"), first
+            part of every key and seed of every page hash. Required: two models with the same
+            geometry (e.g. two fine-tunes of one base) must never share values.
         master: ``"host:port"`` of a running `mooncake_master`, a `MasterProcess`, or None to
             start an embedded one on loopback (owned: stopped at `close`). In a group, start one
             master (e.g. on rank 0 or the launcher) and pass its address to every rank.
@@ -158,43 +110,45 @@ class KVStore(Closing):
             default a single rank.
         kind: "mha" (K/V per head shard) or "mla" (latent, replicated over TP).
         num_kv_heads: the model's total KV heads (decides TP key suffixes for "mha").
-        namespace: model/deployment name, first part of every key (no "/").
         segment_nbytes: memory this client contributes to the store (where puts land).
-        staging_nbytes: the registered staging arena (two slots of a batch must fit).
+        staging_nbytes: the registered staging arena (at least two store pages; a put or load
+            batch takes up to half of it).
         local_buffer_nbytes: Mooncake's own client buffer (cpkv's transfers do not use it).
-        batch_pages: store pages per batch_put/batch_get.
+        batch_pages: at most this many store pages per batch call (default: as many as half
+            the staging arena holds, at most 1,024).
         connect_timeout: seconds for the master reachability probe before set-up.
         host: this client's address (loopback by default).
 
     Example::
 
-        store = KVStore(page_size=16)                    # embedded master on 127.0.0.1
+        store = KVStore(page_size=16, model="llama-3.1-8b")  # embedded master on 127.0.0.1
         store.put_prefix(cache, page_ids, prompt)        # this rank's share of full pages
-        hit = store.match_prefix(prompt, group=cp_group) # pages stored, agreed over the group
+        hit = store.match_prefix(prompt, cache, group=cp_group)  # agreed over the group
         got = store.load_prefix(reader_cache, reader_ids, prompt, num_pages=hit)
         store.close()
     """
 
-    def __init__(self, *, page_size: int, master: str | MasterProcess | None = None,
+    def __init__(self, *, page_size: int, model: str,
+                 master: str | MasterProcess | None = None,
                  rank: ParallelRank | None = None, sizes: ParallelSizes | None = None,
-                 kind: str = "mha", num_kv_heads: int = 1,
-                 namespace: str = "cpkv", segment_nbytes: int = 256 << 20,
+                 kind: str = "mha", num_kv_heads: int = 1, segment_nbytes: int = 256 << 20,
                  staging_nbytes: int = 64 << 20, local_buffer_nbytes: int = 16 << 20,
-                 batch_pages: int = 64, connect_timeout: float = 2.0, host: str = "127.0.0.1"):
-        self.page_size = _positive(page_size, "page_size")
+                 batch_pages: int | None = None, connect_timeout: float = 2.0,
+                 host: str = "127.0.0.1"):
+        self.page_size = check_count(page_size, "page_size", 1)
         self.rank, self.sizes = at(rank, sizes)
         if kind not in ("mha", "mla"):
             raise ValueError(f"kind: expected 'mha' or 'mla', got {kind!r}")
-        self.kind, self.num_kv_heads, self.namespace = kind, _positive(num_kv_heads,
-                                                                       "num_kv_heads"), namespace
-        page_keys([], 1, self.rank, self.sizes, namespace=namespace, kind=kind,
-                  num_kv_heads=num_kv_heads)  # validates namespace and the TP/head split
-        self.batch_pages = _positive(batch_pages, "batch_pages")
+        self.kind, self.num_kv_heads = kind, check_count(num_kv_heads, "num_kv_heads", 1)
+        self.model = check_model(model)
+        is_store_writer(self.rank, self.sizes, kind=kind,
+                        num_kv_heads=num_kv_heads)  # validates the TP/head split
+        self.batch_pages = None if batch_pages is None else check_count(batch_pages,
+                                                                        "batch_pages", 1)
         for what, v in (("segment_nbytes", segment_nbytes), ("staging_nbytes", staging_nbytes),
                         ("local_buffer_nbytes", local_buffer_nbytes)):
-            _positive(v, what)
-        if not isinstance(connect_timeout, (int, float)) or connect_timeout <= 0:
-            raise ValueError(f"connect_timeout: expected seconds > 0, got {connect_timeout!r}")
+            check_count(v, what, 1)
+        check_seconds(connect_timeout, "connect_timeout")
         if master is not None and not isinstance(master, (str, MasterProcess)):
             raise TypeError(f"master: expected 'host:port', MasterProcess or None, got "
                             f"{type(master).__name__}")
@@ -203,6 +157,8 @@ class KVStore(Closing):
         self._arena = None
         self._registered = None
         self._owned_master = None
+        self._loads: set[PrefixLoad] = set()
+        self._loads_lock = threading.Lock()
         try:
             if master is None:
                 self._owned_master = master = MasterProcess(host=host)
@@ -239,13 +195,23 @@ class KVStore(Closing):
 
     # -- keys ------------------------------------------------------------------------------
 
-    def keys(self, token_ids, rank: ParallelRank | None = None,
-             sizes: ParallelSizes | None = None) -> list[str]:
-        """Keys of the full store pages of ``token_ids`` for ``rank`` of ``sizes`` (default
-        this store's)."""
-        return page_keys(token_ids, self.page_size, rank or self.rank, sizes or self.sizes,
-                         namespace=self.namespace, kind=self.kind,
-                         num_kv_heads=self.num_kv_heads)
+    def value_format(self, cache: PagedKVCache, *, layers=None, heads=None) -> PackedFormat:
+        """The geometry of one stored value for this pool's ``layers``/``heads`` slice: the
+        packed format of one store page. Part of every key (`cpkv.store.keys`)."""
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache: expected PagedKVCache, got {type(cache).__name__}")
+        return cache.packed_format(self.page_size, layers=layers, heads=heads)
+
+    def keys(self, token_ids, cache: PagedKVCache, *, layers=None, heads=None,
+             rank: ParallelRank | None = None, sizes: ParallelSizes | None = None) -> list[str]:
+        """Keys of the full store pages of ``token_ids`` holding this pool's ``layers`` /
+        ``heads`` slice, for ``rank`` of ``sizes`` (default this store's)."""
+        return self._keys(token_ids, self.value_format(cache, layers=layers, heads=heads),
+                          rank, sizes)
+
+    def _keys(self, token_ids, fmt: PackedFormat, rank, sizes) -> list[str]:
+        return page_keys(token_ids, fmt, rank or self.rank, sizes or self.sizes,
+                         model=self.model, kind=self.kind, num_kv_heads=self.num_kv_heads)
 
     @property
     def client(self):
@@ -277,20 +243,9 @@ class KVStore(Closing):
 
     def _exists(self, keys: list[str]) -> list[int]:
         out = []
-        for i in range(0, len(keys), EXIST_CHUNK):
-            out.extend(self._client.batch_is_exist(keys[i:i + EXIST_CHUNK]))
+        for i in range(0, len(keys), MAX_BATCH_KEYS):
+            out.extend(self._client.batch_is_exist(keys[i:i + MAX_BATCH_KEYS]))
         return out
-
-    def _buffers(self, cache, nbytes: int):
-        """A registered host slot, and a scratch buffer on the pool's device (a slot on CPU)."""
-        slot = self._arena.alloc(nbytes)
-        if cache.device.type != "cpu":
-            return slot, None
-        try:
-            return slot, self._arena.alloc(nbytes)
-        except BaseException:
-            slot.release()
-            raise
 
     # -- write -----------------------------------------------------------------------------
 
@@ -314,8 +269,8 @@ class KVStore(Closing):
         """
         self._check_open()
         rank, sizes = at(rank or self.rank, sizes or self.sizes)
-        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
+        keys = self.keys(token_ids, cache, layers=lr, heads=hr, rank=rank, sizes=sizes)
         if self.page_size % cache.page_size:
             raise ValueError(f"cache.page_size: expected a divisor of the store page size "
                              f"{self.page_size}, got {cache.page_size}")
@@ -328,65 +283,57 @@ class KVStore(Closing):
         share = page_share(len(keys), sizes.cp, rank.cp) if writer else range(0)
         if not share:
             return PutResult(share, 0, 0, 0)
-        present = self._exists([keys[i] for i in share])
+        present = self._exists(keys[share.start:share.stop])
         for i, rc in zip(share, present, strict=True):
             if rc < 0:
                 raise StoreError("is_exist", f"existence check failed (master "
                                  f"{self.master_address})", code=rc, key=keys[i])
         todo = [i for i, rc in zip(share, present, strict=True) if rc == 0]
-        k = max(1, min(self.batch_pages, self._room // (2 * obj)))
-        rows = cache.packed_format(1, layers=lr, heads=hr).row_nbytes * len(lr)
-        offs = torch.arange(per, device=ids.device)
+        k = self._batch(obj)
+        pool_pages = ids.view(-1)[:len(keys) * per].view(len(keys), per)
         for b in range(0, len(todo), k):
             batch = todo[b:b + k]
-            sel = ids[(torch.tensor(batch, device=ids.device)[:, None] * per + offs).reshape(-1)]
-            slot, scratch = self._buffers(cache, len(batch) * obj)
-            try:
-                dst = slot.tensor
-                if len(batch) == 1 or len(rows) == 1:
-                    src = pack_pages(cache, sel, num_tokens=len(batch) * self.page_size,
-                                     layers=lr, heads=hr,
-                                     out=dst if scratch is not None else None, validate=False)
-                    if scratch is None:
-                        dst.copy_(src)
-                else:
-                    src = pack_pages(cache, sel, num_tokens=len(batch) * self.page_size,
-                                     layers=lr, heads=hr,
-                                     out=scratch.tensor if scratch is not None else None,
-                                     validate=False)
-                    if scratch is None:
-                        src = src.cpu()
-                    _reorder(src, dst, rows, len(batch), self.page_size, to_page_major=True)
-                base = dst.data_ptr()
+            sel = pool_pages[torch.tensor(batch, device=ids.device)].view(-1)
+            fmt = cache.packed_format(len(batch) * self.page_size, layers=lr, heads=hr,
+                                      region_tokens=self.page_size)
+            with self._arena.alloc(fmt.nbytes, timeout=SLOT_WAIT) as slot:
+                values = pack_pages(cache, sel, num_tokens=fmt.num_tokens, layers=lr, heads=hr,
+                                    region_tokens=self.page_size, validate=False,
+                                    out=slot.tensor if cache.device.type == "cpu" else None)
+                if values.data_ptr() != slot.tensor.data_ptr():
+                    slot.tensor[:fmt.nbytes].copy_(values)  # a GPU pool: one copy to the host
                 rcs = self._client.batch_put_from([keys[i] for i in batch],
-                                                  [base + j * obj for j in range(len(batch))],
+                                                  _addresses(slot.tensor, fmt),
                                                   [obj] * len(batch))
-            finally:
-                slot.release()
-                if scratch is not None:
-                    scratch.release()
             for i, rc in zip(batch, rcs, strict=True):
                 if rc != 0:
                     raise StoreError("put", f"batch of {len(batch)} store pages refused "
                                      f"(master {self.master_address})", code=rc, key=keys[i])
         return PutResult(share, len(todo), len(share) - len(todo), len(todo) * obj)
 
+    def _batch(self, value_nbytes: int) -> int:
+        """Store pages per put batch: half the arena's room, ``batch_pages``, 1,024 keys."""
+        return max(1, min(self._room // 2 // value_nbytes, self.batch_pages or MAX_BATCH_KEYS,
+                          MAX_BATCH_KEYS))
+
     # -- read ------------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids, *, group=None, rank: ParallelRank | None = None,
+    def match_prefix(self, token_ids, cache: PagedKVCache, *, layers=None, heads=None,
+                     group=None, rank: ParallelRank | None = None,
                      sizes: ParallelSizes | None = None) -> int:
-        """Leading full store pages of ``token_ids`` stored under the keys of ``rank`` of
-        ``sizes`` (default this store's).
+        """Leading full store pages of ``token_ids`` stored for this pool's ``layers`` /
+        ``heads`` slice (its value geometry is part of the keys: values of another geometry are
+        never counted) under the keys of ``rank`` of ``sizes`` (default this store's).
 
         ``group``: a process group, or a sequence of them (e.g. the CP group and the TP group);
         the count is MIN-reduced over each, so every rank of them gets the same answer. An
         existence check that fails (master gone) ends the count there: a clean miss.
         """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
+        keys = self.keys(token_ids, cache, layers=layers, heads=heads, rank=rank, sizes=sizes)
         hit = 0
-        for i in range(0, len(keys), EXIST_CHUNK):
-            chunk = self._client.batch_is_exist(keys[i:i + EXIST_CHUNK])
+        for i in range(0, len(keys), MAX_BATCH_KEYS):
+            chunk = self._client.batch_is_exist(keys[i:i + MAX_BATCH_KEYS])
             run = next((j for j, rc in enumerate(chunk) if rc != 1), len(chunk))
             hit += run
             if run < len(chunk):
@@ -398,12 +345,7 @@ class KVStore(Closing):
         """MIN of ``count`` over ``group`` (None, a process group, or a sequence of groups)."""
         groups = [] if group is None else list(group) if isinstance(group, Sequence) \
             else [group]
-        for g in groups:
-            device = "cuda" if dist.get_backend(g) == "nccl" else "cpu"
-            t = torch.tensor([count], dtype=torch.int64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
-            count = int(t.item())
-        return count
+        return group_min([count], groups)[0]
 
     def load_prefix(self, cache: PagedKVCache, page_ids, token_ids, *,
                     num_pages: int | None = None, layers=None, heads=None,
@@ -426,91 +368,110 @@ class KVStore(Closing):
         Returns a `LoadResult`. Stops at the first store page that does not arrive whole
         (evicted, master gone, wrong size); later pool pages are not written.
         """
+        return self.load_prefix_async(cache, page_ids, token_ids, num_pages=num_pages,
+                                      layers=layers, heads=heads, layer_groups=1, rank=rank,
+                                      sizes=sizes, start=False).run()
+
+    def load_prefix_async(self, cache: PagedKVCache, page_ids, token_ids, *,
+                          num_pages: int | None = None, layers=None, heads=None,
+                          layer_groups=None, rank: ParallelRank | None = None,
+                          sizes: ParallelSizes | None = None, start: bool = True) -> PrefixLoad:
+        """Start loading the first ``num_pages`` store pages layer group by layer group.
+
+        Arguments as in `load_prefix`, plus ``layer_groups`` (see `plan_layer_groups`:
+        default doubling groups 1, 1, 2, 4, ... layers; 1 loads whole values at once) and
+        ``start`` (False: the caller drives the load with `PrefixLoad.step`). Every argument
+        is checked (and ``num_pages`` matched when None) before this returns; the fetching
+        runs in a background thread. The handle's ``layers_ready`` / ``wait`` say how many
+        leading layers of the slice are in the pool, ``result`` the final `LoadResult`.
+        """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
         lr, hr, obj = self._check_cache(cache, layers, heads)
+        fmt = self.value_format(cache, layers=lr, heads=hr)
+        keys = self._keys(token_ids, fmt, rank, sizes)
         if num_pages is None:
-            num_pages = self.match_prefix(token_ids, rank=rank, sizes=sizes)
-        if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
-                or not 0 <= num_pages <= len(keys):
+            num_pages = self.match_prefix(token_ids, cache, layers=lr, heads=hr, rank=rank,
+                                          sizes=sizes)
+        if not is_int(num_pages) or not 0 <= num_pages <= len(keys):
             raise ValueError(f"num_pages: expected an int in [0, {len(keys)}] (full store "
                              f"pages of the prompt), got {num_pages!r}")
+        groups = plan_layer_groups(lr, layer_groups)
         T, R = self.page_size, cache.page_size
         need = -(-num_pages * T // R)
         ids = as_page_ids(page_ids, cache.num_pages, cache.device, unique=True)
         if ids.numel() < need:
             raise ValueError(f"page_ids: expected at least {need} pool pages of size {R} for "
                              f"{num_pages} store pages of {T} tokens, got {ids.numel()}")
-        step = R // math.gcd(T, R)  # store pages per whole number of reader pages
-        cap = self._room // (2 * obj)
-        if cap < step:
+        if self._reader_batch(cache, obj) == 0:
+            step = R // math.gcd(T, R)  # store pages that make whole reader pages
             raise ValueError(f"staging_nbytes: a batch must hold {step} store pages "
                              f"({2 * step * obj} bytes) to start on reader pages, got "
                              f"{self._arena.nbytes}")
-        k = max(step, min(self.batch_pages, cap) // step * step)
-        rows = cache.packed_format(1, layers=lr, heads=hr).row_nbytes * len(lr)
-        loaded, reason = 0, None
-        for s in range(0, num_pages, k):
-            batch = keys[s:min(num_pages, s + k)]
-            slot, scratch = self._buffers(cache, len(batch) * obj)
-            try:
-                base = slot.tensor.data_ptr()
-                rcs = self._client.batch_get_into(batch, [base + j * obj
-                                                          for j in range(len(batch))],
-                                                  [obj] * len(batch))
-                good = next((j for j, rc in enumerate(rcs) if rc != obj), len(batch))
-                if good < len(batch):
-                    rc = rcs[good]
-                    reason = (f"store page {s + good} ({batch[good]!r}) did not arrive: "
-                              + ("missing or evicted" if rc in (-704,) else
-                                 f"got {rc} bytes, expected {obj}" if rc >= 0 else
-                                 f"code {rc}"))
-                if good:
-                    self._unpack(slot.tensor, scratch, cache, ids, s, good, obj, lr, hr, rows)
-            finally:
-                slot.release()
-                if scratch is not None:
-                    scratch.release()
-            loaded += good
-            if reason is not None:
-                break
-        return LoadResult(loaded, loaded * T, loaded * T // R, num_pages, loaded * obj, reason)
+        load = PrefixLoad(self, cache, ids, keys[:num_pages], fmt, lr, hr, groups,
+                          value_geometry(fmt))
+        return load.start() if start else load
 
-    def _unpack(self, got, scratch, cache, ids, start, n, obj, lr, hr, rows) -> None:
-        """Unpack ``n`` page-major store pages (store page ``start`` on) into the pool."""
-        T, R = self.page_size, cache.page_size
-        tokens = n * T
-        if n == 1 or len(rows) == 1:
-            packed = got[:n * obj]
-        else:
-            out = scratch.tensor if scratch is not None else torch.empty(
-                n * obj, dtype=torch.uint8, device=cache.device)
-            src = got if scratch is not None else got[:n * obj].to(cache.device)
-            _reorder(src, out, rows, n, T, to_page_major=False)
-            packed = out[:n * obj]
-        packed = packed.to(cache.device)
-        first = start * T // R
-        unpack_pages(packed, cache, ids[first:first + -(-tokens // R)], num_tokens=tokens,
-                     layers=lr, heads=hr, validate=False)
+    def _reader_batch(self, cache: PagedKVCache, value_nbytes: int) -> int:
+        """Store pages per load batch of values of ``value_nbytes`` (whole reader pages)."""
+        return reader_batch(self.page_size, cache.page_size, value_nbytes, self._room // 2,
+                            self.batch_pages)
+
+    def _fetch(self, keys: list[str], span: Span, whole: bool, cache: PagedKVCache,
+               ids: torch.Tensor, start: int, layers: range, heads: range) -> tuple[int, int]:
+        """Fetch bytes ``span`` (the values' ``layers``) of the values under ``keys`` (store
+        pages ``start`` on) and unpack the leading ones that arrived whole into the pool.
+
+        Returns (values that arrived whole, the first bad one's code or 0)."""
+        self._check_open()
+        (offset, size), n, T = span, len(keys), self.page_size
+        fmt = cache.packed_format(n * T, layers=layers, heads=heads, region_tokens=T)
+        with self._arena.alloc(fmt.nbytes, timeout=SLOT_WAIT) as slot:
+            addresses = _addresses(slot.tensor, fmt)
+            if whole:
+                rcs = self._client.batch_get_into(keys, addresses, [size] * n)
+            else:
+                opened = self._client.batch_get_session_start(keys)
+                try:
+                    rcs = self._client.batch_get_into_multi_buffer_ranges(
+                        keys, [[a] for a in addresses], [[size]] * n, [[offset]] * n)
+                finally:
+                    self._client.batch_get_session_end(keys)
+                rcs = [o if o < 0 else rc for o, rc in zip(opened, rcs, strict=True)]
+            good = next((j for j, rc in enumerate(rcs) if rc != size), n)
+            if good:  # the leading values that arrived, from a reader page on
+                tokens, first = good * T, start * T // cache.page_size
+                values = slot.tensor[:fmt.segment(0, tokens).end]
+                unpack_pages(values.to(cache.device), cache,
+                             ids[first:first + -(-tokens // cache.page_size)], num_tokens=tokens,
+                             layers=layers, heads=heads, region_tokens=T, validate=False)
+        return good, (rcs[good] if good < n else 0)
 
     # -- removal and teardown --------------------------------------------------------------
 
-    def evict(self, token_ids, *, start: int = 0, rank: ParallelRank | None = None,
-              sizes: ParallelSizes | None = None) -> int:
-        """Remove the stored pages ``start..`` of ``token_ids`` (forcibly); returns how many.
+    def evict(self, token_ids, cache: PagedKVCache, *, start: int = 0, layers=None, heads=None,
+              rank: ParallelRank | None = None, sizes: ParallelSizes | None = None) -> int:
+        """Remove the stored pages ``start..`` of ``token_ids`` holding this pool's ``layers``
+        / ``heads`` slice (forcibly, batched); returns how many were removed.
 
         A prefix stays valid: later pages name longer prefixes, so removing from ``start`` on
         never leaves a page whose predecessors are gone.
         """
         self._check_open()
-        keys = self.keys(token_ids, rank, sizes)
-        if not isinstance(start, int) or not 0 <= start <= len(keys):
+        keys = self.keys(token_ids, cache, layers=layers, heads=heads, rank=rank, sizes=sizes)
+        if not is_int(start) or not 0 <= start <= len(keys):
             raise ValueError(f"start: expected an int in [0, {len(keys)}], got {start!r}")
-        return sum(self._client.remove(key, True) == 0 for key in keys[start:])
+        removed = 0
+        for i in range(start, len(keys), MAX_BATCH_KEYS):
+            rcs = self._client.batch_remove(keys[i:i + MAX_BATCH_KEYS], True)
+            removed += sum(rc == 0 for rc in rcs)
+        return removed
 
     def close(self) -> None:
-        """Unregister the staging buffer, close the client, free the arena, stop an embedded
-        master. Idempotent; bounded even with the master gone (~11 s of Mooncake retries)."""
+        """Wait for background loads, unregister the staging buffer, close the client, free the
+        arena, stop an embedded master. Idempotent; bounded even with the master gone (~11 s
+        of Mooncake retries)."""
+        for load in list(getattr(self, "_loads", ())):
+            load.join(SLOT_WAIT)
         self.closed = True
         errors = []
         client, self._client = getattr(self, "_client", None), None
@@ -533,3 +494,10 @@ class KVStore(Closing):
             self._owned_master = None
         if errors:
             raise StoreError("close", f"releasing the client failed: {errors}")
+
+
+def _addresses(slot: torch.Tensor, fmt: PackedFormat) -> list[int]:
+    """Address of every value of a slot of format ``fmt`` (cut into store pages)."""
+    base = slot.data_ptr()
+    return [base + fmt.region(j).offset for j in range(fmt.num_regions)]
+

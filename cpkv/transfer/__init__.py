@@ -6,10 +6,10 @@ description of the wire between them.
 """
 
 from ..parallel import ParallelRank, ParallelSizes
+from .cost import CostModel
 from .direct import contiguous_runs
 from .engine import TransferEngine, TransferError
 from .mapping import Route, map_ranks
-from .policy import CostModel
 from .protocol import ModelSpec, ProtocolError
 from .receiver import KVReceiver
 from .sender import KVSender

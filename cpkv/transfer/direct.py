@@ -49,7 +49,7 @@ def contiguous_runs(src_ids: Sequence[int] | torch.Tensor,
 
 def pool_addresses(cache: PagedKVCache) -> list[dict]:
     """What a sender needs to address a receiver's pool: per (layer, component), the base
-    address and the (page, slot, head) byte strides of the NHD view, layer-major."""
+    address and the (page, entry, head) byte strides of the NHD view, layer-major."""
     out = []
     for layer in range(cache.num_layers):
         for spec in cache.components:
@@ -86,7 +86,9 @@ def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dic
     """(src_addr, dst_addr, nbytes) descriptors for one share of a request: whole page runs
     where both sides hold every head, else one per token. ``pairs`` (source position,
     destination position) list the tokens one by one instead (a decode-context-parallel
-    destination, or one holding a prefix already): always per token."""
+    destination, or one holding a prefix already): one per run of tokens that follow each
+    other inside a page on both sides (a whole page where DCP's interleave is the page size),
+    else one per token."""
     ps, n_comp = cache.page_size, len(cache.components)
     src_list = src_ids.tolist()
     full = pairs is None and whole_pages(cache.num_heads, remote_heads, route)
@@ -114,13 +116,19 @@ def direct_segments(cache: PagedKVCache, src_ids: torch.Tensor, remote: list[dic
                 todo = [(tok, tok) for tok in range(pages.start * ps, pages.stop * ps)]
             n_heads = len(route.src_heads)
             heads_dense = sh == head_bytes and dh == head_bytes
+            row = n_heads * head_bytes
+            rows_dense = heads_dense and ss == ds == row  # a page's tokens are back to back
             for s_tok, d_tok in todo:
                 s_addr = base_s + src_list[s_tok // ps] * sp + s_tok % ps * ss \
                     + route.src_heads.start * sh
                 d_addr = base_d + dst_ids[d_tok // ps] * dp + d_tok % ps * ds \
                     + route.dst_heads.start * dh
-                if heads_dense:
-                    segments.append((s_addr, d_addr, n_heads * head_bytes))
+                if rows_dense and segments and s_tok % ps and d_tok % ps and \
+                        segments[-1][0] + segments[-1][2] == s_addr and \
+                        segments[-1][1] + segments[-1][2] == d_addr:  # the run goes on
+                    segments[-1] = (*segments[-1][:2], segments[-1][2] + row)
+                elif heads_dense:
+                    segments.append((s_addr, d_addr, row))
                 else:
                     segments.extend((s_addr + h * sh, d_addr + h * dh, head_bytes)
                                     for h in range(n_heads))

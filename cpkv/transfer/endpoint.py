@@ -5,6 +5,7 @@ change, and the lifecycle (``with``, `close`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_seconds
 from .._closing import Closing
 from ..layout import PackedFormat, PagedKVCache
 from ..parallel import DcpLayout, ParallelRank, ParallelSizes, dcp_heads_of, layers_of
@@ -134,8 +135,15 @@ def routes_between(source: Hello | Welcome, dest: Hello | Welcome) -> list[Route
         return replace(peer.sizes, tp=peer.sizes.tp // d), peer.rank.tp // d
     src_sizes, _ = groups(source)
     dst_sizes, dst_tp = groups(dest)
-    return map_ranks(src_sizes, dst_sizes, num_kv_heads=dest.model.num_kv_heads,
-                     num_layers=dest.model.num_layers, kind=dest.model.kind)[(dst_tp, dest.rank.pp)]
+    return list(_routes(src_sizes, dst_sizes, dest.model, dst_tp, dest.rank.pp))
+
+
+@functools.lru_cache(maxsize=1024)
+def _routes(src_sizes: ParallelSizes, dst_sizes: ParallelSizes, model: ModelSpec, tp: int,
+            pp: int) -> tuple[Route, ...]:
+    """`map_ranks` for one decode rank, once per pair of sizes (routes are frozen)."""
+    return tuple(map_ranks(src_sizes, dst_sizes, num_kv_heads=model.num_kv_heads,
+                           num_layers=model.num_layers, kind=model.kind)[(tp, pp)])
 
 
 def route_senders(route: Route, source: Hello | Welcome, dp: int) -> list[ParallelRank]:
@@ -184,8 +192,7 @@ class Endpoint(Closing):
         if not isinstance(sizes, ParallelSizes):
             raise TypeError(f"sizes: expected a ParallelSizes, got {type(sizes).__name__}")
         sizes.check(rank)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+        check_seconds(timeout, "timeout")
         self.cache, self.instance, self.rank, self.sizes = cache, instance, rank, sizes
         self.dcp = check_dcp(dcp, rank, sizes)
         self.model = model_shape(cache, rank, sizes, kind, num_kv_heads, num_layers, self.dcp)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._closing import Closing
+
 __all__ = ["MAX_BATCH", "PendingWrite", "TransferEngine", "TransferError"]
 
 MAX_BATCH = 1024  # descriptors per batch call (4,096 returned -1 on TCP; 1,024 worked)
@@ -38,7 +40,7 @@ class PendingWrite:
         return sum(s[2] for s in self.segments)
 
 
-class TransferEngine:
+class TransferEngine(Closing):
     """One Mooncake engine: P2P handshake (no metadata server), TCP here, RDMA where NICs exist.
 
     Args:
@@ -165,8 +167,8 @@ class TransferEngine:
             raise TransferError("use", -1, detail="the transfer engine is closed")
 
     def close(self) -> None:
-        """Unregister every buffer. Idempotent."""
-        if self.closed:
+        """Unregister every buffer. Idempotent (and a no-op on a half-built engine)."""
+        if getattr(self, "closed", True):
             return
         errors = []
         for addr in list(self._registered):

@@ -42,6 +42,7 @@ route-local layers ``[l0, l1)`` of those rows are one contiguous span, layer-maj
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -51,6 +52,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .._checks import is_int
 from ..layout import PackedFormat
 from ..parallel import DcpLayout, DcpSelection, ParallelRank, ParallelSizes, dcp_select
 
@@ -108,7 +110,7 @@ def _check(value, hint, what: str):
             raise ProtocolError(f"{what}: expected a bool, got {_show(value)}")
         return value
     if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
+        if not is_int(value) or not 0 <= value < U64:
             raise ProtocolError(f"{what}: expected an int in [0, 2**64), got {_show(value)}")
         return value
     if hint is str:
@@ -155,7 +157,7 @@ def _dump(value):
     if isinstance(value, range):
         return [value.start, value.stop]
     if dataclasses.is_dataclass(value):
-        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {n: _dump(getattr(value, n)) for n in _names_of(type(value))}
     if isinstance(value, (tuple, list)):
         return [_dump(v) for v in value]
     return value
@@ -166,11 +168,22 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@functools.cache
+def _names_of(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _fields_of(cls) -> tuple[dict, tuple[str, ...]]:
+    """A message class's field types and names (resolving the hints costs more than parsing
+    a message: once per class)."""
+    return typing.get_type_hints(cls), _names_of(cls)
+
+
 def _from_fields(cls, data, what: str):
     if not isinstance(data, dict):
         raise ProtocolError(f"{what}: expected an object, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints, names = _fields_of(cls)
     extra, missing = set(data) - set(names) - {"t"}, set(names) - set(data)
     if extra or missing:
         raise ProtocolError(f"{what}: fields {sorted(missing)} missing, {sorted(extra)} "

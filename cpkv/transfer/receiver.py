@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import as_page_ids, check_int, check_num_tokens
+from .._checks import as_page_ids, check_count, check_int, check_num_tokens, check_seconds
 from ..kernels import unpack_pages
 from ..parallel import DcpLayout, ParallelRank, ParallelSizes
 from ..staging import ArenaFullError, Slot, StagingArena
@@ -190,8 +190,8 @@ class KVReceiver(Endpoint):
             raise TypeError(f"direct: expected bool, got {type(direct).__name__}")
         if checksum not in INTEGRITY:
             raise ValueError(f"checksum: expected one of {list(INTEGRITY)}, got {checksum!r}")
-        if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
-            raise ValueError(f"grace: expected a non-negative number of seconds, got {grace!r}")
+        if grace is not None:
+            check_seconds(grace, "grace", allow_zero=True)
         if not isinstance(host, str) or not host:
             raise TypeError(f"host: expected a non-empty str, got {host!r}")
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
@@ -243,7 +243,7 @@ class KVReceiver(Endpoint):
         """Reserve a slot for a request from prefill instance ``source`` (its DP rank
         ``source_dp``) and tell its senders where to write it, as each announces it.
 
-        ``num_tokens`` is the request's length (default: every slot of ``page_ids``; with DCP,
+        ``num_tokens`` is the request's length (default: every entry of ``page_ids``; with DCP,
         required: the pages hold this rank's share). Its first ``prefix`` tokens are in the
         pages already (a prefix-cache hit): senders send the rest.
 
@@ -256,8 +256,7 @@ class KVReceiver(Endpoint):
         check_request_id(request_id)
         if not isinstance(source, str) or not source:
             raise TypeError(f"source: expected the prefill instance's name, got {source!r}")
-        if not isinstance(source_dp, int) or isinstance(source_dp, bool) or source_dp < 0:
-            raise ValueError(f"source_dp: expected a non-negative int, got {source_dp!r}")
+        check_count(source_dp, "source_dp")
         page_ids = as_page_ids(page_ids, self.cache.num_pages, self.cache.device, unique=True)
         if self.dcp is None:
             num_tokens = check_num_tokens(num_tokens, page_ids.numel(), self.cache.page_size)

@@ -47,17 +47,17 @@ import time
 
 import torch
 
-from .._checks import as_page_ids, check_int, check_num_tokens, is_int
+from .._checks import as_page_ids, check_int, check_num_tokens, check_seconds, is_int
 from ..cp.partition import SenderPolicy, chunk_share
 from ..kernels import pack_pages
 from ..parallel import LAYER_GROUP_BYTES, DcpLayout, ParallelRank, ParallelSizes, layer_groups
 from ..staging import StagingArena
+from .cost import CostModel
 from .direct import direct_descriptors, direct_segments, whole_pages
 from .endpoint import Endpoint, check_peer, check_ready, dcp_of, feeds, routes_between
 from .engine import TransferEngine
 from .link import Hub, Link, parse_address
 from .mapping import Route
-from .policy import CostModel
 from .protocol import (
     Announce,
     Destination,
@@ -242,8 +242,7 @@ class KVSender(Endpoint):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         check_int(coalesce, "coalesce")
-        if not isinstance(idle, (int, float)) or isinstance(idle, bool) or idle <= 0:
-            raise ValueError(f"idle: expected a positive number of seconds, got {idle!r}")
+        check_seconds(idle, "idle")
         policy = SenderPolicy(policy)
         super().__init__(cache, instance=instance, rank=rank, sizes=sizes, kind=kind,
                          num_kv_heads=num_kv_heads, num_layers=num_layers, dcp=dcp, engine=engine,
@@ -301,7 +300,7 @@ class KVSender(Endpoint):
             to: the decode receivers of this request: an address ("host:port") or a list of
                 them (e.g. every rank of the decode instance); the same on every call of the
                 request. This rank ships to each the route it feeds it, if any.
-            num_tokens: tokens of the whole request (default: every slot of its pages).
+            num_tokens: tokens of the whole request (default: every entry of its pages).
             chunk: request-local pages [start, stop) of this prefill chunk (default: all).
             last: whether this is the request's last call; decide it before filtering by
                 share, so every rank agrees (a rank with an empty share still sends it). Every
@@ -837,6 +836,7 @@ class KVSender(Endpoint):
             self._live(leg)
             leg.writes += 1
             leg.state.cell.update(KVStatus.Transferring)
+        submitted = time.perf_counter()  # the trace's wire span (a small write may go in submit)
         try:
             pending = self.engine.submit(leg.welcome.session, segments)
         except BaseException:
@@ -844,7 +844,7 @@ class KVSender(Endpoint):
                 leg.writes -= 1
                 self._maybe_end(leg)
             raise
-        self._landing.put((leg, pending, slot, check, note, time.perf_counter()))
+        self._landing.put((leg, pending, slot, check, note, submitted))
 
     def _queue_note(self, leg: _Leg, slot, check, note: dict) -> None:
         """A note with no write of its own, sent after the leg's earlier writes landed."""

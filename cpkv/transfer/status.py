@@ -10,8 +10,7 @@ import enum
 import threading
 from collections.abc import Sequence
 
-import torch
-import torch.distributed as dist
+from .._groups import group_min
 
 __all__ = ["KVStatus", "StatusCell", "agree"]
 
@@ -57,10 +56,7 @@ def agree(statuses: Sequence[KVStatus | int], groups: Sequence) -> list[KVStatus
     """Reduce a list of statuses by MIN over each group in turn (e.g. the CP group, then TP).
 
     Collective: every rank of every group passes a list of the same length, requests in the same
-    order. A Failed anywhere is Failed everywhere.
+    order. A Failed anywhere is Failed everywhere. Works on gloo and NCCL groups
+    (`cpkv._groups.group_min` puts the values where each group reduces).
     """
-    values = torch.tensor([int(s) for s in statuses], dtype=torch.int64)
-    for group in groups:
-        if group is None or dist.get_world_size(group) > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MIN, group=group)
-    return [KVStatus(int(v)) for v in values]
+    return [KVStatus(v) for v in group_min(statuses, groups)]

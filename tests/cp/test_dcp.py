@@ -58,7 +58,7 @@ def test_worked_example_10_tokens_d2_i2_b2():
     # page:   0  0  0  0  1  1  1  1  2  2   (an index into the request's page ids, per rank)
     # entry:  0  1  0  1  0  1  0  1  0  1
     lay = DcpLayout(size=2, interleave=2, page_size=2)
-    assert [lay.slot_of(t) for t in range(10)] == walk(10, 2, 2, 2)
+    assert [lay.place_of(t) for t in range(10)] == walk(10, 2, 2, 2)
     assert [r.count(10) for r in lay.ranks()] == [6, 4]
 
 
@@ -91,7 +91,7 @@ def test_layout_matches_the_walk(size, interleave):
                 assert lay.count(n) == len(mine), (n, lay)
                 assert [lay.global_of(j) for j in range(len(mine))] == mine
                 for t in range(n):
-                    assert lay.slot_of(t) == want[t]
+                    assert lay.place_of(t) == want[t]
                     assert lay.owns(t) == (want[t][0] == lay.rank)
                 # the closed form for the count
                 base = (n // (interleave * size)) * interleave
@@ -279,7 +279,7 @@ def test_bad_selections():
     with pytest.raises(ValueError, match="prefix: expected a non-negative int, got -1"):
         dcp_select(lay, 0, 4, prefix=-1)
     with pytest.raises(ValueError, match="page_size: expected an int for page arithmetic"):
-        lay.slot_of(3)
+        lay.place_of(3)
     with pytest.raises(ValueError, match=r"pcp rank: expected an int in \[0, 2\), got 2"):
         DcpLayout.from_pcp(pcp_size=2, pcp_rank=2, dcp_size=2, dcp_rank=0)
 

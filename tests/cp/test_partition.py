@@ -12,7 +12,7 @@ from cpkv.cp import (
     chunk_share,
     interleave_split,
     page_share,
-    senders_for,
+    pages_sent_by,
     zigzag_split,
 )
 
@@ -46,9 +46,9 @@ def test_sender_policies(cp):
     for n in (0, 1, 7):
         for req in range(5):
             for policy, owner in ((SenderPolicy.RANK0, 0), ("rotate", req % cp)):
-                got = [list(senders_for(policy, n, cp, r, req)) for r in range(cp)]
+                got = [list(pages_sent_by(policy, n, cp, r, req)) for r in range(cp)]
                 assert got == [list(range(n)) if r == owner else [] for r in range(cp)]
-            got = [senders_for("all", n, cp, r, req) for r in range(cp)]
+            got = [pages_sent_by("all", n, cp, r, req) for r in range(cp)]
             assert got == [page_share(n, cp, r) for r in range(cp)]
 
 
@@ -184,7 +184,7 @@ def test_huge_cp_fails_fast():
     (lambda: page_share(-1, 2, 0), "num_pages: expected a non-negative int, got -1"),
     (lambda: chunk_share(10, 2, 0, 4, 11), "expected 0 <= start <= stop <= 10, got [4, 11)"),
     (lambda: chunk_share(10, 2, 0, 5, 4), "got [5, 4)"),
-    (lambda: senders_for("some", 4, 2, 0), "'some' is not a valid SenderPolicy"),
+    (lambda: pages_sent_by("some", 4, 2, 0), "'some' is not a valid SenderPolicy"),
     (lambda: interleave_split(8, 2).block_restore(), "defined for a zigzag plan of one sequence"),
 ])
 def test_bad_arguments(call, message):

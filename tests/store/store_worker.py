@@ -50,16 +50,23 @@ def cp_writers_reader(rank, store_for, kind):
     store = store_for(key_kind, heads, None, None)
     dist.barrier()
     try:
-        hit = store.match_prefix(tokens)
-        assert hit == N_PAGES, f"match_prefix: expected {N_PAGES}, got {hit}"
         dst = fill_sentinel(make_cache(make(), num_layers=LAYERS, num_pages=12,
                                        page_size=READER_PS))
+        hit = store.match_prefix(tokens, dst)
+        assert hit == N_PAGES, f"match_prefix: expected {N_PAGES}, got {hit}"
         dst_ids = torch.randperm(12, generator=torch.Generator().manual_seed(9))[:7]
         want = oracle_unpack(src, src_ids, dst, dst_ids, N_PAGES * T, range(LAYERS),
                              range(dst.num_heads), range(LAYERS), range(dst.num_heads))
         got = store.load_prefix(dst, dst_ids, tokens, num_pages=hit)
         assert (got.num_pages, got.num_tokens, got.full_pages) == (N_PAGES, N_PAGES * T, 6)
         assert_cache_equals(dst, want)
+        # Streaming: ranged reads of values held in the writers' segments (other processes).
+        again = fill_sentinel(make_cache(make(), num_layers=LAYERS, num_pages=12,
+                                         page_size=READER_PS))
+        streamed = store.load_prefix_async(again, dst_ids, tokens, num_pages=hit).result(60)
+        assert (streamed.num_pages, streamed.num_layers, streamed.reason) == (N_PAGES, LAYERS,
+                                                                             None), streamed
+        assert_cache_equals(again, want)
     finally:
         dist.barrier()
 
@@ -68,16 +75,16 @@ def match_agreement(rank, store_for, tp_group):
     """TP ranks see different hit counts (rank 1's shard partly evicted): MIN over groups."""
     tokens = prompt(seed=42, n_tokens=5 * T)
     store = store_for("mha", 2, ParallelRank(tp=min(rank, 1)), ParallelSizes(tp=2))
+    src = make_cache(mha(num_heads=1), num_layers=2, num_pages=10, page_size=T, seed=rank)
     if rank < 2:
-        src = make_cache(mha(num_heads=1), num_layers=2, num_pages=10, page_size=T, seed=rank)
         store.put_prefix(src, torch.arange(5), tokens)
         if rank == 1:
-            assert store.evict(tokens, start=3) == 2
+            assert store.evict(tokens, src, start=3) == 2
     dist.barrier()
-    local = store.match_prefix(tokens)
+    local = store.match_prefix(tokens, src)
     assert local == (5, 3, 3)[rank], f"rank {rank}: local hit {local}"
     if rank < 2:
-        agreed = store.match_prefix(tokens, group=[tp_group, dist.group.WORLD])
+        agreed = store.match_prefix(tokens, src, group=[tp_group, dist.group.WORLD])
     else:
         agreed = store.agree(local, dist.group.WORLD)
     assert agreed == 3, f"rank {rank}: agreed {agreed}, expected the MIN 3"
@@ -90,7 +97,7 @@ def rank_main(rank, world, port, out_path, master):
 
     def store_for(kind, heads, rank, sizes):
         s = KVStore(page_size=T, master=master, rank=rank, sizes=sizes, kind=kind,
-                    num_kv_heads=heads, namespace=f"mp-{kind}-{len(stores)}",
+                    num_kv_heads=heads, model=f"mp-{kind}-{len(stores)}",
                     segment_nbytes=32 << 20,
                     staging_nbytes=1 << 20, local_buffer_nbytes=4 << 20, batch_pages=4)
         stores.append(s)

@@ -18,11 +18,14 @@ pytestmark = pytest.mark.mp
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = """
-import importlib.util, sys, time
-# master.py alone (no torch import: a child starts in a fraction of a second)
-spec = importlib.util.spec_from_file_location("master", sys.argv[2])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
+import importlib, sys, time, types
+# master.py and the torch-free modules it imports, without cpkv's package initialisers (no torch
+# import: a child starts in a fraction of a second)
+for name, folder in (("cpkv", sys.argv[2]), ("cpkv.store", sys.argv[2] + "/store")):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [folder]
+mod = importlib.import_module("cpkv.store.master")
+assert "torch" not in sys.modules
 m = mod.MasterProcess()
 print(m.pid, m.port, m._dir, flush=True)
 if sys.argv[1] == "exit":
@@ -62,7 +65,7 @@ def test_start_failure_is_an_error_with_the_log(tmp_path):
                          ids=["normal-exit", "ctrl-c", "sigterm", "sigkill"])
 def test_no_orphan_when_the_owner_goes(how):
     child = subprocess.Popen([sys.executable, "-c", CHILD, "exit" if how == "exit" else "wait",
-                              str(REPO / "cpkv" / "store" / "master.py")],
+                              str(REPO / "cpkv")],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = ""
     try:

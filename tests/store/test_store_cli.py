@@ -43,8 +43,13 @@ def test_bench_and_plot_store(tmp_path):
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
     providers = {r["provider"] for r in rows}
-    assert providers == {"cpkv-put", "raw-put", "cpkv-get", "raw-get"}
-    assert {r["metric"] for r in rows} == {"time", "bandwidth", "ratio_to_raw", "keys"}
+    assert providers == {"cpkv-put", "mooncake-put", "cpkv-get", "mooncake-get", "cpkv-stream",
+                         "cpkv"}
+    assert {r["metric"] for r in rows} == {"time", "bandwidth", "ratio_to_anchor", "keys",
+                                           "us_per_key", "time_first", "first_fraction",
+                                           "key_us"}
+    assert {r["provider"] for r in rows if r["metric"] == "ratio_to_anchor"} == {
+        "cpkv-put", "cpkv-get", "cpkv-stream"}
     assert all(r["device"] and r["git_sha"] and r["mooncake"] and float(r["p50"]) > 0
                for r in rows)
     r = cli("plot", "store", "--results", str(tmp_path), "--out", str(tmp_path))

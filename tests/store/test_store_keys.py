@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from cpkv.cp.partition import page_share
+from cpkv.layout import ComponentSpec, PackedFormat
 from cpkv.parallel import ParallelRank, ParallelSizes
 from cpkv.store import is_store_writer, page_hashes, page_keys
 
@@ -34,7 +36,8 @@ def test_keys_follow_the_bytes(layout):
     sizes = ParallelSizes(tp=tp, pp=pp, cp=cp)
     ranks = [ParallelRank(tp=t, pp=p, cp=c)
              for t, p, c in itertools.product(range(tp), range(pp), range(cp))]
-    keys = {r: page_keys(tokens, 4, r, sizes, kind=kind, num_kv_heads=heads) for r in ranks}
+    keys = {r: page_keys(tokens, fmt(4), r, sizes, model="m", kind=kind, num_kv_heads=heads)
+            for r in ranks}
     held = {r: held_bytes(kind, heads, r.tp, tp, r.pp) for r in ranks}
     for r in ranks:
         assert len(keys[r]) == n_pages
@@ -53,41 +56,57 @@ def test_keys_follow_the_bytes(layout):
         assert is_store_writer(mine[0], sizes, kind=kind, num_kv_heads=heads)
 
 
+def fmt(page_size: int, heads: int = 1, head_dim: int = 8, dtype=torch.bfloat16,
+        layers: int = 2) -> PackedFormat:
+    """A store value's geometry: one page of ``page_size`` tokens of a K/V pool."""
+    return PackedFormat(page_size, layers, (ComponentSpec("k", heads, head_dim, dtype),
+                                            ComponentSpec("v", heads, head_dim, dtype)))
+
+
 def test_hash_chain_names_prefixes():
     a = list(range(100, 164))  # 4 pages of 16
     b = a[:40] + [7] + a[41:]  # differs in page 2
-    ha, hb = page_hashes(a, 16), page_hashes(b, 16)
+    ha, hb = page_hashes(a, fmt(16), "m"), page_hashes(b, fmt(16), "m")
     assert ha[:2] == hb[:2] and all(x != y for x, y in zip(ha[2:], hb[2:], strict=True))
-    assert page_hashes(a + [1, 2, 3], 16) == ha  # a partial tail page has no key
-    assert page_hashes(a[:15], 16) == []
-    assert page_hashes(a, 8)[1] != ha[0]  # another store page size never collides
-    assert page_hashes(a, 16, "other")[0] != ha[0]
+    assert page_hashes(a + [1, 2, 3], fmt(16), "m") == ha  # a partial tail page has no key
+    assert page_hashes(a[:15], fmt(16), "m") == []
+    assert page_hashes(a, fmt(8), "m")[1] != ha[0]  # another store page size never collides
+    assert page_hashes(a, fmt(16), "other")[0] != ha[0]  # nor another model
+    for other in (fmt(16, heads=2, head_dim=4), fmt(16, dtype=torch.float16),
+                  fmt(16, heads=2, layers=1)):  # nor another geometry of the same byte size
+        assert other.nbytes == fmt(16).nbytes and page_hashes(a, other, "m")[0] != ha[0]
     c = a[16:32] + a[:16] + a[32:]  # the same pages in another order: different prefixes
-    assert page_hashes(c, 16)[1] != ha[1]
+    assert page_hashes(c, fmt(16), "m")[1] != ha[1]
     assert len(set(ha)) == 4
 
 
 def test_key_inputs_validated():
-    with pytest.raises(ValueError, match="page_size"):
-        page_hashes([1, 2], 0)
+    with pytest.raises(ValueError, match="token"):
+        page_hashes([1, 2], fmt(0), "m")
+    with pytest.raises(TypeError, match="fmt"):
+        page_hashes([1, 2], 16, "m")
     with pytest.raises(TypeError, match="token_ids"):
-        page_hashes([1.5], 1)
-    with pytest.raises(ValueError, match="namespace"):
-        page_hashes([1], 1, "")
+        page_hashes([1.5], fmt(1), "m")
+    with pytest.raises(ValueError, match="model"):
+        page_hashes([1], fmt(1), "")
+    with pytest.raises(ValueError, match="model"):
+        page_hashes([1], fmt(1), "a/b")
     with pytest.raises(ValueError, match="not divisible"):
-        page_keys([1], 1, ParallelRank(), ParallelSizes(tp=3), num_kv_heads=4)
+        page_keys([1], fmt(1), ParallelRank(), ParallelSizes(tp=3), model="m", num_kv_heads=4)
     with pytest.raises(TypeError, match="rank"):
-        page_keys([1], 1, (0, 1))
+        page_keys([1], fmt(1), (0, 1), model="m")
     with pytest.raises(TypeError, match="sizes"):
-        page_keys([1], 1, ParallelRank(), (1, 1))
+        page_keys([1], fmt(1), ParallelRank(), (1, 1), model="m")
     with pytest.raises(ValueError, match="tp: expected 0 <= rank < size"):
-        page_keys([1], 1, ParallelRank(tp=2), ParallelSizes(tp=2))
+        page_keys([1], fmt(1), ParallelRank(tp=2), ParallelSizes(tp=2), model="m")
 
 
 def test_store_api():
     import cpkv.store
 
     assert sorted(cpkv.store.__all__) == ["KVStore", "LoadResult", "MasterError", "MasterProcess",
-                                          "PutResult", "StoreError", "find_master_binary",
-                                          "is_store_writer", "page_hashes", "page_keys"]
+                                          "PrefixLoad", "PutResult", "StoreError",
+                                          "find_master_binary", "is_store_writer",
+                                          "page_hashes", "page_keys", "plan_layer_groups",
+                                          "value_geometry"]
     assert all(hasattr(cpkv.store, n) for n in cpkv.store.__all__)

@@ -1,7 +1,7 @@
-"""A CP prefill rank of the soak (test_soak.py), in its own process: sends requests in order,
-a bounded window ahead, to the receiver at the address it was given, starting where the
-receiver is now (published by the test, `mp.publish`); it can be told to stall once at given
-requests or to die at one."""
+"""A CP prefill rank of the soak (test_soak.py), in its own process: sends its instance's
+requests in order, a bounded window ahead, each to the decode receiver the request was routed
+to, starting where the receivers are now (published by the test, `mp.publish`); it can be told
+to stall once at given requests or to die at one."""
 
 from __future__ import annotations
 
@@ -20,23 +20,29 @@ from mp import lookup, publish
 from cpkv.staging import StagingArena
 from cpkv.transfer import KVSender, ParallelRank, ParallelSizes, TransferEngine
 
-INSTANCE = "prefill"
+INSTANCES = ("prefill-0", "prefill-1")  # CP 2 each: four sender processes
+RECEIVERS = 2  # decode receivers, each fed by both instances
 SRC_PAGES, DST_PAGES, PS, LAYERS, MAX_PAGES = 48, 96, 4, 2, 8
-WINDOW = 8  # requests the receiver has in flight
-SENDER_WINDOW = WINDOW + 2
+WINDOW = 8  # requests in flight over both receivers
+SENDER_WINDOW = WINDOW // len(INSTANCES) + 2  # a sender's own requests ahead of its wait
 
 
-def source_pool():
+def source_pool(instance: int):
+    """Instance `instance`'s prefill pool (its CP ranks hold the same pool, each sends its
+    share); the instances' pools differ, so a request landing from the wrong one is caught."""
     return make_cache(mha(num_heads=2, head_dim=32), num_layers=LAYERS, num_pages=SRC_PAGES,
-                      page_size=PS, seed=11)
+                      page_size=PS, seed=11 + instance)
 
 
 def plan(rid: int):
-    """Request rid's prefill page ids and tokens (random size, partial last page)."""
+    """Request rid's route and pages, at random: the prefill instance that computes it, the
+    decode receiver it goes to, its prefill page ids and tokens (random size, partial last
+    page)."""
     rng = random.Random(rid)
+    instance, receiver = rng.randrange(len(INSTANCES)), rng.randrange(RECEIVERS)
     n_pages = rng.randint(1, MAX_PAGES)
     s_ids = torch.tensor(rng.sample(range(SRC_PAGES), n_pages))
-    return s_ids, n_pages * PS - rng.randrange(PS)
+    return instance, receiver, s_ids, n_pages * PS - rng.randrange(PS)
 
 
 def rss_mb() -> float:
@@ -78,42 +84,49 @@ def _wait(sender, rid):
                            f"worker alive {sender._worker.is_alive()}")
 
 
-def sender_main(rank: int, address: str, total: int, out_path: str, next_path: str,
-                resume: bool, stall_at: list, stall_s: float, die_at: int | None,
-                timeout: float) -> None:
-    """Send requests [next .. total) to the receiver at ``address``. Publishes
+def sender_main(instance: int, rank: int, addresses: list, total: int, out_path: str,
+                next_path: str, resume: bool, stall_at: list, stall_s: float,
+                die_at: int | None, timeout: float) -> None:
+    """Send instance ``instance``'s requests among [next .. total), each to the receiver of
+    ``addresses`` it was routed to (`plan`). Publishes
     ``out_path + ".ready"`` once set up, then waits for ``next_path`` (the test writes it once
     every sender is up, then after every request it expects): `next` is 0 at first, or, with
     ``resume`` (a restart), where the receiver is now. Writes {"rss_mb": [...], "stats": ...}
     or {"error": ...} to out_path."""
     try:
-        _send_all(rank, address, total, out_path, next_path, resume, stall_at, stall_s,
-                  die_at, timeout)
+        _send_all(instance, rank, addresses, total, out_path, next_path, resume, stall_at,
+                  stall_s, die_at, timeout)
     except Exception as e:
         Path(out_path).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         os._exit(1)
 
 
-def _send_all(rank, address, total, out_path, next_path, resume, stall_at, stall_s, die_at,
-              timeout) -> None:
+def _send_all(instance, rank, addresses, total, out_path, next_path, resume, stall_at, stall_s,
+              die_at, timeout) -> None:
     engine = TransferEngine("127.0.0.1")
     arena = StagingArena(4 << 20)
     engine.register_arena(arena)
     staller = Staller(engine)
-    sender = KVSender(source_pool(), instance=INSTANCE, rank=ParallelRank(cp=rank),
+    sender = KVSender(source_pool(instance), instance=INSTANCES[instance],
+                      rank=ParallelRank(cp=rank),
                       sizes=ParallelSizes(cp=2), engine=staller, arena=arena, timeout=timeout)
     publish(out_path + ".ready", True)
     where = lookup(next_path, 120)  # there once every sender is up
     rid = where if resume else 0
+    stalls = sorted(r for r in stall_at if r >= rid)
     pending, rss = deque(), []
     faulthandler.dump_traceback_later(60, repeat=True, file=open(out_path + ".stuck", "w"))
     while rid < total:
         if rid == die_at:
             os._exit(3)  # a crash: no close, no goodbye
-        if rid in stall_at:
+        source, receiver, s_ids, n = plan(rid)
+        if source != instance:
+            rid += 1
+            continue
+        if stalls and rid >= stalls[0]:  # its first own request from there on
+            stalls.pop(0)
             staller.arm(stall_s)
-        s_ids, n = plan(rid)
-        sender.send(rid, s_ids, to=address, num_tokens=n)
+        sender.send(rid, s_ids, to=addresses[receiver], num_tokens=n)
         pending.append(rid)
         while len(pending) >= SENDER_WINDOW:
             done = pending.popleft()

@@ -150,13 +150,16 @@ def test_prefill_cp_into_decode_dcp_bit_exact(cp, d, interleave, ps, kind, rig):
     run(kind, n, cp, 2, d, i, ps, rig=rig)
 
 
-@pytest.mark.parametrize("case", ["two-groups", "prefix", "direct", "direct-prefix"])
+@pytest.mark.parametrize("case", ["two-groups", "prefix", "direct", "direct-prefix",
+                                  "direct-whole-pages"])
 def test_more_layouts(case, rig):
     """Two DCP groups (decode TP 4 = 2 groups of DCP 2, each its half of the heads); a prefix
-    already in the decode pages (mid-page); direct mode, one descriptor per token."""
+    already in the decode pages (mid-page); direct mode, one descriptor per token (I = 1), or
+    per page (I = B: a run of tokens inside a page on both sides is one descriptor)."""
     kw = {"two-groups": dict(dtp=4), "prefix": dict(prefix=13),
-          "direct": dict(mode="direct"), "direct-prefix": dict(mode="direct", prefix=6)}[case]
-    run("mha", 45, 2, 2, 2, 1, 4, rig=rig, **kw)
+          "direct": dict(mode="direct"), "direct-prefix": dict(mode="direct", prefix=6),
+          "direct-whole-pages": dict(mode="direct", interleave=4)}[case]
+    run("mha", 45, 2, 2, 2, kw.pop("interleave", 1), 4, rig=rig, **kw)
 
 
 @pytest.mark.parametrize("src,dst", [((2, 1), (4, 1)), ((4, 1), (2, 1)), ((2, 1), (1, 1)),

@@ -21,9 +21,9 @@ from txtest import wait_all
 from cpkv import ComponentSpec, PagedKVCache
 from cpkv.parallel import ParallelSizes, heads_of, layers_of
 from cpkv.transfer import KVReceiver, KVSender, KVStatus, ParallelRank
+from cpkv.transfer.cost import CostModel
 from cpkv.transfer.direct import contiguous_runs
 from cpkv.transfer.mapping import map_ranks
-from cpkv.transfer.policy import CostModel
 
 PS, TOKENS, LAYERS, HEAD_DIM, CP = 4, 22, 3, 16, 2
 

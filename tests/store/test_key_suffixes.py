@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from cpkv.cp.keys import is_key_writer, storage_key
 from cpkv.parallel import ParallelRank, ParallelSizes
+from cpkv.store.keys import is_key_writer, storage_key
 
 
 def held_bytes(kind, num_kv_heads, r, s, cp_replicated):

@@ -10,7 +10,7 @@
 4. A table: per writer the share, bytes, put time and throughput; the reader's get.
 
 Writers keep their clients (and the segments holding their pages) open until the reader is done.
-Times cover the store calls only (pack/reorder/put, get/reorder/unpack); verification is not
+Times cover the store calls only (existence check, pack, put; get, unpack); verification is not
 timed.
 """
 
@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
-import os
 import queue as queue_mod
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 
 import torch
 
+from .._net import free_port
 from ..kernels import pack_pages
 from ..parallel import ParallelRank, ParallelSizes
 from ..shapes import SHAPES
-from .master import MasterProcess
-from .store import KVStore
+from ..store import KVStore, MasterProcess
+from .common import fill_random, share_cores
 
 TIMEOUT = 300.0
 
@@ -63,8 +62,7 @@ def _pool(cfg: StoreDemoConfig, page_size: int, seed: int | None):
         g = torch.Generator().manual_seed(seed)
         for layers in cache.buffers.values():
             for t in layers:
-                b = t.view(torch.uint8)
-                b.copy_(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
+                fill_random(t, g)
     return cache, ids.to(cfg.device)
 
 
@@ -74,29 +72,24 @@ def _prompt(cfg: StoreDemoConfig, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, 128_000, (cfg.tokens,), generator=torch.Generator().manual_seed(seed))
 
 
-def _store(cfg, master, namespace, rank, sizes, segment) -> KVStore:
+def _store(cfg, master, model, rank, sizes, segment) -> KVStore:
     shape = SHAPES[cfg.shape]
     mla = shape.components[0].name == "latent"
     return KVStore(page_size=cfg.page_size, master=master, rank=rank, sizes=sizes,
                    kind="mla" if mla else "mha", num_kv_heads=shape.components[0].num_heads,
-                   namespace=namespace, segment_nbytes=segment, staging_nbytes=64 << 20)
+                   model=model, segment_nbytes=segment, staging_nbytes=64 << 20)
 
 
-def _threads(cfg: StoreDemoConfig) -> None:
-    """Share the cores among the cp writers and the reader (oversubscribed torch threads spin)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
-
-
-def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
+def _writer(rank, cfg, master, port, model, segment, results, done) -> None:
     import torch.distributed as dist
 
-    _threads(cfg)
+    share_cores(cfg.cp + 1)  # the cp writers and the reader
     store = None
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=cfg.cp, timeout=datetime.timedelta(seconds=120))
         cache, ids = _pool(cfg, cfg.page_size, seed=1)
-        store = _store(cfg, master, namespace, ParallelRank(cp=rank), ParallelSizes(cp=cfg.cp),
+        store = _store(cfg, master, model, ParallelRank(cp=rank), ParallelSizes(cp=cfg.cp),
                        segment)
         prompt = _prompt(cfg)
         store.put_prefix(cache, ids, _prompt(cfg, seed=8))  # warm-up, untimed
@@ -105,7 +98,7 @@ def _writer(rank, cfg, master, port, namespace, segment, results, done) -> None:
         put = store.put_prefix(cache, ids, prompt)
         seconds = time.perf_counter() - t0
         dist.barrier()
-        agreed = store.match_prefix(prompt, group=dist.group.WORLD)
+        agreed = store.match_prefix(prompt, cache, group=dist.group.WORLD)
         again = store.put_prefix(cache, ids, prompt)
         results.put(dict(rank=rank, share=(put.share.start, put.share.stop),
                          written=put.written, nbytes=put.nbytes, seconds=seconds,
@@ -122,23 +115,20 @@ def run(cfg: StoreDemoConfig) -> int:
     """Run the store demo; prints the table; 0 when every byte matched."""
     ctx = multiprocessing.get_context("spawn")
     results, done = ctx.Queue(), ctx.Event()
-    namespace = f"demo-{uuid.uuid4().hex[:8]}"
+    model = f"demo-{cfg.shape}-{uuid.uuid4().hex[:8]}"  # a fresh model id per run
     shape = SHAPES[cfg.shape]
     T, R = cfg.page_size, cfg.reader_ps
     n_pages = cfg.tokens // T
-    page_nbytes = T * (cfg.layers or shape.num_layers) * sum(
-        c.num_heads * c.head_nbytes for c in shape.components)
+    page_nbytes = shape.packed_format(T, cfg.layers).nbytes
     segment = max(64 << 20, 3 * n_pages * page_nbytes // cfg.cp + (32 << 20))  # 2 prompts
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     print(f"store demo: shape {cfg.shape} ({shape.model}), {cfg.tokens} tokens, "
           f"{cfg.layers or shape.num_layers} layers, store page {T} tokens "
           f"({n_pages} full pages), CP {cfg.cp} writers, reader page size {R}", flush=True)
     with MasterProcess() as master:
         print(f"mooncake_master on {master.address} (embedded, log {master.log_path})",
               flush=True)
-        procs = [ctx.Process(target=_writer, args=(r, cfg, master.address, port, namespace,
+        procs = [ctx.Process(target=_writer, args=(r, cfg, master.address, port, model,
                                                    segment, results, done))
                  for r in range(cfg.cp)]
         for p in procs:
@@ -156,7 +146,7 @@ def run(cfg: StoreDemoConfig) -> int:
             if errors:
                 raise RuntimeError(f"a CP writer failed: {errors[0]}")
             writers.sort(key=lambda w: w["rank"])
-            reader = _read(cfg, master.address, namespace)
+            reader = _read(cfg, master.address, model)
         finally:
             done.set()
             for p in procs:
@@ -168,15 +158,15 @@ def run(cfg: StoreDemoConfig) -> int:
     return 0 if reader["verified"] else 1
 
 
-def _read(cfg: StoreDemoConfig, master: str, namespace: str) -> dict:
-    _threads(cfg)
+def _read(cfg: StoreDemoConfig, master: str, model: str) -> dict:
+    share_cores(cfg.cp + 1)  # the cp writers and the reader
     prompt = _prompt(cfg)
-    store = _store(cfg, master, namespace, None, None, 64 << 20)
+    store = _store(cfg, master, model, None, None, 64 << 20)
     try:
         cache, ids = _pool(cfg, cfg.reader_ps, seed=None)
         warm = _prompt(cfg, seed=8)
-        store.load_prefix(cache, ids, warm, num_pages=store.match_prefix(warm))  # untimed
-        hit = store.match_prefix(prompt)
+        store.load_prefix(cache, ids, warm, num_pages=store.match_prefix(warm, cache))  # untimed
+        hit = store.match_prefix(prompt, cache)
         t0 = time.perf_counter()
         got = store.load_prefix(cache, ids, prompt, num_pages=hit)
         seconds = time.perf_counter() - t0

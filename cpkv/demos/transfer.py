@@ -13,6 +13,9 @@ A request's time runs from "both sides ready" (every prefill pool holds the requ
 decode rank expects it) to "the decode pool holds the bytes", as in `cpkv bench transfer`;
 verifying the bytes and relaying progress happen outside it. The CP group agrees on each
 request's status by MIN (`cpkv.transfer.agree`), as a model runner would.
+
+This module runs the processes and reports; the reference data and the byte check are
+`cpkv.demos.data`; the figure is `plots/plot_demo.py`, drawn from the CSV written here.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -29,8 +31,11 @@ from pathlib import Path
 
 import torch
 
-from .layout import PackedFormat
-from .shapes import SHAPES
+from .._net import free_port
+from ..report import companion, quantiles
+from ..shapes import SHAPES
+from .common import quiet_native_logs, share_cores
+from .data import clear_pages, new_pool, packed_format, page_ids, pool_pages, reference_kv, verify
 
 RESULT_TIMEOUT = 600.0
 SETUP_TIMEOUT = 120.0  # for the decode rank's receiver addresses to reach the prefill ranks
@@ -62,56 +67,15 @@ class DemoConfig:
         return ["packed", "direct"] if self.mode == "compare" else [self.mode]
 
 
-def reference_kv(cfg: DemoConfig, request_id: int) -> dict[str, torch.Tensor]:
-    """The request's whole K/V, [layers, tokens, heads, head_dim] per component (seeded)."""
-    g = torch.Generator().manual_seed(1000 + request_id)
-    out = {}
-    for spec in SHAPES[cfg.shape].components:
-        t = torch.empty(cfg.num_layers, cfg.tokens, spec.num_heads, spec.head_dim,
-                        dtype=spec.dtype)
-        b = t.view(torch.uint8)
-        b.copy_(torch.randint(0, 256, b.shape, generator=g, dtype=torch.uint8))
-        out[spec.name] = t
-    return out
-
-
-def page_ids(cfg: DemoConfig, side: str) -> list[torch.Tensor]:
-    """Fragmented page ids per request: a seeded permutation of the pool (differs per side)."""
-    n = -(-cfg.tokens // cfg.page_size)
-    g = torch.Generator().manual_seed(1 if side == "prefill" else 2)
-    perm = torch.randperm(2 * n * cfg.requests, generator=g)
-    return [perm[r * n:(r + 1) * n] for r in range(cfg.requests)]
-
-
-def packed_format(cfg: DemoConfig, num_tokens: int | None = None, *,
-                  num_layers: int | None = None) -> PackedFormat:
-    """The packed slot of ``num_tokens`` (default: a request's) over the demo's layers: every
-    packed size the demo uses is asked of it."""
-    return PackedFormat(cfg.tokens if num_tokens is None else num_tokens,
-                        cfg.num_layers if num_layers is None else num_layers,
-                        SHAPES[cfg.shape].components)
-
-
 def estimated_bytes(cfg: DemoConfig) -> int:
     """Host memory the demo's processes need together (pools, arenas, reference K/V)."""
-    n_pages = -(-cfg.tokens // cfg.page_size)
-    pool = packed_format(cfg, 2 * n_pages * cfg.requests * cfg.page_size).nbytes
+    pool = packed_format(cfg, pool_pages(cfg) * cfg.page_size).nbytes
     return (cfg.cp + 1) * (pool + 4 * packed_format(cfg).nbytes)
 
 
-def _pool(cfg: DemoConfig):
-    n = -(-cfg.tokens // cfg.page_size)
-    cache = SHAPES[cfg.shape].cache(num_pages=2 * n * cfg.requests, page_size=cfg.page_size,
-                                    num_layers=cfg.num_layers, device=cfg.device)
-    for layers in cache.buffers.values():
-        for t in layers:
-            t.view(torch.uint8).fill_(0)
-    return cache
-
-
-def _quiet_native_logs() -> None:
-    """Mooncake logs every transfer at INFO; the demo's own progress is what a user reads."""
-    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+def needs(cfg: DemoConfig) -> list[str]:
+    """The optional modules this run imports (`cpkv.demos.common.EXTRAS`)."""
+    return ["mooncake.engine", *(["crc32c"] if cfg.checksum else []), "matplotlib"]
 
 
 class _Mail:
@@ -147,14 +111,14 @@ def _prefill(rank: int, cfg: DemoConfig, gloo_port: int, mail: _Mail) -> None:
 
     import torch.distributed as dist
 
-    from .cp import all_gather_kv, gather_nbytes, zigzag_split
-    from .parallel import ParallelRank, ParallelSizes
-    from .staging import StagingArena
-    from .transfer import KVSender, KVStatus, TransferEngine, agree
+    from ..cp import all_gather_kv, gather_nbytes, zigzag_split
+    from ..parallel import ParallelRank, ParallelSizes
+    from ..staging import StagingArena
+    from ..transfer import KVSender, KVStatus, TransferEngine, agree
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank,
                             world_size=cfg.cp, timeout=datetime.timedelta(seconds=120))
-    cache = _pool(cfg)
+    cache = new_pool(cfg)
     plan = zigzag_split(cfg.tokens, cfg.cp)
     request_nbytes = packed_format(cfg).nbytes
     engine = TransferEngine("127.0.0.1", cfg.protocol)
@@ -205,7 +169,7 @@ def _prefill(rank: int, cfg: DemoConfig, gloo_port: int, mail: _Mail) -> None:
             engine.write(peer, [(slot.tensor.data_ptr(), dest["addr"], slot.nbytes)])
             raw_s = time.perf_counter() - t0
         mail.post(["decode"], ("raw", "done"))
-    mail.tell_parent("result", rank, {"gather_s": _quantiles(gather_s[1:] or gather_s)[0],
+    mail.tell_parent("result", rank, {"gather_s": quantiles(gather_s[1:] or gather_s)[0],
                                       "raw_s": raw_s})
     for sender in senders.values():
         sender.close()
@@ -214,60 +178,22 @@ def _prefill(rank: int, cfg: DemoConfig, gloo_port: int, mail: _Mail) -> None:
     dist.destroy_process_group()
 
 
-def _verify(cfg: DemoConfig, cache, ids, rid: int) -> str | None:
-    """None if the pool holds request rid's reference K/V bit for bit, else where it differs."""
-    from .kernels import pack_pages
-
-    got = pack_pages(cache, ids, num_tokens=cfg.tokens).cpu()
-    ref = reference_kv(cfg, rid)  # the packed format is layer-major, then component
-    want = torch.cat([t[layer].reshape(-1).view(torch.uint8)
-                      for layer in range(cfg.num_layers) for t in ref.values()])
-    if torch.equal(got, want):
-        return None
-    first = int((got != want).nonzero()[0])
-    return _locate(cfg, rid, first, int(got[first]), int(want[first]))
-
-
 def descriptors(cfg: DemoConfig, mode: str, rid: int) -> int:
     """Descriptors all CP senders use for one request in ``mode``."""
+    from ..transfer.cost import descriptors_per_request
+
     return descriptors_per_request(mode, page_ids(cfg, "prefill")[rid],
                                    page_ids(cfg, "decode")[rid], packed_format(cfg),
                                    cfg.page_size, cfg.cp)
 
 
-def descriptors_per_request(mode: str, src_ids, dst_ids, fmt: PackedFormat, page_size: int,
-                            cp: int = 1, *, full_pages: bool = True) -> int:
-    """Descriptors ``cp`` senders (each its page share) use for one request of format ``fmt``
-    in ``mode``: per layer group when packed, per (block x page run) when direct (per token
-    for a head slice: ``full_pages=False``). The demo and `cpkv bench transfer` both count so."""
-    from .cp import page_share
-    from .parallel import LAYER_GROUP_BYTES, layer_groups
-    from .transfer.direct import direct_descriptors
-
-    blocks = fmt.num_layers * len(fmt.components)
-    total = 0
-    for r in range(cp):
-        share = page_share(len(src_ids), cp, r)
-        tokens = min(share.stop * page_size, fmt.num_tokens) - share.start * page_size
-        if tokens <= 0:
-            continue
-        if mode == "direct":
-            total += direct_descriptors(src_ids[share.start:share.stop],
-                                        dst_ids[share.start:share.stop], tokens, blocks,
-                                        full_pages=full_pages)
-        else:
-            layer_nbytes = tokens * sum(fmt.row_nbytes)
-            total += len(layer_groups(fmt.num_layers, layer_nbytes, LAYER_GROUP_BYTES))
-    return total
-
-
 def _decode(cfg: DemoConfig, mail: _Mail) -> None:
     import json
 
-    from .staging import StagingArena
-    from .transfer import KVReceiver, KVStatus, TransferEngine
+    from ..staging import StagingArena
+    from ..transfer import KVReceiver, KVStatus, TransferEngine
 
-    cache = _pool(cfg)
+    cache = new_pool(cfg)
     request_nbytes = packed_format(cfg).nbytes
     engine = TransferEngine("127.0.0.1", cfg.protocol)
     arena = StagingArena(2 * request_nbytes + (1 << 20), device=cfg.device)
@@ -283,7 +209,7 @@ def _decode(cfg: DemoConfig, mail: _Mail) -> None:
     mismatch = None
     for rid in range(cfg.requests):
         for mode, recv in receivers.items():
-            _clear_pages(cache, ids[rid])  # every mode must fill the pages itself
+            clear_pages(cache, ids[rid])  # every mode must fill the pages itself
             recv.expect(rid, ids[rid].to(cfg.device), source=PREFILL, num_tokens=cfg.tokens)
             mail.post(prefill, ("ready", mode, rid))
             if recv.wait(rid, RESULT_TIMEOUT) is not KVStatus.Success:
@@ -296,7 +222,7 @@ def _decode(cfg: DemoConfig, mail: _Mail) -> None:
                 name = cache.component_names[-1]
                 row = cache.nhd_view(name, cfg.num_layers - 1)[int(ids[0][0]), 0]
                 row.view(torch.uint8)[0, 5] ^= 1
-            mismatch = mismatch or _verify(cfg, cache, ids[rid].to(cfg.device), rid)
+            mismatch = mismatch or verify(cfg, cache, ids[rid].to(cfg.device), rid)
             mail.tell_parent("progress", f"decode: request {rid} received {mode} in "
                                          f"{latencies[mode][-1] * 1e3:.1f} ms, every byte checked")
         mail.post(prefill, ("checked", rid))
@@ -307,7 +233,7 @@ def _decode(cfg: DemoConfig, mail: _Mail) -> None:
     slot.release()
     # Request 0 pays first use (connections, first touch of the staging memory), as the
     # sweep's warm-up run does: the figures are the quantiles of the warm requests after it.
-    per_mode = {m: {"latency_s": _quantiles(v[1:] or v), "cold_s": v[0],
+    per_mode = {m: {"latency_s": quantiles(v[1:] or v), "cold_s": v[0],
                     "descriptors": descriptors(cfg, used[m][0], 0), "used": used[m][0]}
                 for m, v in latencies.items()}
     mail.tell_parent("result", cfg.cp, {"modes": per_mode, "mismatch": mismatch,
@@ -318,37 +244,10 @@ def _decode(cfg: DemoConfig, mail: _Mail) -> None:
     engine.close()
 
 
-def _quantiles(seconds: list[float]) -> tuple[float, float, float]:
-    """(p50, p20, p80), computed as the sweeps compute them."""
-    q = torch.tensor(seconds, dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return tuple(float(x) for x in q)
-
-
-def _clear_pages(cache, ids) -> None:
-    for layers in cache.buffers.values():
-        for t in layers:
-            t[ids.long().to(t.device)] = 0
-
-
-def _locate(cfg: DemoConfig, rid: int, offset: int, got: int, want: int) -> str:
-    """Name the (request, layer, component, token, byte) of a packed byte offset."""
-    fmt = packed_format(cfg)
-    starts, rows = fmt.block_offsets(), fmt.row_nbytes * fmt.num_layers
-    block = max(b for b, start in enumerate(starts) if start <= offset)
-    layer, comp = divmod(block, len(fmt.components))
-    token, byte = divmod(offset - starts[block], rows[block])
-    return (f"request {rid}, layer {layer}, component {fmt.components[comp].name!r}, token "
-            f"{token}, byte {byte}: got {got}, expected {want}")
-
-
 def _child(role, cfg_dict, gloo_port, q, inbox) -> None:
-    _quiet_native_logs()
+    quiet_native_logs()
     cfg = DemoConfig(**cfg_dict)
-    # cp + 1 processes share this machine: oversubscribed torch thread pools thrash (a parallel
-    # region waits for its slowest thread; measured: the decode rank's unpack with every core's
-    # worth of threads took 1.5-2x as long on a loaded 2-core machine as with its share).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.cp + 1)))
+    share_cores(cfg.cp + 1)  # cp + 1 processes share this machine
     mail = _Mail(q, inbox)
     try:
         if role == "decode":
@@ -364,17 +263,11 @@ def _child(role, cfg_dict, gloo_port, q, inbox) -> None:
         os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cfg: DemoConfig) -> int:
     """Run the demo; print progress and a table; write CSV and PNG. 0 if every byte matched."""
-    from .report import CsvWriter, provenance
+    from ..report import CsvWriter, provenance
 
-    _quiet_native_logs()
+    quiet_native_logs()
     out = Path(cfg.out)
     shape = SHAPES[cfg.shape]
     mib = packed_format(cfg).nbytes / 2**20
@@ -385,7 +278,7 @@ def run(cfg: DemoConfig) -> int:
           f"on loopback, {cfg.device}", flush=True)
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()  # every child -> this process: progress, results, errors, posts to relay
-    gloo_port = _free_port()
+    gloo_port = free_port()
     roles = list(range(cfg.cp)) + ["decode"]
     # To each child a pipe of its own (no semaphores: nothing for the resource tracker to race
     # on at exit): the messages the others post to it.
@@ -460,18 +353,18 @@ def run(cfg: DemoConfig) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         writer = CsvWriter(out / "demo.csv", provenance(torch.device(cfg.device)))
-        base = dict(op="demo", shape=cfg.shape, page_size=cfg.page_size, tokens=cfg.tokens,
+        # the shape label as `cpkv bench transfer` writes it: A-cp2 is shape A from 2 CP ranks
+        shape = cfg.shape + (f"-cp{cfg.cp}" if cfg.cp > 1 else "")
+        base = dict(op="demo", shape=shape, page_size=cfg.page_size, tokens=cfg.tokens,
                     pattern="fragmented", unit="ms", metric="time")
         writer.write(provider="cp-gather+reorganize", p50=gather * 1e3, p20="", p80="", **base)
         writer.write(provider="raw-write", p50=raw * 1e3, p20="", p80="", **base)
-        times = {"cp-gather+reorganize": gather, "raw-write": raw}
         for mode, m in modes.items():
             provider = "cpkv-" + mode if mode != "direct" else mode
             p50, p20, p80 = (x * 1e3 for x in m["latency_s"])
             writer.write(provider=provider, p50=p50, p20=p20, p80=p80, **base)
-            times[provider] = m["latency_s"][0]
-        png = _plot(out / "demo.png", cfg, times)
-        print(f"\n  wrote {out / 'demo.csv'}" + (f" and {png}" if png else ""))
+        png, = companion("plots", "plot_demo").plot(out, out)  # the figure, from the CSV
+        print(f"\n  wrote {out / 'demo.csv'} and {png}")
     except OSError as e:
         print(f"cpkv demo: cannot write results to {out}: {e}", file=sys.stderr)
         return 2
@@ -481,37 +374,3 @@ def run(cfg: DemoConfig) -> int:
         return 1
     print(f"  OK: every byte of {cfg.requests} requests verified on the decode rank")
     return 0
-
-
-def _plot(path: Path, cfg: DemoConfig, times: dict):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    labels = list(times)
-    ms = [times[k] * 1e3 for k in labels]
-    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(labels) + 1.2))
-    colors = ["#d1495b" if k.startswith("cpkv") else "#9aa5b1" for k in labels]
-    ax.barh(labels, ms, color=colors)
-    ax.set_xscale("log")
-    # Labels at 1-2-5 steps only: matplotlib's default labels minor ticks too when the data
-    # span less than a decade, and those labels overlap.
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlim(min(ms) / 2, max(ms) * 3)
-    for y, v in enumerate(ms):
-        ax.text(v * 1.08, y, f"{v:.1f} ms", va="center", fontsize=8)
-    ax.set_xlabel("ms per request (log), median of the warm requests; a transfer runs from "
-                  "both sides ready\nto the pool holding the bytes", fontsize=9)
-    ax.set_title(f"cpkv demo: shape {cfg.shape}, {cfg.tokens} tokens, page_size "
-                 f"{cfg.page_size}, {cfg.cp} CP ranks, {cfg.device}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

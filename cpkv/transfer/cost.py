@@ -1,4 +1,6 @@
-"""Choose direct or packed per request from a cost model calibrated on the machine.
+"""What a request costs, to choose direct or packed per request (`KVSender(mode="auto")`).
+
+`CostModel`, calibrated on the machine:
 
     direct  = descriptors * per_descriptor_s + bytes / wire_Bps
     packed  = packed_fixed_s + bytes / pack_Bps + bytes / wire_Bps + bytes / unpack_Bps
@@ -6,6 +8,9 @@
 The constants come from ``cpkv bench transfer --calibrate`` (written to the file named by
 ``CPKV_COST_FILE``, default ``~/.cache/cpkv/transfer_cost.json``); without one, the defaults
 measured on this project's CPU machines (Mooncake TCP loopback) are used.
+
+`descriptors_per_request`: how many transfer descriptors the CP senders of one request use in
+either mode (the demo and `cpkv bench transfer` count so).
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-__all__ = ["CostModel", "cost_file"]
+from ..cp.partition import page_share
+from ..layout import PackedFormat
+from ..parallel import LAYER_GROUP_BYTES, layer_groups, tokens_of_pages
+from .direct import direct_descriptors
+
+__all__ = ["CostModel", "cost_file", "descriptors_per_request"]
 
 
 def cost_file() -> Path:
@@ -62,3 +72,25 @@ class CostModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**asdict(self), **extra}, indent=2) + "\n")
         return path
+
+
+def descriptors_per_request(mode: str, src_ids, dst_ids, fmt: PackedFormat, page_size: int,
+                            cp: int = 1, *, full_pages: bool = True) -> int:
+    """Descriptors ``cp`` senders (each its page share) use for one request of format ``fmt``
+    in ``mode``: per layer group when packed, per (block x page run) when direct (per token
+    for a head slice: ``full_pages=False``)."""
+    blocks = fmt.num_layers * len(fmt.components)
+    total = 0
+    for r in range(cp):
+        share = page_share(len(src_ids), cp, r)
+        tokens = tokens_of_pages(share, page_size, fmt.num_tokens)
+        if not tokens:
+            continue
+        if mode == "direct":
+            total += direct_descriptors(src_ids[share.start:share.stop],
+                                        dst_ids[share.start:share.stop], len(tokens), blocks,
+                                        full_pages=full_pages)
+        else:
+            layer_nbytes = fmt.segment(tokens.start, tokens.stop, 0, 1).nbytes
+            total += len(layer_groups(fmt.num_layers, layer_nbytes, LAYER_GROUP_BYTES))
+    return total
