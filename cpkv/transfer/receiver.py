@@ -358,7 +358,8 @@ class KVReceiver(Endpoint):
 
     def forget(self, request_id) -> None:
         """Drop a request's state; safe at any time (an open request fails first, its slot
-        fenced as for any failure). After it returns, nothing writes the request's pages."""
+        fenced as for any failure). After it returns, nothing writes the request's pages.
+        To expect the id again at once, `settle` first (docs/transfer.md, reusing an id)."""
         with self._unpack_lock, self._lock:
             req = self._requests.get(request_id)
             if req is None:

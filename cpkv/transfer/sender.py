@@ -172,6 +172,7 @@ class _Leg:
         self.ended = False  # End sent (or nothing left to say to anyone)
         self.deadline = deadline  # for the destination, then for the verdict
         self.sent: dict = {}  # chunk -> route-local layers below this are shipped
+        self.claimed = False  # a job ran for it: it may have written under its destination
         self.metadata = None
         self.mode = None
 
@@ -569,6 +570,16 @@ class KVSender(Endpoint):
         leg = peer.legs.get(verdict.rid)
         if leg is None or (leg.dest is not None and verdict.use != leg.dest.use):
             return  # an ended leg, or another use of the id
+        if leg.dest is not None and not leg.claimed and verdict.status == KVStatus.Failed:
+            # A destination pushed for a use that ended before this rank's call came (an id
+            # reused right after the receiver gave up on it): nothing was written under it.
+            # Let it go and ask which use is current: the receiver answers with that use's
+            # destination, or with its verdict if the id has none (then it fails here).
+            leg.dest = None
+            leg.deadline = time.monotonic() + self.timeout
+            leg.link.send(End(verdict.rid, verdict.use, False, None))
+            leg.link.send(Announce(verdict.rid, leg.state.num_tokens, leg.state.num_pages))
+            return
         if verdict.status not in (KVStatus.Success, KVStatus.Failed) or (
                 verdict.status == KVStatus.Success and not leg.finished):
             raise ProtocolError(f"verdict {verdict.status} for request {verdict.rid!r} before "
@@ -677,6 +688,8 @@ class KVSender(Endpoint):
                         runnable.append(job)
                 for job in runnable:
                     self._jobs.remove(job)
+                    for leg in job.state.legs.values():
+                        leg.claimed = True
             for job in runnable:
                 self._do(job)
 

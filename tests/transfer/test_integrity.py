@@ -50,7 +50,8 @@ def deliver(g, rid, s_ids, d_ids, n):
     want = expected(src, dst, s_ids, d_ids, n, snapshot(dst))
     g.expect(rid, d_ids, n)
     g.send(rid, s_ids, n)
-    assert g.wait(rid) == [KVStatus.Success] * (1 + len(g.senders))
+    assert g.wait(rid) == [KVStatus.Success] * (1 + len(g.senders)), \
+        [x.reason(rid) for x in (g.recv, *g.senders)]
     assert_cache_equals(dst, want)
 
 
@@ -94,7 +95,47 @@ def test_forgotten_request_id_reused_never_sees_stale_notifications(rig):
     assert g.recv.poll(5) in (KVStatus.Bootstrapping, KVStatus.WaitingForInput)
     assert_cache_equals(dst, before, "pool before the reused id's senders sent")
     g.recv.forget(5)
+    # every sender lets the abandoned use's pushed destination go before the id comes again
+    # (without it, a call racing the verdict may take it: the next test and docs/transfer.md)
+    assert g.recv.settle(10)
     deliver(g, 5, torch.tensor([9, 10]), torch.tensor([6, 7]), 2 * PS)
+    g.close()
+
+
+def test_a_pushed_destination_of_an_abandoned_use_is_let_go(rig):
+    """The race behind a reused id: the receiver pushes a destination for use U of an id,
+    gives U up (forget), and expects the id again (use U+1) while the sender's call of that id
+    is being made: the call can take U's pushed destination before it hears U's verdict. The
+    sender must let U go (it wrote nothing under it) and take U+1's destination; with the
+    verdict taken as this call's, the call failed ("forgotten by the receiver"). Made
+    deterministic: the sender's I/O thread is held while the call is made, and its worker is
+    busy with another request, so U's verdict reaches the call before any job of it runs."""
+    import threading
+
+    src, dst = caches()
+    g = Group(src, dst, rig, cp=1)
+    sender, recv = g.senders[0], g.recv
+    deliver(g, 1, torch.tensor([1]), torch.tensor([1]), PS)  # connected, engines warm
+    sender.engine = StallOnce(sender.engine, 1.0)
+    peer = sender._peer(recv.address)
+    g.expect(2, torch.tensor([2]), PS)  # the request that keeps the worker busy
+    g.expect(5, torch.tensor([3]), PS)  # use U of id 5: its destination is pushed
+    wait_for(lambda: {2, 5} <= set(peer.pushed), 10, "the pushed destinations")
+    held, gate = threading.Event(), threading.Event()
+    sender.hub._call(lambda: (held.set(), gate.wait(10)))
+    assert held.wait(10)  # the sender's I/O thread reads nothing more until the gate opens
+    recv.forget(5)  # U ends: its verdict goes to the sender, unread
+    want = expected(src, dst, torch.tensor([2]), torch.tensor([2]), PS, snapshot(dst))
+    want = expected(src, dst, torch.tensor([9]), torch.tensor([4]), PS, want)
+    g.expect(5, torch.tensor([4]), PS)  # use U+1: its destination follows the verdict
+    g.send(2, torch.tensor([2]), PS)
+    assert sender.engine.stalled.wait(10)  # the worker is inside request 2's write
+    g.send(5, torch.tensor([9]), PS)  # takes U's destination, still pushed
+    gate.set()
+    assert g.wait(5) == [KVStatus.Success] * 2, (recv.reason(5), sender.reason(5))
+    assert g.wait(2) == [KVStatus.Success] * 2
+    assert_cache_equals(dst, want, "ids 2 and 5 (under its second use)")
+    assert recv.settle(10)  # U's slot came back: the sender ended it
     g.close()
 
 
