@@ -10,8 +10,9 @@ mode only the staging arena is registered for remote writes, never the KV pool; 
 baseline, ``direct=True``) registers the pool too. Each `Note` names a segment (share pages and
 tokens, route-local layers of one route) and is checked: an expected sender that holds the
 destination, a token x layer range inside the request that no earlier note of its route
-covered, exactly the bytes that range moves, and (with ``checksum=True``) the CRC32C of the
-bytes that landed; any violation fails the request.
+covered, exactly the bytes that range moves, and (with a checksum on: the kernels' digest, by
+default on CUDA pools, or CRC32C) the checksum of the bytes that landed; any violation fails
+the request.
 
 Streaming: each checked packed segment is unpacked at once (on the receiver's worker thread)
 into the request's own reserved pages, so layers arrive in the pool while the senders' prefill
