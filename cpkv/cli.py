@@ -1,5 +1,5 @@
-"""The `cpkv` command: `cpkv demo [--store]`, `cpkv bench kernels|cp|transfer|store|layerwise`,
-`cpkv plot`.
+"""The `cpkv` command: `cpkv demo [--store]`,
+`cpkv bench kernels|cp|transfer|store|layerwise|dcp|serve`, `cpkv plot`.
 
 Errors in arguments are one line on stderr and exit status 2; a failed check exits 1.
 The sweeps and figures are the top-level packages `benchmarks` and `plots`, installed with cpkv

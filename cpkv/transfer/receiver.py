@@ -169,7 +169,7 @@ class KVReceiver(Endpoint):
             unpack kernels as the bytes pass: no second pass on the GPU), "crc32c" (True:
             verified before the unpack, a pass over the bytes on both sides, on the host;
             needs ``crc32c``), or False. Default "auto": the digest for CUDA pools, none for
-            CPU pools, where the torch path pays the digest as extra passes (1.4-7x a pack,
+            CPU pools, where the torch path pays the digest as extra passes (1.3-7x a pack,
             `benchmarks/results/digest.csv`) and CRC32C is both cheaper and stronger.
         grace: seconds after which a slot still fenced by a silent sender is counted as
             quarantined past grace (it is never reused before that sender stops; default
