@@ -503,11 +503,11 @@ MUTANTS: list[Mutant] = [
       "list(block_ids), n, 0))",
       "a local prefix hit's tokens expected from the prefill engine again (shared blocks "
       "written)", ("tests/integrations/test_vllm_scheduler.py", "-k", "prefix")),
-    M("v-shared-prefix-defer", VLLM,
-      "if busy.isdisjoint(spec.block_ids):",
-      "if True:",
-      "a request sharing a cached prefix with one still receiving is expected at once (and "
-      "refused: a load error)", ("tests/integrations/test_vllm_worker.py", "-k", "in_turn")),
+    M("v-shared-prefix-busy", "cpkv/transfer/receiver.py",
+      "written = host_ids[self._layout.count(prefix) // self.cache.page_size:]",
+      "written = host_ids",
+      "a request's cached prefix pages counted busy: a second request sharing them is refused "
+      "(a load error)", ("tests/integrations/test_vllm_worker.py", "-k", "together")),
     M("v-load-error-blocks", VLLM,
       "spec.block_ids[spec.prefix // self.block_size:]",
       "spec.block_ids",

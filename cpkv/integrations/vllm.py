@@ -200,8 +200,6 @@ class CpkvConnector(KVConnectorBase_V1):
         self._step_sends: dict[str, tuple[SendSpec, int]] = {}  # req -> (spec, upto sent)
         self._sending: set[str] = set()
         self._recving: dict[str, list[int]] = {}  # req -> the blocks its transfer fills
-        self._deferred: dict[str, RecvSpec] = {}  # receives waiting for shared blocks, in order
-        self._expected: dict[str, set[int]] = {}  # req -> every block its expect named
         self._finished: set[str] = set()
         self._load_errors: set[int] = set()
 
@@ -378,25 +376,12 @@ class CpkvConnector(KVConnectorBase_V1):
         tokens land as they connect or announce it)."""
         meta = self._get_connector_metadata()
         for spec in meta.recvs:
-            # the blocks the transfer fills: a failure invalidates these, never the prefix
+            # the blocks the transfer fills: a failure invalidates these, never the prefix.
+            # Requests in flight share blocks only as cached prefixes (vLLM caches a request's
+            # blocks once loaded), which the receiver never writes nor counts as busy.
             self._recving[spec.req_id] = spec.block_ids[spec.prefix // self.block_size:]
-            self._deferred[spec.req_id] = spec
-        self._expect_deferred()
-
-    def _expect_deferred(self) -> None:
-        """Expect the receives whose blocks no expected receive names. Two requests in flight
-        may share blocks only as cached prefixes (vLLM caches a request's blocks once they are
-        loaded), which the receiver never writes; but `KVReceiver.expect` refuses pages that
-        another expected request names, prefix or not, so a request sharing a cached prefix
-        with one still receiving waits for it (in order) instead of failing."""
-        busy = set().union(*self._expected.values())
-        for rid, spec in list(self._deferred.items()):
-            if busy.isdisjoint(spec.block_ids):
-                del self._deferred[rid]
-                self._expected[rid] = set(spec.block_ids)
-                ids, n, prefix = self._pages(spec.block_ids, spec.num_tokens, spec.prefix)
-                self.transport.expect(rid, spec.transfer_id, spec.source, ids, n, prefix)
-            busy.update(spec.block_ids)
+            ids, n, prefix = self._pages(spec.block_ids, spec.num_tokens, spec.prefix)
+            self.transport.expect(spec.req_id, spec.transfer_id, spec.source, ids, n, prefix)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: a request loads while it waits outside the batch
@@ -442,14 +427,12 @@ class CpkvConnector(KVConnectorBase_V1):
                 sent.add(rid)
         for rid, blocks in list(self._recving.items()):
             if rid in self._finished:  # aborted while loading: stop writing its blocks
-                if self._deferred.pop(rid, None) is None:
-                    self.transport.forget(rid)
+                self.transport.forget(rid)
                 state = TransferState.DONE
             else:
-                state = None if rid in self._deferred else self._ended(rid, "receive")
+                state = self._ended(rid, "receive")
             if state is not None:
                 del self._recving[rid]
-                self._expected.pop(rid, None)
                 recvd.add(rid)
                 if state == TransferState.FAILED:
                     self._load_errors.update(blocks)

@@ -174,11 +174,11 @@ def test_worker_hooks_move_a_request_bit_exact(model, tp_group, prefix):
         consumer.shutdown()
 
 
-def test_requests_sharing_a_cached_prefix_are_received_in_turn(model, tp_group):
-    """Two requests in flight share a cached prefix block (prefix caching): the second waits
-    for the first (the receiver refuses pages another expected request names), then both
-    land bit-exact and the shared block is never written; a third, aborted while it waits,
-    is reported at once, never expected, without load errors."""
+def test_requests_sharing_a_cached_prefix_are_received_together(model, tp_group):
+    """Three requests in flight share a cached prefix block (prefix caching): all are
+    expected at once (the receiver never writes, nor counts busy, a prefix page); two land
+    bit-exact and the shared block is never written; the third, aborted while it loads, is
+    reported at once without load errors."""
     port = free_port()
     consumer, dst = connector(model, "kv_consumer", port)
     producer, src = connector(model, "kv_producer")
