@@ -53,6 +53,23 @@ def test_pack_partial_last_page(layout, kind, page_size, pattern, id_dtype, back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("num_layers", [1, 2])  # the torch path: per layer, all layers stacked
+def test_pages_listed_past_the_last_token(num_layers, layout, page_size, backend):
+    """More pages listed than the tokens fill (a runner's block table is longer than the
+    request): the partial last page is the one after the full ones, not the last listed; the
+    pages past it are neither read nor written."""
+    src = make_cache(mha(), num_layers=num_layers, num_pages=9, page_size=page_size,
+                     layout=layout)
+    dst = make_cache(mha(), num_layers=num_layers, num_pages=9, page_size=page_size,
+                     layout=layout, seed=3)
+    n = page_size + 3  # the tail is the second listed page of four
+    check_pack(src, torch.tensor([6, 1, 7, 3]), n, backend)
+    round_trip(src, dst, torch.tensor([6, 1, 7, 3]), torch.tensor([2, 8, 0, 5]), n, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32,
                                    torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8],
                          ids=lambda d: str(d).removeprefix("torch."))
