@@ -237,6 +237,26 @@ def rogue_pair(rig, **kw):
     return dst, recv
 
 
+def forge_segment(rig, recv, liar, rid, check_of):
+    """The rogue sender announces ``rid`` (expected into pages 4 + rid and 10 + rid), writes
+    random bytes into its destination as a real engine write, and notes them as one whole
+    packed segment with the check ``check_of(payload)`` (None: no check)."""
+    bpt = recv.cache.packed_nbytes(1)
+    recv.expect(rid, torch.tensor([4 + rid, 10 + rid]), source="rogue", num_tokens=2 * PS)
+    liar.send(Announce(rid, 2 * PS, 2))
+    dest = liar.recv()
+    payload = torch.randint(0, 256, (2 * PS * bpt,), dtype=torch.uint8)
+    with StagingArena(1 << 16) as arena:
+        rig[0].register_arena(arena)
+        slot = arena.alloc(payload.numel())
+        slot.tensor.copy_(payload)
+        rig[0].write(recv.engine.session_id, [(slot.tensor.data_ptr(), dest.addr,
+                                               payload.numel())])
+        slot.release()
+    liar.send(Note(rid, dest.use, (0, 2), (0, 2 * PS), (0, 2), payload.numel(), "packed",
+                   True, check_of(payload), None))
+
+
 @pytest.mark.parametrize("raw,message", [
     (b"{not json", "unreadable frame"),
     (b"[" * 100000, "unreadable frame"),
@@ -409,22 +429,9 @@ def test_checksum_catches_bytes_changed_in_the_slot(rig):
     liar = Rogue(recv.address, dst, session=rig[0].session_id)
     assert liar.welcome.integrity == "crc32c"
     before = snapshot(dst)
-    bpt = dst.packed_nbytes(1)
     for rid, crc in ((2, "wrong"), (3, None)):
-        recv.expect(rid, torch.tensor([4 + rid, 10 + rid]), source="rogue", num_tokens=2 * PS)
-        liar.send(Announce(rid, 2 * PS, 2))
-        dest = liar.recv()
-        payload = torch.randint(0, 256, (2 * PS * bpt,), dtype=torch.uint8)
-        with StagingArena(1 << 16) as arena:
-            rig[0].register_arena(arena)
-            slot = arena.alloc(payload.numel())
-            slot.tensor.copy_(payload)
-            rig[0].write(recv.engine.session_id, [(slot.tensor.data_ptr(), dest.addr,
-                                                   payload.numel())])
-            slot.release()
-        check = None if crc is None else checksum(payload) ^ 1
-        liar.send(Note(rid, dest.use, (0, 2), (0, 2 * PS), (0, 2), payload.numel(), "packed",
-                       True, check, None))
+        forge_segment(rig, recv, liar, rid,
+                      lambda payload, crc=crc: None if crc is None else checksum(payload) ^ 1)
         assert recv.wait(rid) is KVStatus.Failed
         want = "checksum mismatch" if crc else "no checksum"
         assert want in recv.reason(rid), recv.reason(rid)
@@ -492,23 +499,9 @@ def test_digest_catches_bytes_changed_in_the_slot(rig):
     dst, recv = rogue_pair(rig, checksum="digest")
     liar = Rogue(recv.address, dst, session=rig[0].session_id)
     before = snapshot(dst)
-    bpt = dst.packed_nbytes(1)
     for rid, lie in ((2, 1), (3, None)):
-        recv.expect(rid, torch.tensor([4 + rid, 10 + rid]), source="rogue", num_tokens=2 * PS)
-        liar.send(Announce(rid, 2 * PS, 2))
-        dest = liar.recv()
-        payload = torch.randint(0, 256, (2 * PS * bpt,), dtype=torch.uint8)
-        with StagingArena(1 << 16) as arena:
-            rig[0].register_arena(arena)
-            slot = arena.alloc(payload.numel())
-            slot.tensor.copy_(payload)
-            rig[0].write(recv.engine.session_id, [(slot.tensor.data_ptr(), dest.addr,
-                                                   payload.numel())])
-            slot.release()
-        check = None if lie is None else \
-            (int(packed_digest(payload)[0]) + lie) & 0xFFFFFFFFFFFFFFFF
-        liar.send(Note(rid, dest.use, (0, 2), (0, 2 * PS), (0, 2), payload.numel(), "packed",
-                       True, check, None))
+        forge_segment(rig, recv, liar, rid, lambda payload, lie=lie: None if lie is None
+                      else (int(packed_digest(payload)[0]) + lie) & 0xFFFFFFFFFFFFFFFF)
         assert recv.wait(rid) is KVStatus.Failed
         want = "digest mismatch" if lie else "no checksum"
         assert want in recv.reason(rid), recv.reason(rid)
